@@ -1,0 +1,64 @@
+"""fc2conv: exact, automatic and verified translations between fully connected layers and
+convolutions, for single layers, whole PyTorch models and ONNX graphs.
+
+The package has three floors, and imports only point down:
+
+1. ``fc2conv.core`` — the math: layer equivalences, exact conv matrices, rounding bounds,
+   receptive-field arithmetic. Pure functions on tensors and modules.
+2. front ends and verification — ``fc2conv.pytorch`` (torch.fx graph passes),
+   ``fc2conv.onnx`` (ONNX rewrite rules, loaded only when used), ``fc2conv.verify``.
+3. ``fc2conv.cli`` — the command line, reports and figures.
+
+``import fc2conv`` imports neither onnx nor onnxruntime; they load on first use of an ONNX
+feature.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from fc2conv.core import (
+    as_affine,
+    as_matrix,
+    conv_to_flatten_linear,
+    conv_to_linear,
+    flatten_linear_to_conv,
+    linear_to_conv,
+)
+from fc2conv.errors import Fc2ConvError
+
+__version__ = "0.1.0"
+
+# Public names that live in heavier modules, imported on first attribute access:
+# name -> "module" (a subpackage) or "module:attribute".
+_LAZY: dict[str, str] = {
+    "onnx": "fc2conv.onnx",
+}
+
+__all__ = [
+    "Fc2ConvError",
+    "__version__",
+    "as_affine",
+    "as_matrix",
+    "conv_to_flatten_linear",
+    "conv_to_linear",
+    "flatten_linear_to_conv",
+    "linear_to_conv",
+    *_LAZY,
+]
+
+
+def __getattr__(name: str) -> Any:
+    target = _LAZY.get(name)
+    if target is None:
+        raise AttributeError(f"module 'fc2conv' has no attribute {name!r}")
+    module_name, _, attribute = target.partition(":")
+    module = importlib.import_module(module_name)
+    value = getattr(module, attribute) if attribute else module
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

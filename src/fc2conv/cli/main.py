@@ -1,0 +1,78 @@
+"""The ``fc2conv`` command: a click group whose subcommands are imported only when run.
+
+Exit codes: 0 success; 1 a verdict of "different" (``compare``, ``convert --check``);
+2 a usage or input error, reported as one line on stderr with no traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Any
+
+import click
+
+from fc2conv.errors import Fc2ConvError
+
+# Subcommand name -> "module:attribute" of its click.Command. Keeping them lazy means
+# `fc2conv --help` and `fc2conv demo` never import onnx.
+COMMANDS: dict[str, str] = {}
+
+EPILOG = """\b
+Examples:
+  fc2conv demo                      walk through the Linear <-> conv equivalence
+  fc2conv explain --linear 9216x4096 --in-shape 256x6x6
+  fc2conv COMMAND --help            options and examples of one command
+"""
+
+
+class LazyGroup(click.Group):
+    """A group that imports a subcommand's module only when that subcommand is used."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = COMMANDS.get(cmd_name)
+        if target is None:
+            return None
+        module_name, attribute = target.split(":")
+        command = getattr(importlib.import_module(module_name), attribute)
+        assert isinstance(command, click.Command)
+        return command
+
+
+@click.group(cls=LazyGroup, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="fc2conv")
+@click.option("-v", "--verbose", count=True, help="Log what fc2conv does (-vv for debug).")
+def cli(verbose: int) -> None:
+    """fc2conv: exact, verified translations between fully connected layers and convolutions."""
+    import logging
+
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+def fail(message: str) -> None:
+    """Print ``fc2conv: error: <message>`` on stderr and exit with status 2."""
+    click.echo(f"fc2conv: error: {message}", err=True)
+    sys.exit(2)
+
+
+def main(argv: list[str] | None = None) -> Any:
+    """Entry point of the console script and of ``python -m fc2conv``."""
+    try:
+        return cli.main(args=argv, prog_name="fc2conv", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:  # usage errors: click's own one-line message, exit 2
+        exc.show()
+        sys.exit(exc.exit_code)
+    except Fc2ConvError as exc:
+        fail(str(exc))
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+        fail(f"{exc.strerror}: {exc.filename}")
+    except KeyboardInterrupt:
+        click.echo("Interrupted.", err=True)
+        sys.exit(130)

@@ -23,6 +23,8 @@ class UnsafeFileError(Fc2ConvError):
 def wrap(context: str, err: Exception) -> Fc2ConvError:
     """Return ``Fc2ConvError("<context>: <reason>")``; raise it ``from None`` at entry points."""
     reason = str(err).rstrip(".")
-    return type(err)(f"{context}: {reason}.") if isinstance(err, Fc2ConvError) else Fc2ConvError(
-        f"{context}: {reason}."
+    return (
+        type(err)(f"{context}: {reason}.")
+        if isinstance(err, Fc2ConvError)
+        else Fc2ConvError(f"{context}: {reason}.")
     )

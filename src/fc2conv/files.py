@@ -16,8 +16,9 @@ from pathlib import Path
 from fc2conv.errors import Fc2ConvError
 
 
-def check_output_path(in_path: str | os.PathLike[str], out_path: str | os.PathLike[str],
-                      *, in_place: bool = False) -> Path:
+def check_output_path(
+    in_path: str | os.PathLike[str], out_path: str | os.PathLike[str], *, in_place: bool = False
+) -> Path:
     """Refuse to write over the input unless ``in_place``; return the output path.
 
     Also refuses an output folder that does not exist.
@@ -43,7 +44,8 @@ def atomic_output(path: str | os.PathLike[str], suffix: str | None = None) -> It
     """
     dst = Path(path)
     fd, tmp_name = tempfile.mkstemp(
-        prefix=f".{dst.name}.", suffix=suffix if suffix is not None else dst.suffix + ".tmp",
+        prefix=f".{dst.name}.",
+        suffix=suffix if suffix is not None else dst.suffix + ".tmp",
         dir=dst.parent,
     )
     os.close(fd)

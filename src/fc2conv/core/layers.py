@@ -58,7 +58,7 @@ def _new_conv(
     conv = cls(
         in_per_group * groups,
         out_ch,
-        kernel_size=tuple(kernel),
+        kernel_size=tuple(kernel),  # type: ignore[arg-type]
         bias=bias is not None,
         groups=groups,
         device=weight.device,
@@ -161,9 +161,8 @@ def flatten_linear_to_conv(
     order = check_order(order)
     shape = as_shape(in_shape, min_len=2, max_len=4)
     if math.prod(shape) != linear.in_features:
-        raise Fc2ConvError(
-            f"Cannot convert {describe(linear)} to a conv: {mismatch_message(linear.in_features, shape)}"
-        )
+        reason = mismatch_message(linear.in_features, shape)
+        raise Fc2ConvError(f"Cannot convert {describe(linear)} to a conv: {reason}")
     channels, spatial = shape[0], shape[1:]
     weight = linear.weight.detach()
     if order == "chw":

@@ -107,8 +107,15 @@ def _conv_entries(
     in_flat = torch.zeros([1] * (2 * dims), dtype=torch.int64)
     valid = torch.ones([1] * (2 * dims), dtype=torch.bool)
     for axis, (size, out, k, s, d, (left, _)) in enumerate(
-        zip(spatial, out_spatial, conv.kernel_size, conv.stride, conv.dilation, _paddings(conv),
-            strict=True)
+        zip(
+            spatial,
+            out_spatial,
+            conv.kernel_size,
+            conv.stride,
+            conv.dilation,
+            _paddings(conv),
+            strict=True,
+        )
     ):
         idx, ok = _axis_index(size, out, k, s, d, left, conv.padding_mode)
         view = [1] * (2 * dims)
@@ -172,7 +179,7 @@ def as_matrix(
     shape = as_shape(in_shape, min_len=1, max_len=4)
     conv = _module_as_conv(module, shape)
     if conv is None:  # Linear on a plain vector
-        weight = module.weight.detach()  # type: ignore[union-attr]
+        weight = torch.as_tensor(module.weight).detach()
         return weight.to_sparse_coo() if sparse else weight.clone()
     rows, cols, vals, size = _conv_entries(conv, shape, order)
     if sparse:
@@ -195,12 +202,12 @@ def as_affine(
     """``(M, b)`` with ``module(x).flatten() == M @ x.flatten() + b``; ``b`` is the bias repeated
     at every output position (zeros without bias), flattened in the same ``order`` as ``M``."""
     matrix = as_matrix(module, in_shape, sparse, order=order)
-    out_ch = matrix.shape[0]
+    rows = matrix.shape[0]
     bias = getattr(module, "bias", None)
-    channels = module.out_features if isinstance(module, nn.Linear) else module.out_channels
-    positions = out_ch // int(channels)  # type: ignore[call-overload]
+    channels = int(torch.as_tensor(module.weight).shape[0])  # Linear and Conv: (O, ...)
+    positions = rows // channels
     if bias is None:
-        vec = torch.zeros(out_ch, dtype=matrix.dtype, device=matrix.device)
+        vec = torch.zeros(rows, dtype=matrix.dtype, device=matrix.device)
     elif order == "chw":
         vec = bias.detach().repeat_interleave(positions)
     else:

@@ -11,14 +11,18 @@ from fc2conv.errors import Fc2ConvError
 ORDERS = ("chw", "hwc")
 
 
-def as_shape(in_shape: Sequence[int] | int, *, min_len: int = 1, max_len: int = 4) -> tuple[int, ...]:
+def as_shape(
+    in_shape: Sequence[int] | int, *, min_len: int = 1, max_len: int = 4
+) -> tuple[int, ...]:
     """Return ``in_shape`` as a tuple of positive ints or raise a sentence saying what is wrong."""
     if isinstance(in_shape, int):
         in_shape = (in_shape,)
     try:
         shape = tuple(int(s) for s in in_shape)
     except (TypeError, ValueError):
-        raise Fc2ConvError(f"in_shape must be a tuple of integers (C, *spatial), got {in_shape!r}") from None
+        raise Fc2ConvError(
+            f"in_shape must be a tuple of integers (C, *spatial), got {in_shape!r}"
+        ) from None
     if not min_len <= len(shape) <= max_len:
         raise Fc2ConvError(
             f"in_shape {shape} has {len(shape)} dimensions; expected (C, *spatial) with "

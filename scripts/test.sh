@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The whole test suite: set up, lint (ruff), type-check (mypy) and run pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+echo "== ruff"
+.venv/bin/ruff check src tests bench
+echo "== mypy"
+.venv/bin/mypy src/fc2conv
+echo "== pytest"
+.venv/bin/python -m pytest "$@"

@@ -4,7 +4,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 echo "== ruff"
-.venv/bin/ruff check src tests bench
+paths=(src tests); [ -d bench ] && paths+=(bench)
+.venv/bin/ruff check "${paths[@]}"
 echo "== mypy"
 .venv/bin/mypy src/fc2conv
 echo "== pytest"

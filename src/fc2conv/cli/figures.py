@@ -235,3 +235,51 @@ def draw_position_structure(kernel: tuple[int, ...], spatial: tuple[int, ...],
         f"{'x'.join(map(str, spatial))} map")
     fig.suptitle(f"{title}{cropped}", fontsize=11, fontweight="bold")
     _save(fig, path)
+
+
+def draw_flatten_columns(in_shape: tuple[int, ...], out_features: int, order: str,
+                         path: str | os.PathLike[str], title: str, max_cols: int = 96,
+                         max_rows: int = 8) -> None:
+    """A Linear over a flattened ``(C, *S)`` map: its weight columns coloured by the spatial
+    position (kernel tap) they read, in chw and hwc order, the chosen ``order`` marked. Each
+    kernel tap of the equivalent conv is one colour; large layers are cropped to the first
+    ``max_rows`` x ``max_cols`` entries."""
+    import numpy as np
+    from matplotlib.colors import to_rgba
+
+    plt = _pyplot()
+    channels, positions = in_shape[0], math.prod(in_shape[1:])
+    n_in = channels * positions
+    cols, rows = min(n_in, max_cols), min(out_features, max_rows)
+    fig, axes = plt.subplots(2, 1, figsize=(max(6.0, min(16.0, cols * 0.16 + 2)),
+                                            max(3.0, rows * 0.32 * 2 + 2)))
+    taps = [f"({','.join(map(str, np.unravel_index(p, in_shape[1:])))})" for p in range(positions)]
+    for ax, view in zip(axes, ("chw", "hwc"), strict=True):
+        pos = [(j % positions) if view == "chw" else (j // channels) for j in range(cols)]
+        chan = [(j // positions) if view == "chw" else (j % channels) for j in range(cols)]
+        img = np.array([[to_rgba(_colour(p)) for p in pos]] * rows)
+        ax.imshow(img, interpolation="nearest", aspect="auto")
+        for j in range(1, cols):
+            if chan[j] != chan[j - 1] and view == "chw":
+                ax.axvline(j - 0.5, color="white", lw=2)
+            if pos[j] != pos[j - 1] and view == "hwc":
+                ax.axvline(j - 0.5, color="white", lw=2)
+        step = max(1, cols // 24)
+        ax.set_xticks(range(0, cols, step),
+                      [f"c{chan[j]}{taps[pos[j]]}" for j in range(0, cols, step)],
+                      rotation=90, fontsize=7)
+        for tick, j in zip(ax.get_xticklabels(), range(0, cols, step), strict=True):
+            tick.set_color(_colour(pos[j]))
+        ax.set_yticks([])
+        ax.set_ylabel("outputs", fontsize=8)
+        chosen = "  <- this layer" if view == order else ""
+        layout = ("channel-major: one kernel plane per channel" if view == "chw"
+                  else "position-major: all channels of one tap together")
+        ax.set_title(f"flatten order {view} ({layout}){chosen}", fontsize=10, loc="left",
+                     fontweight="bold" if view == order else "normal")
+    crop = "" if (cols, rows) == (n_in, out_features) else (
+        f" (first {rows} of {out_features} rows, {cols} of {n_in} columns)")
+    fig.suptitle(f"{title}{crop}\ncolour = kernel tap (spatial position) of the equivalent "
+                 f"conv that the column becomes", fontsize=11, y=1.02)
+    fig.tight_layout()
+    _save(fig, path)

@@ -192,8 +192,9 @@ def draw_conv_matrix(conv: torch.nn.Module, in_shape: tuple[int, ...],
     annotate = rows * cols <= 16 * 40
     chw_group = [r % n_out for r in range(rows)]
     hwc_group = [r // out_ch for r in range(rows)]
-    size = (max(6.0, min(16.0, cols * 0.42 + 2)), max(2.5, min(14.0, rows * 0.42 + 1.5)))
-    fig, axes = plt.subplots(1, 2, figsize=(size[0] * 2, size[1]))
+    cell = min(0.45, 7.5 / cols, 9.0 / rows)  # inches per matrix entry
+    fig, axes = plt.subplots(1, 2, figsize=(2 * cols * cell + 2.5, rows * cell + 2.2),
+                             layout="constrained")
     matrix_panel(axes[0], m_chw, chw_group, annotate=annotate,
                  title=f"chw order (PyTorch flatten): {rows} x {cols}")
     matrix_panel(axes[1], m_hwc, hwc_group, annotate=annotate,
@@ -201,7 +202,7 @@ def draw_conv_matrix(conv: torch.nn.Module, in_shape: tuple[int, ...],
     nnz = int((m_chw != 0).sum())
     fig.suptitle(f"{title}\n{nnz} of {rows * cols} entries can be non-zero "
                  f"({1 - nnz / (rows * cols):.1%} structural zeros); colour = output position",
-                 fontsize=11, fontweight="bold", y=1.02)
+                 fontsize=11, fontweight="bold")
     _save(fig, path)
 
 
@@ -248,11 +249,14 @@ def draw_flatten_columns(in_shape: tuple[int, ...], out_features: int, order: st
     from matplotlib.colors import to_rgba
 
     plt = _pyplot()
-    channels, positions = in_shape[0], math.prod(in_shape[1:])
-    n_in = channels * positions
-    cols, rows = min(n_in, max_cols), min(out_features, max_rows)
-    fig, axes = plt.subplots(2, 1, figsize=(max(6.0, min(16.0, cols * 0.16 + 2)),
-                                            max(3.0, rows * 0.32 * 2 + 2)))
+    positions = math.prod(in_shape[1:])
+    n_in = in_shape[0] * positions
+    # Crop to the first few channels (all their positions), so both orders show the same inputs.
+    channels = max(1, min(in_shape[0], max_cols // positions))
+    cols, rows = min(channels * positions, max_cols), min(out_features, max_rows)
+    fig, axes = plt.subplots(2, 1, figsize=(max(7.0, min(16.0, cols * 0.16 + 2)),
+                                            max(4.0, rows * 0.3 * 2 + 2.5)),
+                             layout="constrained")
     taps = [f"({','.join(map(str, np.unravel_index(p, in_shape[1:])))})" for p in range(positions)]
     for ax, view in zip(axes, ("chw", "hwc"), strict=True):
         pos = [(j % positions) if view == "chw" else (j // channels) for j in range(cols)]
@@ -278,8 +282,8 @@ def draw_flatten_columns(in_shape: tuple[int, ...], out_features: int, order: st
         ax.set_title(f"flatten order {view} ({layout}){chosen}", fontsize=10, loc="left",
                      fontweight="bold" if view == order else "normal")
     crop = "" if (cols, rows) == (n_in, out_features) else (
-        f" (first {rows} of {out_features} rows, {cols} of {n_in} columns)")
+        f"\n(cropped: {rows} of {out_features} outputs, {cols} of {n_in} inputs: "
+        f"{channels} of {in_shape[0]} channels)")
     fig.suptitle(f"{title}{crop}\ncolour = kernel tap (spatial position) of the equivalent "
-                 f"conv that the column becomes", fontsize=11, y=1.02)
-    fig.tight_layout()
+                 f"conv that the column becomes", fontsize=11)
     _save(fig, path)

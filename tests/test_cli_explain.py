@@ -77,7 +77,8 @@ def test_plain_linear():
     assert any("Conv1d 256->64, kernel 1" in f for f in facts.forms)
 
 
-@pytest.mark.parametrize(("text", "n"), [("9x", 2), ("axb", 2), ("0x3", 2), ("3x3x3", 2), ("", None)])
+@pytest.mark.parametrize(("text", "n"),
+                         [("9x", 2), ("axb", 2), ("0x3", 2), ("3x3x3", 2), ("", None)])
 def test_parse_dims_refuses_with_a_sentence(text, n):
     with pytest.raises(Fc2ConvError, match="positive integers joined by 'x'"):
         parse_dims(text, "--linear", n)

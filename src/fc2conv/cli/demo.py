@@ -145,16 +145,16 @@ def _print_seed_example(console: Console, ex: SeedExample) -> None:
 
     cols_chw = [f"ch{k}\n{names[p]}" for k in range(c) for p in range(h * w)]
     cols_hwc = [f"ch{k}\n{names[p]}" for p in range(h * w) for k in range(c)]
-    for title, matrix, cols, row_of in (
+    for title, matrix, cols in (
         ("(b) one FC layer on the 8 inputs flattened channel-major (chw, PyTorch): "
-         "M = as_matrix(conv, (2, 2, 2))", ex.matrix_chw, cols_chw, "chw"),
+         "M = as_matrix(conv, (2, 2, 2))", ex.matrix_chw, cols_chw),
         ("(c) the same FC with inputs flattened channels-last (hwc): block diagonal, one copy "
-         "of w per position", ex.matrix_hwc, cols_hwc, "hwc"),
+         "of w per position", ex.matrix_hwc, cols_hwc),
     ):
         table = Table(title=title, title_justify="left", padding=(0, 1), box=box.SIMPLE_HEAD)
         table.add_column("out", style="bold")
-        for col in cols:
-            table.add_column(col, justify="right")
+        for header in cols:
+            table.add_column(header, justify="right")
         for r in range(matrix.shape[0]):
             cells = []
             for col in range(matrix.shape[1]):
@@ -171,8 +171,8 @@ def _print_seed_example(console: Console, ex: SeedExample) -> None:
                   f"position q).")
 
     out = Table(title="The three computations agree", title_justify="left", padding=(0, 1))
-    for col in ("position", "conv(x)", "4 FC layers", "M(chw) @ x + b", "M(hwc) @ x + b"):
-        out.add_column(col, justify="right")
+    for header in ("position", "conv(x)", "4 FC layers", "M(chw) @ x + b", "M(hwc) @ x + b"):
+        out.add_column(header, justify="right")
     for p, name in enumerate(names):
         out.add_row(name, *(_num(float(y[p])) for y in
                             (ex.y_conv, ex.y_per_position, ex.y_matrix, ex.y_matrix_hwc)))

@@ -108,6 +108,8 @@ def draw_facts(facts: LayerFacts, path: Path) -> None:
         figures.draw_conv_matrix(real, in_shape, path,
                                  f"{facts.description} as one FC layer (random weights)")
         return
+    kernel: tuple[int, ...]
+    spatial: tuple[int, ...]
     if isinstance(module, nn.Linear):
         kernel, spatial, block = (1,), (1,), (module.out_features, module.in_features)
     else:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -219,7 +219,7 @@ def draw_position_structure(kernel: tuple[int, ...], spatial: tuple[int, ...],
 
     plt = _pyplot()
     crop = tuple(min(s, max(max_side, k)) for s, k in zip(spatial, kernel, strict=True))
-    probe = conv_class(len(kernel))(1, 1, kernel, bias=False, device="cpu")
+    probe = conv_class(len(kernel))(1, 1, cast(Any, kernel), bias=False, device="cpu")
     with torch.no_grad():
         probe.weight.fill_(1.0)
     pattern = as_matrix(probe, (1, *crop), order="hwc")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 from torch import nn
 
@@ -81,7 +82,8 @@ def conv_facts(in_channels: int, out_channels: int, spatial: tuple[int, ...],
                            f"--spatial {shape_str(spatial)} has {len(spatial)}")
     if in_channels <= 0 or out_channels <= 0:
         raise Fc2ConvError("--in-channels and --out-channels must be positive")
-    conv = conv_class(len(spatial))(in_channels, out_channels, kernel, bias=bias, device="meta")
+    conv = conv_class(len(spatial))(in_channels, out_channels, cast(Any, kernel), bias=bias,
+                                    device="meta")
     in_shape = (in_channels, *spatial)
     out_shape = conv_output_shape(conv, in_shape)
     positions_in, positions_out = math.prod(spatial), math.prod(out_shape[1:])

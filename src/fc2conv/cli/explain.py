@@ -16,6 +16,8 @@ if TYPE_CHECKING:
 
 # Largest one-FC matrix drawn cell by cell; larger specs get the position-level structure.
 SMALL_ROWS, SMALL_COLS = 64, 128
+# A plain Linear is drawn applied at this many positions, to show the weight sharing.
+LINEAR_POSITIONS = 3
 
 EPILOG = """\b
 Examples:
@@ -101,26 +103,30 @@ def draw_facts(facts: LayerFacts, path: Path) -> None:
             real = module.to_empty(device="cpu")
             for p in real.parameters():
                 nn.init.uniform_(p, -1, 1)  # values for the picture only: a structure demo
-        if isinstance(real, nn.Linear):
-            real, in_shape = linear_to_conv(real, dims=1), (*facts.in_shape, 1)
+        title = f"{facts.description} as one FC layer (random weights)"
+        if isinstance(real, nn.Linear):  # show the sharing: the Linear at LINEAR_POSITIONS
+            title = (f"{facts.description} applied at {LINEAR_POSITIONS} positions (a Conv1d "
+                     f"kernel 1) as one FC layer (random weights)")
+            real, in_shape = linear_to_conv(real, dims=1), (*facts.in_shape, LINEAR_POSITIONS)
         else:
             in_shape = facts.in_shape
-        figures.draw_conv_matrix(real, in_shape, path,
-                                 f"{facts.description} as one FC layer (random weights)")
+        figures.draw_conv_matrix(real, in_shape, path, title)
         return
     kernel: tuple[int, ...]
     spatial: tuple[int, ...]
+    description = f"{facts.description} as one FC layer, {facts.matrix_rows}x{facts.matrix_cols}"
     if isinstance(module, nn.Linear):
-        kernel, spatial, block = (1,), (1,), (module.out_features, module.in_features)
+        kernel, spatial = (1,), (LINEAR_POSITIONS,)
+        block = (module.out_features, module.in_features)
+        description = (f"{facts.description} applied at {LINEAR_POSITIONS} positions (a Conv1d "
+                       f"kernel 1) as one FC layer")
     else:
         assert isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d)
         kernel = tuple(module.kernel_size)
         spatial = facts.in_shape[1:]
         block = (module.out_channels, module.in_channels)
-    figures.draw_position_structure(
-        kernel, spatial, block, path,
-        f"{facts.description} as one FC layer, {facts.matrix_rows}x{facts.matrix_cols} "
-        f"(kernel {shape_str(kernel)})")
+    figures.draw_position_structure(kernel, spatial, block, path,
+                                    f"{description} (kernel {shape_str(kernel)})")
 
 
 def _count(n: int) -> str:

@@ -103,6 +103,14 @@ def matrix_panel(ax: Any, matrix: torch.Tensor, row_group: list[int], *, title: 
     ax.set_title(title, fontsize=10, loc="left")
 
 
+def _position_names(spatial: tuple[int, ...]) -> list[str]:
+    """``(2, 2)`` -> ``["(0,0)", "(0,1)", "(1,0)", "(1,1)"]`` (row-major)."""
+    import itertools
+
+    return ["(" + ",".join(map(str, idx)) + ")"
+            for idx in itertools.product(*(range(s) for s in spatial))]
+
+
 def _network_panel(ax: Any, ex: SeedExample) -> None:
     """Inputs (grouped by position, channels-last) -> outputs: four dense 2->1 layers."""
     c, h, w = ex.x.shape
@@ -190,15 +198,26 @@ def draw_conv_matrix(conv: torch.nn.Module, in_shape: tuple[int, ...],
     m_hwc = as_matrix(conv, in_shape, order="hwc")
     rows, cols = m_chw.shape
     annotate = rows * cols <= 16 * 40
+    labels: dict[str, tuple[list[str] | None, list[str] | None]] = {"chw": (None, None),
+                                                                     "hwc": (None, None)}
+    if rows <= 24 and cols <= 48:
+        in_ch, n_in = in_shape[0], math.prod(in_shape[1:])
+        out_pos, in_pos = _position_names(out_shape[1:]), _position_names(in_shape[1:])
+        labels["chw"] = ([f"y{o}{out_pos[p]}" for o in range(out_ch) for p in range(n_out)],
+                         [f"x{c}{in_pos[i]}" for c in range(in_ch) for i in range(n_in)])
+        labels["hwc"] = ([f"y{o}{out_pos[p]}" for p in range(n_out) for o in range(out_ch)],
+                         [f"x{c}{in_pos[i]}" for i in range(n_in) for c in range(in_ch)])
     chw_group = [r % n_out for r in range(rows)]
     hwc_group = [r // out_ch for r in range(rows)]
     cell = min(0.45, 7.5 / cols, 9.0 / rows)  # inches per matrix entry
     fig, axes = plt.subplots(1, 2, figsize=(2 * cols * cell + 2.5, rows * cell + 2.2),
                              layout="constrained")
     matrix_panel(axes[0], m_chw, chw_group, annotate=annotate,
-                 title=f"chw order (PyTorch flatten): {rows} x {cols}")
+                 title=f"chw order (PyTorch flatten): {rows} x {cols}",
+                 row_labels=labels["chw"][0], col_labels=labels["chw"][1])
     matrix_panel(axes[1], m_hwc, hwc_group, annotate=annotate,
-                 title=f"hwc order (channels-last): {rows} x {cols}")
+                 title=f"hwc order (channels-last): {rows} x {cols}",
+                 row_labels=labels["hwc"][0], col_labels=labels["hwc"][1])
     nnz = int((m_chw != 0).sum())
     fig.suptitle(f"{title}\n{nnz} of {rows * cols} entries can be non-zero "
                  f"({1 - nnz / (rows * cols):.1%} structural zeros); colour = output position",
@@ -226,12 +245,14 @@ def draw_position_structure(kernel: tuple[int, ...], spatial: tuple[int, ...],
     assert isinstance(probe, nn.Module)
     rows, cols = pattern.shape
     fig, ax = plt.subplots(figsize=(max(5.0, min(13.0, cols * 0.22 + 2)),
-                                    max(3.0, min(11.0, rows * 0.22 + 1.5))))
+                                    max(3.0, min(11.0, rows * 0.22 + 1.5))),
+                           layout="constrained")
     matrix_panel(ax, pattern, list(range(rows)), annotate=False,
                  title=f"each cell = one {block[0]} x {block[1]} block (out x in channels)")
-    ax.set_xlabel(f"input positions of a {'x'.join(map(str, crop))} crop (row-major)")
+    cropped_map = crop != tuple(spatial)
+    ax.set_xlabel(f"input positions{' of the crop' if cropped_map else ''} (row-major)")
     ax.set_ylabel("output positions")
-    cropped = "" if crop == tuple(spatial) else (
+    cropped = "" if not cropped_map else (
         f"; shown on a {'x'.join(map(str, crop))} crop of the "
         f"{'x'.join(map(str, spatial))} map")
     fig.suptitle(f"{title}{cropped}", fontsize=11, fontweight="bold")

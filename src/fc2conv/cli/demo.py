@@ -121,14 +121,11 @@ def _print_seed_example(console: Console, ex: SeedExample) -> None:
     c, h, w = ex.x.shape
     names = _position_names(h, w)
     console.rule("[bold]1. A 1x1 conv IS a fully connected layer, in two ways")
-    wv = ", ".join(_num(float(v)) for v in ex.weight[0])
+    wv = ", ".join(f"{float(v):+.2f}" for v in ex.weight[0])
     console.print(
-        f"Conv2d 2->1, kernel 1x1, on 2 channels of 2x2. Its whole weight is one vector "
-        f"w = [{wv}] and a bias b = {_num(float(ex.bias[0]))}.\n"
-        f"Input x (channel, row, column):  "
-        + "   ".join(f"ch{k}: " + " ".join(_num(float(v)) for v in ex.x[k].reshape(-1))
-                     for k in range(c))
-        + "   (positions in the order " + " ".join(names) + ")"
+        f"Conv2d 2->1, kernel 1x1, on an input x of 2 channels of 2x2 (random, 2 decimals). "
+        f"Its whole weight is one vector w = [{wv}], plus a bias b = "
+        f"{float(ex.bias[0]):+.2f}."
     )
 
     per = Table(title="(a) four FC layers Linear 2->1, one per position, all with the same w",
@@ -138,7 +135,7 @@ def _print_seed_example(console: Console, ex: SeedExample) -> None:
     per.add_column("w . x[:, pos] + b", justify="right")
     for p, name in enumerate(names):
         i, j = divmod(p, w)
-        xs = ", ".join(_num(float(v)) for v in ex.x[:, i, j])
+        xs = ", ".join(f"{float(v):+.2f}" for v in ex.x[:, i, j])
         style = POSITION_STYLES[p % len(POSITION_STYLES)]
         per.add_row(f"[{style}]{name}[/]", f"[{xs}]", _num(float(ex.y_per_position[p])))
     console.print(per)

@@ -124,10 +124,14 @@ def _row(text: str, label: str) -> list[float]:
     return [float(v) for v in re.findall(r"[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?", line.split(label)[1])]
 
 
-def test_demo_command_prints_checked_numbers_and_writes_the_figure(tmp_path, capsys):
-    main(["demo", "--out-dir", str(tmp_path), "--seed", "5"])
+def test_demo_command_prints_checked_numbers_and_writes_the_figure(
+    tmp_path, capsys, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)  # the default --out-dir is the current directory
+    main(["demo", "--seed", "5"])
     out = capsys.readouterr().out
     png = tmp_path / FIGURE_NAME
+    assert [p.name for p in tmp_path.iterdir()] == [FIGURE_NAME]  # no temporary file left
     assert str(png.resolve()) in out.replace("\n", "")
     import matplotlib.image
 

@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None) -> Any:
     except click.exceptions.Abort:
         click.echo("Aborted.", err=True)
         sys.exit(130)
-    except click.ClickException as exc:  # usage errors: click's own one-line message, exit 2
-        exc.show()
+    except click.ClickException as exc:  # usage errors: one line, exit 2
+        click.echo(f"fc2conv: error: {exc.format_message()}", err=True)
         sys.exit(exc.exit_code)
     except Fc2ConvError as exc:
         fail(str(exc))

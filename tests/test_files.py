@@ -1,0 +1,36 @@
+"""Output safety: no overwritten inputs, no partial files, ordinary permissions."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from fc2conv.errors import Fc2ConvError
+from fc2conv.files import atomic_output, check_output_path
+
+
+def test_atomic_output_replaces_only_on_success(tmp_path):
+    out = tmp_path / "model.onnx"
+    out.write_bytes(b"old")
+    with pytest.raises(RuntimeError), atomic_output(out) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("failed halfway")
+    assert out.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+    with atomic_output(out) as tmp:
+        tmp.write_bytes(b"new")
+    assert out.read_bytes() == b"new"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_check_output_path_refuses_the_input_unless_in_place(tmp_path):
+    src = tmp_path / "a.onnx"
+    src.write_bytes(b"x")
+    with pytest.raises(Fc2ConvError, match="refusing to overwrite the input file"):
+        check_output_path(src, tmp_path / "." / "a.onnx")
+    assert check_output_path(src, src, in_place=True) == src
+    with pytest.raises(Fc2ConvError, match="does not exist"):
+        check_output_path(src, tmp_path / "missing" / "b.onnx")

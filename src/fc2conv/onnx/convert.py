@@ -125,6 +125,9 @@ def convert_model(
         missing = ", ".join(sorted(wanted - seen))
         raise Fc2ConvError(f"--only names no {'/'.join(sorted(anchors))} node called {missing}")
     report.layout_changes_shared = share_layout_changes(ctx)
+    for value in ctx.shape_constants.values():
+        if not value.uses() and value.name in graph.initializers:
+            del graph.initializers[value.name]
     if dynamic_spatial:
         _make_spatial_dynamic(ctx)
     graph.sort()
@@ -151,6 +154,7 @@ def _make_spatial_dynamic(ctx: Context) -> None:
         graph.outputs[i] = score_map
         graph.remove(producer, safe=False)
         score_map.name = out.name
+        score_map.type = out.type
         dims = list(out.shape) if out.shape is not None else [None, None]
         score_map.shape = ir.Shape([*dims[:2], f"{out.name}_h", f"{out.name}_w"])
     for node in graph:

@@ -120,6 +120,7 @@ def save(
     if not external:
         with atomic_output(dst) as tmp:
             ir.save(model, tmp)
+            _plain_permissions(tmp)
         return dst
     done: list[ir.TensorProtocol] = []
 
@@ -134,6 +135,7 @@ def save(
     with atomic_output(dst) as tmp:
         ir.save(model, tmp, external_data=f"{dst.name}.data", size_threshold_bytes=1024,
                 callback=callback)
+        _plain_permissions(tmp)
     for tensor in done:
         _release(tensor, sources)
     return dst
@@ -143,3 +145,10 @@ def _release(tensor: ir.TensorProtocol, sources: dict[int, list[ir.TensorProtoco
     for t in (tensor, *sources.get(id(tensor), ())):
         if isinstance(t, ir.ExternalTensor):
             t.release()
+
+
+def _plain_permissions(path: Path) -> None:
+    """``mkstemp`` creates 0600 files; give the output the usual ``0666 & ~umask``."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)

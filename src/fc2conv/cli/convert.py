@@ -64,6 +64,7 @@ def _convert_onnx(in_path: Path, out_path: Path, to: str, check: bool, only: tup
     with console.status(f"Loading {in_path}"):
         model = io.load(in_path, check=check)
     big = io.weight_bytes(model) > (256 << 20) or len(model.graph) > PROGRESS_NODES
+    external = io.wants_external_data(model)  # decided before the rules replace tensors
     with _progress(console, big) as progress:
         task = progress.add_task("Rewriting", total=None)
         report = convert_model(model, to, only=only or None, dynamic_spatial=dynamic_spatial,
@@ -71,7 +72,7 @@ def _convert_onnx(in_path: Path, out_path: Path, to: str, check: bool, only: tup
                                                                            total=total))
         save_task = progress.add_task(f"Writing {dst.name}", total=None)
         assert report.context is not None
-        io.save(model, dst, sources=report.context.sources,
+        io.save(model, dst, external=external, sources=report.context.sources,
                 on_tensor=lambda done, total: progress.update(save_task, completed=done + 1,
                                                               total=total))
         progress.update(save_task, completed=1, total=1)

@@ -51,9 +51,10 @@ def convert_file(
         if sidecar.exists() and os.path.samefile(data, sidecar) and not in_place:
             raise Fc2ConvError(f"writing {dst} would overwrite {sidecar}, the external data of "
                                f"the input {src}; choose another output name")
+    external = io.wants_external_data(model)
     report = convert_model(model, to, only=only, dynamic_spatial=dynamic_spatial)
     assert report.context is not None
-    io.save(model, dst, sources=report.context.sources)
+    io.save(model, dst, external=external, sources=report.context.sources)
     if check:
         io.check_file(dst)
     return report

@@ -93,6 +93,11 @@ def has_external_data(model: ir.Model) -> bool:
                for g in model.graphs() for v in g.initializers.values())
 
 
+def wants_external_data(model: ir.Model) -> bool:
+    """Save with external data when the model had it, or its weights exceed 1 GiB."""
+    return has_external_data(model) or weight_bytes(model) > EXTERNAL_THRESHOLD
+
+
 def weight_bytes(model: ir.Model) -> int:
     return sum(v.const_value.nbytes for g in model.graphs() for v in g.initializers.values()
                if v.const_value is not None)
@@ -115,7 +120,7 @@ def save(
     """
     dst = Path(path)
     if external is None:
-        external = has_external_data(model) or weight_bytes(model) > EXTERNAL_THRESHOLD
+        external = wants_external_data(model)
     sources = sources or {}
     if not external:
         with atomic_output(dst) as tmp:

@@ -68,8 +68,12 @@ def run_ort(m: onnx.ModelProto | str, feeds: dict[str, np.ndarray]) -> list[np.n
     return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"]).run(None, feeds)
 
 
-def assert_matches_reference(original: onnx.ModelProto, converted: onnx.ModelProto | str,
-                             feeds: dict[str, np.ndarray], depth: int) -> None:
+def assert_matches_reference(
+    original: onnx.ModelProto,
+    converted: onnx.ModelProto | str,
+    feeds: dict[str, np.ndarray],
+    depth: int,
+) -> None:
     """ORT output of ``converted`` == float64 reference of ``original`` within the float32
     rounding bound of a ``depth``-term dot product (relative to the output scale).
 

@@ -1,4 +1,5 @@
-"""``fc2conv convert``: exit codes, one-line errors for bad input, no partial or overwritten files."""
+"""``fc2conv convert``: exit codes, one-line errors for bad input, no partial or overwritten
+files."""
 
 from __future__ import annotations
 
@@ -17,11 +18,17 @@ from fc2conv.cli.main import main
 
 def _write_model(path) -> str:
     rng = np.random.default_rng()
-    nodes = [helper.make_node("Gemm", ["x", "W", "C"], ["h"], name="fc1", transB=1),
-             helper.make_node("Relu", ["h"], ["r"]),
-             helper.make_node("Gemm", ["r", "W2"], ["y"], name="fc2")]
-    m = model(nodes, [vinfo("x", ["N", 12])], [vinfo("y", ["N", 3])],
-              [init(rng, "W", 8, 12), init(rng, "C", 8), init(rng, "W2", 8, 3)])
+    nodes = [
+        helper.make_node("Gemm", ["x", "W", "C"], ["h"], name="fc1", transB=1),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("Gemm", ["r", "W2"], ["y"], name="fc2"),
+    ]
+    m = model(
+        nodes,
+        [vinfo("x", ["N", 12])],
+        [vinfo("y", ["N", 3])],
+        [init(rng, "W", 8, 12), init(rng, "C", 8), init(rng, "W2", 8, 3)],
+    )
     onnx.save(m, str(path))
     return str(path)
 
@@ -38,10 +45,15 @@ def test_convert_to_conv_prints_summary_and_verdict(tmp_path, capsys) -> None:
     code, out, err = _run(capsys, src, str(tmp_path / "c.onnx"), "--to", "conv")
     assert code == 0, err
     assert "2 converted, 0 left" in out and "MATCH" in out and "MISMATCH" not in out
-    assert op_counts(onnx.load(str(tmp_path / "c.onnx"))) == {"Reshape": 1, "Conv": 2, "Relu": 1,
-                                                             "Flatten": 1}
-    code, out, _ = _run(capsys, str(tmp_path / "c.onnx"), str(tmp_path / "l.onnx"), "--to",
-                        "linear", "--no-check")
+    assert op_counts(onnx.load(str(tmp_path / "c.onnx"))) == {
+        "Reshape": 1,
+        "Conv": 2,
+        "Relu": 1,
+        "Flatten": 1,
+    }
+    code, out, _ = _run(
+        capsys, str(tmp_path / "c.onnx"), str(tmp_path / "l.onnx"), "--to", "linear", "--no-check"
+    )
     assert code == 0 and "2 converted" in out and "onnxruntime" not in out
 
 
@@ -54,21 +66,26 @@ def test_only_and_left_layers_are_listed(tmp_path, capsys) -> None:
 def test_a_wrong_conversion_exits_1(tmp_path, capsys, monkeypatch) -> None:
     import fc2conv.onnx.rules.gemm_to_conv as rule
 
-    monkeypatch.setattr(rule, "linear_to_conv_kernel", lambda w, d: (w * 1.01).reshape(*w.shape, 1, 1))
+    monkeypatch.setattr(
+        rule, "linear_to_conv_kernel", lambda w, d: (w * 1.01).reshape(*w.shape, 1, 1)
+    )
     src = _write_model(tmp_path / "m.onnx")
     code, out, _ = _run(capsys, src, str(tmp_path / "c.onnx"), "--to", "conv")
     assert code == 1 and "MISMATCH" in out
 
 
-@pytest.mark.parametrize("content,why", [
-    (b"", "empty"),
-    (os.urandom(3000), "not a readable ONNX model"),
-    ("truncated", "not a readable ONNX model"),
-])
+@pytest.mark.parametrize(
+    "content,why",
+    [
+        (b"", "empty"),
+        (os.urandom(3000), "not a readable ONNX model"),
+        ("truncated", "not a readable ONNX model"),
+    ],
+)
 def test_bad_files_exit_2_with_one_line(tmp_path, capsys, content, why) -> None:
     bad = tmp_path / "bad.onnx"
     if content == "truncated":
-        good = (tmp_path / "good.onnx")
+        good = tmp_path / "good.onnx"
         _write_model(good)
         content = good.read_bytes()[: good.stat().st_size // 2]
     bad.write_bytes(content)
@@ -89,7 +106,9 @@ def test_checker_failure_exits_2(tmp_path, capsys) -> None:
 
 
 def test_missing_file_unsupported_suffix_and_missing_folder(tmp_path, capsys) -> None:
-    code, _, err = _run(capsys, str(tmp_path / "nope.onnx"), str(tmp_path / "o.onnx"), "--to", "conv")
+    code, _, err = _run(
+        capsys, str(tmp_path / "nope.onnx"), str(tmp_path / "o.onnx"), "--to", "conv"
+    )
     assert code == 2 and "nope.onnx" in err and "no such file" in err
     (tmp_path / "m.h5").write_bytes(b"x")
     code, _, err = _run(capsys, str(tmp_path / "m.h5"), str(tmp_path / "o.onnx"), "--to", "conv")
@@ -103,7 +122,11 @@ def test_out_equal_in_is_refused_unless_in_place(tmp_path, capsys) -> None:
     src = _write_model(tmp_path / "m.onnx")
     before = (tmp_path / "m.onnx").read_bytes()
     code, _, err = _run(capsys, src, src, "--to", "conv")
-    assert code == 2 and "refusing to overwrite" in err and (tmp_path / "m.onnx").read_bytes() == before
+    assert (
+        code == 2
+        and "refusing to overwrite" in err
+        and (tmp_path / "m.onnx").read_bytes() == before
+    )
     code, out, _ = _run(capsys, src, src, "--to", "conv", "--in-place", "--no-check")
     assert code == 0 and op_counts(onnx.load(src))["Conv"] == 2
     assert os.listdir(tmp_path) == ["m.onnx"]
@@ -127,10 +150,17 @@ def test_failure_while_writing_leaves_no_partial_file(tmp_path, capsys, monkeypa
 
 
 def test_help_and_import_fc2conv_do_not_import_onnx() -> None:
-    code = ("import sys, fc2conv; from fc2conv.cli.main import main\n"
-            "try:\n    main(['convert', '--help'])\nexcept SystemExit:\n    pass\n"
-            "assert not {'onnx', 'onnxruntime', 'onnx_ir'} & set(sys.modules), sys.modules.keys()")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}, timeout=120)
+    code = (
+        "import sys, fc2conv; from fc2conv.cli.main import main\n"
+        "try:\n    main(['convert', '--help'])\nexcept SystemExit:\n    pass\n"
+        "assert not {'onnx', 'onnxruntime', 'onnx_ir'} & set(sys.modules), sys.modules.keys()"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr
     assert "--to [conv|linear]" in res.stdout

@@ -37,8 +37,9 @@ def exported(tmp_path_factory) -> tuple[nn.Module, str]:
     path = str(tmp_path_factory.mktemp("export") / "block.onnx")
     dims = {"x": {0: torch.export.Dim("batch"), 1: torch.export.Dim("seq")}}
     # The dynamo exporter (torch >= 2.5 default) handles this model; no dynamo=False needed.
-    torch.onnx.export(net, (torch.randn(2, 5, 16),), path, dynamic_shapes=dims,
-                      input_names=["x"], dynamo=True)
+    torch.onnx.export(
+        net, (torch.randn(2, 5, 16),), path, dynamic_shapes=dims, input_names=["x"], dynamo=True
+    )
     return net, path
 
 
@@ -69,12 +70,18 @@ def test_pytorch_export_to_conv_and_back_matches_torch_float64(exported, tmp_pat
 
 def _external_model(tmp_path, name: str = "ext.onnx") -> tuple[onnx.ModelProto, str]:
     rng = np.random.default_rng()
-    nodes = [helper.make_node("MatMul", ["x", "W0"], ["m0"], name="fc0"),
-             helper.make_node("Add", ["m0", "b0"], ["a0"], name="fc0_bias"),
-             helper.make_node("Relu", ["a0"], ["r0"]),
-             helper.make_node("MatMul", ["r0", "W1"], ["y"], name="fc1")]
-    m = model(nodes, [vinfo("x", ["B", "T", 64])], [vinfo("y", ["B", "T", 32])],
-              [init(rng, "W0", 64, 128), init(rng, "b0", 128), init(rng, "W1", 128, 32)])
+    nodes = [
+        helper.make_node("MatMul", ["x", "W0"], ["m0"], name="fc0"),
+        helper.make_node("Add", ["m0", "b0"], ["a0"], name="fc0_bias"),
+        helper.make_node("Relu", ["a0"], ["r0"]),
+        helper.make_node("MatMul", ["r0", "W1"], ["y"], name="fc1"),
+    ]
+    m = model(
+        nodes,
+        [vinfo("x", ["B", "T", 64])],
+        [vinfo("y", ["B", "T", 32])],
+        [init(rng, "W0", 64, 128), init(rng, "b0", 128), init(rng, "W1", 128, 32)],
+    )
     path = str(tmp_path / name)
     in_memory = onnx.ModelProto()
     in_memory.CopyFrom(m)  # onnx.save turns its argument's tensors into external references
@@ -87,8 +94,12 @@ def test_external_data_model_converts_with_external_data(tmp_path) -> None:
     before = {p: (tmp_path / p).read_bytes() for p in os.listdir(tmp_path)}
     out = fo.to_conv(path, tmp_path / "out.onnx")
     assert out == tmp_path / "out.onnx"
-    assert sorted(os.listdir(tmp_path)) == ["ext.onnx", "ext.onnx.weights", "out.onnx",
-                                            "out.onnx.data"]  # no temporary files left
+    assert sorted(os.listdir(tmp_path)) == [
+        "ext.onnx",
+        "ext.onnx.weights",
+        "out.onnx",
+        "out.onnx.data",
+    ]  # no temporary files left
     assert {p: (tmp_path / p).read_bytes() for p in before} == before  # input untouched
     proto = onnx.load(str(out), load_external_data=False)
     weights = {t.name: t.data_location for t in proto.graph.initializer if t.name[0] == "W"}

@@ -30,8 +30,9 @@ def _gemm_model(trans_b: int, alpha: float, beta: float, bias: str, k: int = 6, 
     return model([node], [vinfo("x", ["batch", k])], [vinfo("y", ["batch", n])], inits)
 
 
-@pytest.mark.parametrize("trans_b,alpha,beta,bias",
-                         list(itertools.product([0, 1], [1.0, 0.7], [1.0, -1.5], BIASES)))
+@pytest.mark.parametrize(
+    "trans_b,alpha,beta,bias", list(itertools.product([0, 1], [1.0, 0.7], [1.0, -1.5], BIASES))
+)
 def test_gemm_every_attribute_combination(trans_b, alpha, beta, bias) -> None:
     m = _gemm_model(trans_b, alpha, beta, bias)
     converted, report = fo.convert(m, "conv")
@@ -55,8 +56,12 @@ def test_gemm_refusals_say_why() -> None:
         helper.make_node("Gemm", ["a", "W2", "C"], ["b"], name="row_bias"),
         helper.make_node("Gemm", ["b", "Wdyn"], ["y"], name="dynamic_weight"),
     ]
-    m = model(nodes, [vinfo("x", [4, 3]), vinfo("Wdyn", [4, 2])], [vinfo("y", [3, 2])],
-              [init(rng, "W", 4, 4), init(rng, "W2", 4, 4), init(rng, "C", 3, 4)])
+    m = model(
+        nodes,
+        [vinfo("x", [4, 3]), vinfo("Wdyn", [4, 2])],
+        [vinfo("y", [3, 2])],
+        [init(rng, "W", 4, 4), init(rng, "W2", 4, 4), init(rng, "C", 3, 4)],
+    )
     converted, report = fo.convert(m, "conv")
     why = {e.node: e.detail for e in report.left}
     assert "transA=1" in why["trans_a"]
@@ -81,7 +86,9 @@ def test_matmul_any_rank_with_dynamic_dims(rank: int, bias: bool) -> None:
     counts = op_counts(converted)
     assert counts["Conv"] == 1 and "MatMul" not in counts and "Add" not in counts
     assert counts["Transpose"] == (2 if rank > 2 else 0)
-    dims = [d.dim_param or d.dim_value for d in converted.graph.output[0].type.tensor_type.shape.dim]
+    dims = [
+        d.dim_param or d.dim_value for d in converted.graph.output[0].type.tensor_type.shape.dim
+    ]
     assert dims == [*lead, 5]
     shape = rng.integers(1, 5, rank - 1).tolist()
     x = rng.standard_normal((*shape, 8)).astype(np.float32)
@@ -93,13 +100,17 @@ def test_consecutive_layers_share_one_layout_change() -> None:
     rng = np.random.default_rng()
     nodes, inits, cur = [], [], "x"
     for i, act in enumerate(["Relu", "MulC", "Sigmoid", None]):
-        nodes += [helper.make_node("MatMul", [cur, f"W{i}"], [f"m{i}"], name=f"fc{i}"),
-                  helper.make_node("Add", [f"m{i}", f"b{i}"], [f"a{i}"], name=f"fc{i}_bias")]
+        nodes += [
+            helper.make_node("MatMul", [cur, f"W{i}"], [f"m{i}"], name=f"fc{i}"),
+            helper.make_node("Add", [f"m{i}", f"b{i}"], [f"a{i}"], name=f"fc{i}_bias"),
+        ]
         inits += [init(rng, f"W{i}", 8, 8), init(rng, f"b{i}", 8)]
         cur = f"a{i}"
         if act == "MulC":  # per-channel constant scale, then a scalar add
-            nodes += [helper.make_node("Mul", [cur, f"s{i}"], [f"s{i}o"]),
-                      helper.make_node("Add", [f"c{i}", f"s{i}o"], [f"c{i}o"])]
+            nodes += [
+                helper.make_node("Mul", [cur, f"s{i}"], [f"s{i}o"]),
+                helper.make_node("Add", [f"c{i}", f"s{i}o"], [f"c{i}o"]),
+            ]
             inits += [init(rng, f"s{i}", 8), init(rng, f"c{i}", 1)]
             cur = f"c{i}o"
         elif act:
@@ -118,11 +129,17 @@ def test_consecutive_layers_share_one_layout_change() -> None:
 
 def test_layout_not_shared_across_a_non_pointwise_op() -> None:
     rng = np.random.default_rng()
-    nodes = [helper.make_node("MatMul", ["x", "W0"], ["h"], name="fc0"),
-             helper.make_node("Softmax", ["h"], ["s"], axis=-1),
-             helper.make_node("MatMul", ["s", "W1"], ["y"], name="fc1")]
-    m = model(nodes, [vinfo("x", ["B", "T", 4])], [vinfo("y", ["B", "T", 4])],
-              [init(rng, "W0", 4, 4), init(rng, "W1", 4, 4)])
+    nodes = [
+        helper.make_node("MatMul", ["x", "W0"], ["h"], name="fc0"),
+        helper.make_node("Softmax", ["h"], ["s"], axis=-1),
+        helper.make_node("MatMul", ["s", "W1"], ["y"], name="fc1"),
+    ]
+    m = model(
+        nodes,
+        [vinfo("x", ["B", "T", 4])],
+        [vinfo("y", ["B", "T", 4])],
+        [init(rng, "W0", 4, 4), init(rng, "W1", 4, 4)],
+    )
     converted, _ = fo.convert(m, "conv")
     assert op_counts(converted)["Transpose"] == 4  # Softmax over channels needs channels-last
     x = rng.standard_normal((2, 3, 4)).astype(np.float32)
@@ -131,15 +148,27 @@ def test_layout_not_shared_across_a_non_pointwise_op() -> None:
 
 def _cnn(h: int = 8, w: int = 7, flatten: str = "Flatten"):
     rng = np.random.default_rng()
-    fnode = (helper.make_node("Flatten", ["r"], ["f"], axis=1) if flatten == "Flatten" else
-             helper.make_node("Reshape", ["r", "shape"], ["f"]))
-    nodes = [helper.make_node("Conv", ["x", "cw", "cb"], ["c"], name="features", kernel_shape=[3, 3]),
-             helper.make_node("Relu", ["c"], ["r"]), fnode,
-             helper.make_node("Gemm", ["f", "w1", "b1"], ["g1"], name="fc1", transB=1),
-             helper.make_node("Relu", ["g1"], ["g1r"]),
-             helper.make_node("Gemm", ["g1r", "w2", "b2"], ["y"], name="fc2", transB=1)]
-    inits = [init(rng, "cw", 4, 3, 3, 3), init(rng, "cb", 4), init(rng, "w1", 10, 4 * (h - 2) * (w - 2)),
-             init(rng, "b1", 10), init(rng, "w2", 5, 10), init(rng, "b2", 5)]
+    fnode = (
+        helper.make_node("Flatten", ["r"], ["f"], axis=1)
+        if flatten == "Flatten"
+        else helper.make_node("Reshape", ["r", "shape"], ["f"])
+    )
+    nodes = [
+        helper.make_node("Conv", ["x", "cw", "cb"], ["c"], name="features", kernel_shape=[3, 3]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        fnode,
+        helper.make_node("Gemm", ["f", "w1", "b1"], ["g1"], name="fc1", transB=1),
+        helper.make_node("Relu", ["g1"], ["g1r"]),
+        helper.make_node("Gemm", ["g1r", "w2", "b2"], ["y"], name="fc2", transB=1),
+    ]
+    inits = [
+        init(rng, "cw", 4, 3, 3, 3),
+        init(rng, "cb", 4),
+        init(rng, "w1", 10, 4 * (h - 2) * (w - 2)),
+        init(rng, "b1", 10),
+        init(rng, "w2", 5, 10),
+        init(rng, "b2", 5),
+    ]
     if flatten != "Flatten":
         inits.append(onnx.numpy_helper.from_array(np.array([0, -1], np.int64), "shape"))
     return model(nodes, [vinfo("x", ["N", 3, h, w])], [vinfo("y", ["N", 5])], inits)
@@ -178,7 +207,9 @@ def test_only_converts_the_named_node_and_refuses_unknown_names() -> None:
     converted, report = fo.convert(m, "conv", only=["fc2"])
     assert [(e.node, e.status) for e in report.entries] == [("fc1", "left"), ("fc2", "converted")]
     assert op_counts(converted)["Gemm"] == 1
-    with pytest.raises(fo.Fc2ConvError if hasattr(fo, "Fc2ConvError") else ValueError, match="nope"):
+    with pytest.raises(
+        fo.Fc2ConvError if hasattr(fo, "Fc2ConvError") else ValueError, match="nope"
+    ):
         fo.convert(m, "conv", only=["nope"])
 
 

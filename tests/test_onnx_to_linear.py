@@ -21,8 +21,9 @@ def test_grouped_1x1_conv_to_matmul(groups: int, bias: bool, spatial: int) -> No
     inits = [init(rng, "W", c_out, c_in // groups, *([1] * spatial))]
     if bias:
         inits.append(init(rng, "B", c_out))
-    node = helper.make_node("Conv", inputs, ["y"], name="pw", group=groups,
-                            kernel_shape=[1] * spatial)
+    node = helper.make_node(
+        "Conv", inputs, ["y"], name="pw", group=groups, kernel_shape=[1] * spatial
+    )
     sp = ["H", "W", "D"][:spatial]
     m = model([node], [vinfo("x", ["N", c_in, *sp])], [vinfo("y", ["N", c_out, *sp])], inits)
     converted, report = fo.convert(m, "linear")
@@ -39,16 +40,24 @@ def test_grouped_1x1_conv_to_matmul(groups: int, bias: bool, spatial: int) -> No
     assert report.converted[0].detail.startswith("MatMul 8->12")
 
 
-@pytest.mark.parametrize("attrs,why", [
-    ({"kernel_shape": [3, 3]}, "3x3 kernel"),
-    ({"kernel_shape": [1, 1], "strides": [2, 2]}, "stride"),
-    ({"kernel_shape": [1, 1], "pads": [1, 1, 1, 1]}, "padding"),
-])
+@pytest.mark.parametrize(
+    "attrs,why",
+    [
+        ({"kernel_shape": [3, 3]}, "3x3 kernel"),
+        ({"kernel_shape": [1, 1], "strides": [2, 2]}, "stride"),
+        ({"kernel_shape": [1, 1], "pads": [1, 1, 1, 1]}, "padding"),
+    ],
+)
 def test_convs_that_are_not_per_position_are_left_with_a_reason(attrs, why) -> None:
     rng = np.random.default_rng()
     k = attrs["kernel_shape"]
     node = helper.make_node("Conv", ["x", "W"], ["y"], name="c", **attrs)
-    m = model([node], [vinfo("x", [1, 4, 6, 6])], [vinfo("y", [1, 4, "h", "w"])], [init(rng, "W", 4, 4, *k)])
+    m = model(
+        [node],
+        [vinfo("x", [1, 4, 6, 6])],
+        [vinfo("y", [1, 4, "h", "w"])],
+        [init(rng, "W", 4, 4, *k)],
+    )
     converted, report = fo.convert(m, "linear")
     assert op_counts(converted) == {"Conv": 1}
     assert report.left[0].node == "c" and why in report.left[0].detail
@@ -56,18 +65,30 @@ def test_convs_that_are_not_per_position_are_left_with_a_reason(attrs, why) -> N
 
 def test_stack_of_pointwise_convs_shares_transposes_and_round_trips() -> None:
     rng = np.random.default_rng()
-    nodes = [helper.make_node("Conv", ["x", "W0", "B0"], ["c0"], name="pw0", kernel_shape=[1, 1]),
-             helper.make_node("Relu", ["c0"], ["r0"]),
-             helper.make_node("Mul", ["r0", "scale"], ["m0"]),
-             helper.make_node("Conv", ["m0", "W1"], ["c1"], name="pw1", kernel_shape=[1, 1], group=2),
-             helper.make_node("Tanh", ["c1"], ["y"])]
-    inits = [init(rng, "W0", 6, 4, 1, 1), init(rng, "B0", 6), init(rng, "scale", 6, 1, 1),
-             init(rng, "W1", 6, 3, 1, 1)]
+    nodes = [
+        helper.make_node("Conv", ["x", "W0", "B0"], ["c0"], name="pw0", kernel_shape=[1, 1]),
+        helper.make_node("Relu", ["c0"], ["r0"]),
+        helper.make_node("Mul", ["r0", "scale"], ["m0"]),
+        helper.make_node("Conv", ["m0", "W1"], ["c1"], name="pw1", kernel_shape=[1, 1], group=2),
+        helper.make_node("Tanh", ["c1"], ["y"]),
+    ]
+    inits = [
+        init(rng, "W0", 6, 4, 1, 1),
+        init(rng, "B0", 6),
+        init(rng, "scale", 6, 1, 1),
+        init(rng, "W1", 6, 3, 1, 1),
+    ]
     m = model(nodes, [vinfo("x", ["N", 4, "H", "W"])], [vinfo("y", ["N", 6, "H", "W"])], inits)
     linear, _ = fo.convert(m, "linear")
     onnx.checker.check_model(linear, full_check=True)
-    assert op_counts(linear) == {"Transpose": 2, "MatMul": 2, "Add": 1, "Relu": 1, "Mul": 1,
-                                 "Tanh": 1}
+    assert op_counts(linear) == {
+        "Transpose": 2,
+        "MatMul": 2,
+        "Add": 1,
+        "Relu": 1,
+        "Mul": 1,
+        "Tanh": 1,
+    }
     x = rng.standard_normal((2, 4, 3, 5)).astype(np.float32)
     assert_matches_reference(m, linear, {"x": x}, depth=12)
     back, _ = fo.convert(linear, "conv")
@@ -79,9 +100,12 @@ def test_stack_of_pointwise_convs_shares_transposes_and_round_trips() -> None:
 def test_float16_model_keeps_its_dtype() -> None:
     rng = np.random.default_rng()
     node = helper.make_node("Conv", ["x", "W", "B"], ["y"], name="pw", kernel_shape=[1, 1])
-    m = model([node], [vinfo("x", ["N", 8, 2, 2], onnx.TensorProto.FLOAT16)],
-              [vinfo("y", ["N", 4, 2, 2], onnx.TensorProto.FLOAT16)],
-              [init(rng, "W", 4, 8, 1, 1, dtype=np.float16), init(rng, "B", 4, dtype=np.float16)])
+    m = model(
+        [node],
+        [vinfo("x", ["N", 8, 2, 2], onnx.TensorProto.FLOAT16)],
+        [vinfo("y", ["N", 4, 2, 2], onnx.TensorProto.FLOAT16)],
+        [init(rng, "W", 4, 8, 1, 1, dtype=np.float16), init(rng, "B", 4, dtype=np.float16)],
+    )
     converted = fo.to_linear(m)
     onnx.checker.check_model(converted, full_check=True)
     assert {i.data_type for i in converted.graph.initializer} == {onnx.TensorProto.FLOAT16}

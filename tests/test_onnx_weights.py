@@ -31,8 +31,9 @@ def test_linear_kernel_equals_core_and_einsum(out_f: int, in_f: int, dims: int) 
     x = rng.standard_normal((2, in_f, *([3] * dims)))
     conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[dims]
     got = conv(torch.from_numpy(x), torch.from_numpy(kernel.astype(np.float64))).numpy()
-    np.testing.assert_allclose(got, np.einsum("oc,nc...->no...", w.astype(np.float64), x),
-                               rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(
+        got, np.einsum("oc,nc...->no...", w.astype(np.float64), x), rtol=1e-12, atol=1e-12
+    )
 
 
 @pytest.mark.parametrize("in_shape", [(3, 4), (2, 3, 4), (2, 2, 3, 2)])
@@ -48,8 +49,11 @@ def test_flatten_kernel_equals_core_and_einsum(in_shape: tuple[int, ...]) -> Non
     np.testing.assert_array_equal(kernel, core)
     x = rng.standard_normal((3, *in_shape))
     ref = x.reshape(3, -1) @ w.astype(np.float64).T
-    got = np.einsum("ocs,ncs->no", kernel.reshape(5, in_shape[0], -1).astype(np.float64),
-                    x.reshape(3, in_shape[0], -1))
+    got = np.einsum(
+        "ocs,ncs->no",
+        kernel.reshape(5, in_shape[0], -1).astype(np.float64),
+        x.reshape(3, in_shape[0], -1),
+    )
     np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-12)
 
 

@@ -14,5 +14,16 @@ from fc2conv.onnx.convert import ConversionReport, Entry
 from fc2conv.onnx.io import check_file, load, save
 from fc2conv.onnx.verify import VerifyResult, _verify
 
-__all__ = ["ConversionReport", "Entry", "VerifyResult", "_verify", "check_file", "convert",
-           "convert_file", "load", "save", "to_conv", "to_linear"]
+__all__ = [
+    "ConversionReport",
+    "Entry",
+    "VerifyResult",
+    "_verify",
+    "check_file",
+    "convert",
+    "convert_file",
+    "load",
+    "save",
+    "to_conv",
+    "to_linear",
+]

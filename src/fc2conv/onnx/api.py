@@ -46,11 +46,16 @@ def convert_file(
     dst = check_output_path(src, out_path, in_place=in_place)
     model = io.load(src, check=check)
     sidecar = dst.parent / f"{dst.name}.data"
-    for data in {Path(str(v.const_value.path)) for v in model.graph.initializers.values()
-                 if isinstance(v.const_value, ir.ExternalTensor)}:
+    for data in {
+        Path(str(v.const_value.path))
+        for v in model.graph.initializers.values()
+        if isinstance(v.const_value, ir.ExternalTensor)
+    }:
         if sidecar.exists() and os.path.samefile(data, sidecar) and not in_place:
-            raise Fc2ConvError(f"writing {dst} would overwrite {sidecar}, the external data of "
-                               f"the input {src}; choose another output name")
+            raise Fc2ConvError(
+                f"writing {dst} would overwrite {sidecar}, the external data of "
+                f"the input {src}; choose another output name"
+            )
     external = io.wants_external_data(model)
     report = convert_model(model, to, only=only, dynamic_spatial=dynamic_spatial)
     assert report.context is not None
@@ -60,8 +65,9 @@ def convert_file(
     return report
 
 
-def _convert(model: M, to: str, only: Collection[str] | None, dynamic_spatial: bool,
-             inplace: bool) -> tuple[M, ConversionReport]:
+def _convert(
+    model: M, to: str, only: Collection[str] | None, dynamic_spatial: bool, inplace: bool
+) -> tuple[M, ConversionReport]:
     if isinstance(model, onnx.ModelProto):
         graph_ir = ir.serde.deserialize_model(model)
         report = convert_model(graph_ir, to, only=only, dynamic_spatial=dynamic_spatial)
@@ -73,16 +79,29 @@ def _convert(model: M, to: str, only: Collection[str] | None, dynamic_spatial: b
     if isinstance(model, ir.Model):
         target = model if inplace else model.clone()
         return target, convert_model(target, to, only=only, dynamic_spatial=dynamic_spatial)
-    raise Fc2ConvError(f"expected an onnx.ModelProto, an onnx_ir.Model or a path, got "
-                       f"{type(model).__name__}")
+    raise Fc2ConvError(
+        f"expected an onnx.ModelProto, an onnx_ir.Model or a path, got {type(model).__name__}"
+    )
 
 
 @overload
-def to_conv(model: M, output: None = None, *, only: Collection[str] | None = None,
-            dynamic_spatial: bool = False, inplace: bool = False) -> M: ...
+def to_conv(
+    model: M,
+    output: None = None,
+    *,
+    only: Collection[str] | None = None,
+    dynamic_spatial: bool = False,
+    inplace: bool = False,
+) -> M: ...
 @overload
-def to_conv(model: PathLike, output: PathLike, *, only: Collection[str] | None = None,
-            dynamic_spatial: bool = False, inplace: bool = False) -> Path: ...
+def to_conv(
+    model: PathLike,
+    output: PathLike,
+    *,
+    only: Collection[str] | None = None,
+    dynamic_spatial: bool = False,
+    inplace: bool = False,
+) -> Path: ...
 def to_conv(model, output=None, *, only=None, dynamic_spatial=False, inplace=False):  # type: ignore[no-untyped-def]
     """Rewrite every convertible Gemm / MatMul(+Add) / Flatten+Gemm into a Conv.
 
@@ -94,19 +113,27 @@ def to_conv(model, output=None, *, only=None, dynamic_spatial=False, inplace=Fal
 
 
 @overload
-def to_linear(model: M, output: None = None, *, only: Collection[str] | None = None,
-              inplace: bool = False) -> M: ...
+def to_linear(
+    model: M, output: None = None, *, only: Collection[str] | None = None, inplace: bool = False
+) -> M: ...
 @overload
-def to_linear(model: PathLike, output: PathLike, *, only: Collection[str] | None = None,
-              inplace: bool = False) -> Path: ...
+def to_linear(
+    model: PathLike, output: PathLike, *, only: Collection[str] | None = None, inplace: bool = False
+) -> Path: ...
 def to_linear(model, output=None, *, only=None, inplace=False):  # type: ignore[no-untyped-def]
     """Rewrite every 1x1, stride-1, unpadded Conv (any groups) into MatMul(+Add) on a
     channels-last view."""
     return _dispatch(model, output, "linear", only, False, inplace)
 
 
-def convert(model: M, to: str, *, only: Collection[str] | None = None,
-            dynamic_spatial: bool = False, inplace: bool = False) -> tuple[M, ConversionReport]:
+def convert(
+    model: M,
+    to: str,
+    *,
+    only: Collection[str] | None = None,
+    dynamic_spatial: bool = False,
+    inplace: bool = False,
+) -> tuple[M, ConversionReport]:
     """Like :func:`to_conv` / :func:`to_linear` for in-memory models, also returning the report."""
     return _convert(model, to, only, dynamic_spatial, inplace)
 
@@ -116,9 +143,11 @@ def _dispatch(model, output, to, only, dynamic_spatial, inplace):  # type: ignor
         if output is None:
             raise Fc2ConvError(
                 f"converting the file {model} needs an output path: "
-                f"to_{to}({str(model)!r}, 'out.onnx'); or pass onnx.load(...) to get a ModelProto")
-        convert_file(model, output, to, only=only, dynamic_spatial=dynamic_spatial,
-                     in_place=inplace)
+                f"to_{to}({str(model)!r}, 'out.onnx'); or pass onnx.load(...) to get a ModelProto"
+            )
+        convert_file(
+            model, output, to, only=only, dynamic_spatial=dynamic_spatial, in_place=inplace
+        )
         return Path(output)
     if output is not None:
         raise Fc2ConvError("output= is only for path inputs; an in-memory model is returned")

@@ -84,8 +84,10 @@ def convert_model(
     graph = model.graph
     opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
     if opset and opset < 11:
-        raise Fc2ConvError(f"the model uses ONNX opset {opset}; fc2conv rewrites opset 11 and newer "
-                           f"(upgrade it with onnx.version_converter)")
+        raise Fc2ConvError(
+            f"the model uses ONNX opset {opset}; fc2conv rewrites opset 11 and newer "
+            f"(upgrade it with onnx.version_converter)"
+        )
     _infer_shapes(model)
     ctx = Context(graph, opset, dynamic_spatial=dynamic_spatial)
     report = ConversionReport(to, transposes_before=_count(graph, "Transpose"), context=ctx)
@@ -126,7 +128,7 @@ def convert_model(
         raise Fc2ConvError(f"--only names no {'/'.join(sorted(anchors))} node called {missing}")
     report.layout_changes_shared = share_layout_changes(ctx)
     for value in ctx.shape_constants.values():
-        if not value.uses() and value.name in graph.initializers:
+        if not value.uses() and value.name and value.name in graph.initializers:
             del graph.initializers[value.name]
     if dynamic_spatial:
         _make_spatial_dynamic(ctx)
@@ -143,8 +145,10 @@ def _make_spatial_dynamic(ctx: Context) -> None:
     graph = ctx.graph
     for value in graph.inputs:
         if value.shape is not None and 3 <= value.shape.rank() <= 5:
-            dims = list(value.shape)
-            value.shape = ir.Shape([*dims[:2], *(f"{value.name}_dim{i}" for i in range(2, len(dims)))])
+            rank = value.shape.rank()
+            value.shape = ir.Shape(
+                [*value.shape[:2], *(f"{value.name}_dim{i}" for i in range(2, rank))]
+            )
     for i, out in enumerate(list(graph.outputs)):
         producer = out.producer()
         if producer is None or producer.metadata_props.get(LAYOUT_KEY) != "exit:flat":
@@ -155,8 +159,12 @@ def _make_spatial_dynamic(ctx: Context) -> None:
         graph.remove(producer, safe=False)
         score_map.name = out.name
         score_map.type = out.type
-        dims = list(out.shape) if out.shape is not None else [None, None]
-        score_map.shape = ir.Shape([*dims[:2], f"{out.name}_h", f"{out.name}_w"])
+        lead = (
+            [None, None]
+            if out.shape is None
+            else [d if isinstance(d, int) else d.value for d in out.shape[:2]]
+        )
+        score_map.shape = ir.Shape([*lead, f"{out.name}_h", f"{out.name}_w"])
     for node in graph:
         for value in node.outputs:
             if not value.is_graph_output():

@@ -62,16 +62,19 @@ def load(path: str | os.PathLike[str], *, check: bool = True) -> ir.Model:
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # noqa: BLE001 - protobuf raises several types for a bad file
-        raise Fc2ConvError(f"{path} is not a readable ONNX model (truncated or not ONNX: "
-                           f"{type(exc).__name__})") from None
+        raise Fc2ConvError(
+            f"{path} is not a readable ONNX model (truncated or not ONNX: {type(exc).__name__})"
+        ) from None
     if not proto.graph.node and not proto.graph.output:
         raise Fc2ConvError(f"{path} is not an ONNX model: it has no graph")
     for data, end in external_files(proto, path.parent).items():
         if not data.is_file():
             raise Fc2ConvError(f"{path} refers to external data {data}, which does not exist")
         if data.stat().st_size < end:
-            raise Fc2ConvError(f"{path}: its external data {data} is truncated "
-                               f"({data.stat().st_size} bytes, needs {end})")
+            raise Fc2ConvError(
+                f"{path}: its external data {data} is truncated "
+                f"({data.stat().st_size} bytes, needs {end})"
+            )
     if check:
         check_file(path)
     model = ir.serde.deserialize_model(proto)
@@ -89,8 +92,11 @@ def check_file(path: str | os.PathLike[str]) -> None:
 
 
 def has_external_data(model: ir.Model) -> bool:
-    return any(isinstance(v.const_value, ir.ExternalTensor)
-               for g in model.graphs() for v in g.initializers.values())
+    return any(
+        isinstance(v.const_value, ir.ExternalTensor)
+        for g in model.graphs()
+        for v in g.initializers.values()
+    )
 
 
 def wants_external_data(model: ir.Model) -> bool:
@@ -99,8 +105,12 @@ def wants_external_data(model: ir.Model) -> bool:
 
 
 def weight_bytes(model: ir.Model) -> int:
-    return sum(v.const_value.nbytes for g in model.graphs() for v in g.initializers.values()
-               if v.const_value is not None)
+    return sum(
+        v.const_value.nbytes
+        for g in model.graphs()
+        for v in g.initializers.values()
+        if v.const_value is not None
+    )
 
 
 def save(
@@ -138,8 +148,13 @@ def save(
             on_tensor(info.index, info.total)
 
     with atomic_output(dst) as tmp:
-        ir.save(model, tmp, external_data=f"{dst.name}.data", size_threshold_bytes=1024,
-                callback=callback)
+        ir.save(
+            model,
+            tmp,
+            external_data=f"{dst.name}.data",
+            size_threshold_bytes=1024,
+            callback=callback,
+        )
         _plain_permissions(tmp)
     for tensor in done:
         _release(tensor, sources)

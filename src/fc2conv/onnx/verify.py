@@ -41,9 +41,14 @@ class VerifyResult:
         return all(o.ok for o in self.outputs)
 
 
-_ONNX_TO_NUMPY = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64,
-                  onnx.TensorProto.FLOAT16: np.float16, onnx.TensorProto.INT64: np.int64,
-                  onnx.TensorProto.INT32: np.int32, onnx.TensorProto.BOOL: np.bool_}
+_ONNX_TO_NUMPY = {
+    onnx.TensorProto.FLOAT: np.float32,
+    onnx.TensorProto.DOUBLE: np.float64,
+    onnx.TensorProto.FLOAT16: np.float16,
+    onnx.TensorProto.INT64: np.int64,
+    onnx.TensorProto.INT32: np.int32,
+    onnx.TensorProto.BOOL: np.bool_,
+}
 
 
 def _session(model: onnx.ModelProto | str | os.PathLike[str]):  # type: ignore[no-untyped-def]
@@ -65,18 +70,27 @@ def random_inputs(session, rng: np.random.Generator, dim: int = 2) -> dict[str, 
             dtype = {"float": np.float32, "double": np.float64, "float16": np.float16}[kind]
             feeds[arg.name] = rng.standard_normal(shape).astype(dtype)
         elif kind in ("int64", "int32"):
-            feeds[arg.name] = rng.integers(0, 2, shape).astype(np.int64 if kind == "int64" else np.int32)
+            feeds[arg.name] = rng.integers(0, 2, shape).astype(
+                np.int64 if kind == "int64" else np.int32
+            )
         elif kind == "bool":
             feeds[arg.name] = rng.random(shape) < 0.5
         else:
-            raise Fc2ConvError(f"cannot draw random values for input {arg.name!r} of type {arg.type}")
+            raise Fc2ConvError(
+                f"cannot draw random values for input {arg.name!r} of type {arg.type}"
+            )
     return feeds
 
 
-def _verify(original: onnx.ModelProto | str | Path, converted: onnx.ModelProto | str | Path,
-            *, seed: int | None = None, feeds: dict[str, np.ndarray] | None = None) -> VerifyResult:
+def _verify(
+    original: onnx.ModelProto | str | Path,
+    converted: onnx.ModelProto | str | Path,
+    *,
+    seed: int | None = None,
+    feeds: dict[str, np.ndarray] | None = None,
+) -> VerifyResult:
     """Run both models on the same fresh random inputs (or ``feeds``) and bound the difference."""
-    seed = int(np.random.SeedSequence().entropy % 2**32) if seed is None else seed
+    seed = int(np.random.default_rng().integers(2**32)) if seed is None else seed
     rng = np.random.default_rng(seed)
     ref_session, new_session = _session(original), _session(converted)
     feeds = feeds if feeds is not None else random_inputs(ref_session, rng)
@@ -88,7 +102,8 @@ def _verify(original: onnx.ModelProto | str | Path, converted: onnx.ModelProto |
         ref, new = np.asarray(ref), np.asarray(new)
         if ref.shape != new.shape:
             squeezable = ref.size == new.size and tuple(d for d in new.shape if d != 1) == tuple(
-                d for d in ref.shape if d != 1)
+                d for d in ref.shape if d != 1
+            )
             if not squeezable:
                 result.outputs.append(OutputCheck(name, ref.shape, float("inf"), 0.0, ()))
                 continue
@@ -99,11 +114,14 @@ def _verify(original: onnx.ModelProto | str | Path, converted: onnx.ModelProto |
         else:
             diff = np.abs(ref.astype(np.float64) - new.astype(np.float64))
             scale = float(np.max(np.abs(ref))) if ref.size else 0.0
-            allowed = float(np.sqrt(np.finfo(ref.dtype).eps)) * max(scale, float(np.finfo(ref.dtype).tiny))
+            allowed = float(np.sqrt(np.finfo(ref.dtype).eps)) * max(
+                scale, float(np.finfo(ref.dtype).tiny)
+            )
         if diff.size == 0:
             result.outputs.append(OutputCheck(name, ref.shape, 0.0, allowed, ()))
             continue
         worst = np.unravel_index(int(np.nanargmax(np.nan_to_num(diff, nan=np.inf))), diff.shape)
-        result.outputs.append(OutputCheck(name, ref.shape, float(diff[worst]), allowed,
-                                          tuple(int(i) for i in worst)))
+        result.outputs.append(
+            OutputCheck(name, ref.shape, float(diff[worst]), allowed, tuple(int(i) for i in worst))
+        )
     return result

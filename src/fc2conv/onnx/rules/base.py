@@ -58,8 +58,11 @@ class Context:
 
 
 class Rule(Protocol):
-    name: str
-    op_types: tuple[str, ...]
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def op_types(self) -> tuple[str, ...]: ...
 
     def check(self, node: ir.Node, ctx: Context) -> Any: ...
 
@@ -75,11 +78,20 @@ def constant(value: ir.Value | None, what: str) -> ir.TensorProtocol:
     tensor = value.const_value
     if tensor is None:
         producer = value.producer()
-        if producer is not None and producer.op_type == "Constant" and "value" in producer.attributes:
+        if (
+            producer is not None
+            and producer.op_type == "Constant"
+            and "value" in producer.attributes
+        ):
             tensor = producer.attributes["value"].as_tensor()
     if tensor is None:
         raise Refused(f"{what} '{value.name}' is not a constant initializer")
     return tensor
+
+
+def dims(tensor: ir.TensorProtocol) -> tuple[int, ...]:
+    """The (always concrete) dims of a constant tensor as ints."""
+    return tuple(int(d) for d in tensor.shape.numpy())
 
 
 def static_shape(value: ir.Value) -> tuple[int | None, ...] | None:
@@ -95,18 +107,29 @@ def check_dtype(value: ir.Value, what: str) -> None:
         raise Refused(f"{what} has dtype {dtype.name}; Conv/MatMul rewrites support float16/32/64")
 
 
-def new_initializer(ctx: Context, name: str, make: Callable[[], np.ndarray], dtype: ir.DataType,
-                    shape: Sequence[int], sources: Sequence[ir.TensorProtocol] = ()) -> ir.Value:
+def new_initializer(
+    ctx: Context,
+    name: str,
+    make: Callable[[], np.ndarray],
+    dtype: ir.DataType,
+    shape: Sequence[int],
+    sources: Sequence[ir.TensorProtocol] = (),
+) -> ir.Value:
     """Register an initializer computed lazily by ``make`` when the model is saved.
 
     Lazy evaluation keeps the rewrite streaming: the source tensors stay memory-mapped until the
     writer reaches this tensor, and are released right after (see :mod:`fc2conv.onnx.io`).
     """
-    tensor = ir.LazyTensor(lambda: ir.tensor(np.ascontiguousarray(make())), dtype=dtype,
-                           shape=ir.Shape(list(shape)), name=ctx.unique(name))
+    tensor = ir.LazyTensor(
+        lambda: ir.tensor(np.ascontiguousarray(make())),
+        dtype=dtype,
+        shape=ir.Shape(list(shape)),
+        name=ctx.unique(name),
+    )
     ctx.sources[id(tensor)] = [s for s in sources if isinstance(s, ir.ExternalTensor)]
-    value = ir.Value(name=tensor.name, shape=ir.Shape(list(shape)), type=ir.TensorType(dtype),
-                     const_value=tensor)
+    value = ir.Value(
+        name=tensor.name, shape=ir.Shape(list(shape)), type=ir.TensorType(dtype), const_value=tensor
+    )
     ctx.graph.register_initializer(value)
     return value
 
@@ -116,8 +139,12 @@ def int64_constant(ctx: Context, values: Sequence[int], name: str) -> ir.Value:
     key = tuple(values)
     if key not in ctx.shape_constants:
         array = np.asarray(values, dtype=np.int64)
-        value = ir.Value(name=ctx.unique(name), shape=ir.Shape([len(values)]),
-                         type=ir.TensorType(ir.DataType.INT64), const_value=ir.tensor(array))
+        value = ir.Value(
+            name=ctx.unique(name),
+            shape=ir.Shape([len(values)]),
+            type=ir.TensorType(ir.DataType.INT64),
+            const_value=ir.tensor(array),
+        )
         ctx.graph.register_initializer(value)
         ctx.shape_constants[key] = value
     return ctx.shape_constants[key]
@@ -134,7 +161,7 @@ def drop_if_unused(ctx: Context, *values: ir.Value | None) -> None:
     for value in values:
         if value is None or value.uses() or value.is_graph_output():
             continue
-        if value.is_initializer() and value.name in ctx.graph.initializers:
+        if value.is_initializer() and value.name and value.name in ctx.graph.initializers:
             del ctx.graph.initializers[value.name]
         producer = value.producer()
         if producer is not None and producer.op_type == "Constant" and producer.graph is ctx.graph:

@@ -22,6 +22,7 @@ from fc2conv.onnx.rules.base import (
     Refused,
     check_dtype,
     constant,
+    dims,
     drop_if_unused,
     new_initializer,
     provenance,
@@ -54,12 +55,16 @@ class ConvToMatMul:
         weight = constant(node.inputs[1], "Conv weight 'W'")
         kernel = list(weight.shape)[2:]
         if any(k != 1 for k in kernel):
-            raise Refused(f"its {'x'.join(map(str, kernel))} kernel mixes neighbouring positions, "
-                          f"so it is not one Linear per position")
+            raise Refused(
+                f"its {'x'.join(map(str, kernel))} kernel mixes neighbouring positions, "
+                f"so it is not one Linear per position"
+            )
         if any(s != 1 for s in _ints(node, "strides") or []):
             raise Refused(f"its stride {_ints(node, 'strides')} skips positions")
         if any(p != 0 for p in _ints(node, "pads") or []):
-            raise Refused(f"its padding {_ints(node, 'pads')} adds border positions that see only padding")
+            raise Refused(
+                f"its padding {_ints(node, 'pads')} adds border positions that see only padding"
+            )
         check_dtype(x, "its input")
         rank = len(kernel) + 2
         kind_of(rank)
@@ -76,10 +81,15 @@ class ConvToMatMul:
         w_value = node.inputs[1]
         b_value = node.inputs[2] if len(node.inputs) > 2 else None
         assert w_value is not None and node.inputs[0] is not None
-        out_ch, in_ch = int(m.weight.shape[0]), int(m.weight.shape[1]) * m.groups
+        out_ch, in_ch = dims(m.weight)[0], dims(m.weight)[1] * m.groups
         matrix = new_initializer(
-            ctx, f"{w_value.name}_linear", lambda: conv_kernel_to_linear(m.weight.numpy(), m.groups).T,
-            m.weight.dtype, (in_ch, out_ch), [m.weight])
+            ctx,
+            f"{w_value.name}_linear",
+            lambda: conv_kernel_to_linear(m.weight.numpy(), m.groups).T,
+            m.weight.dtype,
+            (in_ch, out_ch),
+            [m.weight],
+        )
         into = enter_linear(ctx, node.inputs[0], m.rank, f"{base}_to_nhwc")
         matmul = ir.node("MatMul", [into.outputs[0], matrix], name=ctx.unique(f"{base}_linear"))
         matmul.outputs[0].name = ctx.unique(f"{base}_linear_out")
@@ -90,8 +100,9 @@ class ConvToMatMul:
         if m.bias is not None:
             assert b_value is not None
             bias_t = m.bias
-            bias = new_initializer(ctx, f"{b_value.name}_linear", bias_t.numpy, m.bias.dtype,
-                                   (out_ch,), [bias_t])
+            bias = new_initializer(
+                ctx, f"{b_value.name}_linear", bias_t.numpy, m.bias.dtype, (out_ch,), [bias_t]
+            )
             add = ir.node("Add", [last, bias], name=ctx.unique(f"{base}_linear_bias"))
             add.outputs[0].name = ctx.unique(f"{base}_linear_bias_out")
             provenance(add, node.name or base, origin)
@@ -100,7 +111,8 @@ class ConvToMatMul:
         out = exit_linear(ctx, last, m.rank, f"{base}_to_nchw")
         new_nodes.append(out)
         ir.convenience.replace_nodes_and_values(
-            ctx.graph, node, [node], new_nodes, node.outputs, out.outputs)
+            ctx.graph, node, [node], new_nodes, node.outputs, out.outputs
+        )
         drop_if_unused(ctx, w_value, b_value)
         dense = f"MatMul {in_ch}->{out_ch}" + (" + Add" if m.bias is not None else "")
         return dense + (" (block-diagonal)" if m.groups > 1 else "")

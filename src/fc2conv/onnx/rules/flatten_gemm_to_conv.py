@@ -78,14 +78,18 @@ class FlattenGemmToConv:
         flatten, x = found
         shape = static_shape(x)
         if shape is None or not 3 <= len(shape) <= 5:
-            raise Refused(f"the flattened map has shape {fmt(shape)}; expected (N, C, *S) of rank 3-5")
+            raise Refused(
+                f"the flattened map has shape {fmt(shape)}; expected (N, C, *S) of rank 3-5"
+            )
         if any(d is None for d in shape[1:]):
             raise Refused(f"the flattened map {fmt(shape)} has symbolic channel/spatial dims")
         in_shape = tuple(int(d) for d in shape[1:])  # type: ignore[arg-type]
         gemm = gemm_weight(node)
         if gemm.in_features != int(np.prod(in_shape)):
-            raise Refused(f"its weight takes {gemm.in_features} features, the map {fmt(in_shape)} "
-                          f"flattens to {int(np.prod(in_shape))}")
+            raise Refused(
+                f"its weight takes {gemm.in_features} features, the map {fmt(in_shape)} "
+                f"flattens to {int(np.prod(in_shape))}"
+            )
         return FlattenGemmMatch(gemm, flatten, x, in_shape)
 
     def rewrite(self, m: FlattenGemmMatch, ctx: Context) -> str:
@@ -94,22 +98,43 @@ class FlattenGemmToConv:
         b, c = node.inputs[1], node.inputs[2] if len(node.inputs) > 2 else None
         assert b is not None
         kernel = new_initializer(
-            ctx, f"{b.name}_conv", lambda: flatten_linear_to_conv_kernel(linear_weight(g), m.in_shape),
-            g.weight.dtype, (g.out_features, *m.in_shape), [g.weight])
+            ctx,
+            f"{b.name}_conv",
+            lambda: flatten_linear_to_conv_kernel(linear_weight(g), m.in_shape),
+            g.weight.dtype,
+            (g.out_features, *m.in_shape),
+            [g.weight],
+        )
         inputs = [kernel]
         if g.bias is not None:
             assert c is not None
-            inputs.append(new_initializer(ctx, f"{c.name}_conv", lambda: linear_bias(g),
-                                          g.weight.dtype, (g.out_features,), [g.weight, g.bias]))
+            inputs.append(
+                new_initializer(
+                    ctx,
+                    f"{c.name}_conv",
+                    lambda: linear_bias(g),
+                    g.weight.dtype,
+                    (g.out_features,),
+                    [g.weight, g.bias],
+                )
+            )
         spatial = m.in_shape[1:]
-        conv = ir.node("Conv", [m.x, *inputs], {"kernel_shape": list(spatial)},
-                       name=ctx.unique(f"{base}_conv"))
+        conv = ir.node(
+            "Conv", [m.x, *inputs], {"kernel_shape": list(spatial)}, name=ctx.unique(f"{base}_conv")
+        )
         conv.outputs[0].name = ctx.unique(f"{base}_conv_out")
-        provenance(conv, node.name or base, f"Flatten {fmt(m.in_shape)} + Gemm {g.in_features}->{g.out_features}")
+        provenance(
+            conv,
+            node.name or base,
+            f"Flatten {fmt(m.in_shape)} + Gemm {g.in_features}->{g.out_features}",
+        )
         out = ir.node("Flatten", [conv.outputs[0]], {"axis": 1}, name=ctx.unique(f"{base}_to_nc"))
-        out.metadata_props[LAYOUT_KEY] = "exit:flat" if len(spatial) == 2 else f"exit:f{len(spatial)}"
+        out.metadata_props[LAYOUT_KEY] = (
+            "exit:flat" if len(spatial) == 2 else f"exit:f{len(spatial)}"
+        )
         ir.convenience.replace_nodes_and_values(
-            ctx.graph, node, [node], [conv, out], node.outputs, out.outputs)
+            ctx.graph, node, [node], [conv, out], node.outputs, out.outputs
+        )
         if not m.flatten.outputs[0].uses() and not m.flatten.outputs[0].is_graph_output():
             ctx.graph.remove(m.flatten, safe=True)
         drop_if_unused(ctx, b, c)

@@ -23,6 +23,7 @@ from fc2conv.onnx.rules.base import (
     Refused,
     check_dtype,
     constant,
+    dims,
     drop_if_unused,
     new_initializer,
     provenance,
@@ -60,18 +61,31 @@ def gemm_weight(node: ir.Node) -> GemmMatch:
     if len(weight.shape) != 2:
         raise Refused(f"Gemm weight 'B' has rank {len(weight.shape)}, expected 2")
     trans_b = bool(_attr(node, "transB", 0))
-    out_f, in_f = (weight.shape[0], weight.shape[1]) if trans_b else (weight.shape[1], weight.shape[0])
+    rows, cols = dims(weight)
+    out_f, in_f = (rows, cols) if trans_b else (cols, rows)
     bias = None
     if c is not None:
         bias = constant(c, "Gemm bias 'C'")
-        dims = list(bias.shape)
-        if any(d != 1 for d in dims[:-1]) or (dims and dims[-1] not in (1, out_f)) or len(dims) > 2:
+        shape = dims(bias)
+        if (
+            any(d != 1 for d in shape[:-1])
+            or (shape and shape[-1] not in (1, out_f))
+            or len(shape) > 2
+        ):
             raise Refused(
-                f"Gemm bias 'C' of shape {tuple(dims)} varies per row; only a per-output bias "
+                f"Gemm bias 'C' of shape {shape} varies per row; only a per-output bias "
                 f"((), (1,), ({out_f},) or (1, {out_f})) is a Linear bias"
             )
-    return GemmMatch(node, weight, bias, float(_attr(node, "alpha", 1.0)),
-                     float(_attr(node, "beta", 1.0)), trans_b, int(out_f), int(in_f))
+    return GemmMatch(
+        node,
+        weight,
+        bias,
+        float(_attr(node, "alpha", 1.0)),
+        float(_attr(node, "beta", 1.0)),
+        trans_b,
+        out_f,
+        in_f,
+    )
 
 
 def linear_weight(m: GemmMatch) -> np.ndarray:
@@ -105,22 +119,39 @@ class GemmToConv:
         b, c = node.inputs[1], node.inputs[2] if len(node.inputs) > 2 else None
         assert b is not None and node.inputs[0] is not None
         kernel = new_initializer(
-            ctx, f"{b.name}_conv", lambda: linear_to_conv_kernel(linear_weight(m), 2),
-            m.weight.dtype, (m.out_features, m.in_features, 1, 1), [m.weight])
+            ctx,
+            f"{b.name}_conv",
+            lambda: linear_to_conv_kernel(linear_weight(m), 2),
+            m.weight.dtype,
+            (m.out_features, m.in_features, 1, 1),
+            [m.weight],
+        )
         inputs = [kernel]
         if m.bias is not None:
             assert c is not None
-            inputs.append(new_initializer(
-                ctx, f"{c.name}_conv", lambda: linear_bias(m), m.weight.dtype,
-                (m.out_features,), [m.weight, m.bias]))
+            inputs.append(
+                new_initializer(
+                    ctx,
+                    f"{c.name}_conv",
+                    lambda: linear_bias(m),
+                    m.weight.dtype,
+                    (m.out_features,),
+                    [m.weight, m.bias],
+                )
+            )
         into = enter(ctx, node.inputs[0], 2, f"{base}_to_nchw")
-        conv = ir.node("Conv", [into.outputs[0], *inputs], {"kernel_shape": [1, 1]},
-                       name=ctx.unique(f"{base}_conv"))
+        conv = ir.node(
+            "Conv",
+            [into.outputs[0], *inputs],
+            {"kernel_shape": [1, 1]},
+            name=ctx.unique(f"{base}_conv"),
+        )
         conv.outputs[0].name = ctx.unique(f"{base}_conv_out")
         origin = f"Gemm {m.in_features}->{m.out_features}"
         provenance(conv, node.name or base, origin)
         out = exit_(ctx, conv.outputs[0], 2, f"{base}_to_nc")
         ir.convenience.replace_nodes_and_values(
-            ctx.graph, node, [node], [into, conv, out], node.outputs, out.outputs)
+            ctx.graph, node, [node], [into, conv, out], node.outputs, out.outputs
+        )
         drop_if_unused(ctx, b, c)
         return f"Conv 1x1 {m.in_features}->{m.out_features}"

@@ -25,9 +25,29 @@ from fc2conv.onnx.rules.base import LAYOUT_KEY, Context, Refused, int64_constant
 
 log = logging.getLogger(__name__)
 
-UNARY = {"Relu", "Gelu", "Sigmoid", "Tanh", "Erf", "LeakyRelu", "Elu", "Selu", "HardSigmoid",
-         "HardSwish", "Softplus", "Softsign", "Mish", "Identity", "Abs", "Neg", "Exp", "Cast",
-         "Sqrt", "ThresholdedRelu", "Celu"}
+UNARY = {
+    "Relu",
+    "Gelu",
+    "Sigmoid",
+    "Tanh",
+    "Erf",
+    "LeakyRelu",
+    "Elu",
+    "Selu",
+    "HardSigmoid",
+    "HardSwish",
+    "Softplus",
+    "Softsign",
+    "Mish",
+    "Identity",
+    "Abs",
+    "Neg",
+    "Exp",
+    "Cast",
+    "Sqrt",
+    "ThresholdedRelu",
+    "Celu",
+}
 BINARY = {"Add", "Sub", "Mul", "Div"}
 
 
@@ -75,7 +95,7 @@ def exit_(ctx: Context, y: ir.Value, rank: int, name: str) -> ir.Node:
 
 
 def enter_linear(ctx: Context, x: ir.Value, rank: int, name: str) -> ir.Node:
-    """Channels-first ``(N, C, *S)`` -> channels-last ``(N, *S, C)`` for a MatMul (``--to linear``)."""
+    """Channels-first ``(N, C, *S)`` -> channels-last ``(N, *S, C)`` for a MatMul (to linear)."""
     kind_of(rank)
     node = ir.node("Transpose", [x], {"perm": _perm_out(rank)}, name=ctx.unique(name))
     node.metadata_props[LAYOUT_KEY] = f"enter:l{rank}"
@@ -168,7 +188,11 @@ def share_layout_changes(ctx: Context) -> int:
         moved: list[tuple[ir.Node, int, np.ndarray]] = []
         for node in chain:
             if node.op_type in BINARY:
-                idx = 1 if node.inputs[0] in {exit_node.outputs[0], *(n.outputs[0] for n in chain)} else 0
+                idx = (
+                    1
+                    if node.inputs[0] in {exit_node.outputs[0], *(n.outputs[0] for n in chain)}
+                    else 0
+                )
                 const = node.inputs[idx]
                 assert const is not None and const.const_value is not None
                 new = _moved_constant(const.const_value.numpy(), enter_node)
@@ -179,18 +203,23 @@ def share_layout_changes(ctx: Context) -> int:
             for node, idx, array in moved:
                 old = node.inputs[idx]
                 assert old is not None
-                value = ir.Value(name=ctx.unique(f"{old.name}_conv"), shape=ir.Shape(array.shape),
-                                 type=old.type, const_value=ir.tensor(array))
+                value = ir.Value(
+                    name=ctx.unique(f"{old.name}_conv"),
+                    shape=ir.Shape(array.shape),
+                    type=old.type,
+                    const_value=ir.tensor(array),
+                )
                 ctx.graph.register_initializer(value)
                 node.replace_input_with(idx, value)
-                if not old.uses() and old.name in ctx.graph.initializers:
+                if not old.uses() and old.name and old.name in ctx.graph.initializers:
                     del ctx.graph.initializers[old.name]
             channels_first = exit_node.inputs[0]
             assert channels_first is not None
             last = channels_first
             if chain:
                 chain[0].replace_input_with(
-                    0 if chain[0].inputs[0] is exit_node.outputs[0] else 1, channels_first)
+                    0 if chain[0].inputs[0] is exit_node.outputs[0] else 1, channels_first
+                )
                 for node in chain:
                     node.outputs[0].shape = None
                 last = chain[-1].outputs[0]

@@ -25,6 +25,7 @@ from fc2conv.onnx.rules.base import (
     Refused,
     check_dtype,
     constant,
+    dims,
     drop_if_unused,
     new_initializer,
     provenance,
@@ -43,7 +44,9 @@ class MatMulMatch:
     rank: int
 
 
-def _bias_of(node: ir.Node, out_features: int, rank: int) -> tuple[ir.Node, ir.Value, ir.TensorProtocol] | None:
+def _bias_of(
+    node: ir.Node, out_features: int, rank: int
+) -> tuple[ir.Node, ir.Value, ir.TensorProtocol] | None:
     """The following ``Add`` of a per-output constant, if the MatMul output feeds only it."""
     y = node.outputs[0]
     uses = list(y.uses())
@@ -59,8 +62,12 @@ def _bias_of(node: ir.Node, out_features: int, rank: int) -> tuple[ir.Node, ir.V
         tensor = constant(other, "bias")
     except Refused:
         return None
-    dims = list(tensor.shape)
-    if len(dims) > rank or any(d != 1 for d in dims[:-1]) or (dims and dims[-1] not in (1, out_features)):
+    shape = dims(tensor)
+    if (
+        len(shape) > rank
+        or any(d != 1 for d in shape[:-1])
+        or (shape and shape[-1] not in (1, out_features))
+    ):
         return None
     return add, other, tensor
 
@@ -74,7 +81,9 @@ class MatMulToConv:
         assert x is not None
         weight = constant(node.inputs[1], "MatMul weight")
         if len(weight.shape) != 2:
-            raise Refused(f"its weight has rank {len(weight.shape)}; only a 2-D (C, O) weight is one Linear")
+            raise Refused(
+                f"its weight has rank {len(weight.shape)}; only a 2-D (C, O) weight is one Linear"
+            )
         check_dtype(x, "its input")
         if x.shape is None:
             raise Refused("the rank of its input is unknown (shape inference could not tell)")
@@ -82,7 +91,7 @@ class MatMulToConv:
         if rank < 2:
             raise Refused("its input is a vector; there is no batch/position axis for a Conv")
         kind_of(rank)
-        found = _bias_of(node, int(weight.shape[1]), rank)
+        found = _bias_of(node, dims(weight)[1], rank)
         add, bias_value, bias = found if found is not None else (None, None, None)
         return MatMulMatch(node, add, bias_value, weight, bias, rank)
 
@@ -91,22 +100,37 @@ class MatMulToConv:
         base = node.name or node.outputs[0].name or "matmul"
         b = node.inputs[1]
         assert b is not None and node.inputs[0] is not None
-        in_f, out_f = int(m.weight.shape[0]), int(m.weight.shape[1])
-        dims = spatial_dims(m.rank)
+        in_f, out_f = dims(m.weight)
+        n_spatial = spatial_dims(m.rank)
         kernel = new_initializer(
-            ctx, f"{b.name}_conv", lambda: linear_to_conv_kernel(m.weight.numpy().T, dims),
-            m.weight.dtype, (out_f, in_f, *([1] * dims)), [m.weight])
+            ctx,
+            f"{b.name}_conv",
+            lambda: linear_to_conv_kernel(m.weight.numpy().T, n_spatial),
+            m.weight.dtype,
+            (out_f, in_f, *([1] * n_spatial)),
+            [m.weight],
+        )
         inputs = [kernel]
         if m.bias is not None:
             bias_t = m.bias
             dtype = m.weight.dtype.numpy()
-            inputs.append(new_initializer(
-                ctx, f"{m.bias_value.name if m.bias_value else base}_conv",
-                lambda: np.broadcast_to(bias_t.numpy().reshape(-1), (out_f,)).astype(dtype),
-                m.weight.dtype, (out_f,), [bias_t]))
+            inputs.append(
+                new_initializer(
+                    ctx,
+                    f"{m.bias_value.name if m.bias_value else base}_conv",
+                    lambda: np.broadcast_to(bias_t.numpy().reshape(-1), (out_f,)).astype(dtype),
+                    m.weight.dtype,
+                    (out_f,),
+                    [bias_t],
+                )
+            )
         into = enter(ctx, node.inputs[0], m.rank, f"{base}_to_nchw")
-        conv = ir.node("Conv", [into.outputs[0], *inputs], {"kernel_shape": [1] * dims},
-                       name=ctx.unique(f"{base}_conv"))
+        conv = ir.node(
+            "Conv",
+            [into.outputs[0], *inputs],
+            {"kernel_shape": [1] * n_spatial},
+            name=ctx.unique(f"{base}_conv"),
+        )
         conv.outputs[0].name = ctx.unique(f"{base}_conv_out")
         old_nodes = [node] if m.add is None else [node, m.add]
         origin = f"MatMul {in_f}->{out_f}" + (" + Add" if m.add is not None else "")
@@ -114,6 +138,7 @@ class MatMulToConv:
         out = exit_(ctx, conv.outputs[0], m.rank, f"{base}_to_nhwc")
         last = old_nodes[-1]
         ir.convenience.replace_nodes_and_values(
-            ctx.graph, last, old_nodes, [into, conv, out], last.outputs, out.outputs)
+            ctx.graph, last, old_nodes, [into, conv, out], last.outputs, out.outputs
+        )
         drop_if_unused(ctx, b, m.bias_value)
-        return f"Conv{dims}d 1x1 {in_f}->{out_f}" + (" + bias" if m.add is not None else "")
+        return f"Conv{n_spatial}d 1x1 {in_f}->{out_f}" + (" + bias" if m.add is not None else "")

@@ -125,3 +125,32 @@ def test_path_input_needs_an_output_path(tmp_path) -> None:
     _, path = _external_model(tmp_path)
     with pytest.raises(ValueError, match="needs an output path"):
         fo.to_conv(path)
+
+
+def test_in_place_when_the_input_data_file_has_the_output_data_name(tmp_path) -> None:
+    """The new weights are written while the old ones are still being read from that file."""
+    m, path = _external_model(tmp_path, "same.onnx")
+    os.rename(tmp_path / "same.onnx.weights", tmp_path / "same.onnx.data")
+    proto = onnx.load(path, load_external_data=False)
+    for t in proto.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = "same.onnx.data"
+    onnx.save(proto, path)
+    fo.to_conv(path, path, inplace=True)
+    assert sorted(os.listdir(tmp_path)) == ["same.onnx", "same.onnx.data"]
+    onnx.checker.check_model(path, full_check=True)
+    x = np.random.default_rng().standard_normal((2, 3, 64)).astype(np.float32)
+    assert_matches_reference(m, path, {"x": x}, depth=200)
+
+
+def test_missing_or_truncated_external_data_is_one_sentence(tmp_path) -> None:
+    _, path = _external_model(tmp_path)
+    data = tmp_path / "ext.onnx.weights"
+    data.write_bytes(data.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"external data .*ext.onnx.weights is truncated"):
+        fo.to_conv(path, tmp_path / "out.onnx")
+    data.unlink()
+    with pytest.raises(ValueError, match="does not exist"):
+        fo.to_conv(path, tmp_path / "out.onnx")
+    assert sorted(os.listdir(tmp_path)) == ["ext.onnx"]

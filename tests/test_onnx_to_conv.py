@@ -9,6 +9,8 @@ import numpy as np
 import onnx
 import pytest
 from _onnx_helpers import assert_matches_reference, init, model, op_counts, run_ort, vinfo
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import helper
 
 import fc2conv.onnx as fo
@@ -221,3 +223,56 @@ def test_input_model_is_untouched_and_type_is_kept() -> None:
     assert out.opset_import[0].version == 17
     same = fo.to_conv(m, inplace=True)
     assert same is m and op_counts(m)["Gemm"] == 0
+
+
+def test_a_weight_shared_by_two_layers_is_transformed_once() -> None:
+    rng = np.random.default_rng()
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["h"], name="enc"),
+        helper.make_node("Tanh", ["h"], ["t"]),
+        helper.make_node("MatMul", ["t", "W"], ["y"], name="enc_again"),
+    ]
+    m = model(
+        nodes, [vinfo("x", ["B", "T", 6])], [vinfo("y", ["B", "T", 6])], [init(rng, "W", 6, 6)]
+    )
+    converted, report = fo.convert(m, "conv")
+    assert len(report.converted) == 2
+    assert [i.name for i in converted.graph.initializer] == ["W_conv"]
+    x = rng.standard_normal((2, 3, 6)).astype(np.float32)
+    assert_matches_reference(m, converted, {"x": x}, depth=14)
+
+
+def test_metadata_opset_and_value_names_are_kept() -> None:
+    m = _cnn()
+    m.producer_name = "unit-test"
+    onnx.helper.set_model_props(m, {"author": "fc2conv tests"})
+    converted = fo.to_conv(m)
+    assert converted.producer_name == "unit-test"
+    assert {p.key: p.value for p in converted.metadata_props} == {"author": "fc2conv tests"}
+    assert [o.name for o in converted.graph.output] == ["y"]
+    assert [i.name for i in converted.graph.input] == ["x"]
+    onnx.checker.check_model(onnx.shape_inference.infer_shapes(converted), full_check=True)
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    rank=st.integers(2, 5),
+    c_in=st.integers(1, 9),
+    c_out=st.integers(1, 9),
+    bias=st.booleans(),
+    data=st.data(),
+)
+def test_matmul_shapes_property(rank, c_in, c_out, bias, data) -> None:
+    rng = np.random.default_rng()
+    lead = data.draw(st.lists(st.integers(1, 4), min_size=rank - 1, max_size=rank - 1))
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["m" if bias else "y"], name="p")]
+    inits = [init(rng, "W", c_in, c_out)]
+    if bias:
+        nodes.append(helper.make_node("Add", ["b", "m"], ["y"]))
+        inits.append(init(rng, "b", *([1] * data.draw(st.integers(0, rank - 1))), c_out))
+    m = model(nodes, [vinfo("x", [*lead, c_in])], [vinfo("y", [*lead, c_out])], inits)
+    converted = fo.to_conv(m)
+    onnx.checker.check_model(converted, full_check=True)
+    assert op_counts(converted)["Conv"] == 1
+    x = rng.standard_normal((*lead, c_in)).astype(np.float32)
+    assert_matches_reference(m, converted, {"x": x}, depth=c_in + 1)

@@ -40,6 +40,8 @@ class Context:
     shape_constants: dict[tuple[int, ...], ir.Value] = field(default_factory=dict)
     # new tensor -> external tensors it reads, released once it is written (streaming save)
     sources: dict[int, list[ir.TensorProtocol]] = field(default_factory=dict)
+    # (recipe, source tensor ids) -> the initializer already derived from them
+    derived: dict[tuple[object, ...], ir.Value] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for node in self.graph.all_nodes():
@@ -114,12 +116,19 @@ def new_initializer(
     dtype: ir.DataType,
     shape: Sequence[int],
     sources: Sequence[ir.TensorProtocol] = (),
+    recipe: tuple[object, ...] = (),
 ) -> ir.Value:
     """Register an initializer computed lazily by ``make`` when the model is saved.
 
     Lazy evaluation keeps the rewrite streaming: the source tensors stay memory-mapped until the
     writer reaches this tensor, and are released right after (see :mod:`fc2conv.onnx.io`).
+    ``recipe`` names the transformation; the same recipe on the same source tensors (a weight
+    shared by several layers) returns the initializer made the first time, so every weight is
+    transformed and stored once.
     """
+    key = (*recipe, *(id(s) for s in sources)) if recipe else None
+    if key is not None and key in ctx.derived:
+        return ctx.derived[key]
     tensor = ir.LazyTensor(
         lambda: ir.tensor(np.ascontiguousarray(make())),
         dtype=dtype,
@@ -131,6 +140,8 @@ def new_initializer(
         name=tensor.name, shape=ir.Shape(list(shape)), type=ir.TensorType(dtype), const_value=tensor
     )
     ctx.graph.register_initializer(value)
+    if key is not None:
+        ctx.derived[key] = value
     return value
 
 

@@ -89,6 +89,7 @@ class ConvToMatMul:
             m.weight.dtype,
             (in_ch, out_ch),
             [m.weight],
+            recipe=("conv_to_matmul", m.groups),
         )
         into = enter_linear(ctx, node.inputs[0], m.rank, f"{base}_to_nhwc")
         matmul = ir.node("MatMul", [into.outputs[0], matrix], name=ctx.unique(f"{base}_linear"))
@@ -101,7 +102,13 @@ class ConvToMatMul:
             assert b_value is not None
             bias_t = m.bias
             bias = new_initializer(
-                ctx, f"{b_value.name}_linear", bias_t.numpy, m.bias.dtype, (out_ch,), [bias_t]
+                ctx,
+                f"{b_value.name}_linear",
+                bias_t.numpy,
+                m.bias.dtype,
+                (out_ch,),
+                [bias_t],
+                recipe=("bias",),
             )
             add = ir.node("Add", [last, bias], name=ctx.unique(f"{base}_linear_bias"))
             add.outputs[0].name = ctx.unique(f"{base}_linear_bias_out")

@@ -104,6 +104,7 @@ class FlattenGemmToConv:
             g.weight.dtype,
             (g.out_features, *m.in_shape),
             [g.weight],
+            recipe=("flatten_gemm", g.alpha, g.trans_b, m.in_shape),
         )
         inputs = [kernel]
         if g.bias is not None:
@@ -116,6 +117,7 @@ class FlattenGemmToConv:
                     g.weight.dtype,
                     (g.out_features,),
                     [g.weight, g.bias],
+                    recipe=("gemm_bias", g.beta, g.out_features),
                 )
             )
         spatial = m.in_shape[1:]

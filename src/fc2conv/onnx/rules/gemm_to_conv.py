@@ -125,6 +125,7 @@ class GemmToConv:
             m.weight.dtype,
             (m.out_features, m.in_features, 1, 1),
             [m.weight],
+            recipe=("gemm", m.alpha, m.trans_b),
         )
         inputs = [kernel]
         if m.bias is not None:
@@ -137,6 +138,7 @@ class GemmToConv:
                     m.weight.dtype,
                     (m.out_features,),
                     [m.weight, m.bias],
+                    recipe=("gemm_bias", m.beta, m.out_features),
                 )
             )
         into = enter(ctx, node.inputs[0], 2, f"{base}_to_nchw")

@@ -109,6 +109,7 @@ class MatMulToConv:
             m.weight.dtype,
             (out_f, in_f, *([1] * n_spatial)),
             [m.weight],
+            recipe=("matmul", n_spatial),
         )
         inputs = [kernel]
         if m.bias is not None:
@@ -122,6 +123,7 @@ class MatMulToConv:
                     m.weight.dtype,
                     (out_f,),
                     [bias_t],
+                    recipe=("bias", out_f),
                 )
             )
         into = enter(ctx, node.inputs[0], m.rank, f"{base}_to_nchw")

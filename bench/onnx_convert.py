@@ -173,6 +173,23 @@ def measure(cmd: list[str]) -> tuple[float, float]:
     return wall, usage.ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
 
 
+def inspect_output(path: Path, layers: int) -> str:
+    """Op counts of the converted graph and the ONNX checker's verdict (weights not loaded)."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    ops: dict[str, int] = {}
+    for node in proto.graph.node:
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    assert ops.get("Conv") == 4 * layers and "MatMul" not in ops, ops
+    onnx.checker.check_model(str(path), full_check=True)
+    data = path.parent / (path.name + ".data")
+    return (
+        f"{ops['Conv']} Conv, {ops.get('Transpose', 0)} Transpose, 0 MatMul; "
+        f"{data.name} {data.stat().st_size / 1e6:.0f} MB; onnx.checker (full) ok"
+    )
+
+
 def drop(path: Path) -> None:
     for p in (path, path.parent / (path.name + ".data")):
         p.unlink(missing_ok=True)
@@ -230,6 +247,7 @@ def main() -> None:
                 ]
             )
             rows.append((size, nbytes, floor_t, floor_rss, conv_t, conv_rss))
+            print(f"  output: {inspect_output(conv_out, layers)}", flush=True)
             print(
                 f"  onnx.load + onnx.save : {floor_t:7.1f} s  peak RSS {floor_rss:5.2f} GiB "
                 f"({floor_rss / gib:.2f}x model)",

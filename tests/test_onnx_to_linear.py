@@ -117,3 +117,13 @@ def test_float16_model_keeps_its_dtype() -> None:
     assert got.dtype == np.float16
     tol = 4 * float(np.finfo(np.float16).eps) * 9 * max(1.0, float(np.abs(ref).max()))
     assert float(np.abs(got.astype(np.float64) - ref).max()) <= tol
+
+
+def test_dynamic_spatial_is_refused_for_to_linear() -> None:
+    rng = np.random.default_rng()
+    node = helper.make_node("Conv", ["x", "W"], ["y"], kernel_shape=[1, 1])
+    m = model(
+        [node], [vinfo("x", [1, 2, 3, 3])], [vinfo("y", [1, 2, 3, 3])], [init(rng, "W", 2, 2, 1, 1)]
+    )
+    with pytest.raises(ValueError, match="dynamic_spatial applies to --to conv"):
+        fo.convert(m, "linear", dynamic_spatial=True)

@@ -81,6 +81,8 @@ def convert_model(
     """
     if to not in DIRECTIONS:
         raise Fc2ConvError(f"unknown direction {to!r}; use 'conv' or 'linear'")
+    if dynamic_spatial and to != "conv":
+        raise Fc2ConvError("dynamic_spatial applies to --to conv (Flatten+Gemm -> Conv) only")
     graph = model.graph
     opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
     if opset and opset < 11:

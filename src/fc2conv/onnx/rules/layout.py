@@ -200,11 +200,12 @@ def share_layout_changes(ctx: Context) -> int:
                     break
                 moved.append((node, idx, new))
         else:
+            suffix = "_linear" if ":l" in enter_node.metadata_props[LAYOUT_KEY] else "_conv"
             for node, idx, array in moved:
                 old = node.inputs[idx]
                 assert old is not None
                 value = ir.Value(
-                    name=ctx.unique(f"{old.name}_conv"),
+                    name=ctx.unique(f"{old.name}{suffix}"),
                     shape=ir.Shape(array.shape),
                     type=old.type,
                     const_value=ir.tensor(array),

@@ -17,6 +17,7 @@ from fc2conv.errors import Fc2ConvError
 # Subcommand name -> "module:attribute" of its click.Command. Keeping them lazy means
 # `fc2conv --help` and `fc2conv demo` never import onnx.
 COMMANDS: dict[str, str] = {
+    "convert": "fc2conv.cli.convert:convert",
     "demo": "fc2conv.cli.demo:demo",
     "explain": "fc2conv.cli.explain:explain",
 }

@@ -1,0 +1,173 @@
+"""Run the rewrite rules over an ONNX graph (onnx-ir) and report what happened to each layer.
+
+``convert_model(model, to="conv"|"linear")`` edits an ``onnx_ir.Model`` in place: shape
+inference, every rule on every candidate node of the main graph, layout sharing, then shape
+inference again. New weights are lazy tensors computed when the model is saved, so a model with
+external data is never fully in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+
+import onnx_ir as ir
+import onnx_ir.passes.common
+
+from fc2conv.errors import Fc2ConvError
+from fc2conv.onnx.rules import TO_CONV, TO_LINEAR
+from fc2conv.onnx.rules.base import LAYOUT_KEY, Context, Refused
+from fc2conv.onnx.rules.layout import share_layout_changes
+
+log = logging.getLogger(__name__)
+
+DIRECTIONS = ("conv", "linear")
+
+
+@dataclass
+class Entry:
+    """One candidate layer: ``status`` is ``"converted"`` or ``"left"``; ``detail`` says into
+    what, or why not."""
+
+    node: str
+    op: str
+    status: str
+    detail: str
+
+
+@dataclass
+class ConversionReport:
+    direction: str
+    entries: list[Entry] = field(default_factory=list)
+    layout_changes_shared: int = 0
+    transposes_before: int = 0
+    transposes_after: int = 0
+    context: Context | None = field(default=None, repr=False)
+
+    @property
+    def converted(self) -> list[Entry]:
+        return [e for e in self.entries if e.status == "converted"]
+
+    @property
+    def left(self) -> list[Entry]:
+        return [e for e in self.entries if e.status == "left"]
+
+
+def _infer_shapes(model: ir.Model) -> None:
+    try:
+        ir.passes.common.ShapeInferencePass(strict_mode=False)(model)
+    except Exception as exc:  # noqa: BLE001 - inference is a help, never a requirement
+        log.warning("shape inference failed (%s); rules needing shapes will refuse", exc)
+
+
+def _count(graph: ir.Graph, op: str) -> int:
+    return sum(1 for n in graph if n.op_type == op)
+
+
+def convert_model(
+    model: ir.Model,
+    to: str,
+    *,
+    only: Collection[str] | None = None,
+    dynamic_spatial: bool = False,
+    on_node: Callable[[int, int], None] | None = None,
+) -> ConversionReport:
+    """Rewrite ``model`` in place toward ``to`` ("conv" or "linear"); return the report.
+
+    ``only``: node names (or output names) to convert; others are left and listed.
+    ``dynamic_spatial`` (``to="conv"``): make the image dims symbolic and keep the score map.
+    ``on_node(done, total)``: progress callback.
+    """
+    if to not in DIRECTIONS:
+        raise Fc2ConvError(f"unknown direction {to!r}; use 'conv' or 'linear'")
+    if dynamic_spatial and to != "conv":
+        raise Fc2ConvError("dynamic_spatial applies to --to conv (Flatten+Gemm -> Conv) only")
+    graph = model.graph
+    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+    if opset and opset < 11:
+        raise Fc2ConvError(
+            f"the model uses ONNX opset {opset}; fc2conv rewrites opset 11 and newer "
+            f"(upgrade it with onnx.version_converter)"
+        )
+    _infer_shapes(model)
+    ctx = Context(graph, opset, dynamic_spatial=dynamic_spatial)
+    report = ConversionReport(to, transposes_before=_count(graph, "Transpose"), context=ctx)
+    rules = TO_CONV if to == "conv" else TO_LINEAR
+    anchors = {op for r in rules for op in r.op_types}
+    wanted = set(only) if only else None
+    candidates = [n for n in graph if n.op_type in anchors and n.domain == ""]
+    seen: set[str] = set()
+    for i, node in enumerate(candidates):
+        if on_node is not None:
+            on_node(i, len(candidates))
+        if node.graph is not graph:  # consumed by an earlier rewrite
+            continue
+        label = node.name or (node.outputs[0].name or f"{node.op_type}#{i}")
+        if wanted is not None and not ({label, node.outputs[0].name} & wanted):
+            report.entries.append(Entry(label, node.op_type, "left", "not named by --only"))
+            continue
+        if wanted is not None:
+            seen.update({label, node.outputs[0].name or ""} & wanted)
+        reasons = []
+        for rule in rules:
+            if node.op_type not in rule.op_types:
+                continue
+            try:
+                match = rule.check(node, ctx)
+            except Refused as exc:
+                reasons.append(str(exc))
+                continue
+            detail = rule.rewrite(match, ctx)
+            report.entries.append(Entry(label, node.op_type, "converted", detail))
+            log.info("%s (%s) -> %s", label, node.op_type, detail)
+            break
+        else:
+            report.entries.append(Entry(label, node.op_type, "left", reasons[-1]))
+            log.info("left %s (%s): %s", label, node.op_type, reasons[-1])
+    if wanted is not None and wanted - seen:
+        missing = ", ".join(sorted(wanted - seen))
+        raise Fc2ConvError(f"--only names no {'/'.join(sorted(anchors))} node called {missing}")
+    report.layout_changes_shared = share_layout_changes(ctx)
+    for value in ctx.shape_constants.values():
+        if not value.uses() and value.name and value.name in graph.initializers:
+            del graph.initializers[value.name]
+    if dynamic_spatial:
+        _make_spatial_dynamic(ctx)
+    graph.sort()
+    _infer_shapes(model)
+    report.transposes_after = _count(graph, "Transpose")
+    if on_node is not None:
+        on_node(len(candidates), len(candidates))
+    return report
+
+
+def _make_spatial_dynamic(ctx: Context) -> None:
+    """Symbolic image dims on rank 3-5 inputs; graph outputs keep the conv's score map."""
+    graph = ctx.graph
+    for value in graph.inputs:
+        if value.shape is not None and 3 <= value.shape.rank() <= 5:
+            rank = value.shape.rank()
+            value.shape = ir.Shape(
+                [*value.shape[:2], *(f"{value.name}_dim{i}" for i in range(2, rank))]
+            )
+    for i, out in enumerate(list(graph.outputs)):
+        producer = out.producer()
+        if producer is None or producer.metadata_props.get(LAYOUT_KEY) != "exit:flat":
+            continue
+        score_map = producer.inputs[0]
+        assert score_map is not None
+        graph.outputs[i] = score_map
+        graph.remove(producer, safe=False)
+        score_map.name = out.name
+        score_map.type = out.type
+        lead = (
+            [None, None]
+            if out.shape is None
+            else [d if isinstance(d, int) else d.value for d in out.shape[:2]]
+        )
+        score_map.shape = ir.Shape([*lead, f"{out.name}_h", f"{out.name}_w"])
+    for node in graph:
+        for value in node.outputs:
+            if not value.is_graph_output():
+                value.shape = None

@@ -1,0 +1,174 @@
+"""Load, check and save ONNX models safely and without holding the weights in memory.
+
+* :func:`load` reads the graph with ``onnx.load(load_external_data=False)`` and hands it to
+  onnx-ir: external tensors stay memory-mapped and are only read when needed. Every problem
+  (missing file, not ONNX, truncated, missing external data) is one :class:`Fc2ConvError`
+  sentence naming the file.
+* :func:`save` writes through :func:`fc2conv.files.atomic_output`; external data goes to
+  ``<final name>.data`` beside the output (onnx-ir writes it to a temporary file and renames it
+  on success), tensor by tensor, releasing each source mapping once it is written, so peak
+  memory stays near the largest tensor.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+
+from fc2conv.errors import Fc2ConvError
+from fc2conv.files import atomic_output
+
+log = logging.getLogger(__name__)
+
+PROTOBUF_LIMIT = 2**31 - 1
+# Above this much weight data a model is saved with external data even if it had none.
+EXTERNAL_THRESHOLD = 1 << 30
+
+
+def _readable(path: Path) -> None:
+    if not path.exists():
+        raise Fc2ConvError(f"{path}: no such file")
+    if path.is_dir():
+        raise Fc2ConvError(f"{path} is a folder, not an ONNX file")
+    if path.stat().st_size == 0:
+        raise Fc2ConvError(f"{path} is empty, not an ONNX model")
+
+
+def external_files(proto: onnx.ModelProto, base: Path) -> dict[Path, int]:
+    """External data files the model refers to -> the bytes it needs from each."""
+    needed: dict[Path, int] = {}
+    for tensor in onnx.external_data_helper._get_all_tensors(proto):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        where = base / info.get("location", "")
+        end = int(info.get("offset", 0) or 0) + int(info.get("length", 0) or 0)
+        needed[where] = max(needed.get(where, 0), end)
+    return needed
+
+
+def load(path: str | os.PathLike[str], *, check: bool = True) -> ir.Model:
+    """Load ``path`` as an ``onnx_ir.Model`` with lazily mapped external data.
+
+    ``check``: also run ``onnx.checker`` (full check) on the file. Raises :class:`Fc2ConvError`.
+    """
+    path = Path(path)
+    _readable(path)
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - protobuf raises several types for a bad file
+        raise Fc2ConvError(
+            f"{path} is not a readable ONNX model (truncated or not ONNX: {type(exc).__name__})"
+        ) from None
+    if not proto.graph.node and not proto.graph.output:
+        raise Fc2ConvError(f"{path} is not an ONNX model: it has no graph")
+    for data, end in external_files(proto, path.parent).items():
+        if not data.is_file():
+            raise Fc2ConvError(f"{path} refers to external data {data}, which does not exist")
+        if data.stat().st_size < end:
+            raise Fc2ConvError(
+                f"{path}: its external data {data} is truncated "
+                f"({data.stat().st_size} bytes, needs {end})"
+            )
+    if check:
+        check_file(path)
+    model = ir.serde.deserialize_model(proto)
+    ir.external_data.set_base_dir(model.graph, str(path.parent))
+    return model
+
+
+def check_file(path: str | os.PathLike[str]) -> None:
+    """``onnx.checker.check_model(path, full_check=True)`` as one :class:`Fc2ConvError`."""
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as exc:  # noqa: BLE001 - checker and shape inference errors
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise Fc2ConvError(f"{path} fails the ONNX checker: {first}") from None
+
+
+def has_external_data(model: ir.Model) -> bool:
+    return any(
+        isinstance(v.const_value, ir.ExternalTensor)
+        for g in model.graphs()
+        for v in g.initializers.values()
+    )
+
+
+def wants_external_data(model: ir.Model) -> bool:
+    """Save with external data when the model had it, or its weights exceed 1 GiB."""
+    return has_external_data(model) or weight_bytes(model) > EXTERNAL_THRESHOLD
+
+
+def weight_bytes(model: ir.Model) -> int:
+    return sum(
+        v.const_value.nbytes
+        for g in model.graphs()
+        for v in g.initializers.values()
+        if v.const_value is not None
+    )
+
+
+def save(
+    model: ir.Model,
+    path: str | os.PathLike[str],
+    *,
+    external: bool | None = None,
+    sources: dict[int, list[ir.TensorProtocol]] | None = None,
+    on_tensor: Callable[[int, int], None] | None = None,
+) -> Path:
+    """Write ``model`` to ``path`` atomically; return the path.
+
+    ``external=None``: external data (``<name>.data`` beside ``path``) when the input had
+    external data or the weights exceed 1 GiB. ``sources`` maps a new tensor's ``id`` to the
+    memory-mapped tensors it reads (from the rules), released once it is written.
+    ``on_tensor(done, total)``: progress callback.
+    """
+    dst = Path(path)
+    if external is None:
+        external = wants_external_data(model)
+    sources = sources or {}
+    if not external:
+        with atomic_output(dst) as tmp:
+            ir.save(model, tmp)
+            _plain_permissions(tmp)
+        return dst
+    done: list[ir.TensorProtocol] = []
+
+    def callback(tensor: ir.TensorProtocol, info: ir.external_data.CallbackInfo) -> None:
+        # Called before ``tensor`` is written: release what the previous tensors mapped.
+        while done:
+            _release(done.pop(), sources)
+        done.append(tensor)
+        if on_tensor is not None:
+            on_tensor(info.index, info.total)
+
+    with atomic_output(dst) as tmp:
+        ir.save(
+            model,
+            tmp,
+            external_data=f"{dst.name}.data",
+            size_threshold_bytes=1024,
+            callback=callback,
+        )
+        _plain_permissions(tmp)
+    for tensor in done:
+        _release(tensor, sources)
+    return dst
+
+
+def _release(tensor: ir.TensorProtocol, sources: dict[int, list[ir.TensorProtocol]]) -> None:
+    for t in (tensor, *sources.get(id(tensor), ())):
+        if isinstance(t, ir.ExternalTensor):
+            t.release()
+
+
+def _plain_permissions(path: Path) -> None:
+    """``mkstemp`` creates 0600 files; give the output the usual ``0666 & ~umask``."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)

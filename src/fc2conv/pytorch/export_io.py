@@ -52,9 +52,20 @@ def export(model: nn.Module, example_inputs: tuple[Any, ...], *, dynamic_batch: 
     if dynamic_batch and isinstance(first, torch.Tensor):
         spec[0] = Dim("batch", min=1, max=1 << 16)
     if min_spatial is not None:
+        auto = getattr(Dim, "AUTO", None)  # torch >= 2.5: let export infer the constraints
         for axis, low in enumerate(min_spatial, start=2):
-            spec[axis] = Dim(f"size{axis}", min=int(low), max=1 << 16)
-    model = model.eval()
+            spec[axis] = auto if auto is not None else Dim(f"size{axis}", min=int(low),
+                                                           max=1 << 16)
+        if auto is not None and 0 in spec:
+            spec[0] = auto
+    auto = getattr(Dim, "AUTO", None)
+    if auto is not None and dynamic_batch:  # every axis that can vary stays symbolic
+        dyn_all = tuple({i: auto for i in range(t.dim())} if isinstance(t, torch.Tensor) else None
+                        for t in example_inputs)
+        try:
+            return torch.export.export(model, example_inputs, dynamic_shapes=dyn_all)
+        except Exception as exc:
+            log.info("export with automatic dynamic shapes failed (%s)", type(exc).__name__)
     if spec:
         dyn = (spec,) + tuple(None for _ in example_inputs[1:])
         try:
@@ -67,7 +78,7 @@ def export(model: nn.Module, example_inputs: tuple[Any, ...], *, dynamic_batch: 
 
 def save(program: torch.export.ExportedProgram, path: str | os.PathLike[str]) -> None:
     """Write ``program`` to ``path`` atomically (no partial file on failure)."""
-    with atomic_output(path) as tmp:
+    with atomic_output(path, suffix=".tmp.pt2") as tmp:
         torch.export.save(program, tmp)
 
 

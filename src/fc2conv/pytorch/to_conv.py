@@ -14,7 +14,7 @@ spatial axes: ``(B, S, C) -> (B, C, 1, S)`` for ``dims=2`` (Apple's ANE layout; 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from torch import fx, nn
@@ -58,7 +58,7 @@ def _layer_norm_of(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, nn.Modul
 
 
 def to_conv(model: nn.Module, example_inputs: Any, *, dims: int = 2, layout: str = "auto",
-            inplace: bool = False) -> fx.GraphModule:
+            inplace: bool = False, only: Collection[str] | None = None) -> fx.GraphModule:
     """Return a copy of ``model`` in which every ``nn.Linear`` (and ``F.linear`` of stored
     weights) is a 1x1 ``nn.Conv{dims}d``, with the same input and output shapes.
 
@@ -67,7 +67,7 @@ def to_conv(model: nn.Module, example_inputs: Any, *, dims: int = 2, layout: str
     name (``blocks.0.up`` is a Conv2d at ``blocks.0.up``) and records its origin
     (``fc2conv_source``, ``fc2conv_origin``). ``layout``: where a sequence axis goes when
     ``dims`` exceeds it: ``"auto"``/``"width"`` -> ``(B, C, 1, S)``, ``"height"`` ->
-    ``(B, C, S, 1)``. Raises :class:`~fc2conv.errors.Fc2ConvError` naming the layer when an
+    ``(B, C, S, 1)``. ``only``: convert just the layers with these names. Raises :class:`~fc2conv.errors.Fc2ConvError` naming the layer when an
     activation has more axes than ``dims`` can hold.
     """
     if layout not in LAYOUTS:
@@ -83,7 +83,7 @@ def to_conv(model: nn.Module, example_inputs: Any, *, dims: int = 2, layout: str
     def rewrite(node: fx.Node, is_moved: Callable[[fx.Node], bool]
                 ) -> tuple[nn.Module, str, fx.Node] | None:
         op = linear_of(gm, node)
-        if op is not None:
+        if op is not None and (only is None or op.name in only):
             key = op.weight_target or op.name
             if key not in converted:
                 try:
@@ -117,6 +117,8 @@ def to_conv(model: nn.Module, example_inputs: Any, *, dims: int = 2, layout: str
             )
         return Move(last_to_channels, (extra, seq_last))
 
+    if only is not None:
+        check_only(only, {op.name for n in gm.graph.nodes if (op := linear_of(gm, n))}, "Linear")
     gm = relayout(gm, rewrite, lambda n: is_pointwise(gm, n), move, "Linear")
     gm = finish(gm)
     for name, conv in converted.items():
@@ -151,3 +153,13 @@ def _calls_only_moved(gm: fx.GraphModule, node: fx.Node) -> bool:
     """Whether ``node``'s module is called only here (so it can be replaced at its name)."""
     calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == node.target]
     return len(calls) == 1
+
+
+def check_only(only: Collection[str], names: set[str], kind: str) -> None:
+    """Refuse names in ``only`` that are not convertible layers of the model."""
+    unknown = sorted(set(only) - names)
+    if unknown:
+        raise Fc2ConvError(
+            f"no convertible {kind} named {', '.join(map(repr, unknown))}; the model has "
+            f"{', '.join(sorted(names)) or 'none'}"
+        )

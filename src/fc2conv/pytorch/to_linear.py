@@ -13,7 +13,7 @@ ops, and back once. Other convs (3x3, strided, padded) stay. A
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import torch
@@ -23,8 +23,8 @@ from fc2conv.core.describe import describe
 from fc2conv.core.layers import conv_to_linear
 from fc2conv.core.provenance import mark, source_of
 from fc2conv.pytorch.layout import ChannelLayerNorm, Move, channels_to_last, relayout
-from fc2conv.pytorch.ops import attr_of, is_pointwise, module_of, tensor_shape
-from fc2conv.pytorch.to_conv import replaceable
+from fc2conv.pytorch.ops import attr_of, is_pointwise, module_of
+from fc2conv.pytorch.to_conv import check_only, replaceable
 from fc2conv.pytorch.trace import as_inputs, finish, record_shapes, to_graph, unique_name
 
 log = logging.getLogger(__name__)
@@ -72,12 +72,14 @@ def _pointwise_conv(gm: fx.GraphModule, node: fx.Node) -> tuple[nn.Module, fx.No
     return conv, x, name, wt  # type: ignore[return-value]
 
 
-def to_linear(model: nn.Module, example_inputs: Any, *, inplace: bool = False) -> fx.GraphModule:
+def to_linear(model: nn.Module, example_inputs: Any, *, inplace: bool = False,
+              only: Collection[str] | None = None) -> fx.GraphModule:
     """Return a copy of ``model`` in which every per-position convolution (kernel 1, stride 1, no
     padding, any groups) is an ``nn.Linear`` applied to a channels-last view; other convs stay.
 
     Same input/output shapes as ``model``; converted layers keep their names and record their
-    origin. ``example_inputs`` (a tensor or tuple) fixes the activation ranks.
+    origin. ``example_inputs`` (a tensor or tuple) fixes the activation ranks. ``only``: convert
+    just the layers with these names.
     """
     inputs = as_inputs(example_inputs)
     gm = to_graph(model, inputs, inplace=inplace)
@@ -87,7 +89,7 @@ def to_linear(model: nn.Module, example_inputs: Any, *, inplace: bool = False) -
     def rewrite(node: fx.Node, is_moved: Callable[[fx.Node], bool]
                 ) -> tuple[nn.Module, str, fx.Node] | None:
         found = _pointwise_conv(gm, node)
-        if found is not None:
+        if found is not None and (only is None or found[2] in only):
             conv, x, name, wt = found
             key = wt or name
             if key not in converted:
@@ -114,10 +116,11 @@ def to_linear(model: nn.Module, example_inputs: Any, *, inplace: bool = False) -
     def move(value: fx.Node) -> Move:
         return Move(channels_to_last, (0, True))
 
+    if only is not None:
+        check_only(only, {f[2] for n in gm.graph.nodes if (f := _pointwise_conv(gm, n))},
+                   "per-position conv")
     gm = relayout(gm, rewrite, lambda n: is_pointwise(gm, n), move, "conv")
     for _, (lin, target) in converted.items():
         log.info("%s -> %s", target, describe(lin))
     return finish(gm)
 
-
-__all__ = ["to_linear", "tensor_shape"]

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from fc2conv.errors import Fc2ConvError
 
@@ -92,16 +92,36 @@ def record_shapes(gm: fx.GraphModule, example_inputs: tuple[Any, ...]) -> Any:
 
     Returns the output. A wrong input shape is reported as a sentence, not a traceback.
     """
+    interp = _ShapeRecorder(gm)
     try:
         with torch.no_grad():
-            return ShapeProp(gm).propagate(*example_inputs)
+            return interp.run(*example_inputs)
     except Exception as exc:
         shapes = ", ".join(
             "x".join(str(s) for s in a.shape) if isinstance(a, torch.Tensor) else type(a).__name__
             for a in example_inputs
         )
-        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        raise Fc2ConvError(f"the model does not run on inputs of shape {shapes}: {first}") from None
+        text = str(exc).strip()
+        first = text.splitlines()[0] if text else type(exc).__name__
+        where = f" (at {interp.current!r})" if interp.current else ""
+        raise Fc2ConvError(
+            f"the model does not run on inputs of shape {shapes}{where}: {first}"
+        ) from None
+
+
+class _ShapeRecorder(fx.Interpreter):
+    """Like ShapeProp, without printing a traceback when a node fails."""
+
+    current: str | None = None
+
+    def run_node(self, n: fx.Node) -> Any:
+        self.current = str(n.target) if n.op == "call_module" else n.name
+        result = super().run_node(n)
+        if isinstance(result, torch.Tensor):
+            n.meta["tensor_meta"] = _extract_tensor_metadata(result)
+        else:
+            n.meta.pop("tensor_meta", None)
+        return result
 
 
 def unique_name(gm: fx.GraphModule, base: str) -> str:

@@ -109,6 +109,15 @@ def _through(gm: fx.GraphModule, node: fx.Node, operands: list[fx.Node],
             )
         return tuple(f.through(int(k), int(k)) for f, k in zip(fields[pool.input], kernels,  # type: ignore[arg-type]
                                                                strict=True))
+    if node.op in ("call_method", "call_function") and getattr(
+            node.target, "__name__", node.target) in ("mean", "amax", "sum", "dim"):
+        out_sp = (tensor_shape(node) or ())[2:]
+        if all(s == 1 for s in out_sp) or len(tensor_shape(node) or ()) <= 2:
+            raise Fc2ConvError(
+                f"{name!r} pools over all positions (global pooling), so every output depends "
+                f"on the whole input and there is no per-cell window; convolutionalize with "
+                f"global_pool='drop' for a dense map"
+            )
     mod = module_of(gm, node)
     lin = linear_of(gm, node)
     if lin is not None or isinstance(mod, nn.Flatten) or (

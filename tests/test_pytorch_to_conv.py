@@ -1,0 +1,195 @@
+"""to_conv / to_linear on whole models: same contract, names, provenance, permute hygiene."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+import archs
+from fc2conv import to_conv, to_linear
+from fc2conv.core.provenance import source_of
+from fc2conv.errors import Fc2ConvError
+from fc2conv.pytorch import ChannelLayerNorm, inverse_move_pairs
+from torch_refs import assert_matches_reference
+
+
+def _count(model: nn.Module, kind: type) -> int:
+    return sum(isinstance(m, kind) for m in model.modules())
+
+
+def _linear_calls(gm: fx.GraphModule) -> int:
+    return sum(n.op == "call_function" and n.target in (F.linear, torch.ops.aten.linear.default)
+               for n in gm.graph.nodes)
+
+
+SEQ_MODELS = {
+    "mlp": lambda: archs.MLP(),
+    "encoder": lambda: archs.EncoderBlock(),
+    "stack": lambda: archs.EncoderStack(),
+}
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+@pytest.mark.parametrize("name", sorted(SEQ_MODELS))
+def test_to_conv_sequence_models(name, dims):
+    torch.manual_seed(1)
+    model = SEQ_MODELS[name]().eval()
+    before = copy.deepcopy(model.state_dict())
+    conv = to_conv(model, torch.randn(2, 5, 16), dims=dims)
+    assert _count(conv, nn.Linear) == 0 and _linear_calls(conv) == 0
+    assert _count(conv, nn.Conv1d if dims == 1 else nn.Conv2d) == _count(model, nn.Linear)
+    assert inverse_move_pairs(conv) == []
+    # other batch sizes and sequence lengths than the example keep working
+    for shape in [(3, 7, 16), (1, 1, 16)]:
+        x = torch.randn(*shape)
+        out = conv(x)
+        assert out.shape == model(x).shape
+        assert_matches_reference(out, model, x)
+    # the input model is untouched
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert _count(model, nn.Linear) > 0
+
+
+def test_names_and_provenance_survive():
+    model = archs.EncoderStack().eval()
+    conv = to_conv(model, torch.randn(2, 4, 16))
+    modules = dict(conv.named_modules())
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear):
+            assert isinstance(modules[name], nn.Conv2d), name
+            assert source_of(modules[name]) == name
+            assert modules[name].fc2conv_origin == f"Linear {mod.in_features}->{mod.out_features}"
+
+
+def test_activations_stay_in_conv_layout():
+    """MLP: norm -> up -> GELU -> dropout -> down: one move in, one move out per region."""
+    model = archs.MLP().eval()
+    conv = to_conv(model, torch.randn(2, 5, 16))
+    moves = [n for n in conv.graph.nodes if n.op == "call_function"
+             and "channels" in getattr(n.target, "__name__", "")]
+    # in before norm (LayerNorm over channels), out for the residual add, in for the head, out
+    assert len(moves) == 4, conv.code
+    # a LayerNorm between converted layers runs over the channels, without moving
+    chain = nn.Sequential(nn.Linear(16, 8), nn.GELU(), nn.LayerNorm(8), nn.Dropout(),
+                          nn.Linear(8, 4)).eval()
+    x = torch.randn(2, 5, 16)
+    conv = to_conv(chain, x)
+    moves = [n for n in conv.graph.nodes if n.op == "call_function"
+             and "channels" in getattr(n.target, "__name__", "")]
+    assert len(moves) == 2, conv.code
+    assert isinstance(conv.get_submodule("2"), ChannelLayerNorm)
+    assert_matches_reference(conv(x), chain, x)
+
+
+def test_ane_layout_and_height_layout():
+    model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 4)).eval()
+    seen = {}
+
+    def hook(_m, _i, out):
+        seen["shape"] = tuple(out.shape)
+
+    for layout, want in [("auto", (2, 6, 1, 5)), ("height", (2, 6, 5, 1))]:
+        conv = to_conv(model, torch.randn(2, 5, 8), layout=layout)
+        conv.get_submodule("0").register_forward_hook(hook)
+        x = torch.randn(2, 5, 8)
+        assert_matches_reference(conv(x), model, x)
+        assert seen["shape"] == want
+
+
+def test_f_linear_and_exported_programs():
+    class Functional(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(6, 8))
+            self.b = nn.Parameter(torch.randn(6))
+
+        def forward(self, x):
+            return torch.tanh(F.linear(x, self.w, self.b))
+
+    model = Functional().eval()
+    x = torch.randn(3, 8)
+    conv = to_conv(model, x)
+    assert _linear_calls(conv) == 0 and _count(conv, nn.Conv2d) == 1
+    assert source_of(next(m for m in conv.modules() if isinstance(m, nn.Conv2d))) == "w"
+    assert_matches_reference(conv(x), model, x)
+
+    mlp = archs.MLP().eval()
+    xs = torch.randn(2, 5, 16)
+    program = torch.export.export(mlp, (xs,))
+    conv = to_conv(program, xs)
+    assert _linear_calls(conv) == 0
+    assert isinstance(conv.get_submodule("up"), nn.Conv2d)  # named after the user's layer
+    assert_matches_reference(conv(xs), mlp, xs)
+
+
+def test_conv3d_and_channels_last_images():
+    model = nn.Sequential(nn.Linear(4, 5), nn.SiLU(), nn.Linear(5, 3)).eval()
+    x = torch.randn(2, 6, 7, 4)  # (N, H, W, C)
+    conv = to_conv(model, x, dims=2)
+    assert_matches_reference(conv(x), model, x)
+    conv3 = to_conv(model, x, dims=3)
+    assert _count(conv3, nn.Conv3d) == 2
+    assert_matches_reference(conv3(x), model, x)
+
+
+def test_refuses_activation_with_too_many_axes():
+    model = nn.Sequential(nn.Linear(4, 5)).eval()
+    with pytest.raises(Fc2ConvError, match="pass dims=3"):
+        to_conv(model, torch.randn(2, 3, 3, 3, 4), dims=2)
+    with pytest.raises(Fc2ConvError, match="dims must be 1, 2 or 3"):
+        to_conv(model, torch.randn(2, 4), dims=4)
+
+
+def test_only_converts_named_layers():
+    model = archs.MLP().eval()
+    conv = to_conv(model, torch.randn(2, 5, 16), only={"up"})
+    assert isinstance(conv.get_submodule("up"), nn.Conv2d)
+    assert isinstance(conv.get_submodule("down"), nn.Linear)
+    x = torch.randn(2, 5, 16)
+    assert_matches_reference(conv(x), model, x)
+    with pytest.raises(Fc2ConvError, match="no convertible Linear named 'nope'"):
+        to_conv(model, x, only={"nope"})
+
+
+def test_to_linear_reverses_to_conv():
+    model = archs.EncoderBlock().eval()
+    x = torch.randn(2, 6, 16)
+    back = to_linear(to_conv(model, x), x)
+    assert _count(back, nn.Conv2d) == 0
+    assert _count(back, nn.Linear) == _count(model, nn.Linear)
+    assert _count(back, nn.LayerNorm) == 2 and _count(back, ChannelLayerNorm) == 0
+    assert inverse_move_pairs(back) == []
+    assert_matches_reference(back(x), model, x)
+
+
+def test_to_linear_on_mobilenet_keeps_spatial_convs():
+    model = archs.MobileNetStyle().eval()
+    x = torch.randn(2, *model.INPUT_SHAPE)
+    pointwise = [m for m in model.modules() if isinstance(m, nn.Conv2d)
+                 and m.kernel_size == (1, 1) and m.stride == (1, 1)]
+    spatial = _count(model, nn.Conv2d) - len(pointwise)
+    lin = to_linear(model, x)
+    assert _count(lin, nn.Conv2d) == spatial
+    assert _count(lin, nn.Linear) == _count(model, nn.Linear) + len(pointwise)
+    assert inverse_move_pairs(lin) == []
+    assert_matches_reference(lin(x), model, x)
+    y = torch.randn(3, 3, 40, 24)  # another size
+    assert_matches_reference(lin(y), model, y)
+
+
+def test_grouped_pointwise_conv_becomes_block_diagonal_linear():
+    model = nn.Sequential(nn.Conv2d(4, 6, 1, groups=2), nn.ReLU(), nn.Conv2d(6, 3, 1)).eval()
+    x = torch.randn(2, 4, 5, 5)
+    lin = to_linear(model, x)
+    w = lin.get_submodule("0").weight
+    assert torch.count_nonzero(w[:3, 2:]) == 0 and torch.count_nonzero(w[3:, :2]) == 0
+    assert_matches_reference(lin(x), model, x)
+
+
+def test_wrong_example_shape_is_a_sentence():
+    with pytest.raises(Fc2ConvError, match="does not run on inputs of shape 2x5x7"):
+        to_conv(archs.MLP().eval(), torch.randn(2, 5, 7))

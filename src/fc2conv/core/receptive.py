@@ -139,8 +139,11 @@ class ReceptiveField:
         ends = tuple(a + w for a, w in zip(starts, self.window_size, strict=True))
         return starts + ends
 
-    def output_size_for(self, input_size: tuple[int, ...]) -> tuple[int, ...]:
-        """How many cells a dense map has on an input of ``input_size`` pixels per axis."""
+    def windows_inside(self, input_size: tuple[int, ...]) -> tuple[int, ...]:
+        """How many cells per axis have their whole window inside an input of ``input_size``
+        (the cells a sliding window with this window and stride visits). The dense map may
+        have more cells at the far edge: their windows reach past the input, over pixels
+        that the classifier ignores (valid nets) or that padding replaces."""
         return tuple(
             max(0, (n - w - o) // s + 1)
             for n, w, s, o in zip(input_size, self.window_size, self.stride, self.window_offset,

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import logging
 
+import archs
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch_refs import assert_matches_reference, reference
 
-import archs
 from fc2conv import (
     convolutionalize,
     is_window_exact,
@@ -18,7 +19,6 @@ from fc2conv import (
     sliding_window,
 )
 from fc2conv.errors import Fc2ConvError
-from torch_refs import assert_matches_reference, reference
 
 MODELS = archs.classifiers()
 WINDOW_EXACT = {"lenet5", "alexnet_valid", "channels_last_head"}

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import copy
 
+import archs
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch_refs import assert_matches_reference
 
-import archs
 from fc2conv import to_conv, to_linear
 from fc2conv.core.provenance import source_of
 from fc2conv.errors import Fc2ConvError
 from fc2conv.pytorch import ChannelLayerNorm, inverse_move_pairs
-from torch_refs import assert_matches_reference
 
 
 def _count(model: nn.Module, kind: type) -> int:

@@ -25,15 +25,12 @@ def _verify(original: Any, converted: Any, inputs: tuple[Any, ...]) -> tuple[boo
     floor of ``64 eps`` of the output scale. Outputs may differ in shape only by singleton axes
     (``(N, K)`` vs ``(N, K, 1, 1)``). To be replaced by ``fc2conv.compare`` at merge.
     """
-    import copy
-
     import torch
 
-    import warnings
+    from fc2conv.pytorch.trace import quiet_deepcopy
 
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # pytree specs of exported modules
-        ref_model = copy.deepcopy(original).double()
+    with torch.no_grad():
+        ref_model = quiet_deepcopy(original).double()
         ref = ref_model(*(t.double() if t.is_floating_point() else t for t in inputs))
         base = original(*inputs)
         got = converted(*inputs)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import operator
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -93,8 +94,8 @@ def _head(gm: fx.GraphModule) -> list[fx.Node]:
     return [node, *chain]
 
 
-def convolutionalize(model: nn.Module, input_shape: Sequence[int], *, global_pool: str = "keep",
-                     inplace: bool = False) -> fx.GraphModule:
+def convolutionalize(model: nn.Module | torch.export.ExportedProgram, input_shape: Sequence[int],
+                     *, global_pool: str = "keep", inplace: bool = False) -> fx.GraphModule:
     """Return ``model`` (a classifier on ``(N, *input_shape)`` images) as a fully convolutional
     ``GraphModule``: ``(N, classes, 1, 1)`` at ``input_shape``, equal to the original logits,
     and a dense map of scores on larger inputs.
@@ -139,7 +140,7 @@ def convolutionalize(model: nn.Module, input_shape: Sequence[int], *, global_poo
     return finish(gm)
 
 
-def _dtype(model: nn.Module) -> torch.dtype:
+def _dtype(model: Any) -> torch.dtype:
     for p in model.parameters():
         return p.dtype if p.is_floating_point() else torch.float32
     return torch.float32
@@ -164,7 +165,7 @@ def _fold_adaptive(gm: fx.GraphModule, node: fx.Node, pool: object, in_hw: tuple
             f"inputs; choose an input_shape whose feature map is a multiple of "
             f"{shape_str(out_hw)}"
         )
-    k = tuple(int(x) for x in kernels)  # type: ignore[arg-type]
+    k: Any = tuple(int(x) for x in kernels)  # type: ignore[arg-type]
     fixed: nn.Module = nn.AvgPool2d(k, k) if pool.kind == "avg" else nn.MaxPool2d(k, k)
     if len(k) == 1:
         fixed = nn.AvgPool1d(k, k) if pool.kind == "avg" else nn.MaxPool1d(k, k)
@@ -238,7 +239,8 @@ def _convert_layer(gm: fx.GraphModule, node: fx.Node, arg: fx.Node, first: bool,
     elif not is_pointwise(gm, node) and not (node.op == "call_function"
                                              and node.target is operator.getitem):
         raise Fc2ConvError(
-            f"Cannot convolutionalize {node.name!r} ({node.op} {getattr(node.target, '__name__', node.target)}): "
+            f"Cannot convolutionalize {node.name!r} "
+            f"({node.op} {getattr(node.target, '__name__', node.target)}): "
             f"only Linear, activations, dropout, BatchNorm1d and softmax are supported in the "
             f"classifier head"
         )

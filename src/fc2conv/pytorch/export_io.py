@@ -34,6 +34,20 @@ def load(path: str | os.PathLike[str]) -> torch.export.ExportedProgram:
         ) from None
 
 
+def _size_oblivious() -> Any:
+    """A context in which export keeps sizes symbolic even where the example has a size of 1
+    (a dense map is 1x1 at the training size); a no-op on torch versions without it."""
+    import contextlib
+
+    try:
+        from torch.fx.experimental import _config
+    except ImportError:
+        return contextlib.nullcontext()
+    if not hasattr(_config, "backed_size_oblivious"):
+        return contextlib.nullcontext()
+    return _config.patch(backed_size_oblivious=True)  # type: ignore[attr-defined]
+
+
 def export(model: nn.Module, example_inputs: tuple[Any, ...], *, dynamic_batch: bool = True,
            min_spatial: tuple[int, ...] | None = None) -> torch.export.ExportedProgram:
     """``torch.export.export`` of ``model`` with a dynamic batch axis and, when ``min_spatial``
@@ -63,7 +77,8 @@ def export(model: nn.Module, example_inputs: tuple[Any, ...], *, dynamic_batch: 
         dyn_all = tuple({i: auto for i in range(t.dim())} if isinstance(t, torch.Tensor) else None
                         for t in example_inputs)
         try:
-            return torch.export.export(model, example_inputs, dynamic_shapes=dyn_all)
+            with _size_oblivious():
+                return torch.export.export(model, example_inputs, dynamic_shapes=dyn_all)
         except Exception as exc:
             log.info("export with automatic dynamic shapes failed (%s)", type(exc).__name__)
     if spec:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -45,7 +46,7 @@ INVERSE: dict[Callable[..., torch.Tensor], Callable[..., torch.Tensor]] = {
 
 def is_move(node: fx.Node) -> bool:
     """Whether ``node`` is a layout move inserted by fc2conv."""
-    return node.op == "call_function" and node.target in INVERSE
+    return node.op == "call_function" and node.target in INVERSE  # type: ignore[comparison-overlap]
 
 
 def inverse_move_pairs(gm: fx.GraphModule) -> list[tuple[str, str]]:
@@ -53,8 +54,9 @@ def inverse_move_pairs(gm: fx.GraphModule) -> list[tuple[str, str]]:
     pairs = []
     for node in gm.graph.nodes:
         src = node.args[0] if is_move(node) and node.args else None
-        if isinstance(src, fx.Node) and is_move(src) and INVERSE[src.target] is node.target \
-                and tuple(src.args[1:]) == tuple(node.args[1:]):  # type: ignore[index]
+        undo: Any = INVERSE.get(src.target) if isinstance(src, fx.Node) else None  # type: ignore[arg-type]
+        if isinstance(src, fx.Node) and is_move(src) and undo is node.target \
+                and tuple(src.args[1:]) == tuple(node.args[1:]):
             pairs.append((src.name, node.name))
     return pairs
 
@@ -92,7 +94,7 @@ class Move:
     """How a value of a given original shape moves into (``forward``) and out of the layout."""
 
     forward: Callable[..., torch.Tensor]
-    args: tuple[object, ...]
+    args: tuple[Any, ...]
 
 
 # A rule for a node that changes layout: returns the module to call on the moved input and the
@@ -146,8 +148,8 @@ def relayout(gm: fx.GraphModule, rewrite: Rewrite, may_follow: Callable[[fx.Node
         return out_of[a]
 
     for node in old.nodes:
-        plan = rewrite(node, moved.__contains__) if node.op in ("call_module", "call_function", "call_method") \
-            else None
+        calls = node.op in ("call_module", "call_function", "call_method")
+        plan = rewrite(node, moved.__contains__) if calls else None
         if plan is None and node.op not in ("placeholder", "output", "get_attr") \
                 and may_follow(node):
             operands = _tensor_operands(node)

@@ -76,7 +76,11 @@ def tensor_shape(node: Any) -> tuple[int, ...] | None:
 def tensor_args(node: fx.Node) -> list[fx.Node]:
     """The operand nodes of ``node`` that carry tensors."""
     found: list[fx.Node] = []
-    fx.node.map_arg((node.args, node.kwargs), lambda a: found.append(a) or a)
+    def keep(a: fx.Node) -> fx.Node:
+        found.append(a)
+        return a
+
+    fx.node.map_arg((node.args, node.kwargs), keep)
     return [a for a in found if tensor_shape(a) is not None]
 
 
@@ -212,7 +216,8 @@ class AdaptiveOp:
 
 
 _ADAPTIVE_FUNCS = {F.adaptive_avg_pool2d: "avg", F.adaptive_max_pool2d: "max",
-                   aten.adaptive_avg_pool2d.default: "avg", aten._adaptive_avg_pool2d.default: "avg",
+                   aten.adaptive_avg_pool2d.default: "avg",
+                   aten._adaptive_avg_pool2d.default: "avg",
                    aten.adaptive_max_pool2d.default: "max", F.adaptive_avg_pool1d: "avg",
                    aten.adaptive_avg_pool1d.default: "avg"}
 
@@ -298,8 +303,9 @@ def channels_last_source(node: fx.Node) -> fx.Node | None:
     want = PERMUTE_TO_CHANNELS_LAST[len(shape)]
     if (node.op == "call_method" and node.target == "permute") or (
             node.op == "call_function" and node.target in (torch.permute, aten.permute.default)):
-        dims = node.args[1:] if node.op == "call_method" else (node.args[1],)
-        flat = list(dims[0]) if len(dims) == 1 and isinstance(dims[0], (list, tuple)) else list(dims)
+        dims: Any = node.args[1:] if node.op == "call_method" else (node.args[1],)
+        nested = len(dims) == 1 and isinstance(dims[0], (list, tuple))
+        flat = list(dims[0]) if nested else list(dims)
         flat = [d % len(shape) for d in flat]  # type: ignore[operator]
         return src if flat == want else None
     if (node.op == "call_method" and node.target == "movedim") or (
@@ -323,9 +329,11 @@ def softmax_dim(gm: fx.GraphModule, node: fx.Node) -> tuple[int, Callable[[int],
         if len(node.args) > 1:
             def set_arg(d: int, n: fx.Node = node) -> None:
                 n.args = (n.args[0], d, *n.args[2:])
-            return int(node.args[1]), set_arg  # type: ignore[call-overload]
+            dim: Any = node.args[1]
+            return int(dim), set_arg
         if "dim" in node.kwargs:
             def set_kw(d: int, n: fx.Node = node) -> None:
                 n.kwargs = {**n.kwargs, "dim": d}
-            return int(node.kwargs["dim"]), set_kw
+            kw: Any = node.kwargs["dim"]
+            return int(kw), set_kw
     return None

@@ -15,6 +15,7 @@ import math
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -31,7 +32,6 @@ from fc2conv.errors import Fc2ConvError
 from fc2conv.pytorch.layout import ChannelLayerNorm
 from fc2conv.pytorch.ops import (
     adaptive_of,
-    first_input,
     is_pointwise,
     linear_of,
     module_of,
@@ -222,7 +222,8 @@ def is_window_exact(model: nn.Module, input_shape: Sequence[int], *, cells: int 
         if any(b < 0 for b in box[:half]) or any(e > n for e, n in zip(box[half:], size,
                                                                         strict=True)):
             continue
-        crop = image[(..., *(slice(a, b) for a, b in zip(box[:half], box[half:], strict=True)))]
+        region: Any = (..., *(slice(a, b) for a, b in zip(box[:half], box[half:], strict=True)))
+        crop = image[region]
         ref = model(crop).reshape(dense.shape[1], -1)[:, 0]
         got = dense[(0, slice(None), *idx)]
         diff = (got - ref).abs().max().item()

@@ -26,7 +26,9 @@ def sliding_window(model: nn.Module, image: torch.Tensor, window: int | Sequence
     if image.dim() == 3:
         image = image.unsqueeze(0)
     if image.dim() != 4:
-        raise Fc2ConvError(f"image must be (C, H, W) or (N, C, H, W), got shape {tuple(image.shape)}")
+        raise Fc2ConvError(
+            f"image must be (C, H, W) or (N, C, H, W), got shape {tuple(image.shape)}"
+        )
     wh, ww = (window, window) if isinstance(window, int) else tuple(window)
     sh, sw = (stride, stride) if isinstance(stride, int) else tuple(stride)
     n, _, h, w = image.shape

@@ -17,6 +17,7 @@ import logging
 from collections.abc import Callable, Collection
 from typing import Any
 
+import torch
 from torch import fx, nn
 
 from fc2conv.core.describe import describe
@@ -53,12 +54,15 @@ def _layer_norm_of(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, nn.Modul
         eps = float(node.args[4]) if len(node.args) > 4 else 1e-5  # type: ignore[arg-type]
         name = str(w_node.target).removesuffix(".weight") if isinstance(w_node, fx.Node) \
             else node.name
-        return node.args[0], ChannelLayerNorm(int(shape[0]), eps, weight, bias), name  # type: ignore[return-value]
+        channels: Any = shape[0]
+        source: Any = node.args[0]
+        return source, ChannelLayerNorm(int(channels), eps, weight, bias), name
     return None
 
 
-def to_conv(model: nn.Module, example_inputs: Any, *, dims: int = 2, layout: str = "auto",
-            inplace: bool = False, only: Collection[str] | None = None) -> fx.GraphModule:
+def to_conv(model: nn.Module | torch.export.ExportedProgram, example_inputs: Any, *,
+            dims: int = 2, layout: str = "auto", inplace: bool = False,
+            only: Collection[str] | None = None) -> fx.GraphModule:
     """Return a copy of ``model`` in which every ``nn.Linear`` (and ``F.linear`` of stored
     weights) is a 1x1 ``nn.Conv{dims}d``, with the same input and output shapes.
 
@@ -67,8 +71,9 @@ def to_conv(model: nn.Module, example_inputs: Any, *, dims: int = 2, layout: str
     name (``blocks.0.up`` is a Conv2d at ``blocks.0.up``) and records its origin
     (``fc2conv_source``, ``fc2conv_origin``). ``layout``: where a sequence axis goes when
     ``dims`` exceeds it: ``"auto"``/``"width"`` -> ``(B, C, 1, S)``, ``"height"`` ->
-    ``(B, C, S, 1)``. ``only``: convert just the layers with these names. Raises :class:`~fc2conv.errors.Fc2ConvError` naming the layer when an
-    activation has more axes than ``dims`` can hold.
+    ``(B, C, S, 1)``. ``only``: convert just the layers with these names. Raises
+    :class:`~fc2conv.errors.Fc2ConvError` naming the layer when an activation has more axes
+    than ``dims`` can hold.
     """
     if layout not in LAYOUTS:
         raise Fc2ConvError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")

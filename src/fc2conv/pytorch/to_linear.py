@@ -38,6 +38,7 @@ def _pointwise_conv(gm: fx.GraphModule, node: fx.Node) -> tuple[nn.Module, fx.No
                                                                  str | None] | None:
     """A per-position conv node: (conv module, input, user's name, weight target or None)."""
     mod = module_of(gm, node)
+    conv: Any
     if isinstance(mod, nn.Conv1d | nn.Conv2d | nn.Conv3d):
         conv, x, name, wt = mod, node.args[0], str(node.target), None
     elif node.op == "call_function" and node.target in _CONV_FUNCS:
@@ -46,8 +47,8 @@ def _pointwise_conv(gm: fx.GraphModule, node: fx.Node) -> tuple[nn.Module, fx.No
         weight, bias = attr_of(gm, w_node), attr_of(gm, b_node)
         if weight is None or (b_node is not None and bias is None):
             return None
-        cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[_CONV_FUNCS[node.target]]
-        rest = list(node.args[3:]) + [None] * 4
+        cls: Any = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[_CONV_FUNCS[node.target]]
+        rest: list[Any] = list(node.args[3:]) + [None] * 4
         stride, padding, dilation, groups = rest[0] or 1, rest[1] or 0, rest[2] or 1, rest[3] or 1
         if isinstance(padding, str):
             return None
@@ -72,8 +73,8 @@ def _pointwise_conv(gm: fx.GraphModule, node: fx.Node) -> tuple[nn.Module, fx.No
     return conv, x, name, wt  # type: ignore[return-value]
 
 
-def to_linear(model: nn.Module, example_inputs: Any, *, inplace: bool = False,
-              only: Collection[str] | None = None) -> fx.GraphModule:
+def to_linear(model: nn.Module | torch.export.ExportedProgram, example_inputs: Any, *,
+              inplace: bool = False, only: Collection[str] | None = None) -> fx.GraphModule:
     """Return a copy of ``model`` in which every per-position convolution (kernel 1, stride 1, no
     padding, any groups) is an ``nn.Linear`` applied to a channels-last view; other convs stay.
 

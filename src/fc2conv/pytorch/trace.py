@@ -31,7 +31,8 @@ def as_inputs(example_inputs: Any) -> tuple[Any, ...]:
     if isinstance(example_inputs, Sequence):
         return tuple(example_inputs)
     raise Fc2ConvError(
-        f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}"
+        "example_inputs must be a tensor or a tuple of tensors, got "
+        f"{type(example_inputs).__name__}"
     )
 
 
@@ -41,10 +42,9 @@ def strip_guards(gm: fx.GraphModule) -> fx.GraphModule:
     They pin the input to the exported shape; the converted model must accept other sizes.
     """
     for node in list(gm.graph.nodes):
-        if node.op == "call_module" and str(node.target).startswith("_guards") and not node.users:
-            gm.graph.erase_node(node)
-        elif node.op == "call_function" and "assert" in getattr(node.target, "__name__", "") \
-                and not node.users:
+        guard = node.op == "call_module" and str(node.target).startswith("_guards")
+        check = node.op == "call_function" and "assert" in getattr(node.target, "__name__", "")
+        if (guard or check) and not node.users:
             gm.graph.erase_node(node)
     for key, hook in list(gm._forward_pre_hooks.items()):
         if "input_constraints" in getattr(hook, "__name__", ""):
@@ -52,6 +52,15 @@ def strip_guards(gm: fx.GraphModule) -> fx.GraphModule:
     gm.delete_all_unused_submodules()
     gm.recompile()
     return gm
+
+
+def quiet_deepcopy(model: Any) -> Any:
+    """``copy.deepcopy`` without torch's pytree FutureWarnings for exported modules."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return copy.deepcopy(model)
 
 
 def to_graph(model: Any, example_inputs: tuple[Any, ...] | None = None, *, inplace: bool = False
@@ -65,9 +74,9 @@ def to_graph(model: Any, example_inputs: tuple[Any, ...] | None = None, *, inpla
             f"{type(model).__name__}"
         )
     if isinstance(model, fx.GraphModule):
-        gm = model if inplace else copy.deepcopy(model)
+        gm = model if inplace else quiet_deepcopy(model)
         return strip_guards(gm)
-    root = model if inplace else copy.deepcopy(model)
+    root = model if inplace else quiet_deepcopy(model)
     try:
         return fx.symbolic_trace(root)
     except Exception as exc:  # fx raises TraceError, TypeError, NotImplementedError...

@@ -15,6 +15,7 @@ from fc2conv import to_conv, to_linear
 from fc2conv.core.provenance import source_of
 from fc2conv.errors import Fc2ConvError
 from fc2conv.pytorch import ChannelLayerNorm, inverse_move_pairs
+from fc2conv.pytorch.layout import is_move
 
 
 def _count(model: nn.Module, kind: type) -> int:
@@ -162,7 +163,8 @@ def test_to_linear_reverses_to_conv():
     assert _count(back, nn.Conv2d) == 0
     assert _count(back, nn.Linear) == _count(model, nn.Linear)
     assert _count(back, nn.LayerNorm) == 2 and _count(back, ChannelLayerNorm) == 0
-    assert inverse_move_pairs(back) == []
+    # the moves to_linear needs cancel those to_conv inserted: the graph is move-free again
+    assert not any(is_move(n) for n in back.graph.nodes), back.code
     assert_matches_reference(back(x), model, x)
 
 
@@ -188,6 +190,27 @@ def test_grouped_pointwise_conv_becomes_block_diagonal_linear():
     w = lin.get_submodule("0").weight
     assert torch.count_nonzero(w[:3, 2:]) == 0 and torch.count_nonzero(w[3:, :2]) == 0
     assert_matches_reference(lin(x), model, x)
+
+
+def test_multihead_attention_is_opaque_and_said(caplog):
+    """nn.MultiheadAttention is one op to torch.fx: its out_proj stays a Linear, and we say so."""
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+            self.fc = nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.fc(self.attn(x, x, x, need_weights=False)[0])
+
+    model = Block().eval()
+    x = torch.randn(2, 5, 16)
+    with caplog.at_level("WARNING", logger="fc2conv"):
+        conv = to_conv(model, x)
+    assert "'attn' (MultiheadAttention) is traced as one op" in caplog.text
+    assert _count(conv, nn.Linear) == 1 and isinstance(conv.get_submodule("fc"), nn.Conv2d)
+    assert_matches_reference(conv(x), model, x)
 
 
 def test_wrong_example_shape_is_a_sentence():

@@ -170,8 +170,27 @@ def relayout(gm: fx.GraphModule, rewrite: Rewrite, may_follow: Callable[[fx.Node
             moved.add(node)
             continue
         env[node] = new.node_copy(node, move_out)
+    cancel_inverse_moves(new)
     gm.graph = new
     return gm
+
+
+def cancel_inverse_moves(graph: fx.Graph) -> int:
+    """Replace ``undo(do(x))`` by ``x`` for fc2conv's layout moves (e.g. a move that the input
+    model already had, meeting one this pass inserted); returns how many pairs were removed."""
+    removed = 0
+    for node in list(graph.nodes):
+        src = node.args[0] if is_move(node) and node.args else None
+        if not isinstance(src, fx.Node) or not is_move(src):
+            continue
+        undo: Any = INVERSE.get(src.target)  # type: ignore[arg-type]
+        if undo is node.target and tuple(src.args[1:]) == tuple(node.args[1:]):
+            node.replace_all_uses_with(src.args[0])  # type: ignore[arg-type]
+            graph.erase_node(node)
+            if not src.users:
+                graph.erase_node(src)
+            removed += 1
+    return removed
 
 
 def _tensor_operands(node: fx.Node) -> list[fx.Node]:

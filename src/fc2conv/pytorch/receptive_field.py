@@ -29,7 +29,7 @@ from fc2conv.core.receptive import (
 )
 from fc2conv.core.shapes import as_shape
 from fc2conv.errors import Fc2ConvError
-from fc2conv.pytorch.layout import ChannelLayerNorm
+from fc2conv.pytorch.layout import ChannelLayerNorm, is_move
 from fc2conv.pytorch.ops import (
     adaptive_of,
     is_pointwise,
@@ -118,6 +118,11 @@ def _through(gm: fx.GraphModule, node: fx.Node, operands: list[fx.Node],
                 f"on the whole input and there is no per-cell window; convolutionalize with "
                 f"global_pool='drop' for a dense map"
             )
+    if is_move(node):
+        raise Fc2ConvError(
+            "the model moves activations between the Linear and conv layouts (it came from "
+            "to_conv); receptive fields describe image models, whose positions are pixels"
+        )
     mod = module_of(gm, node)
     lin = linear_of(gm, node)
     if lin is not None or isinstance(mod, nn.Flatten) or (

@@ -124,11 +124,26 @@ def to_conv(model: nn.Module | torch.export.ExportedProgram, example_inputs: Any
 
     if only is not None:
         check_only(only, {op.name for n in gm.graph.nodes if (op := linear_of(gm, n))}, "Linear")
+    _warn_opaque(gm)
     gm = relayout(gm, rewrite, lambda n: is_pointwise(gm, n), move, "Linear")
     gm = finish(gm)
     for name, conv in converted.items():
         log.info("%s -> %s", name, describe(conv))
     return gm
+
+
+def _warn_opaque(gm: fx.GraphModule) -> None:
+    """Say which Linears stay because they live inside a module traced as one op."""
+    for node in gm.graph.nodes:
+        mod = module_of(gm, node)
+        if mod is None or isinstance(mod, nn.Linear):
+            continue
+        inner = [n for n, m in mod.named_modules() if isinstance(m, nn.Linear)]
+        if inner:
+            log.warning(
+                "%r (%s) is traced as one op, so its Linear layers (%s) stay Linear; "
+                "its weights are used by its own forward", str(node.target),
+                type(mod).__name__, ", ".join(inner))
 
 
 def _weight_key(gm: fx.GraphModule, node: fx.Node) -> str | None:

@@ -22,8 +22,15 @@ from torch import fx, nn
 from fc2conv.core.describe import describe
 from fc2conv.core.layers import conv_to_linear
 from fc2conv.core.provenance import mark, source_of
-from fc2conv.pytorch.layout import ChannelLayerNorm, Move, channels_to_last, relayout
-from fc2conv.pytorch.ops import attr_of, is_pointwise, module_of
+from fc2conv.pytorch.layout import (
+    ChannelLayerNorm,
+    Move,
+    channels_to_last,
+    is_move,
+    last_to_channels,
+    relayout,
+)
+from fc2conv.pytorch.ops import attr_of, is_pointwise, module_of, tensor_args
 from fc2conv.pytorch.to_conv import check_only, replaceable
 from fc2conv.pytorch.trace import as_inputs, finish, record_shapes, to_graph, unique_name
 
@@ -73,6 +80,49 @@ def _pointwise_conv(gm: fx.GraphModule, node: fx.Node) -> tuple[nn.Module, fx.No
     return conv, x, name, wt  # type: ignore[return-value]
 
 
+def _region_args(gm: fx.GraphModule, member: Callable[[fx.Node], bool]
+                 ) -> Callable[[fx.Node], tuple[int, bool]]:
+    """How to move each value to channels-last: ``(extra, seq_last)`` per region.
+
+    A region is a connected set of per-position nodes; all its values have the same spatial
+    shape (1x1 convs, LayerNorm over channels and same-shape elementwise ops keep it). When the
+    region is entered through :func:`last_to_channels` moves that agree (a model from
+    ``to_conv``), its singleton axes are those the moves added: squeezing them gives back the
+    original activations and each move cancels against the one it meets.
+    """
+    nodes = [n for n in gm.graph.nodes if n.op in ("call_module", "call_function", "call_method")
+             and member(n)]
+    inside = set(nodes)
+    region: dict[fx.Node, int] = {}
+    for seed in nodes:
+        if seed in region:
+            continue
+        stack, rid = [seed], len(region)
+        region[seed] = rid
+        while stack:
+            cur = stack.pop()
+            for nb in [*tensor_args(cur), *cur.users]:
+                if nb in inside and nb not in region:
+                    region[nb] = rid
+                    stack.append(nb)
+    found: dict[int, set[tuple[int, bool]]] = {}
+    for n in nodes:
+        for a in tensor_args(n):
+            if a not in inside:
+                key = tuple(a.args[1:]) if is_move(a) and a.target is last_to_channels \
+                    else (0, True)
+                found.setdefault(region[n], set()).add(key)  # type: ignore[arg-type]
+
+    def args_of(value: fx.Node) -> tuple[int, bool]:
+        rid = region.get(value)
+        # an entry: the regions of the members reading it must agree
+        rids = {rid} if rid is not None else {region[u] for u in value.users if u in region}
+        choices = set().union(*(found.get(r, set()) for r in rids)) if rids else set()
+        return next(iter(choices)) if len(choices) == 1 else (0, True)
+
+    return args_of
+
+
 def to_linear(model: nn.Module | torch.export.ExportedProgram, example_inputs: Any, *,
               inplace: bool = False, only: Collection[str] | None = None) -> fx.GraphModule:
     """Return a copy of ``model`` in which every per-position convolution (kernel 1, stride 1, no
@@ -114,8 +164,12 @@ def to_linear(model: nn.Module | torch.export.ExportedProgram, example_inputs: A
             return ln, str(node.target), node.args[0]  # type: ignore[return-value]
         return None
 
+    region_args = _region_args(gm, lambda n: (
+        ((f := _pointwise_conv(gm, n)) is not None and (only is None or f[2] in only))
+        or isinstance(module_of(gm, n), ChannelLayerNorm) or is_pointwise(gm, n)))
+
     def move(value: fx.Node) -> Move:
-        return Move(channels_to_last, (0, True))
+        return Move(channels_to_last, region_args(value))
 
     if only is not None:
         check_only(only, {f[2] for n in gm.graph.nodes if (f := _pointwise_conv(gm, n))},

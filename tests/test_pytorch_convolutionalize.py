@@ -228,3 +228,61 @@ def test_batchnorm1d_and_softmax_in_head():
     assert_matches_reference(dense(x), model, x)
     scores = dense(torch.randn(1, 2, 9, 9))
     torch.testing.assert_close(scores.sum(1), torch.ones(1, 5, 5))  # softmax over classes
+
+
+class _Flat(nn.Module):
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.form = form
+        self.conv = nn.Conv2d(2, 3, 3, stride=2)
+        self.flat = nn.Flatten()
+        self.fc = nn.Linear(3 * 3 * 3, 4)
+
+    def forward(self, x):
+        x = self.conv(x)
+        if self.form == "module":
+            x = self.flat(x)
+        elif self.form == "function":
+            x = torch.flatten(x, 1)
+        elif self.form == "view":
+            x = x.view(x.size(0), -1)
+        else:
+            x = x.reshape(x.shape[0], -1)
+        return self.fc(x)
+
+
+@pytest.mark.parametrize("form", ["module", "function", "view", "reshape"])
+def test_flatten_forms_are_alike(form):
+    model = _Flat(form).eval()
+    dense = convolutionalize(model, (2, 7, 7))
+    x = torch.randn(2, 2, 7, 7)
+    assert_matches_reference(dense(x), model, x)
+    big = torch.randn(1, 2, 11, 9)
+    scores = dense(big)
+    assert scores.shape == (1, 4, 3, 2)
+    rf = receptive_field(dense, (2, 7, 7))
+    top, left, bottom, right = rf.window(2, 1)
+    assert_matches_reference(scores[..., 2, 1], model, big[..., top:bottom, left:right])
+
+
+def test_misaligned_branches_are_refused():
+    class TwoBranch(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(1, 2, 2, stride=2)  # 8 -> 4, one cell per 2 pixels
+            self.b = nn.Conv2d(1, 2, 5)  # 8 -> 4, one cell per pixel
+
+        def forward(self, x):
+            return self.a(x) + self.b(x)
+
+    with pytest.raises(Fc2ConvError, match="do not align: one steps 2 input pixels"):
+        receptive_field(TwoBranch().eval(), (1, 8, 8))
+
+
+def test_sliding_window_progress_bar_runs():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2, 3)).eval()
+    image = torch.randn(1, 1, 12, 12)
+    shown = sliding_window(model, image, 3, 1, batch_size=4, progress=True)
+    plain = sliding_window(model, image, 3, 1, batch_size=100, progress=False)
+    torch.testing.assert_close(shown, plain)
+    assert shown.shape == (1, 3, 10, 10)

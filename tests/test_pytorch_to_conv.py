@@ -8,6 +8,8 @@ import archs
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import fx, nn
 from torch_refs import assert_matches_reference
 
@@ -216,3 +218,29 @@ def test_multihead_attention_is_opaque_and_said(caplog):
 def test_wrong_example_shape_is_a_sentence():
     with pytest.raises(Fc2ConvError, match="does not run on inputs of shape 2x5x7"):
         to_conv(archs.MLP().eval(), torch.randn(2, 5, 7))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    widths=st.lists(st.integers(1, 9), min_size=2, max_size=4),
+    bias=st.booleans(),
+    lead=st.lists(st.integers(1, 4), min_size=1, max_size=3),
+    dims=st.integers(1, 3),
+    layout=st.sampled_from(["auto", "height"]),
+)
+def test_to_conv_then_to_linear_on_random_mlps(widths, bias, lead, dims, layout):
+    """Random Linear/ReLU stacks on (N, *positions, C) inputs: both directions match float64."""
+    if len(lead) - 1 > dims:
+        return  # more position axes than conv axes: refused (tested above)
+    layers: list[nn.Module] = []
+    for a, b in zip(widths, widths[1:], strict=False):
+        layers += [nn.Linear(a, b, bias=bias), nn.ReLU()]
+    model = nn.Sequential(*layers[:-1]).eval()
+    x = torch.randn(*lead, widths[0])
+    conv = to_conv(model, x, dims=dims, layout=layout)
+    assert _count(conv, nn.Linear) == 0
+    assert_matches_reference(conv(x), model, x)
+    back = to_linear(conv, x)
+    assert _count(back, nn.Linear) == len(widths) - 1
+    assert not any(is_move(n) for n in back.graph.nodes)
+    assert_matches_reference(back(x), model, x)

@@ -109,6 +109,9 @@ def convolutionalize(model: nn.Module | torch.export.ExportedProgram, input_shap
     if global_pool not in GLOBAL_POOL:
         raise Fc2ConvError(f"global_pool must be 'keep' or 'drop', got {global_pool!r}")
     shape = as_shape(input_shape, min_len=2, max_len=4)
+    if isinstance(model, nn.Module) and not isinstance(model, fx.GraphModule) and model.training:
+        log.warning("%s is in training mode: dropout and batch norm make its outputs random; "
+                    "call model.eval() first", type(model).__name__)
     example = torch.randn(1, *shape, dtype=_dtype(model))
     gm = to_graph(model, (example,), inplace=inplace)
     record_shapes(gm, (example,))

@@ -172,6 +172,10 @@ def convolutionalize(in_path: str, out_path: str, input_shape: str, global_pool:
             sys.exit(1)
     _summary(dense, f"{os.path.basename(in_path)} -> fully convolutional")
     rf = _print_field(dense, shape)
+    if rf is not None and not rf.exact:
+        from fc2conv.pytorch import is_window_exact
+
+        console.print(f"measured: {is_window_exact(dense, shape)}")
     grow = rf.stride if rf is not None else (0,) * (len(shape) - 1)
     example = torch.randn(2, shape[0], *(s + g for s, g in zip(shape[1:], grow, strict=True)))
     export_io.save(export_io.export(dense, (example,), min_spatial=shape[1:]), out_path)

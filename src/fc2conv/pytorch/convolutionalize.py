@@ -45,6 +45,7 @@ from fc2conv.pytorch.ops import (
     module_of,
     softmax_dim,
     tensor_shape,
+    user_name,
 )
 from fc2conv.pytorch.trace import finish, record_shapes, to_graph, unique_name
 
@@ -85,8 +86,8 @@ def _head(gm: fx.GraphModule) -> list[fx.Node]:
         src = first_input(node)
         if not isinstance(src, fx.Node) or tensor_shape(node) is None:
             raise Fc2ConvError(
-                f"found no flatten before the classifier head: {node.name!r} is not part of a "
-                f"head of Linear, activation, dropout, BatchNorm1d and softmax layers"
+                f"found no flatten before the classifier head: {user_name(node)!r} is not "
+                f"part of a head of Linear, activation, dropout, BatchNorm1d and softmax layers"
             )
         chain.append(node)
         node = src
@@ -204,7 +205,7 @@ def _convert_layer(gm: fx.GraphModule, node: fx.Node, arg: fx.Node, first: bool,
     """Rewrite one head node to act on ``(N, C, h, w)`` maps; return the new node."""
     if len(node.users) > 1:
         raise Fc2ConvError(
-            f"Cannot convolutionalize {node.name!r}: its output is also used by "
+            f"Cannot convolutionalize {user_name(node)!r}: its output is also used by "
             f"{', '.join(u.name for u in node.users)}, outside the classifier head"
         )
     lin = linear_of(gm, node)
@@ -237,12 +238,15 @@ def _convert_layer(gm: fx.GraphModule, node: fx.Node, arg: fx.Node, first: bool,
     if soft is not None:
         dim, set_dim = soft
         if dim not in (1, -1):
-            raise Fc2ConvError(f"Cannot convolutionalize {node.name!r}: softmax over dim {dim}")
+            raise Fc2ConvError(
+                f"Cannot convolutionalize {user_name(node)!r}: softmax over dim {dim}, not the "
+                f"classes"
+            )
         set_dim(1)
     elif not is_pointwise(gm, node) and not (node.op == "call_function"
                                              and node.target is operator.getitem):
         raise Fc2ConvError(
-            f"Cannot convolutionalize {node.name!r} "
+            f"Cannot convolutionalize {user_name(node)!r} "
             f"({node.op} {getattr(node.target, '__name__', node.target)}): "
             f"only Linear, activations, dropout, BatchNorm1d and softmax are supported in the "
             f"classifier head"
@@ -280,8 +284,8 @@ def _global_head(gm: fx.GraphModule, start: fx.Node, fmap: fx.Node, pool_node: f
         split += 1
     if global_pool == "drop" and split < len(head):
         raise Fc2ConvError(
-            f"Cannot return the pre-pool map: {head[split].name!r} is not affine, so it does not "
-            f"commute with the global average pool; use global_pool='keep'"
+            f"Cannot return the pre-pool map: {user_name(head[split])!r} is not affine, so it "
+            f"does not commute with the global average pool; use global_pool='keep'"
         )
     arg = fmap
     for node in head[:split]:
@@ -293,8 +297,7 @@ def _global_head(gm: fx.GraphModule, start: fx.Node, fmap: fx.Node, pool_node: f
         pooled = gm.graph.call_method("mean", (arg, (2, 3)), {"keepdim": True})
     for node in head[split:]:
         pooled = _convert_layer(gm, node, pooled, False, None, "chw")
-    if split == len(head):
+    if split == len(head):  # the pool is now the last op: the output reads it
         out = next(n for n in gm.graph.nodes if n.op == "output")
-        out.replace_input_with(arg, pooled) if arg in out.all_input_nodes else None
         out.args = fx.node.map_arg(out.args, lambda a: pooled if a is arg else a)
     del start, pool_node

@@ -61,6 +61,19 @@ def attr_of(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
     return obj if isinstance(obj, torch.Tensor) else None
 
 
+def user_name(node: fx.Node) -> str:
+    """The user's name for what ``node`` computes: the module path for ``call_module``, the
+    innermost module path torch.export recorded (``features.0``), else the node's name."""
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack")
+    if isinstance(stack, dict) and stack:
+        path = list(stack.values())[-1]
+        if isinstance(path, tuple) and path and isinstance(path[0], str) and path[0]:
+            return path[0]
+    return node.name
+
+
 def tensor_shape(node: Any) -> tuple[int, ...] | None:
     """The shape recorded by ShapeProp (or torch.export) for a node's value, if a tensor."""
     if not isinstance(node, fx.Node):
@@ -169,7 +182,7 @@ def _conv_padding(padding: Any, kernel: tuple[int, ...], dilation: tuple[int, ..
 def window_of(gm: fx.GraphModule, node: fx.Node) -> WindowOp | None:
     """Recognize convolutions and max/average pools (modules, functions, aten ops)."""
     mod = module_of(gm, node)
-    name = str(node.target) if mod is not None else node.name
+    name = user_name(node)
     if isinstance(mod, nn.Conv1d | nn.Conv2d | nn.Conv3d):
         k, d = tuple(mod.kernel_size), tuple(mod.dilation)
         return WindowOp(node.args[0], "conv", k, tuple(mod.stride),  # type: ignore[arg-type]
@@ -238,7 +251,8 @@ def adaptive_of(gm: fx.GraphModule, node: fx.Node) -> AdaptiveOp | None:
         shape = tensor_shape(_arg(node, 0, "input")) or ()
         n = max(len(shape) - 2, 1)
         out = (size,) * n if isinstance(size, int) else tuple(size)
-        return AdaptiveOp(_arg(node, 0, "input"), _ADAPTIVE_FUNCS[node.target], out, node.name)
+        return AdaptiveOp(_arg(node, 0, "input"), _ADAPTIVE_FUNCS[node.target], out,
+                          user_name(node))
     return None
 
 

@@ -38,6 +38,7 @@ from fc2conv.pytorch.ops import (
     softmax_dim,
     tensor_args,
     tensor_shape,
+    user_name,
     window_of,
 )
 from fc2conv.pytorch.trace import record_shapes, to_graph
@@ -84,7 +85,7 @@ def _field(model: nn.Module, input_shape: Sequence[int]) -> tuple[
 def _through(gm: fx.GraphModule, node: fx.Node, operands: list[fx.Node],
              fields: dict[fx.Node, tuple[AxisField, ...]], reasons: list[str],
              n_axes: int) -> tuple[AxisField, ...]:
-    name = str(node.target) if node.op == "call_module" else node.name
+    name = user_name(node)
     win = window_of(gm, node)
     if win is not None:
         src = fields[win.input]

@@ -228,6 +228,27 @@ class EncoderStack(nn.Module):
         return self.blocks(x)
 
 
+class ConvNeXtBlock(nn.Module):
+    """A ConvNeXt block: depthwise 7x7 conv, then permute to channels-last, LayerNorm,
+    Linear, GELU, Linear, permute back, layer scale, residual: the Linears are 1x1 convs
+    written by hand, and ``to_conv`` should need no permute at all."""
+
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.pwconv1 = nn.Linear(dim, 4 * dim)
+        self.act = nn.GELU()
+        self.pwconv2 = nn.Linear(4 * dim, dim)
+        self.gamma = nn.Parameter(torch.rand(dim) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.dwconv(x).permute(0, 2, 3, 1)
+        y = self.pwconv2(self.act(self.pwconv1(self.norm(y))))
+        y = self.gamma * y
+        return x + y.permute(0, 3, 1, 2)
+
+
 def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
     """Give every BatchNorm non-trivial running statistics and affine parameters."""
     gen = torch.Generator().manual_seed(seed)

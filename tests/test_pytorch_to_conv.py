@@ -194,6 +194,24 @@ def test_grouped_pointwise_conv_becomes_block_diagonal_linear():
     assert_matches_reference(lin(x), model, x)
 
 
+def test_convnext_block_needs_no_permute_at_all():
+    """The model's own permute(0, 2, 3, 1) and permute(0, 3, 1, 2) around its Linears are
+    absorbed: the converted block runs in NCHW from end to end."""
+    model = archs.ConvNeXtBlock().eval()
+    x = torch.randn(2, 16, 9, 11)
+    conv = to_conv(model, x)
+    ops = {getattr(n.target, "__name__", n.target) for n in conv.graph.nodes}
+    assert "permute" not in ops and not any(is_move(n) for n in conv.graph.nodes), conv.code
+    assert isinstance(conv.get_submodule("norm"), ChannelLayerNorm)
+    # the layer scale gamma * y broadcasts over channels-last: it stays, read back once
+    assert_matches_reference(conv(x), model, x)
+    y = torch.randn(1, 16, 5, 6)
+    assert_matches_reference(conv(y), model, y)
+    back = to_linear(conv, x)
+    assert _count(back, nn.Linear) == 2
+    assert_matches_reference(back(x), model, x)
+
+
 def test_multihead_attention_is_opaque_and_said(caplog):
     """nn.MultiheadAttention is one op to torch.fx: its out_proj stays a Linear, and we say so."""
 

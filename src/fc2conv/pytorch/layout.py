@@ -11,6 +11,7 @@ inverse permutes.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +20,7 @@ import torch
 from torch import fx, nn
 
 from fc2conv.errors import Fc2ConvError
-from fc2conv.pytorch.ops import tensor_shape
+from fc2conv.pytorch.ops import permute_source, tensor_shape
 
 
 def last_to_channels(x: torch.Tensor, extra: int = 0, seq_last: bool = True) -> torch.Tensor:
@@ -102,16 +103,45 @@ class Move:
 Rewrite = Callable[[fx.Node, Callable[[fx.Node], bool]], tuple[nn.Module, str, fx.Node] | None]
 
 
+_BINARY = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub,
+           torch.mul, torch.div, torch.ops.aten.add.Tensor, torch.ops.aten.sub.Tensor,
+           torch.ops.aten.mul.Tensor, torch.ops.aten.div.Tensor}
+
+
+def per_channel_vector(node: fx.Node, is_moved: Callable[[fx.Node], bool], channels_last: bool
+                       ) -> tuple[fx.Node, fx.Node] | None:
+    """``(moved operand, vector)`` when ``node`` is ``x op v`` (or ``v op x``) with ``x`` moved
+    and ``v`` one value per channel broadcast over the positions: shape ``(C,)`` in the Linear
+    layout (``channels_last``), ``(C, 1, ..., 1)`` in the conv layout (a layer scale, a bias)."""
+    if node.op != "call_function" or node.target not in _BINARY or node.kwargs:
+        return None
+    args = [a for a in node.args if isinstance(a, fx.Node)]
+    out = tensor_shape(node)
+    if len(args) != 2 or len(node.args) != 2 or out is None or len(out) < 2:
+        return None
+    for x, v in (args, args[::-1]):
+        vshape = tensor_shape(v)
+        if not is_moved(x) or is_moved(v) or tensor_shape(x) != out or vshape is None:
+            continue
+        want = (out[-1],) if channels_last else (out[1], *([1] * (len(out) - 2)))
+        if tuple(vshape) == tuple(want):
+            return x, v
+    return None
+
+
 def relayout(gm: fx.GraphModule, rewrite: Rewrite, may_follow: Callable[[fx.Node], bool],
-             move: Callable[[fx.Node], Move], what: str) -> fx.GraphModule:
+             move: Callable[[fx.Node], Move], what: str,
+             vector_shape: Callable[[fx.Node, Move], tuple[int, ...]] | None = None
+             ) -> fx.GraphModule:
     """Rebuild ``gm``'s graph with the nodes ``rewrite`` accepts in the new layout.
 
     ``rewrite(node, is_moved)`` -> ``(module, name, input)``: call ``module`` (registered at
     ``name``) on ``input`` moved into the new layout; ``is_moved(value)`` tells whether an
     operand is already in the new layout (a LayerNorm converts only then).
     ``may_follow(node)``: an elementwise node that stays in the new layout when every tensor
-    operand is in it. ``move(value)`` says how to move a
-    value of the original layout. Values leave the new layout once, where a node that cannot
+    operand is in it. ``vector_shape(x, move)``: the new-layout shape of a per-channel vector
+    combined with a moved ``x`` (see :func:`per_channel_vector`); ``None`` disables that.
+    ``move(value)`` says how to move a value of the original layout. Values leave the new layout once, where a node that cannot
     follow (or the output) reads them.
     """
     old = gm.graph
@@ -122,13 +152,24 @@ def relayout(gm: fx.GraphModule, rewrite: Rewrite, may_follow: Callable[[fx.Node
     into: dict[fx.Node, fx.Node] = {}  # old node -> new node of its value moved in
     out_of: dict[fx.Node, fx.Node] = {}  # old node -> new node of its value moved back
 
+    def user_permute(a: fx.Node, m: Move) -> fx.Node | None:
+        """The value ``a`` was permuted from, when the move would just undo that permute."""
+        if m.args[:1] != (0,):
+            return None
+        src = permute_source(a, to_last=m.forward is last_to_channels)
+        return src if src is not None and src not in moved else None
+
     def move_in(a: fx.Node) -> fx.Node:
         if a in moved:
             return env[a]
         if a not in into:
             m = move(a)
             src = env[a]
-            if is_move(src) and src.target is INVERSE[m.forward] and tuple(src.args[1:]) == m.args:
+            undone = user_permute(a, m)
+            if undone is not None:  # the model's own permute: read the value before it
+                into[a] = env[undone]
+            elif is_move(src) and src.target is INVERSE[m.forward] \
+                    and tuple(src.args[1:]) == m.args:
                 into[a] = src.args[0]  # type: ignore[assignment]
             else:
                 into[a] = new.call_function(m.forward, (src, *m.args))
@@ -147,9 +188,30 @@ def relayout(gm: fx.GraphModule, rewrite: Rewrite, may_follow: Callable[[fx.Node
                 out_of[a] = new.call_function(back, (src, *m.args))
         return out_of[a]
 
+    def free_to_move(a: fx.Node) -> bool:
+        if a in moved:
+            return True
+        try:
+            return user_permute(a, move(a)) is not None
+        except Fc2ConvError:
+            return False
+
+    channels_last = vector_shape is not None and _moves_to_conv(move, old)
     for node in old.nodes:
         calls = node.op in ("call_module", "call_function", "call_method")
-        plan = rewrite(node, moved.__contains__) if calls else None
+        plan = rewrite(node, free_to_move) if calls else None
+        pair = per_channel_vector(node, moved.__contains__, channels_last) \
+            if vector_shape is not None and plan is None else None
+        if pair is not None:
+            x, v = pair
+            assert vector_shape is not None
+            vec = new.call_method("reshape", (env[v], vector_shape(x, move(x))))
+            def swap(a: fx.Node, x: fx.Node = x, v: fx.Node = v, vec: fx.Node = vec) -> fx.Node:
+                return env[x] if a is x else vec if a is v else env[a]
+
+            env[node] = new.node_copy(node, swap)
+            moved.add(node)
+            continue
         if plan is None and node.op not in ("placeholder", "output", "get_attr") \
                 and may_follow(node):
             operands = _tensor_operands(node)
@@ -169,10 +231,35 @@ def relayout(gm: fx.GraphModule, rewrite: Rewrite, may_follow: Callable[[fx.Node
             env[node].meta = dict(node.meta)
             moved.add(node)
             continue
-        env[node] = new.node_copy(node, move_out)
+        back = _undone_by(node, moved, move)
+        env[node] = env[back] if back is not None else new.node_copy(node, move_out)
     cancel_inverse_moves(new)
     gm.graph = new
     return gm
+
+
+def _moves_to_conv(move: Callable[[fx.Node], Move], graph: fx.Graph) -> bool:
+    """Whether this pass moves values to the conv layout (``to_conv``)."""
+    for node in graph.nodes:
+        if tensor_shape(node) is not None and len(tensor_shape(node) or ()) >= 2:
+            try:
+                return move(node).forward is last_to_channels
+            except Fc2ConvError:
+                continue
+    return True
+
+
+def _undone_by(node: fx.Node, moved: set[fx.Node], move: Callable[[fx.Node], Move]
+               ) -> fx.Node | None:
+    """If ``node`` is the model's own permute taking a moved value back to where the move
+    would put it (``permute(0, 3, 1, 2)`` after Linears that now run as convs), that value."""
+    for to_last in (False, True):
+        src = permute_source(node, to_last=to_last)
+        if src is not None and src in moved:
+            m = move(src)
+            if m.args[:1] == (0,) and (m.forward is last_to_channels) != to_last:
+                return src
+    return None
 
 
 def cancel_inverse_moves(graph: fx.Graph) -> int:

@@ -303,30 +303,38 @@ def flatten_of(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
     return src if flat else None
 
 
-PERMUTE_TO_CHANNELS_LAST = {3: [0, 2, 1], 4: [0, 2, 3, 1], 5: [0, 2, 3, 4, 1]}
+def _perm(rank: int, to_last: bool) -> list[int]:
+    """``(N, C, *S) -> (N, *S, C)`` (``to_last``) or the inverse, as a permutation."""
+    return [0, *range(2, rank), 1] if to_last else [0, rank - 1, *range(1, rank - 1)]
+
+
+def permute_source(node: fx.Node, to_last: bool = True) -> fx.Node | None:
+    """If ``node`` moves the channels of ``x`` last (``x.permute(0, 2, 3, 1)``, ``movedim(1,
+    -1)``, ``transpose(1, 2)`` of a rank-3 ``x``), or first when ``to_last=False``, return ``x``."""
+    src = first_input(node)
+    if not isinstance(src, fx.Node) or node.op not in ("call_method", "call_function"):
+        return None
+    shape = tensor_shape(src)
+    if shape is None or len(shape) < 3:
+        return None
+    rank, want = len(shape), _perm(len(shape), to_last)
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    args: Any = node.args[1:]
+    if name == "permute" or node.target is aten.permute.default:
+        nested = len(args) == 1 and isinstance(args[0], (list, tuple))
+        dims = list(args[0]) if nested else list(args)
+        return src if [int(d) % rank for d in dims] == want else None
+    if name == "movedim" and len(args) == 2:
+        a, b = int(args[0]) % rank, int(args[1]) % rank
+        return src if (a, b) == ((1, rank - 1) if to_last else (rank - 1, 1)) else None
+    if (name == "transpose" or node.target is aten.transpose.int) and rank == 3 and len(args) == 2:
+        return src if sorted(int(d) % 3 for d in args) == [1, 2] else None
+    return None
 
 
 def channels_last_source(node: fx.Node) -> fx.Node | None:
     """If ``node`` is ``x.permute(0, 2, 3, 1)`` (NCHW -> NHWC) or an equal op, return ``x``."""
-    src = first_input(node)
-    if not isinstance(src, fx.Node):
-        return None
-    shape = tensor_shape(src)
-    if shape is None or len(shape) not in PERMUTE_TO_CHANNELS_LAST:
-        return None
-    want = PERMUTE_TO_CHANNELS_LAST[len(shape)]
-    if (node.op == "call_method" and node.target == "permute") or (
-            node.op == "call_function" and node.target in (torch.permute, aten.permute.default)):
-        dims: Any = node.args[1:] if node.op == "call_method" else (node.args[1],)
-        nested = len(dims) == 1 and isinstance(dims[0], (list, tuple))
-        flat = list(dims[0]) if nested else list(dims)
-        flat = [d % len(shape) for d in flat]  # type: ignore[operator]
-        return src if flat == want else None
-    if (node.op == "call_method" and node.target == "movedim") or (
-            node.op == "call_function" and node.target == torch.movedim):
-        a, b = node.args[1], node.args[2]
-        return src if a == 1 and b in (-1, len(shape) - 1) else None
-    return None
+    return permute_source(node, to_last=True)
 
 
 def softmax_dim(gm: fx.GraphModule, node: fx.Node) -> tuple[int, Callable[[int], None]] | None:

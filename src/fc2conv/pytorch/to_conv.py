@@ -125,7 +125,10 @@ def to_conv(model: nn.Module | torch.export.ExportedProgram, example_inputs: Any
     if only is not None:
         check_only(only, {op.name for n in gm.graph.nodes if (op := linear_of(gm, n))}, "Linear")
     _warn_opaque(gm)
-    gm = relayout(gm, rewrite, lambda n: is_pointwise(gm, n), move, "Linear")
+    def vector_shape(x: fx.Node, m: Move) -> tuple[int, ...]:
+        return (-1, *([1] * (len(tensor_shape(x) or ()) - 2 + m.args[0])))
+
+    gm = relayout(gm, rewrite, lambda n: is_pointwise(gm, n), move, "Linear", vector_shape)
     gm = finish(gm)
     for name, conv in converted.items():
         log.info("%s -> %s", name, describe(conv))

@@ -174,7 +174,8 @@ def to_linear(model: nn.Module | torch.export.ExportedProgram, example_inputs: A
     if only is not None:
         check_only(only, {f[2] for n in gm.graph.nodes if (f := _pointwise_conv(gm, n))},
                    "per-position conv")
-    gm = relayout(gm, rewrite, lambda n: is_pointwise(gm, n), move, "conv")
+    gm = relayout(gm, rewrite, lambda n: is_pointwise(gm, n), move, "conv",
+                  lambda x, m: (-1,))
     for _, (lin, target) in converted.items():
         log.info("%s -> %s", target, describe(lin))
     return finish(gm)

@@ -141,8 +141,9 @@ def relayout(gm: fx.GraphModule, rewrite: Rewrite, may_follow: Callable[[fx.Node
     ``may_follow(node)``: an elementwise node that stays in the new layout when every tensor
     operand is in it. ``vector_shape(x, move)``: the new-layout shape of a per-channel vector
     combined with a moved ``x`` (see :func:`per_channel_vector`); ``None`` disables that.
-    ``move(value)`` says how to move a value of the original layout. Values leave the new layout once, where a node that cannot
-    follow (or the output) reads them.
+    ``move(value)`` says how to move a value of the original layout. Values leave the new
+    layout once, where a node that cannot follow (or the output) reads them. The model's own
+    permutes that a move would undo are absorbed instead of paired with a move.
     """
     old = gm.graph
     new = fx.Graph()

@@ -22,7 +22,6 @@ larger input, a dense map of scores (see :func:`fc2conv.receptive_field`).
 from __future__ import annotations
 
 import logging
-import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -243,8 +242,7 @@ def _convert_layer(gm: fx.GraphModule, node: fx.Node, arg: fx.Node, first: bool,
                 f"classes"
             )
         set_dim(1)
-    elif not is_pointwise(gm, node) and not (node.op == "call_function"
-                                             and node.target is operator.getitem):
+    elif not is_pointwise(gm, node):
         raise Fc2ConvError(
             f"Cannot convolutionalize {user_name(node)!r} "
             f"({node.op} {getattr(node.target, '__name__', node.target)}): "

@@ -24,8 +24,8 @@ aten = torch.ops.aten
 # shape (no broadcasting): activations, dropout, arithmetic.
 POINTWISE_MODULES: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.Hardswish,
-    nn.Hardsigmoid, nn.Hardtanh, nn.Mish, nn.Softplus, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
-    nn.AlphaDropout, nn.Identity, nn.PReLU,
+    nn.Hardsigmoid, nn.Hardtanh, nn.Mish, nn.Softplus, nn.Dropout, nn.AlphaDropout, nn.Identity,
+    nn.PReLU,
 )
 _POINTWISE_FUNCTIONS: set[Any] = {
     F.relu, F.relu6, F.gelu, F.silu, F.sigmoid, F.tanh, F.leaky_relu, F.elu, F.hardswish,

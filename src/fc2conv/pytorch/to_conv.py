@@ -18,6 +18,7 @@ from collections.abc import Callable, Collection
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from fc2conv.core.describe import describe
@@ -138,6 +139,10 @@ def to_conv(model: nn.Module | torch.export.ExportedProgram, example_inputs: Any
 def _warn_opaque(gm: fx.GraphModule) -> None:
     """Say which Linears stay because they live inside a module traced as one op."""
     for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in (
+                F.linear, torch.ops.aten.linear.default) and linear_of(gm, node) is None:
+            log.warning("%r computes its Linear weight in the graph (not a stored parameter), "
+                        "so it stays a Linear", node.name)
         mod = module_of(gm, node)
         if mod is None or isinstance(mod, nn.Linear):
             continue

@@ -36,7 +36,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--dim", type=int, default=256)
-    parser.add_argument("--min-run-time", type=float, default=1.0)
+    parser.add_argument("--min-run-time", type=float, default=0.5)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     torch.manual_seed(0)
     device = torch.device(args.device)
@@ -51,11 +52,14 @@ def main() -> None:
     }
     for name, model in models.items():
         model = model.to(device).eval()
-        base = latency(model, x, args.min_run_time)
         for dims in (1, 2):
             conv = to_conv(model, x, dims=dims).to(device)
             diff = (conv(x) - model(x)).abs().max().item()
-            t = latency(conv, x, args.min_run_time)
+            # alternate the two, best of rounds: load from other processes hits both alike
+            base, t = float("inf"), float("inf")
+            for _ in range(args.rounds):
+                base = min(base, latency(model, x, args.min_run_time))
+                t = min(t, latency(conv, x, args.min_run_time))
             print(f"{name:10} {f'{dims}d':>7} {base * 1e3:>12.3f} {t * 1e3:>11.3f} "
                   f"{t / base:>6.2f}x {diff:>11.3g}")
 

@@ -80,6 +80,15 @@ def test_padded_nets_are_not_window_exact_by_a_measured_amount(name):
     assert "pads by" in str(check)
 
 
+def test_classifiers_are_convolutionalized_for_their_field():
+    model = MODELS["lenet5"]
+    direct = receptive_field(model, model.INPUT_SHAPE)
+    assert direct == receptive_field(convolutionalize(model, model.INPUT_SHAPE),
+                                     model.INPUT_SHAPE)
+    assert direct.stride == (4, 4) and direct.size == (32, 32) and direct.exact
+    assert is_window_exact(model, model.INPUT_SHAPE)
+
+
 def test_window_exact_nets_measure_float_error_only():
     model = MODELS["alexnet_valid"]
     dense = convolutionalize(model, model.INPUT_SHAPE)

@@ -11,6 +11,7 @@ padding at a crop's border is not padding inside a large image.
 
 from __future__ import annotations
 
+import logging
 import math
 import operator
 from collections.abc import Sequence
@@ -43,8 +44,27 @@ from fc2conv.pytorch.ops import (
 )
 from fc2conv.pytorch.trace import record_shapes, to_graph
 
+log = logging.getLogger(__name__)
+
 _PER_POSITION = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, ChannelLayerNorm, nn.Identity)
 _CONCAT = {torch.cat, torch.concat, torch.ops.aten.cat.default}
+
+
+class NotConvolutional(Fc2ConvError):
+    """The model flattens its feature map (a classifier not yet convolutionalized)."""
+
+
+def _dense(model: nn.Module, input_shape: Sequence[int]) -> nn.Module:
+    """``model`` itself when fully convolutional, else ``convolutionalize(model, input_shape)``."""
+    try:
+        _field(model, input_shape)
+        return model
+    except NotConvolutional:
+        from fc2conv.pytorch.convolutionalize import convolutionalize
+
+        log.info("%s is not fully convolutional: convolutionalizing it first",
+                 type(model).__name__)
+        return convolutionalize(model, input_shape)
 
 
 def _field(model: nn.Module, input_shape: Sequence[int]) -> tuple[
@@ -129,7 +149,7 @@ def _through(gm: fx.GraphModule, node: fx.Node, operands: list[fx.Node],
     if lin is not None or isinstance(mod, nn.Flatten) or (
             node.op in ("call_function", "call_method")
             and getattr(node.target, "__name__", node.target) in ("flatten", "view", "reshape")):
-        raise Fc2ConvError(
+        raise NotConvolutional(
             f"{name!r} flattens or mixes all positions, so the model is not fully "
             f"convolutional; run fc2conv.convolutionalize(model, input_shape) first"
         )
@@ -167,9 +187,13 @@ def receptive_field(model: nn.Module, input_shape: Sequence[int]) -> ReceptiveFi
     When the output is ``1x1`` at ``input_shape`` (a convolutionalized classifier),
     ``window(i, j)`` is the ``input_shape``-sized crop that cell ``(i, j)`` of a dense map
     classifies: ``(i * stride, j * stride, i * stride + H, j * stride + W)``; otherwise it is
-    the cell's receptive field itself.
+    the cell's receptive field itself. A classifier that still flattens its features is
+    convolutionalized first (:func:`fc2conv.convolutionalize`).
     """
-    fields, in_size, out_size, reasons = _field(model, input_shape)
+    try:
+        fields, in_size, out_size, reasons = _field(model, input_shape)
+    except NotConvolutional:
+        fields, in_size, out_size, reasons = _field(_dense(model, input_shape), input_shape)
     one_cell = all(s == 1 for s in out_size)
     return ReceptiveField(
         size=tuple(f.size for f in fields),
@@ -209,8 +233,10 @@ def is_window_exact(model: nn.Module, input_shape: Sequence[int], *, cells: int 
     """Whether each dense cell of the fully convolutional ``model`` equals ``model`` on that
     cell's window, by structure (no padding, no partial ceil_mode window) and measured on a
     random image ``cells`` strides larger than ``input_shape`` per axis (corner, middle and far
-    corner cells). The measured error is reported either way.
+    corner cells). The measured error is reported either way. A classifier that still
+    flattens its features is convolutionalized first.
     """
+    model = _dense(model, input_shape)
     rf = receptive_field(model, input_shape)
     gen = torch.Generator().manual_seed(seed)
     size = tuple(w + o + (cells - 1) * s for w, o, s in

@@ -165,6 +165,8 @@ def test_resnet_global_pool_keep_and_drop():
     torch.testing.assert_close(scores.double().mean((2, 3)), ref, rtol=1e-5, atol=1e-5)
     rf = receptive_field(drop, shape)
     assert rf.stride == (2, 2) and not rf.exact
+    check = is_window_exact(drop, shape)  # crops' maps vs the big map: borders differ
+    assert not check and check.max_abs_error > 1e-3 and check.cells == 3 * 16 * 16
     with pytest.raises(Fc2ConvError, match="global pooling"):
         receptive_field(keep, shape)
 
@@ -295,3 +297,14 @@ def test_sliding_window_progress_bar_runs():
     plain = sliding_window(model, image, 3, 1, batch_size=100, progress=False)
     torch.testing.assert_close(shown, plain)
     assert shown.shape == (1, 3, 10, 10)
+
+
+def test_valid_fully_convolutional_maps_are_window_exact():
+    """A net whose output is a map already: crops' maps equal the big map's cells."""
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 3, 3),
+                          nn.Conv2d(3, 5, 1)).eval()
+    rf = receptive_field(model, (2, 16, 16))
+    assert (rf.size, rf.stride, rf.padding) == ((8, 8), (2, 2), (0, 0))
+    assert rf.window(1, 2) == (2, 4, 10, 12)  # the receptive field of cell (1, 2)
+    check = is_window_exact(model, (2, 16, 16))
+    assert check and check.max_rel_error < 1e-5

@@ -166,7 +166,13 @@ def convolutionalize(in_path: str, out_path: str, input_shape: str, global_pool:
     if check:
         original = strip_guards(program.module())  # type: ignore[arg-type]
         x = torch.randn(VERIFY_SAMPLES, *shape)
-        ok, text = _verify(original, dense, (x,))
+        check_model: Any = dense
+        if global_pool == "drop":  # the map of scores per position averages to the logits
+
+            def check_model(t: Any) -> Any:  # type: ignore[no-redef]
+                return dense(t).mean((2, 3))
+
+        ok, text = _verify(original, check_model, (x,))
         console.print(f"check at {'x'.join(map(str, shape))}: {text}")
         if not ok:
             sys.exit(1)

@@ -275,7 +275,11 @@ def _global_head(gm: fx.GraphModule, start: fx.Node, fmap: fx.Node, pool_node: f
                  head: list[fx.Node], global_pool: str) -> None:
     """Global average pool + head: move the leading affine layers before the pool."""
     def affine(n: fx.Node) -> bool:
-        return linear_of(gm, n) is not None or isinstance(module_of(gm, n), _AFFINE)
+        eval_dropout = n.op == "call_function" and n.target in (
+            torch.ops.aten.dropout.default, torch.nn.functional.dropout) and not (
+            n.args[2] if len(n.args) > 2 else n.kwargs.get("train", n.kwargs.get("training")))
+        return linear_of(gm, n) is not None or isinstance(module_of(gm, n), _AFFINE) \
+            or eval_dropout
 
     split = 0
     while split < len(head) and affine(head[split]):

@@ -36,7 +36,10 @@ _POINTWISE_FUNCTIONS: set[Any] = {
     aten.tanh.default, aten.hardtanh.default, aten.leaky_relu.default, aten.elu.default,
     aten.hardswish.default, aten.dropout.default, aten.add.Tensor, aten.sub.Tensor,
     aten.mul.Tensor, aten.div.Tensor, aten.relu_.default, aten.add_.Tensor, aten.clone.default,
-    aten.neg.default, aten.exp.default, aten.alias.default,
+    aten.neg.default, aten.exp.default, aten.alias.default, aten.hardtanh_.default,
+    aten.silu_.default, aten.leaky_relu_.default, aten.hardswish_.default, aten.sigmoid_.default,
+    aten.tanh_.default, aten.elu_.default, aten.mul_.Tensor, aten.hardsigmoid.default,
+    aten.hardsigmoid_.default, aten.mish.default, aten.softplus.default,
 }
 _POINTWISE_METHODS = {
     "relu", "sigmoid", "tanh", "add", "sub", "mul", "div", "neg", "exp", "clone", "contiguous",

@@ -37,7 +37,6 @@ from fc2conv.pytorch.ops import (
     linear_of,
     module_of,
     softmax_dim,
-    tensor_args,
     tensor_shape,
     user_name,
     window_of,
@@ -91,8 +90,19 @@ def _field(model: nn.Module, input_shape: Sequence[int]) -> tuple[
                 value = value[0]
             out_node = value if isinstance(value, fx.Node) else None
             continue
-        operands = [a for a in tensor_args(node) if a in fields]
-        if not operands or tensor_shape(node) is None:
+        operands = [a for a in node.all_input_nodes if a in fields]
+        if not operands:
+            continue  # constants, weights
+        if tensor_shape(node) is None:  # not a tensor: a shape query, or a tuple of results
+            if _is_batch_norm(node) or (node.op == "call_function"
+                                        and node.target is operator.getitem):
+                fields[node] = fields[operands[0]]
+            elif not _is_shape_query(node):
+                raise Fc2ConvError(
+                    f"{user_name(node)!r} ({getattr(node.target, '__name__', node.target)}) "
+                    f"is not a convolution, pooling or per-position op, so fc2conv cannot say "
+                    f"which input window its cells see"
+                )
             continue
         fields[node] = _through(gm, node, operands, fields, reasons, n_axes)
     if out_node is None or out_node not in fields:
@@ -100,6 +110,16 @@ def _field(model: nn.Module, input_shape: Sequence[int]) -> tuple[
     out_shape = tensor_shape(out_node)
     assert out_shape is not None
     return fields[out_node], shape[1:], out_shape[2:], reasons
+
+
+def _is_batch_norm(node: fx.Node) -> bool:
+    """aten's batch norm ops (per channel, per position), whatever their variant."""
+    return node.op == "call_function" and "batch_norm" in getattr(node.target, "__name__", "")
+
+
+def _is_shape_query(node: fx.Node) -> bool:
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    return name in ("size", "dim", "getattr", "sym_size", "sym_size.int", "numel")
 
 
 def _through(gm: fx.GraphModule, node: fx.Node, operands: list[fx.Node],
@@ -154,7 +174,8 @@ def _through(gm: fx.GraphModule, node: fx.Node, operands: list[fx.Node],
             f"convolutional; run fc2conv.convolutionalize(model, input_shape) first"
         )
     same_rank = all(len(tensor_shape(a) or ()) == len(tensor_shape(node) or ()) for a in operands)
-    elementwise = is_pointwise(gm, node) or isinstance(mod, _PER_POSITION) or (
+    elementwise = is_pointwise(gm, node) or isinstance(mod, _PER_POSITION) or _is_batch_norm(
+        node) or (
         softmax_dim(gm, node) is not None and softmax_dim(gm, node)[0] == 1)  # type: ignore[index]
     if node.op == "call_function" and node.target in (operator.add, operator.mul, torch.add,
                                                       torch.ops.aten.add.Tensor,
@@ -230,40 +251,41 @@ class WindowCheck:
 @torch.no_grad()
 def is_window_exact(model: nn.Module, input_shape: Sequence[int], *, cells: int = 3,
                     seed: int = 0) -> WindowCheck:
-    """Whether each dense cell of the fully convolutional ``model`` equals ``model`` on that
-    cell's window, by structure (no padding, no partial ceil_mode window) and measured on a
-    random image ``cells`` strides larger than ``input_shape`` per axis (corner, middle and far
-    corner cells). The measured error is reported either way. A classifier that still
-    flattens its features is convolutionalized first.
+    """Whether each dense cell of the fully convolutional ``model`` equals ``model`` run on a
+    crop around it, by structure (no padding, no partial ceil_mode window) and measured.
+
+    Measured on a random image ``cells - 1`` strides larger than ``input_shape`` per axis:
+    crops of ``input_shape`` at the first, middle and last stride offsets; the crop's map
+    (``1x1`` for a convolutionalized classifier: the classifier on ``window(i, j)``) is compared
+    with the same cells of the big image's map. The measured error is reported either way. A
+    classifier that still flattens its features is convolutionalized first.
     """
     model = _dense(model, input_shape)
     rf = receptive_field(model, input_shape)
+    shape = as_shape(input_shape)
     gen = torch.Generator().manual_seed(seed)
-    size = tuple(w + o + (cells - 1) * s for w, o, s in
-                 zip(rf.window_size, rf.window_offset, rf.stride, strict=True))
+    size = tuple(n + (cells - 1) * s for n, s in zip(shape[1:], rf.stride, strict=True))
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    image = torch.randn(1, int(as_shape(input_shape)[0]), *size, generator=gen, dtype=dtype)
+    image = torch.randn(1, shape[0], *size, generator=gen, dtype=dtype)
     dense = model(image)
-    n_cells = dense.shape[2:]
-    picks = {tuple(0 for _ in n_cells), tuple(n - 1 for n in n_cells),
-             tuple(n // 2 for n in n_cells)}
-    worst_abs, worst_rel = 0.0, 0.0
-    for idx in sorted(picks):
-        box = rf.window(*idx)
-        half = len(box) // 2
-        if any(b < 0 for b in box[:half]) or any(e > n for e, n in zip(box[half:], size,
-                                                                        strict=True)):
+    worst_abs, worst_rel, compared = 0.0, 0.0, 0
+    for k in sorted({0, (cells - 1) // 2, cells - 1}):
+        starts = tuple(k * s for s in rf.stride)
+        region: Any = (..., *(slice(a, a + n) for a, n in zip(starts, shape[1:], strict=True)))
+        ref = model(image[region])
+        cell: Any = (..., *(slice(k, k + m) for m in ref.shape[2:]))
+        got = dense[cell]
+        if got.shape != ref.shape:
             continue
-        region: Any = (..., *(slice(a, b) for a, b in zip(box[:half], box[half:], strict=True)))
-        crop = image[region]
-        ref = model(crop).reshape(dense.shape[1], -1)[:, 0]
-        got = dense[(0, slice(None), *idx)]
         diff = (got - ref).abs().max().item()
         worst_abs = max(worst_abs, diff)
         worst_rel = max(worst_rel, diff / max(ref.abs().max().item(), 1e-30))
+        compared += int(math.prod(ref.shape[2:]))
+    if not compared:
+        raise Fc2ConvError("no crop of input_shape lines up with the dense map's cells")
     eps = torch.finfo(dtype).eps
-    tol = 64 * eps * math.sqrt(max(1, math.prod(rf.window_size)))
+    tol = 64 * eps * math.sqrt(max(1, math.prod(rf.size)))
     measured_exact = worst_rel <= tol
-    return WindowCheck(rf.exact and measured_exact, worst_abs, worst_rel, len(picks),
+    return WindowCheck(rf.exact and measured_exact, worst_abs, worst_rel, compared,
                        rf.reason if not rf.exact else (
                            None if measured_exact else "cells differ from their crops"))

@@ -262,3 +262,22 @@ def test_to_conv_then_to_linear_on_random_mlps(widths, bias, lead, dims, layout)
     assert _count(back, nn.Linear) == len(widths) - 1
     assert not any(is_move(n) for n in back.graph.nodes)
     assert_matches_reference(back(x), model, x)
+
+
+def test_per_channel_scale_between_pointwise_convs_stays_in_the_region():
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(4, 6, 1)
+            self.scale = nn.Parameter(torch.rand(6, 1, 1) + 0.5)
+            self.b = nn.Conv2d(6, 3, 1)
+
+        def forward(self, x):
+            return self.b(self.a(x) * self.scale)
+
+    model = Scaled().eval()
+    x = torch.randn(2, 4, 5, 7)
+    lin = to_linear(model, x)
+    moves = [n for n in lin.graph.nodes if is_move(n)]
+    assert len(moves) == 2, lin.code  # one in, one out: the scale follows the layout
+    assert_matches_reference(lin(x), model, x)

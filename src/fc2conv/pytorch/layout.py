@@ -131,8 +131,8 @@ def per_channel_vector(node: fx.Node, is_moved: Callable[[fx.Node], bool], chann
 
 def relayout(gm: fx.GraphModule, rewrite: Rewrite, may_follow: Callable[[fx.Node], bool],
              move: Callable[[fx.Node], Move], what: str,
-             vector_shape: Callable[[fx.Node, Move], tuple[int, ...]] | None = None
-             ) -> fx.GraphModule:
+             vector_shape: Callable[[fx.Node, Move], tuple[int, ...]] | None = None,
+             *, move_to_conv: bool = True) -> fx.GraphModule:
     """Rebuild ``gm``'s graph with the nodes ``rewrite`` accepts in the new layout.
 
     ``rewrite(node, is_moved)`` -> ``(module, name, input)``: call ``module`` (registered at
@@ -141,6 +141,8 @@ def relayout(gm: fx.GraphModule, rewrite: Rewrite, may_follow: Callable[[fx.Node
     ``may_follow(node)``: an elementwise node that stays in the new layout when every tensor
     operand is in it. ``vector_shape(x, move)``: the new-layout shape of a per-channel vector
     combined with a moved ``x`` (see :func:`per_channel_vector`); ``None`` disables that.
+    ``move_to_conv``: this pass moves Linear-layout values to the conv layout (``to_conv``);
+    ``False`` for the reverse.
     ``move(value)`` says how to move a value of the original layout. Values leave the new
     layout once, where a node that cannot follow (or the output) reads them. The model's own
     permutes that a move would undo are absorbed instead of paired with a move.
@@ -197,7 +199,7 @@ def relayout(gm: fx.GraphModule, rewrite: Rewrite, may_follow: Callable[[fx.Node
         except Fc2ConvError:
             return False
 
-    channels_last = vector_shape is not None and _moves_to_conv(move, old)
+    channels_last = move_to_conv  # the original layout of a per-channel vector: (C,)
     for node in old.nodes:
         calls = node.op in ("call_module", "call_function", "call_method")
         plan = rewrite(node, free_to_move) if calls else None
@@ -237,17 +239,6 @@ def relayout(gm: fx.GraphModule, rewrite: Rewrite, may_follow: Callable[[fx.Node
     cancel_inverse_moves(new)
     gm.graph = new
     return gm
-
-
-def _moves_to_conv(move: Callable[[fx.Node], Move], graph: fx.Graph) -> bool:
-    """Whether this pass moves values to the conv layout (``to_conv``)."""
-    for node in graph.nodes:
-        if tensor_shape(node) is not None and len(tensor_shape(node) or ()) >= 2:
-            try:
-                return move(node).forward is last_to_channels
-            except Fc2ConvError:
-                continue
-    return True
 
 
 def _undone_by(node: fx.Node, moved: set[fx.Node], move: Callable[[fx.Node], Move]

@@ -175,7 +175,7 @@ def to_linear(model: nn.Module | torch.export.ExportedProgram, example_inputs: A
         check_only(only, {f[2] for n in gm.graph.nodes if (f := _pointwise_conv(gm, n))},
                    "per-position conv")
     gm = relayout(gm, rewrite, lambda n: is_pointwise(gm, n), move, "conv",
-                  lambda x, m: (-1,))
+                  lambda x, m: (-1,), move_to_conv=False)
     for _, (lin, target) in converted.items():
         log.info("%s -> %s", target, describe(lin))
     return finish(gm)

@@ -34,6 +34,13 @@ __version__ = "0.1.0"
 # name -> "module" (a subpackage) or "module:attribute".
 _LAZY: dict[str, str] = {
     "onnx": "fc2conv.onnx",
+    "to_conv": "fc2conv.pytorch:to_conv",
+    "to_linear": "fc2conv.pytorch:to_linear",
+    "convolutionalize": "fc2conv.pytorch:convolutionalize",
+    "receptive_field": "fc2conv.pytorch:receptive_field",
+    "is_window_exact": "fc2conv.pytorch:is_window_exact",
+    "sliding_window": "fc2conv.pytorch:sliding_window",
+    "ReceptiveField": "fc2conv.pytorch:ReceptiveField",
 }
 
 __all__ = [

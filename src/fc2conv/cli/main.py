@@ -18,6 +18,7 @@ from fc2conv.errors import Fc2ConvError
 # `fc2conv --help` and `fc2conv demo` never import onnx.
 COMMANDS: dict[str, str] = {
     "convert": "fc2conv.cli.convert:convert",
+    "convolutionalize": "fc2conv.cli.torch_commands:convolutionalize",
     "demo": "fc2conv.cli.demo:demo",
     "explain": "fc2conv.cli.explain:explain",
 }

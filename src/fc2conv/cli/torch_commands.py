@@ -1,0 +1,188 @@
+"""PyTorch commands: ``fc2conv convolutionalize`` and the ``.pt2`` half of ``fc2conv convert``.
+
+Thin: parse, call one public function, verify, print. Models travel as ``torch.export``
+programs (``.pt2``), never pickles. torch is imported inside the functions so
+``fc2conv --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import click
+
+from fc2conv.errors import Fc2ConvError
+
+VERIFY_SAMPLES = 4
+
+
+def _verify(original: Any, converted: Any, inputs: tuple[Any, ...]) -> tuple[bool, str]:
+    """Max-error check of ``converted`` against a float64 run of ``original`` on ``inputs``.
+
+    The allowed error is derived from the original's own float error against the same float64
+    reference (the converted model may not be much worse than the original already is), with a
+    floor of ``64 eps`` of the output scale. Outputs may differ in shape only by singleton axes
+    (``(N, K)`` vs ``(N, K, 1, 1)``). To be replaced by ``fc2conv.compare`` at merge.
+    """
+    import torch
+
+    from fc2conv.pytorch.trace import quiet_deepcopy
+
+    with torch.no_grad():
+        ref_model = quiet_deepcopy(original).double()
+        ref = ref_model(*(t.double() if t.is_floating_point() else t for t in inputs))
+        base = original(*inputs)
+        got = converted(*inputs)
+    if got.numel() != ref.numel():
+        return False, (f"different: outputs have {tuple(got.shape)} and {tuple(ref.shape)} "
+                       f"elements")
+    got = got.reshape(ref.shape).double()
+    err = (got - ref).abs()
+    base_err = (base.reshape(ref.shape).double() - ref).abs().max().item()
+    eps = torch.finfo(base.dtype).eps
+    scale = max(ref.abs().max().item(), 1e-30)
+    allowed = max(4 * base_err, 64 * eps * scale)
+    worst = err.max().item()
+    index = tuple(int(i) for i in torch.unravel_index(err.argmax(), err.shape))
+    bad = int((err > allowed).sum())
+    verdict = "equal" if bad == 0 else "different"
+    text = (f"{verdict}: max abs difference {worst:.3g} at index {index} (allowed {allowed:.3g}; "
+            f"the original's own float error is {base_err:.3g}); mismatched elements: "
+            f"{bad} / {err.numel()}")
+    return bad == 0, text
+
+
+def _summary(model: Any, title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from fc2conv.core.describe import describe
+
+    table = Table(title=title)
+    for col in ("layer", "was", "now"):
+        table.add_column(col)
+    rows = 0
+    for name, mod in model.named_modules():
+        source = getattr(mod, "fc2conv_source", None)
+        if source is not None:
+            table.add_row(name, str(getattr(mod, "fc2conv_origin", "")), describe(mod))
+            rows += 1
+    console = Console()
+    if rows:
+        console.print(table)
+    else:
+        console.print(f"{title}: no layer converted")
+
+
+def _print_field(model: Any, input_shape: tuple[int, ...]) -> Any:
+    from rich.console import Console
+
+    from fc2conv.pytorch import receptive_field
+
+    try:
+        rf = receptive_field(model, input_shape)
+    except Fc2ConvError as err:
+        Console().print(f"receptive field: n/a ({err})")
+        return None
+    Console().print(str(rf))
+    return rf
+
+
+def convert_pt2(in_path: str, out_path: str, *, to: str, check: bool, only: tuple[str, ...],
+                in_place: bool) -> int:
+    """``fc2conv convert IN.pt2 OUT.pt2 --to conv|linear``: returns the exit code (0 done,
+    1 the check found a difference and nothing was written)."""
+    from rich.console import Console
+
+    from fc2conv.files import check_output_path
+    from fc2conv.pytorch import export_io, to_conv, to_linear
+    from fc2conv.pytorch.trace import strip_guards
+
+    if to not in ("conv", "linear"):
+        raise Fc2ConvError(f"--to must be 'conv' or 'linear', got {to!r}")
+    check_output_path(in_path, out_path, in_place=in_place)
+    program = export_io.load(in_path)
+    inputs = export_io.example_input_of(program)
+    names = set(only) if only else None
+    convert = to_conv if to == "conv" else to_linear
+    converted = convert(program, inputs, only=names)
+    if check:
+        original = strip_guards(program.module())  # type: ignore[arg-type]
+        ok, text = _verify(original, converted, inputs)
+        Console().print(f"check: {text}")
+        if not ok:
+            return 1
+    _summary(converted, f"{os.path.basename(in_path)} -> {to}")
+    first = inputs[0] if inputs else None
+    if first is not None and first.dim() >= 3:
+        _print_field(converted, tuple(first.shape[1:]))
+    export_io.save(export_io.export(converted, inputs), out_path)
+    Console().print(f"wrote {out_path}")
+    return 0
+
+
+def _parse_shape(value: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(v) for v in value.replace("x", ",").split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected C,H,W like 3,224,224, got {value!r}") from None
+    if len(shape) < 2 or any(s <= 0 for s in shape):
+        raise click.BadParameter(f"expected C,H,W like 3,224,224, got {value!r}")
+    return shape
+
+
+@click.command(epilog="""\b
+Example:
+  fc2conv convolutionalize vgg.pt2 vgg_fcn.pt2 --input-shape 3,224,224
+""")
+@click.argument("in_path", metavar="IN.pt2")
+@click.argument("out_path", metavar="OUT.pt2")
+@click.option("--input-shape", required=True, help="Training input size C,H,W (e.g. 3,224,224).")
+@click.option("--global-pool", type=click.Choice(["keep", "drop"]), default="keep",
+              show_default=True, help="GAP heads: pool after the head, or return the pre-pool map.")
+@click.option("--check/--no-check", default=True, show_default=True,
+              help="Compare the logits at the training size with the original.")
+@click.option("--in-place", is_flag=True, help="Allow OUT to be IN (replaced atomically).")
+def convolutionalize(in_path: str, out_path: str, input_shape: str, global_pool: str,
+                     check: bool, in_place: bool) -> None:
+    """Make a classifier fully convolutional: (N, classes, 1, 1) at the training size, a dense
+    score map on larger images. Prints the receptive field of each cell."""
+    import sys
+
+    import torch
+    from rich.console import Console
+
+    from fc2conv.files import check_output_path
+    from fc2conv.pytorch import convolutionalize as convolutionalize_model
+    from fc2conv.pytorch import export_io
+    from fc2conv.pytorch.trace import strip_guards
+
+    shape = _parse_shape(input_shape)
+    check_output_path(in_path, out_path, in_place=in_place)
+    program = export_io.load(in_path)
+    dense = convolutionalize_model(program, shape, global_pool=global_pool)
+    console = Console()
+    if check:
+        original = strip_guards(program.module())  # type: ignore[arg-type]
+        x = torch.randn(VERIFY_SAMPLES, *shape)
+        check_model: Any = dense
+        if global_pool == "drop":  # the map of scores per position averages to the logits
+
+            def check_model(t: Any) -> Any:  # type: ignore[no-redef]
+                return dense(t).mean((2, 3))
+
+        ok, text = _verify(original, check_model, (x,))
+        console.print(f"check at {'x'.join(map(str, shape))}: {text}")
+        if not ok:
+            sys.exit(1)
+    _summary(dense, f"{os.path.basename(in_path)} -> fully convolutional")
+    rf = _print_field(dense, shape)
+    if rf is not None and not rf.exact:
+        from fc2conv.pytorch import is_window_exact
+
+        console.print(f"measured: {is_window_exact(dense, shape)}")
+    grow = rf.stride if rf is not None else (0,) * (len(shape) - 1)
+    example = torch.randn(2, shape[0], *(s + g for s, g in zip(shape[1:], grow, strict=True)))
+    export_io.save(export_io.export(dense, (example,), min_spatial=shape[1:]), out_path)
+    console.print(f"wrote {out_path}")

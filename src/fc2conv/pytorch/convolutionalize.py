@@ -1,0 +1,305 @@
+"""``convolutionalize``: a classifier ``features -> [pool] -> flatten -> FC head`` becomes a fully
+convolutional net (OverFeat, FCN; Caffe's "net surgery" done for any graph).
+
+On the feature map ``(C, H, W)`` that the training size ``input_shape`` produces:
+
+* the first Linear over ``flatten(x)`` becomes a conv with kernel ``(H, W)``
+  (:func:`fc2conv.flatten_linear_to_conv`, ``K = W.reshape(O, C, H, W)``; for a channels-last
+  flatten ``x.permute(0, 2, 3, 1).flatten(1)``, ``K = W.reshape(O, H, W, C).movedim(-1, 1)``);
+* later Linears become 1x1 convs (:func:`fc2conv.linear_to_conv`); activations and dropout stay;
+  ``BatchNorm1d`` becomes ``BatchNorm2d`` with the same statistics; softmax moves to axis 1;
+* ``AdaptiveAvgPool2d`` before the flatten: dropped where it is the identity at the training
+  size (VGG at 224), replaced by a fixed ``AvgPool2d(k)`` where its windows are all ``k x k``
+  and disjoint (``H = k h``), refused otherwise;
+* global average pooling + head (ResNet style): average and affine maps commute,
+  ``mean_p (W x_p + b) = W mean_p x_p + b``, so the head's leading affine layers become 1x1
+  convs applied *before* the pool; ``global_pool="drop"`` returns that pre-pool dense map.
+
+At ``input_shape`` the result returns ``(N, classes, 1, 1)`` equal to the original logits; on a
+larger input, a dense map of scores (see :func:`fc2conv.receptive_field`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from fc2conv.core.describe import describe, shape_str
+from fc2conv.core.layers import flatten_linear_to_conv, linear_to_conv
+from fc2conv.core.provenance import mark
+from fc2conv.core.receptive import adaptive_as_fixed, adaptive_windows
+from fc2conv.core.shapes import as_shape
+from fc2conv.errors import Fc2ConvError, wrap
+from fc2conv.pytorch.ops import (
+    adaptive_of,
+    channels_last_source,
+    first_input,
+    flatten_of,
+    is_pointwise,
+    linear_of,
+    module_of,
+    softmax_dim,
+    tensor_shape,
+    user_name,
+)
+from fc2conv.pytorch.trace import finish, record_shapes, to_graph, unique_name
+
+log = logging.getLogger(__name__)
+
+GLOBAL_POOL = ("keep", "drop")
+_AFFINE = (nn.Dropout, nn.Identity)  # affine in eval mode (dropout is the identity)
+
+
+def _mean_pool_source(node: fx.Node) -> fx.Node | None:
+    """``x.mean((2, 3))`` / ``torch.mean(x, [-2, -1])`` of an ``(N, C, H, W)`` map -> ``x``."""
+    if not ((node.op == "call_method" and node.target == "mean")
+            or (node.op == "call_function" and node.target in (torch.mean,
+                                                               torch.ops.aten.mean.dim))):
+        return None
+    src = first_input(node)
+    shape = tensor_shape(src)
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    if shape is None or len(shape) != 4 or keep or not isinstance(dims, (list, tuple)):
+        return None
+    return src if sorted(int(d) % 4 for d in dims) == [2, 3] else None  # type: ignore[return-value]
+
+
+def _head(gm: fx.GraphModule) -> list[fx.Node]:
+    """The chain of nodes from the output back to (excluding) the flatten or global pool."""
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    value = out.args[0]
+    while isinstance(value, (tuple, list)) and len(value) == 1:
+        value = value[0]
+    if not isinstance(value, fx.Node):
+        raise Fc2ConvError("the model must return one tensor (the logits)")
+    chain: list[fx.Node] = []
+    node = value
+    while True:
+        if flatten_of(gm, node) is not None or _mean_pool_source(node) is not None:
+            break
+        src = first_input(node)
+        if not isinstance(src, fx.Node) or tensor_shape(node) is None:
+            raise Fc2ConvError(
+                f"found no flatten before the classifier head: {user_name(node)!r} is not "
+                f"part of a head of Linear, activation, dropout, BatchNorm1d and softmax layers"
+            )
+        chain.append(node)
+        node = src
+    chain.reverse()
+    return [node, *chain]
+
+
+def convolutionalize(model: nn.Module | torch.export.ExportedProgram, input_shape: Sequence[int],
+                     *, global_pool: str = "keep", inplace: bool = False) -> fx.GraphModule:
+    """Return ``model`` (a classifier on ``(N, *input_shape)`` images) as a fully convolutional
+    ``GraphModule``: ``(N, classes, 1, 1)`` at ``input_shape``, equal to the original logits,
+    and a dense map of scores on larger inputs.
+
+    ``global_pool``: for a global-average-pooling head, ``"keep"`` pools after the converted
+    affine head layers (same logits at any size), ``"drop"`` returns the pre-pool map of scores
+    per position (needs a head without nonlinearities). Raises
+    :class:`~fc2conv.errors.Fc2ConvError` (a ``ValueError``) naming the layer it cannot convert
+    exactly, and why. ``model`` should be in eval mode (dropout, batch norm).
+    """
+    if global_pool not in GLOBAL_POOL:
+        raise Fc2ConvError(f"global_pool must be 'keep' or 'drop', got {global_pool!r}")
+    shape = as_shape(input_shape, min_len=2, max_len=4)
+    if isinstance(model, nn.Module) and not isinstance(model, fx.GraphModule) and model.training:
+        log.warning("%s is in training mode: dropout and batch norm make its outputs random; "
+                    "call model.eval() first", type(model).__name__)
+    example = torch.randn(1, *shape, dtype=_dtype(model))
+    gm = to_graph(model, (example,), inplace=inplace)
+    record_shapes(gm, (example,))
+    start, *head = _head(gm)
+    if not any(linear_of(gm, n) is not None for n in head):
+        raise Fc2ConvError("the classifier head has no Linear layer to convert")
+    mean_src = _mean_pool_source(start)
+    if mean_src is not None:  # x.mean((2, 3)): a global average pool and a flatten in one
+        _global_head(gm, start, mean_src, None, head, global_pool)
+        return finish(gm)
+    flat_src = flatten_of(gm, start)
+    assert flat_src is not None
+    order = "chw"
+    cl = channels_last_source(flat_src)
+    if cl is not None:
+        order, flat_src = "hwc", cl
+    fmap: fx.Node = flat_src
+    pool = adaptive_of(gm, fmap)
+    in_hw = tensor_shape(pool.input if pool else fmap)
+    if pool is not None and in_hw is not None:
+        out_hw = tensor_shape(fmap)[2:]  # type: ignore[index]
+        if all(o == 1 for o in out_hw) and any(i != 1 for i in in_hw[2:]) and pool.kind == "avg":
+            if order == "hwc":
+                raise Fc2ConvError("a channels-last flatten after global pooling is not supported")
+            _global_head(gm, start, pool.input, fmap, head, global_pool)
+            return finish(gm)
+        fmap = _fold_adaptive(gm, fmap, pool, in_hw[2:], out_hw)
+    _flat_head(gm, start, fmap, head, order)
+    return finish(gm)
+
+
+def _dtype(model: Any) -> torch.dtype:
+    for p in model.parameters():
+        return p.dtype if p.is_floating_point() else torch.float32
+    return torch.float32
+
+
+def _fold_adaptive(gm: fx.GraphModule, node: fx.Node, pool: object, in_hw: tuple[int, ...],
+                   out_hw: tuple[int, ...]) -> fx.Node:
+    """Drop an identity adaptive pool, or replace it by the fixed pool equal to it."""
+    assert hasattr(pool, "input") and hasattr(pool, "kind") and hasattr(pool, "name")
+    kernels = [adaptive_as_fixed(i, o) for i, o in zip(in_hw, out_hw, strict=True)]
+    if all(k == 1 for k in kernels):
+        log.warning("dropped %r (Adaptive%sPool %s -> %s): the identity at the training size",
+                    pool.name, pool.kind.title(), shape_str(in_hw), shape_str(out_hw))
+        return pool.input  # type: ignore[no-any-return]
+    if any(k is None for k in kernels):
+        bad = next(i for i, k in enumerate(kernels) if k is None)
+        sizes = sorted({e - s for s, e in adaptive_windows(in_hw[bad], out_hw[bad])})
+        raise Fc2ConvError(
+            f"Cannot convolutionalize {pool.name!r} (Adaptive{pool.kind.title()}Pool "
+            f"{shape_str(in_hw)} -> {shape_str(out_hw)}): its windows have sizes "
+            f"{' and '.join(map(str, sizes))} and overlap, so no fixed pool equals it on larger "
+            f"inputs; choose an input_shape whose feature map is a multiple of "
+            f"{shape_str(out_hw)}"
+        )
+    k: Any = tuple(int(x) for x in kernels)  # type: ignore[arg-type]
+    fixed: nn.Module = nn.AvgPool2d(k, k) if pool.kind == "avg" else nn.MaxPool2d(k, k)
+    if len(k) == 1:
+        fixed = nn.AvgPool1d(k, k) if pool.kind == "avg" else nn.MaxPool1d(k, k)
+    mark(fixed, pool.name, f"Adaptive{pool.kind.title()}Pool {shape_str(in_hw)} -> "
+                           f"{shape_str(out_hw)}")
+    name = pool.name if node.op == "call_module" else unique_name(gm, f"{pool.name}_fixed")
+    gm.add_submodule(name, fixed)
+    with gm.graph.inserting_after(node):
+        new = gm.graph.call_module(name, (pool.input,))
+    new.meta = dict(node.meta)
+    log.warning("replaced %r by %s (equal at the training size and exact on larger inputs)",
+                pool.name, type(fixed).__name__)
+    return new
+
+
+def _swap(gm: fx.GraphModule, node: fx.Node, module: nn.Module, name: str, arg: fx.Node) -> fx.Node:
+    """Replace ``node`` by a call of ``module`` registered at ``name`` on ``arg``."""
+    from fc2conv.pytorch.to_conv import replaceable
+
+    target = name if node.op == "call_module" or replaceable(gm, name, {node}) \
+        else unique_name(gm, name)
+    gm.add_submodule(target, module)
+    with gm.graph.inserting_after(node):
+        new = gm.graph.call_module(target, (arg,))
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    return new
+
+
+def _convert_layer(gm: fx.GraphModule, node: fx.Node, arg: fx.Node, first: bool,
+                   fmap_shape: tuple[int, ...] | None, order: str) -> fx.Node:
+    """Rewrite one head node to act on ``(N, C, h, w)`` maps; return the new node."""
+    if len(node.users) > 1:
+        raise Fc2ConvError(
+            f"Cannot convolutionalize {user_name(node)!r}: its output is also used by "
+            f"{', '.join(u.name for u in node.users)}, outside the classifier head"
+        )
+    lin = linear_of(gm, node)
+    if lin is not None:
+        try:
+            if first and fmap_shape is not None:
+                conv: nn.Module = flatten_linear_to_conv(lin.linear, fmap_shape, order,
+                                                         source=lin.name)
+            else:
+                conv = linear_to_conv(lin.linear, 2, source=lin.name)
+        except Fc2ConvError as err:
+            raise wrap(f"Cannot convolutionalize {lin.name!r} ({describe(lin.linear)})",
+                       err) from None
+        log.info("%s (%s) -> %s", lin.name, describe(lin.linear), describe(conv))
+        return _swap(gm, node, conv, lin.name, arg)
+    mod = module_of(gm, node)
+    if isinstance(mod, nn.BatchNorm1d):
+        if first:
+            raise Fc2ConvError(
+                f"Cannot convolutionalize {node.target!r}: a BatchNorm1d over flattened "
+                f"features normalizes each pixel separately, which no per-channel layer equals"
+            )
+        bn = nn.BatchNorm2d(mod.num_features, mod.eps, mod.momentum, mod.affine,
+                            mod.track_running_stats)
+        bn.load_state_dict(mod.state_dict())
+        bn.train(mod.training)
+        mark(bn, str(node.target), f"BatchNorm1d {mod.num_features}")
+        return _swap(gm, node, bn, str(node.target), arg)
+    soft = softmax_dim(gm, node)
+    if soft is not None:
+        dim, set_dim = soft
+        if dim not in (1, -1):
+            raise Fc2ConvError(
+                f"Cannot convolutionalize {user_name(node)!r}: softmax over dim {dim}, not the "
+                f"classes"
+            )
+        set_dim(1)
+    elif not is_pointwise(gm, node):
+        raise Fc2ConvError(
+            f"Cannot convolutionalize {user_name(node)!r} "
+            f"({node.op} {getattr(node.target, '__name__', node.target)}): "
+            f"only Linear, activations, dropout, BatchNorm1d and softmax are supported in the "
+            f"classifier head"
+        )
+    node.replace_input_with(first_input(node), arg)
+    return node
+
+
+def _flat_head(gm: fx.GraphModule, start: fx.Node, fmap: fx.Node, head: list[fx.Node],
+               order: str) -> None:
+    shape = tensor_shape(fmap)
+    assert shape is not None
+    fmap_shape = shape[1:]
+    if len(fmap_shape) != 3:
+        raise Fc2ConvError(
+            f"convolutionalize supports 2-D feature maps (N, C, H, W); the flatten reads "
+            f"{shape_str(shape)}"
+        )
+    arg, first = fmap, True
+    for node in head:
+        is_lin = linear_of(gm, node) is not None
+        arg = _convert_layer(gm, node, arg, first, fmap_shape, order)
+        first = first and not is_lin
+    del start
+
+
+def _global_head(gm: fx.GraphModule, start: fx.Node, fmap: fx.Node, pool_node: fx.Node | None,
+                 head: list[fx.Node], global_pool: str) -> None:
+    """Global average pool + head: move the leading affine layers before the pool."""
+    def affine(n: fx.Node) -> bool:
+        eval_dropout = n.op == "call_function" and n.target in (
+            torch.ops.aten.dropout.default, torch.nn.functional.dropout) and not (
+            n.args[2] if len(n.args) > 2 else n.kwargs.get("train", n.kwargs.get("training")))
+        return linear_of(gm, n) is not None or isinstance(module_of(gm, n), _AFFINE) \
+            or eval_dropout
+
+    split = 0
+    while split < len(head) and affine(head[split]):
+        split += 1
+    if global_pool == "drop" and split < len(head):
+        raise Fc2ConvError(
+            f"Cannot return the pre-pool map: {user_name(head[split])!r} is not affine, so it "
+            f"does not commute with the global average pool; use global_pool='keep'"
+        )
+    arg = fmap
+    for node in head[:split]:
+        arg = _convert_layer(gm, node, arg, False, None, "chw")
+    if global_pool == "drop":
+        log.warning("dropped the global average pool: returning the map of scores per position")
+        return
+    with gm.graph.inserting_after(arg):
+        pooled = gm.graph.call_method("mean", (arg, (2, 3)), {"keepdim": True})
+    for node in head[split:]:
+        pooled = _convert_layer(gm, node, pooled, False, None, "chw")
+    if split == len(head):  # the pool is now the last op: the output reads it
+        out = next(n for n in gm.graph.nodes if n.op == "output")
+        out.args = fx.node.map_arg(out.args, lambda a: pooled if a is arg else a)
+    del start, pool_node

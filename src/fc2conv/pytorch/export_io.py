@@ -1,0 +1,114 @@
+"""Saving and loading models as ``torch.export`` programs (``.pt2``): no pickles.
+
+A ``.pt2`` file holds the graph and the weights as tensors; loading it executes no Python code
+from the file. ``save`` exports with a dynamic batch axis and, when asked, dynamic spatial axes
+(a convolutionalized classifier must accept images larger than its training size).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from fc2conv.errors import Fc2ConvError
+from fc2conv.files import atomic_output
+
+log = logging.getLogger(__name__)
+
+
+def load(path: str | os.PathLike[str]) -> torch.export.ExportedProgram:
+    """Load a ``.pt2`` program; a file that is not one is reported as a sentence."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(2, "No such file or directory", str(path))
+    try:
+        return torch.export.load(path)
+    except Exception as exc:
+        raise Fc2ConvError(
+            f"{path} is not a torch.export program (.pt2) that this torch can load "
+            f"({type(exc).__name__}); save one with torch.export.save(torch.export.export("
+            f"model, args), path)"
+        ) from None
+
+
+def _size_oblivious() -> Any:
+    """A context in which export keeps sizes symbolic even where the example has a size of 1
+    (a dense map is 1x1 at the training size); a no-op on torch versions without it."""
+    import contextlib
+
+    try:
+        from torch.fx.experimental import _config
+    except ImportError:
+        return contextlib.nullcontext()
+    if not hasattr(_config, "backed_size_oblivious"):
+        return contextlib.nullcontext()
+    return _config.patch(backed_size_oblivious=True)  # type: ignore[attr-defined]
+
+
+def export(model: nn.Module, example_inputs: tuple[Any, ...], *, dynamic_batch: bool = True,
+           min_spatial: tuple[int, ...] | None = None) -> torch.export.ExportedProgram:
+    """``torch.export.export`` of ``model`` with a dynamic batch axis and, when ``min_spatial``
+    is given, dynamic spatial axes of at least those sizes on the first input. Falls back to
+    static shapes (with a log message) if torch cannot export the dynamic version."""
+    from torch.export import Dim
+
+    first = example_inputs[0]
+    if dynamic_batch and isinstance(first, torch.Tensor) and first.shape[0] == 1:
+        # export specializes size-1 axes; a batch of 2 keeps the batch axis symbolic
+        example_inputs = tuple(t.expand(2, *t.shape[1:]).contiguous()
+                               if isinstance(t, torch.Tensor) and t.shape[:1] == (1,) else t
+                               for t in example_inputs)
+        first = example_inputs[0]
+    spec: dict[int, Any] = {}
+    if dynamic_batch and isinstance(first, torch.Tensor):
+        spec[0] = Dim("batch", min=1, max=1 << 16)
+    if min_spatial is not None:
+        auto = getattr(Dim, "AUTO", None)  # torch >= 2.5: let export infer the constraints
+        for axis, low in enumerate(min_spatial, start=2):
+            spec[axis] = auto if auto is not None else Dim(f"size{axis}", min=int(low),
+                                                           max=1 << 16)
+        if auto is not None and 0 in spec:
+            spec[0] = auto
+    auto = getattr(Dim, "AUTO", None)
+    if auto is not None and dynamic_batch:  # every axis that can vary stays symbolic
+        dyn_all = tuple({i: auto for i in range(t.dim())} if isinstance(t, torch.Tensor) else None
+                        for t in example_inputs)
+        try:
+            with _size_oblivious():
+                return torch.export.export(model, example_inputs, dynamic_shapes=dyn_all)
+        except Exception as exc:
+            log.info("export with automatic dynamic shapes failed (%s)", type(exc).__name__)
+    if spec:
+        dyn = (spec,) + tuple(None for _ in example_inputs[1:])
+        try:
+            return torch.export.export(model, example_inputs, dynamic_shapes=dyn)
+        except Exception as exc:  # constraint violations: export with static shapes
+            log.warning("exporting with dynamic shapes failed (%s); saving static shapes",
+                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    return torch.export.export(model, example_inputs)
+
+
+def save(program: torch.export.ExportedProgram, path: str | os.PathLike[str]) -> None:
+    """Write ``program`` to ``path`` atomically (no partial file on failure)."""
+    with atomic_output(path, suffix=".tmp.pt2") as tmp:
+        torch.export.save(program, tmp)
+
+
+def example_input_of(program: torch.export.ExportedProgram) -> tuple[torch.Tensor, ...]:
+    """Random inputs of the shapes and dtypes the program was exported with."""
+    inputs = []
+    for node in program.graph.nodes:
+        if node.op != "placeholder" or node.name in program.graph_signature.inputs_to_parameters \
+                or node.name in program.graph_signature.inputs_to_buffers \
+                or node.name in program.graph_signature.inputs_to_lifted_tensor_constants:
+            continue
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            raise Fc2ConvError("the program takes a non-tensor input; fc2conv needs tensor inputs")
+        shape = [int(s) if isinstance(s, int) else int(s.node.hint or 2) for s in val.shape]
+        inputs.append(torch.randn(shape, dtype=val.dtype) if val.is_floating_point()
+                      else torch.zeros(shape, dtype=val.dtype))
+    return tuple(inputs)

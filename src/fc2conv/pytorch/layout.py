@@ -1,0 +1,278 @@
+"""Moving activations between the Linear layout ``(N, *S, C)`` and the conv layout
+``(N, C, *S')``, once per region of per-position ops.
+
+``to_conv`` and ``to_linear`` share one graph pass (:func:`relayout`): some nodes must change
+layout (a Linear becoming a 1x1 conv reads and writes the conv layout), elementwise nodes whose
+operands are all in the new layout stay in it, and every other use of a moved value reads it
+moved back. Each value is moved at most once in each direction, and a move of a value that was
+just moved the other way reuses the original, so the graph never holds a back-to-back pair of
+inverse permutes.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from fc2conv.errors import Fc2ConvError
+from fc2conv.pytorch.ops import permute_source, tensor_shape
+
+
+def last_to_channels(x: torch.Tensor, extra: int = 0, seq_last: bool = True) -> torch.Tensor:
+    """``(N, *S, C) -> (N, C, *S)``, then ``extra`` singleton axes: ``(B, S, C) -> (B, C, 1, S)``
+    with ``seq_last`` (Apple's ANE layout) or ``(B, C, S, 1)`` without."""
+    x = x.movedim(-1, 1)
+    for _ in range(extra):
+        x = x.unsqueeze(2 if seq_last else -1)
+    return x
+
+
+def channels_to_last(x: torch.Tensor, extra: int = 0, seq_last: bool = True) -> torch.Tensor:
+    """The inverse of :func:`last_to_channels` with the same ``extra`` and ``seq_last``."""
+    for _ in range(extra):
+        x = x.squeeze(2 if seq_last else -1)
+    return x.movedim(1, -1)
+
+
+INVERSE: dict[Callable[..., torch.Tensor], Callable[..., torch.Tensor]] = {
+    last_to_channels: channels_to_last,
+    channels_to_last: last_to_channels,
+}
+
+
+def is_move(node: fx.Node) -> bool:
+    """Whether ``node`` is a layout move inserted by fc2conv."""
+    return node.op == "call_function" and node.target in INVERSE  # type: ignore[comparison-overlap]
+
+
+def inverse_move_pairs(gm: fx.GraphModule) -> list[tuple[str, str]]:
+    """Pairs of nodes where a move directly undoes the move feeding it (should be empty)."""
+    pairs = []
+    for node in gm.graph.nodes:
+        src = node.args[0] if is_move(node) and node.args else None
+        undo: Any = INVERSE.get(src.target) if isinstance(src, fx.Node) else None  # type: ignore[arg-type]
+        if isinstance(src, fx.Node) and is_move(src) and undo is node.target \
+                and tuple(src.args[1:]) == tuple(node.args[1:]):
+            pairs.append((src.name, node.name))
+    return pairs
+
+
+class ChannelLayerNorm(nn.Module):
+    """``nn.LayerNorm(C)`` applied over axis 1 of an ``(N, C, *S)`` map: at every position,
+    ``y = (x - mean_c x) / sqrt(var_c x + eps) * weight + bias`` (biased variance), which is
+    the LayerNorm of the channels-last view."""
+
+    def __init__(self, channels: int, eps: float, weight: torch.Tensor | None,
+                 bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.channels, self.eps = channels, eps
+        self.weight = None if weight is None else nn.Parameter(weight.detach().clone())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = x.mean(1, keepdim=True)
+        centered = x - mean
+        var = centered.pow(2).mean(1, keepdim=True)
+        y = centered * torch.rsqrt(var + self.eps)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        if self.weight is not None:
+            y = y * self.weight.reshape(shape)
+        if self.bias is not None:
+            y = y + self.bias.reshape(shape)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"{self.channels}, eps={self.eps}, over axis 1"
+
+
+@dataclass
+class Move:
+    """How a value of a given original shape moves into (``forward``) and out of the layout."""
+
+    forward: Callable[..., torch.Tensor]
+    args: tuple[Any, ...]
+
+
+# A rule for a node that changes layout: returns the module to call on the moved input and the
+# name to register it under, or None when this node stays in the original layout.
+Rewrite = Callable[[fx.Node, Callable[[fx.Node], bool]], tuple[nn.Module, str, fx.Node] | None]
+
+
+_BINARY = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub,
+           torch.mul, torch.div, torch.ops.aten.add.Tensor, torch.ops.aten.sub.Tensor,
+           torch.ops.aten.mul.Tensor, torch.ops.aten.div.Tensor}
+
+
+def per_channel_vector(node: fx.Node, is_moved: Callable[[fx.Node], bool], channels_last: bool
+                       ) -> tuple[fx.Node, fx.Node] | None:
+    """``(moved operand, vector)`` when ``node`` is ``x op v`` (or ``v op x``) with ``x`` moved
+    and ``v`` one value per channel broadcast over the positions: shape ``(C,)`` in the Linear
+    layout (``channels_last``), ``(C, 1, ..., 1)`` in the conv layout (a layer scale, a bias)."""
+    if node.op != "call_function" or node.target not in _BINARY or node.kwargs:
+        return None
+    args = [a for a in node.args if isinstance(a, fx.Node)]
+    out = tensor_shape(node)
+    if len(args) != 2 or len(node.args) != 2 or out is None or len(out) < 2:
+        return None
+    for x, v in (args, args[::-1]):
+        vshape = tensor_shape(v)
+        if not is_moved(x) or is_moved(v) or tensor_shape(x) != out or vshape is None:
+            continue
+        want = (out[-1],) if channels_last else (out[1], *([1] * (len(out) - 2)))
+        if tuple(vshape) == tuple(want):
+            return x, v
+    return None
+
+
+def relayout(gm: fx.GraphModule, rewrite: Rewrite, may_follow: Callable[[fx.Node], bool],
+             move: Callable[[fx.Node], Move], what: str,
+             vector_shape: Callable[[fx.Node, Move], tuple[int, ...]] | None = None,
+             *, move_to_conv: bool = True) -> fx.GraphModule:
+    """Rebuild ``gm``'s graph with the nodes ``rewrite`` accepts in the new layout.
+
+    ``rewrite(node, is_moved)`` -> ``(module, name, input)``: call ``module`` (registered at
+    ``name``) on ``input`` moved into the new layout; ``is_moved(value)`` tells whether an
+    operand is already in the new layout (a LayerNorm converts only then).
+    ``may_follow(node)``: an elementwise node that stays in the new layout when every tensor
+    operand is in it. ``vector_shape(x, move)``: the new-layout shape of a per-channel vector
+    combined with a moved ``x`` (see :func:`per_channel_vector`); ``None`` disables that.
+    ``move_to_conv``: this pass moves Linear-layout values to the conv layout (``to_conv``);
+    ``False`` for the reverse.
+    ``move(value)`` says how to move a value of the original layout. Values leave the new
+    layout once, where a node that cannot follow (or the output) reads them. The model's own
+    permutes that a move would undo are absorbed instead of paired with a move.
+    """
+    old = gm.graph
+    new = fx.Graph()
+    new._codegen = old._codegen  # keep the pytree input/output handling of exported modules
+    env: dict[fx.Node, fx.Node] = {}
+    moved: set[fx.Node] = set()  # old nodes whose value is in the new layout
+    into: dict[fx.Node, fx.Node] = {}  # old node -> new node of its value moved in
+    out_of: dict[fx.Node, fx.Node] = {}  # old node -> new node of its value moved back
+
+    def user_permute(a: fx.Node, m: Move) -> fx.Node | None:
+        """The value ``a`` was permuted from, when the move would just undo that permute."""
+        if m.args[:1] != (0,):
+            return None
+        src = permute_source(a, to_last=m.forward is last_to_channels)
+        return src if src is not None and src not in moved else None
+
+    def move_in(a: fx.Node) -> fx.Node:
+        if a in moved:
+            return env[a]
+        if a not in into:
+            m = move(a)
+            src = env[a]
+            undone = user_permute(a, m)
+            if undone is not None:  # the model's own permute: read the value before it
+                into[a] = env[undone]
+            elif is_move(src) and src.target is INVERSE[m.forward] \
+                    and tuple(src.args[1:]) == m.args:
+                into[a] = src.args[0]  # type: ignore[assignment]
+            else:
+                into[a] = new.call_function(m.forward, (src, *m.args))
+        return into[a]
+
+    def move_out(a: fx.Node) -> fx.Node:
+        if a not in moved:
+            return env[a]
+        if a not in out_of:
+            m = move(a)
+            src = env[a]
+            back = INVERSE[m.forward]
+            if is_move(src) and src.target is m.forward and tuple(src.args[1:]) == m.args:
+                out_of[a] = src.args[0]  # type: ignore[assignment]
+            else:
+                out_of[a] = new.call_function(back, (src, *m.args))
+        return out_of[a]
+
+    def free_to_move(a: fx.Node) -> bool:
+        if a in moved:
+            return True
+        try:
+            return user_permute(a, move(a)) is not None
+        except Fc2ConvError:
+            return False
+
+    channels_last = move_to_conv  # the original layout of a per-channel vector: (C,)
+    for node in old.nodes:
+        calls = node.op in ("call_module", "call_function", "call_method")
+        plan = rewrite(node, free_to_move) if calls else None
+        pair = per_channel_vector(node, moved.__contains__, channels_last) \
+            if vector_shape is not None and plan is None else None
+        if pair is not None:
+            x, v = pair
+            assert vector_shape is not None
+            vec = new.call_method("reshape", (env[v], vector_shape(x, move(x))))
+            def swap(a: fx.Node, x: fx.Node = x, v: fx.Node = v, vec: fx.Node = vec) -> fx.Node:
+                return env[x] if a is x else vec if a is v else env[a]
+
+            env[node] = new.node_copy(node, swap)
+            moved.add(node)
+            continue
+        if plan is None and node.op not in ("placeholder", "output", "get_attr") \
+                and may_follow(node):
+            operands = _tensor_operands(node)
+            if operands and all(a in moved for a in operands):
+                env[node] = new.node_copy(node, lambda a: env[a])
+                moved.add(node)
+                continue
+        if plan is not None:
+            module, name, source = plan
+            if tensor_shape(source) is None or len(tensor_shape(source) or ()) < 2:
+                raise Fc2ConvError(
+                    f"cannot convert {what} {name!r}: its input is not a batched tensor "
+                    f"(shape {tensor_shape(source)})"
+                )
+            gm.add_submodule(name, module)
+            env[node] = new.call_module(name, (move_in(source),))
+            env[node].meta = dict(node.meta)
+            moved.add(node)
+            continue
+        back = _undone_by(node, moved, move)
+        env[node] = env[back] if back is not None else new.node_copy(node, move_out)
+    cancel_inverse_moves(new)
+    gm.graph = new
+    return gm
+
+
+def _undone_by(node: fx.Node, moved: set[fx.Node], move: Callable[[fx.Node], Move]
+               ) -> fx.Node | None:
+    """If ``node`` is the model's own permute taking a moved value back to where the move
+    would put it (``permute(0, 3, 1, 2)`` after Linears that now run as convs), that value."""
+    for to_last in (False, True):
+        src = permute_source(node, to_last=to_last)
+        if src is not None and src in moved:
+            m = move(src)
+            if m.args[:1] == (0,) and (m.forward is last_to_channels) != to_last:
+                return src
+    return None
+
+
+def cancel_inverse_moves(graph: fx.Graph) -> int:
+    """Replace ``undo(do(x))`` by ``x`` for fc2conv's layout moves (e.g. a move that the input
+    model already had, meeting one this pass inserted); returns how many pairs were removed."""
+    removed = 0
+    for node in list(graph.nodes):
+        src = node.args[0] if is_move(node) and node.args else None
+        if not isinstance(src, fx.Node) or not is_move(src):
+            continue
+        undo: Any = INVERSE.get(src.target)  # type: ignore[arg-type]
+        if undo is node.target and tuple(src.args[1:]) == tuple(node.args[1:]):
+            node.replace_all_uses_with(src.args[0])  # type: ignore[arg-type]
+            graph.erase_node(node)
+            if not src.users:
+                graph.erase_node(src)
+            removed += 1
+    return removed
+
+
+def _tensor_operands(node: fx.Node) -> list[fx.Node]:
+    from fc2conv.pytorch.ops import tensor_args
+
+    return tensor_args(node)

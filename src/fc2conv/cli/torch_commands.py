@@ -89,8 +89,15 @@ def _print_field(model: Any, input_shape: tuple[int, ...]) -> Any:
     return rf
 
 
-def convert_pt2(in_path: str, out_path: str, *, to: str, check: bool, only: tuple[str, ...],
-                in_place: bool) -> int:
+def convert_pt2(
+    in_path: str | os.PathLike[str],
+    out_path: str | os.PathLike[str],
+    *,
+    to: str,
+    check: bool,
+    only: tuple[str, ...],
+    in_place: bool,
+) -> int:
     """``fc2conv convert IN.pt2 OUT.pt2 --to conv|linear``: returns the exit code (0 done,
     1 the check found a difference and nothing was written)."""
     from rich.console import Console

@@ -34,6 +34,8 @@ __version__ = "0.1.0"
 # name -> "module" (a subpackage) or "module:attribute".
 _LAZY: dict[str, str] = {
     "onnx": "fc2conv.onnx",
+    "compare": "fc2conv.verify:compare",
+    "Report": "fc2conv.verify:Report",
 }
 
 __all__ = [

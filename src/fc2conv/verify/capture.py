@@ -1,0 +1,99 @@
+"""Intermediate outputs of a PyTorch model, named as the user knows its layers.
+
+- ``nn.Module``: forward hooks on every leaf module (and every module fc2conv marked with
+  provenance); the layer's name is its qualified name (``backbone.0``).
+- exported programs (``ExportedProgram.module()``, a GraphModule without submodules): an FX
+  interpreter records every node, and the last node of each run of nodes that belong to the same
+  innermost user module (``nn_module_stack``) is that module's output.
+
+Layout-only layers (Flatten, Identity, reshapes, permutes) are not captured: they move values
+without computing, and the comparison aligns layouts itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from fc2conv.core.describe import describe
+from fc2conv.core.provenance import source_of
+from fc2conv.verify.models import Layer, Run, flatten_outputs
+
+LAYOUT_MODULES = (nn.Flatten, nn.Unflatten, nn.Identity)
+LAYOUT_CLASSES = {"Flatten", "Unflatten", "Identity", "Sequential", "ModuleList", "ModuleDict"}
+
+
+def run_torch(module: nn.Module, inputs: tuple[torch.Tensor, ...], *, capture: bool,
+              graph: bool) -> Run:
+    """Run ``module(*inputs)`` without autograd; with ``capture``, also its layer outputs."""
+    with torch.no_grad():
+        if not capture:
+            return Run(flatten_outputs(module(*inputs)))
+        if graph and isinstance(module, fx.GraphModule):
+            return _run_graph(module, inputs)
+        return _run_hooked(module, inputs)
+
+
+def _first_tensor(value: Any) -> torch.Tensor | None:
+    tensors = flatten_outputs(value)
+    return tensors[0] if tensors else None
+
+
+def _run_hooked(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Run:
+    layers: list[Layer] = []
+    handles = []
+    for name, sub in module.named_modules():
+        is_leaf = next(iter(sub.children()), None) is None
+        if sub is module or isinstance(sub, LAYOUT_MODULES):
+            continue
+        if not (is_leaf or source_of(sub) is not None):
+            continue
+
+        def hook(mod: nn.Module, args: Any, output: Any, _name: str = name) -> None:
+            out = _first_tensor(output)
+            if out is None:
+                return
+            layers.append(Layer(
+                name=_name, kind=describe(mod), output=out.detach(), source=source_of(mod),
+                input=_first_tensor(args), module=mod,
+            ))
+
+        handles.append(sub.register_forward_hook(hook))
+    try:
+        outputs = flatten_outputs(module(*inputs))
+    finally:
+        for h in handles:
+            h.remove()
+    return Run(outputs, layers)
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.records: list[tuple[str, str, torch.Tensor]] = []
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        stack = n.meta.get("nn_module_stack") if n.op == "call_function" else None
+        out = _first_tensor(result)
+        if stack and out is not None:
+            path, cls = list(stack.values())[-1]
+            cls_name = cls if isinstance(cls, str) else getattr(cls, "__name__", str(cls))
+            cls_name = cls_name.rsplit(".", 1)[-1]
+            if path and cls_name not in LAYOUT_CLASSES:
+                self.records.append((str(path), cls_name, out))
+        return result
+
+
+def _run_graph(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> Run:
+    rec = _Recorder(gm)
+    outputs = flatten_outputs(rec.run(*inputs))
+    layers: list[Layer] = []
+    for path, cls_name, out in rec.records:
+        if layers and layers[-1].name == path:
+            layers[-1].output = out  # the module's last node is its output
+        else:
+            layers.append(Layer(name=path, kind=cls_name, output=out))
+    return Run(outputs, layers)

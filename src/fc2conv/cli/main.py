@@ -16,7 +16,9 @@ from fc2conv.errors import Fc2ConvError
 
 # Subcommand name -> "module:attribute" of its click.Command. Keeping them lazy means
 # `fc2conv --help` and `fc2conv demo` never import onnx.
-COMMANDS: dict[str, str] = {}
+COMMANDS: dict[str, str] = {
+    "compare": "fc2conv.cli.compare:compare_command",
+}
 
 EPILOG = """\b
 Examples:

@@ -19,9 +19,12 @@ With ``capture=True`` a run also returns the intermediate layer outputs (forward
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,6 +127,7 @@ def _twin(module: nn.Module, mode: str) -> nn.Module:
     left untouched."""
     twin = copy.deepcopy(module).to(torch.float64)
     if mode == "magnitude":
+        _bound_activations(twin)
         with torch.no_grad():
             for name, t in [*twin.named_parameters(), *twin.named_buffers()]:
                 if not t.is_floating_point():
@@ -133,6 +137,38 @@ def _twin(module: nn.Module, mode: str) -> nn.Module:
                 elif not name.endswith("running_var"):
                     t.copy_(t.abs())
     return twin
+
+
+class LipschitzMagnitude(nn.Module):
+    """In the magnitude twin, stands in for a pointwise op ``f`` with Lipschitz constant ``k``
+    and ``|f(x)| <= k|x| + c``: maps a magnitude ``M >= 0`` to ``k M + c``, which bounds both the
+    op's output and the error it passes on."""
+
+    def __init__(self, k: float, c: float = 0.0) -> None:
+        super().__init__()
+        self.k, self.c = k, c
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.k * x + self.c
+
+
+# (k, c) of pointwise activations; ReLU-like ops are the identity on magnitudes already.
+_ACTIVATION_BOUNDS: dict[type[nn.Module], tuple[float, float]] = {
+    nn.Tanh: (1.0, 0.0), nn.Hardtanh: (1.0, 0.0), nn.Softsign: (1.0, 0.0),
+    nn.GELU: (1.13, 0.0), nn.SiLU: (1.1, 0.0), nn.Mish: (1.1, 0.0), nn.Hardswish: (1.5, 0.0),
+    nn.ELU: (1.0, 0.0), nn.CELU: (1.0, 0.0), nn.SELU: (1.0507 * 1.6733, 0.0),
+    nn.LeakyReLU: (1.0, 0.0), nn.Sigmoid: (1.0, 0.5), nn.Hardsigmoid: (1.0, 0.5),
+    nn.Softplus: (1.0, 0.7),
+}
+
+
+def _bound_activations(twin: nn.Module) -> None:
+    for name, sub in list(twin.named_modules()):
+        bound = _ACTIVATION_BOUNDS.get(type(sub))
+        if bound is not None and name:
+            parent_name, _, attr = name.rpartition(".")
+            parent = twin.get_submodule(parent_name) if parent_name else twin
+            setattr(parent, attr, LipschitzMagnitude(*bound))
 
 
 def _cast_inputs(inputs: tuple[torch.Tensor, ...], mode: str, dtype: torch.dtype,
@@ -175,6 +211,8 @@ def load(obj: Any, label: str, *, trust_pickle: bool = False) -> Model:
     if isinstance(obj, torch.export.ExportedProgram):
         return _from_exported(obj, f"{label}: ExportedProgram")
     if isinstance(obj, nn.Module):
+        if any(m.training for m in obj.modules() if isinstance(m, nn.modules.batchnorm._NormBase)):
+            obj = copy.deepcopy(obj)  # a training-mode batch norm updates its running stats
         return Model(label=f"{label}: {type(obj).__name__}", kind="torch", module=obj)
     if type(obj).__name__ == "ModelProto" and type(obj).__module__.startswith("onnx"):
         from fc2conv.verify import onnx_backend
@@ -201,7 +239,8 @@ def _load_path(path: Path, trust_pickle: bool) -> Model:
         return Model(label=label, kind="onnx", onnx_model=proto, specs=onnx_backend.specs(proto))
     if suffix == ".pt2":
         try:
-            ep = torch.export.load(str(path))
+            with _quiet():
+                ep = torch.export.load(str(path))
         except Exception as err:  # a garbage or truncated file
             raise Fc2ConvError(
                 f"{path} is not a readable torch.export archive ({type(err).__name__}: "
@@ -232,6 +271,21 @@ def _load_path(path: Path, trust_pickle: bool) -> Model:
         f"{path} has an unknown model format '{suffix or '(no suffix)'}'; fc2conv compares "
         ".pt2 (torch.export.save) and .onnx files, or .pt/.pth pickles with --trust-pickle"
     )
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence torch.export's own warnings and logged tracebacks while loading a file: a bad
+    file is reported by fc2conv in one sentence."""
+    logger = logging.getLogger("torch.export")
+    old = logger.disabled
+    logger.disabled = True
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.disabled = old
 
 
 def _from_exported(ep: torch.export.ExportedProgram, label: str) -> Model:

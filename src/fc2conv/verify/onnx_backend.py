@@ -31,6 +31,7 @@ LAYOUT_OPS = {
     "Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Constant", "Shape",
     "Gather", "Concat", "Cast", "Slice", "ConstantOfShape", "Expand", "Range", "Size",
 }
+_AFFINE_OPS = {"MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum"}
 _FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
 _TORCH_DTYPE = {
     TensorProto.FLOAT: torch.float32, TensorProto.FLOAT16: torch.float16,
@@ -95,8 +96,9 @@ def _layer_nodes(proto: Any) -> list[tuple[str, str, str]]:
         if node.op_type in LAYOUT_OPS or not node.output:
             continue
         name = _user_name(node)
-        if out and out[-1][0] == name:
-            out[-1] = (name, node.op_type, node.output[0])
+        if out and out[-1][0] == name:  # MatMul + Add of one Linear: kind MatMul, output Add's
+            kind = out[-1][1] if out[-1][1] in _AFFINE_OPS else node.op_type
+            out[-1] = (name, kind, node.output[0])
         else:
             out.append((name, node.op_type, node.output[0]))
     return out

@@ -74,6 +74,7 @@ class Model:
     onnx_model: Any = None
     specs: list[InputSpec] = field(default_factory=list)
     exported: bool = False
+    pristine: nn.Module | None = None  # the user's module, when ``module`` is a working copy
     _twins: dict[str, nn.Module] = field(default_factory=dict, repr=False)
 
     # -- properties ---------------------------------------------------------------------------
@@ -211,9 +212,12 @@ def load(obj: Any, label: str, *, trust_pickle: bool = False) -> Model:
     if isinstance(obj, torch.export.ExportedProgram):
         return _from_exported(obj, f"{label}: ExportedProgram")
     if isinstance(obj, nn.Module):
+        pristine = None
         if any(m.training for m in obj.modules() if isinstance(m, nn.modules.batchnorm._NormBase)):
-            obj = copy.deepcopy(obj)  # a training-mode batch norm updates its running stats
-        return Model(label=f"{label}: {type(obj).__name__}", kind="torch", module=obj)
+            # a training-mode batch norm updates its running stats on every run: run a copy
+            pristine, obj = obj, copy.deepcopy(obj)
+        return Model(label=f"{label}: {type(obj).__name__}", kind="torch", module=obj,
+                     pristine=pristine)
     if type(obj).__name__ == "ModelProto" and type(obj).__module__.startswith("onnx"):
         from fc2conv.verify import onnx_backend
 

@@ -164,11 +164,19 @@ def elementwise_bound(magnitude: torch.Tensor, coef: float, r: Rounding,
     return coef * magnitude.double().abs() + floor
 
 
-def describe_method(method: str, stats: OpStats, rounds: list[Rounding]) -> str:
+def describe_method(method: str, stats: OpStats, rounds: list[Rounding],
+                    scale: float = 1.0) -> str:
+    """One line saying which bound judged the models."""
     kinds = "; ".join(dict.fromkeys(r.label for r in rounds))
-    if method == "empirical":
-        return (f"empirical: {EMPIRICAL_FACTOR:g} x model A's own float error relative to "
-                f"|W||x| magnitudes, scaled by unit roundoff ({kinds})")
-    return (f"Higham forward-error bound through |W||x| magnitudes: ((1+δ)^(L+1) - 1)·M, "
-            f"L = {stats.reductions} reducing ops, longest reduction n = {stats.longest}, "
-            f"{kinds}")
+    if method == "running":
+        text = (f"running Higham forward-error bound, op by op through the float64 run "
+                f"(|fl(w.x) - w.x| <= γ_n |w|.|x| plus propagated errors), "
+                f"{stats.reductions} reducing ops, longest reduction n = {stats.longest}, {kinds}")
+    else:
+        text = (f"Higham forward-error bound through |W||x| magnitudes: ((1+δ)^(L+1) - 1)·M, "
+                f"L = {stats.reductions} reducing ops, longest reduction n = {stats.longest}, "
+                f"{kinds}")
+    if method == "empirical" or scale != 1.0:
+        text = (f"empirical: {scale:.3g} x the Higham bound ({EMPIRICAL_FACTOR:g} x the largest "
+                f"ratio of model A's own float error to it); " + text)
+    return text

@@ -3,9 +3,10 @@
 1. Draw inputs (or take the user's), run both models natively, and run model ``a`` twice more in
    float64: as is (the reference ``r``) and as its magnitude twin (``M``, the ``|W||x|`` sums).
 2. Each model's error against ``r`` must lie within what rounding of *its* dtype can produce
-   (:mod:`fc2conv.verify.bound`); then ``|a - b|`` is within the sum of the two bounds, which is
-   what the report calls "allowed". All equal bit for bit: ``identical``; all within: ``equivalent``;
-   anything else (including NaN/Inf in one model only): ``different``. Integer outputs: exact.
+   (:mod:`fc2conv.verify.reference`); then ``|a - b|`` is within the sum of the two bounds,
+   which the report calls "allowed". All equal bit for bit: ``identical``; all within:
+   ``equivalent``; anything else (including NaN/Inf in one model only): ``different``.
+   Integer outputs: exact.
 3. With ``layers=True``, capture both models' layer outputs, match them
    (:mod:`fc2conv.verify.match`), find the first layer beyond its own bound and test hypotheses
    about the cause there (:mod:`fc2conv.verify.diagnose`).
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -24,80 +24,38 @@ from fc2conv.core.rounding import ulp_distance
 from fc2conv.errors import Fc2ConvError
 from fc2conv.verify import bound as bnd
 from fc2conv.verify.inputs import as_tensors, draw, resolve_specs
-from fc2conv.verify.match import align, match_layers
+from fc2conv.verify.judge import Judge, check_elements, exact_equal
+from fc2conv.verify.match import align
 from fc2conv.verify.models import Model, load
-from fc2conv.verify.report import LayerStats, OutputStats, Report
+from fc2conv.verify.reference import reference
+from fc2conv.verify.report import OutputStats, Report
 
 log = logging.getLogger(__name__)
 
 REL_FLOOR = 1e-3  # relative errors and ULPs are measured at >= 1e-3 x the output's scale
 
 
-@dataclass
-class Judge:
-    """Elementwise allowed error for model a, model b, and a vs b, from magnitudes ``M``."""
-
-    ra: bnd.Rounding
-    rb: bnd.Rounding
-    stats: bnd.OpStats
-    method: str = "higham-magnitude"
-    rho: float = 0.0  # empirical: max |a - r| / M
-    coef_a: float = field(init=False)
-    coef_b: float = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.coef_a = bnd.coefficient(self.ra, self.stats)
-        self.coef_b = bnd.coefficient(self.rb, self.stats)
-
-    def bounds(self, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        ba = bnd.elementwise_bound(m, self.coef_a, self.ra, self.stats)
-        bb = bnd.elementwise_bound(m, self.coef_b, self.rb, self.stats)
-        if self.method == "empirical":
-            scale = self.rb.u_out / self.ra.u_out if self.ra.u_out else 1.0
-            ba = torch.maximum(ba, bnd.EMPIRICAL_FACTOR * self.rho * m.double().abs())
-            bb = torch.maximum(bb, bnd.EMPIRICAL_FACTOR * self.rho * scale * m.double().abs())
-        return ba, bb
-
-    def allowed(self, m: torch.Tensor) -> torch.Tensor:
-        ba, bb = self.bounds(m)
-        return ba + bb
+def _op_kinds(model: Model) -> tuple[bool, bool]:
+    """(has convs, has matmuls) — decides which TF32 switch applies."""
+    if model.module is None:
+        return False, False
+    if model.exported:
+        targets = [str(n.target) for n in model.module.graph.nodes if n.op == "call_function"]
+        return (any("conv" in t for t in targets),
+                any(k in t for t in targets for k in ("linear", "mm", "matmul")))
+    mods = list(model.module.modules())
+    return (any(isinstance(m, torch.nn.modules.conv._ConvNd) for m in mods),
+            any(isinstance(m, torch.nn.Linear | torch.nn.Bilinear | torch.nn.MultiheadAttention)
+                for m in mods))
 
 
-def _tf32(model: Model, stats: bnd.OpStats) -> bool:
-    if model.kind != "torch":
-        return False
-    flags = bnd.current_tf32_flags()
-    return bnd.tf32_in_play(model.device.type, model.dtype, has_conv=stats.convs > 0,
-                            has_matmul=stats.matmuls > 0, **flags)
-
-
-def _exact_equal(x: torch.Tensor, y: torch.Tensor) -> bool:
-    if x.dtype != y.dtype or x.shape != y.shape:
-        return False
-    if x.is_floating_point():
-        return bool(((x == y) | (x.isnan() & y.isnan())).all())
-    return bool((x == y).all())
-
-
-def _check_draw(ya: torch.Tensor, yb: torch.Tensor, r: torch.Tensor, m: torch.Tensor,
-                judge: Judge) -> dict[str, torch.Tensor]:
-    """Elementwise verdict ingredients for one output of one draw (all float64)."""
-    a64, b64, r64 = ya.double(), yb.double(), r.double()
-    d = (a64 - b64).abs()
-    if not (ya.is_floating_point() and yb.is_floating_point()):
-        zero = torch.zeros_like(d)
-        return {"d": d, "allowed": zero, "fail": d != 0, "nan": torch.zeros_like(d, dtype=torch.bool),
-                "ea": (a64 - r64).abs(), "eb": (b64 - r64).abs(), "r": r64}
-    ba, bb = judge.bounds(m)
-    fin_a, fin_b = torch.isfinite(a64), torch.isfinite(b64)
-    both_bad = ~fin_a & ~fin_b
-    same_bad = both_bad & ((a64.isnan() & b64.isnan()) | (a64 == b64))
-    nan = fin_a ^ fin_b | (both_bad & ~same_bad)
-    ea, eb = (a64 - r64).abs(), (b64 - r64).abs()
-    within = (ea <= ba) & (eb <= bb)
-    fail = nan | (fin_a & fin_b & ~within)
-    return {"d": torch.where(fin_a & fin_b, d, torch.zeros_like(d)), "allowed": ba + bb,
-            "fail": fail, "nan": nan, "ea": ea, "eb": eb, "r": r64}
+def _rounding(model: Model) -> bnd.Rounding:
+    tf32 = False
+    if model.kind == "torch":
+        has_conv, has_matmul = _op_kinds(model)
+        tf32 = bnd.tf32_in_play(model.device.type, model.dtype, has_conv=has_conv,
+                                has_matmul=has_matmul, **bnd.current_tf32_flags())
+    return bnd.rounding_for(model.dtype, tf32=tf32)
 
 
 def compare(a: Any, b: Any, inputs: Any = None, *, input_shape: Sequence[int] | None = None,
@@ -126,55 +84,16 @@ def compare(a: Any, b: Any, inputs: Any = None, *, input_shape: Sequence[int] | 
     return _compare_loaded(ma, mb, draws, layers, input_text)
 
 
-def _run_all(ma: Model, mb: Model, draws: list[tuple[torch.Tensor, ...]]) -> tuple[
-        list[Any], bnd.OpStats]:
+def _run_all(ma: Model, mb: Model, draws: list[tuple[torch.Tensor, ...]],
+             ra: bnd.Rounding, rb: bnd.Rounding) -> list[Any]:
+    """Per draw: (A's outputs, B's outputs aligned to A's layout, the Reference)."""
     runs = []
-    stats = bnd.OpStats()
     for x in draws:
-        try:
-            ya = ma.run(x).outputs
-        except Fc2ConvError:
-            raise
-        except Exception as err:
-            raise Fc2ConvError(f"model A ({ma.label}) failed on inputs of shape "
-                               f"{[tuple(t.shape) for t in x]}: {err}") from None
-        try:
-            yb = mb.run(x).outputs
-        except Fc2ConvError:
-            raise
-        except Exception as err:
-            raise Fc2ConvError(f"model B ({mb.label}) failed on inputs of shape "
-                               f"{[tuple(t.shape) for t in x]}: {err}") from None
-        if ma.kind == "torch":
-            rrun, st = bnd.count_ops(lambda x=x: ma.run(x, "reference"))
-            stats.reductions = max(stats.reductions, st.reductions)
-            stats.longest = max(stats.longest, st.longest)
-            stats.convs = max(stats.convs, st.convs)
-            stats.matmuls = max(stats.matmuls, st.matmuls)
-        else:
-            from fc2conv.verify import onnx_backend
-
-            rrun = ma.run(x, "reference")
-            stats.reductions, stats.longest = onnx_backend.count_ops(ma.onnx_model)
-        m = ma.run(x, "magnitude").outputs
+        ya = _run_native(ma, x, "A")
+        yb = _run_native(mb, x, "B")
         if len(ya) != len(yb):
             raise Fc2ConvError(f"model A returns {len(ya)} outputs and model B {len(yb)}; "
                                "they cannot be the same function")
-        runs.append((ya, yb, rrun.outputs, m))
-    return runs, stats
-
-
-def _compare_loaded(ma: Model, mb: Model, draws: list[tuple[torch.Tensor, ...]], layers: bool,
-                    input_text: str) -> Report:
-    runs, stats = _run_all(ma, mb, draws)
-    ra = bnd.rounding_for(ma.dtype, tf32=_tf32(ma, stats))
-    rb = bnd.rounding_for(mb.dtype, tf32=_tf32(mb, stats))
-    judge = Judge(ra, rb, stats)
-    notes: list[str] = []
-
-    # align B's outputs to A's layout
-    aligned_runs = []
-    for ya, yb, r, m in runs:
         yb_al = []
         for i, (ta, tb) in enumerate(zip(ya, yb, strict=True)):
             al = align(ta, tb)
@@ -182,39 +101,59 @@ def _compare_loaded(ma: Model, mb: Model, draws: list[tuple[torch.Tensor, ...]],
                 raise Fc2ConvError(
                     f"output {i} of A has shape {tuple(ta.shape)} and of B {tuple(tb.shape)}: "
                     "they hold different numbers of values, so the models are not the same "
-                    "function"
-                )
+                    "function")
             yb_al.append(al[0])
-        aligned_runs.append((ya, yb_al, r, m))
+        runs.append((ya, yb_al, reference(ma, x, ra, rb)))
+    return runs
+
+
+def _run_native(model: Model, x: tuple[torch.Tensor, ...], which: str) -> list[torch.Tensor]:
+    try:
+        return model.run(x).outputs
+    except Fc2ConvError:
+        raise
+    except Exception as err:
+        raise Fc2ConvError(
+            f"model {which} ({model.label}) failed on inputs of shape "
+            f"{[tuple(t.shape) for t in x]}: {str(err).splitlines()[0] if str(err) else err!r}"
+        ) from None
+
+
+def _compare_loaded(ma: Model, mb: Model, draws: list[tuple[torch.Tensor, ...]], layers: bool,
+                    input_text: str) -> Report:
+    ra, rb = _rounding(ma), _rounding(mb)
+    runs = _run_all(ma, mb, draws, ra, rb)
+    method = "running" if all(ref.method == "running" for _, _, ref in runs) else "magnitude"
+    judge = Judge(ra, rb, method=method, stats=runs[0][2].stats)
+    notes: list[str] = []
+    unsupported = set().union(*(ref.unsupported for _, _, ref in runs))
+    if unsupported:
+        notes.append("the running bound has no rule for " + ", ".join(sorted(unsupported))
+                     + "; the magnitude bound is used")
 
     # model A must be deterministic, and within its own bound; else the empirical method
-    deterministic = all(_exact_equal(t, u) for t, u in
+    deterministic = all(exact_equal(t, u) for t, u in
                         zip(ma.run(draws[0]).outputs, runs[0][0], strict=True))
     if not deterministic:
         notes.append("model A gives different outputs on two runs of the same input "
                      "(a layer in training mode, such as dropout?)")
     elif ra.u_out > 0:
-        rho, own_fail = 0.0, False
-        for ya, _, r, m in aligned_runs:
-            for ta, tr, tm in zip(ya, r, m, strict=True):
+        rho = 0.0
+        for ya, _, ref in runs:
+            for i, (ta, tr) in enumerate(zip(ya, ref.outputs, strict=True)):
                 if not ta.is_floating_point():
                     continue
-                ba, _ = judge.bounds(tm)
                 e = (ta.double() - tr.double()).abs()
                 ok = torch.isfinite(e)
-                if bool((e[ok] > ba[ok]).any()):
-                    own_fail = True
-                rho = max(rho, float((e[ok] / tm.double().abs()[ok].clamp_min(1e-300)).max())
-                          if ok.any() else 0.0)
-        if own_fail:
-            judge.method, judge.rho = "empirical", rho
-            notes.append("model A's own float error exceeds the Higham magnitude bound (its "
-                         "graph has ops the bound does not cover, e.g. normalization or "
-                         "softmax), so the empirical bound is used")
+                if ok.any():
+                    rho = max(rho, float((e[ok] / ref.bound_a[i][ok].clamp_min(1e-300)).max()))
+        if rho > 1.0:
+            judge.method, judge.scale = "empirical", bnd.EMPIRICAL_FACTOR * rho
+            notes.append(f"model A's own float error exceeds the {method} bound {rho:.3g}-fold "
+                         "(ops the bound does not model), so the bounds are scaled "
+                         f"{judge.scale:.3g}-fold (empirical)")
 
-    outputs, identical = _output_stats(aligned_runs, judge, ma, mb)
-    for ya, yb, _, _ in runs:
-        identical = identical and all(_exact_equal(t, u) for t, u in zip(ya, yb, strict=True))
+    outputs, identical = _output_stats(runs, judge)
     different = any(o.mismatched for o in outputs) or not deterministic
     verdict = "identical" if identical and deterministic else (
         "different" if different else "equivalent")
@@ -225,7 +164,7 @@ def _compare_loaded(ma: Model, mb: Model, draws: list[tuple[torch.Tensor, ...]],
         max_rel_error=max((o.max_rel_error for o in outputs), default=0.0),
         ulp_error=max((o.ulp_error for o in outputs), default=0.0),
         bound=max((o.bound for o in outputs), default=0.0),
-        bound_method=bnd.describe_method(judge.method, stats, [ra, rb]),
+        bound_method=bnd.describe_method(judge.method, judge.stats, [ra, rb], judge.scale),
         tf32=ra.tf32 or rb.tf32,
         first_divergence=None, diagnosis=None, outputs=outputs,
         a=ma.describe(), b=mb.describe(), inputs=input_text, notes=notes,
@@ -237,8 +176,7 @@ def _compare_loaded(ma: Model, mb: Model, draws: list[tuple[torch.Tensor, ...]],
     return report
 
 
-def _output_stats(aligned_runs: list[Any], judge: Judge, ma: Model, mb: Model) -> tuple[
-        list[OutputStats], bool]:
+def _output_stats(aligned_runs: list[Any], judge: Judge) -> tuple[list[OutputStats], bool]:
     outputs: list[OutputStats] = []
     identical = True
     n_out = len(aligned_runs[0][0])
@@ -246,10 +184,10 @@ def _output_stats(aligned_runs: list[Any], judge: Judge, ma: Model, mb: Model) -
         first = aligned_runs[0][0][i]
         st = OutputStats(name=f"output {i}" if n_out > 1 else "output",
                          shape=tuple(first.shape), dtype=str(first.dtype).replace("torch.", ""))
-        for k, (ya, yb, r, m) in enumerate(aligned_runs):
-            ta, tb, tr, tm = ya[i], yb[i], r[i], m[i]
-            identical = identical and _exact_equal(ta, tb)
-            c = _check_draw(ta, tb, tr, tm, judge)
+        for k, (ya, yb, ref) in enumerate(aligned_runs):
+            ta, tb, tr = ya[i], yb[i], ref.outputs[i]
+            identical = identical and exact_equal(ta, tb)
+            c = check_elements(ta, tb, tr, *judge.bounds(ref, i))
             st.total += ta.numel()
             st.mismatched += int(c["fail"].sum())
             st.nan_mismatch += int(c["nan"].sum())

@@ -2,8 +2,9 @@
 
 :func:`localize` captures both models' layer outputs on the first and the large-magnitude draw,
 matches them (:mod:`fc2conv.verify.match`) and judges each pair against its own rounding bound
-(the model bound's coefficient times the layer's ``|W||x|`` magnitude). The first pair beyond it
-is the *first divergence*.
+(:mod:`fc2conv.verify.reference`: the bound of A's and B's errors on that layer's output). The
+first pair beyond it is the *first divergence*; when the outputs are within their bound but a
+layer matched by name or provenance is not, the verdict is still "different".
 
 Hypotheses, each a test on real numbers, the first that holds becomes the diagnosis:
 
@@ -25,17 +26,16 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
+from fc2conv.verify.judge import Judge, check_elements
 from fc2conv.verify.match import Pair, match_layers
 from fc2conv.verify.models import Layer, Model
+from fc2conv.verify.reference import reference
 from fc2conv.verify.report import LayerStats, Report
-
-if TYPE_CHECKING:
-    from fc2conv.verify.compare import Judge
 
 log = logging.getLogger(__name__)
 
@@ -55,24 +55,24 @@ def localize(report: Report, ma: Model, mb: Model, draws: list[tuple[torch.Tenso
         try:
             la = ma.run(x, capture=True).layers
             lb = mb.run(x, capture=True).layers
-            lm = ma.run(x, "magnitude", capture=True).layers
+            ref = reference(ma, x, judge.ra, judge.rb, capture=True)
         except Exception as err:  # capture is best effort: the verdict stands without it
             report.notes.append(f"layer outputs could not be captured: {err}")
             return
-        if len(lm) != len(la):
-            lm = []
-        mags = {id(layer): m.output for layer, m in zip(la, lm, strict=False)}
+        usable = len(ref.layer_bound_a) == len(la) == len(ref.layers)
+        per_layer = {id(layer): (ref.layers[i].output, ref.layer_bound_a[i] * judge.scale,
+                                 ref.layer_bound_b[i] * judge.scale)
+                     for i, layer in enumerate(la)} if usable else {}
         pairs = match_layers(la, lb)
         for pos, p in enumerate(pairs):
-            m = mags.get(id(p.a))
-            if m is None or not p.a.output.is_floating_point():
-                allowed = torch.zeros(p.a.output.shape, dtype=torch.float64)
-            else:
-                allowed = judge.allowed(m)
+            entry = per_layer.get(id(p.a))
+            if entry is None or entry[0].shape != p.a.output.shape:
+                continue  # no reference for this layer: it cannot be judged
+            c = check_elements(p.a.output, p.b_aligned, *entry)
+            allowed = c["allowed"]
             d = (p.a.output.double() - p.b_aligned.double()).abs()
             both_nan = p.a.output.isnan() & p.b_aligned.isnan()
-            bad = ~((d <= allowed) | both_nan)
-            ok = not bool(bad.any())
+            ok = not bool(c["fail"].any())
             dmax = float(d[~both_nan].max()) if (~both_nan).any() else 0.0
             key = (p.a.name, p.b.name)
             row = table.get(key)
@@ -89,7 +89,7 @@ def localize(report: Report, ma: Model, mb: Model, draws: list[tuple[torch.Tenso
                 prev_layers = la
     if with_table:
         report.layers = list(table.values())
-    if not different and first is not None and first[1].how in ("name", "provenance"):
+    if not different and first is not None and _trusted(first[1]):
         # the outputs hide it, but a layer both models name alike computes something else
         pair = first[1]
         report.verdict = "different"
@@ -111,6 +111,16 @@ def localize(report: Report, ma: Model, mb: Model, draws: list[tuple[torch.Tenso
                                     "model, or in the final layout of the outputs")
 
 
+def _trusted(pair: Pair) -> bool:
+    """A pair matched by name or provenance, or by order with values within 10% of each other
+    (clearly the same layer, computed differently) — not a coincidence of shapes."""
+    if pair.how in ("name", "provenance"):
+        return True
+    a, b = pair.a.output.double(), pair.b_aligned.double()
+    scale = float(a.abs().max()) if a.numel() else 0.0
+    return bool(scale > 0 and float((a - b).abs().max()) <= 0.1 * scale)
+
+
 # -- train vs eval ----------------------------------------------------------------------------
 
 def _training_layers(model: Model) -> list[str]:
@@ -121,8 +131,6 @@ def _training_layers(model: Model) -> list[str]:
 
 
 def _mode_hypothesis(ma: Model, mb: Model, x: tuple[torch.Tensor, ...], judge: Judge) -> str | None:
-    from fc2conv.verify.compare import _check_draw
-
     ta, tb = _training_layers(ma), _training_layers(mb)
     if not ta and not tb:
         return None
@@ -138,12 +146,11 @@ def _mode_hypothesis(ma: Model, mb: Model, x: tuple[torch.Tensor, ...], judge: J
                           module=copy.deepcopy(other.pristine or other.module).eval())
     a_new, b_new = (other_mod, fixed) if which == "B" else (fixed, other_mod)
     ya, yb = a_new.run(x).outputs, b_new.run(x).outputs
-    r = a_new.run(x, "reference").outputs
-    m = a_new.run(x, "magnitude").outputs
-    agree = all(
-        not bool(_check_draw(u, v.reshape(u.shape) if v.numel() == u.numel() else v, w, z,
-                             judge)["fail"].any())
-        for u, v, w, z in zip(ya, yb, r, m, strict=True))
+    ref = reference(a_new, x, judge.ra, judge.rb)
+    agree = len(ya) == len(yb) and all(
+        u.numel() == v.numel() and not bool(check_elements(
+            u, v.reshape(u.shape), ref.outputs[i], *judge.bounds(ref, i))["fail"].any())
+        for i, (u, v) in enumerate(zip(ya, yb, strict=True)))
     listed = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
     both = bool(ta) and bool(tb)
     state = "also in training mode" if both else "in eval mode"
@@ -306,12 +313,7 @@ def _shared_kernel(x: torch.Tensor, ya: torch.Tensor, yb: torch.Tensor, allowed:
             continue
         design = torch.cat([xs, torch.ones(rows, 1, dtype=torch.float64)], dim=1)
 
-        def residual(y: torch.Tensor, c: int = ch) -> float:
-            ys = y.double().movedim(c, -1).reshape(rows, -1)
-            k = torch.linalg.lstsq(design, ys).solution
-            return float((design @ k - ys).abs().max())
-
-        rb, ra = residual(yb), residual(ya)
+        rb, ra = _fit_residual(design, yb, ch), _fit_residual(design, ya, ch)
         axes = ", ".join(str(d) for d in pos)
         if rb <= tol < ra:
             return (f"{where} applies one kernel shared across axis {axes} ({n_pos} positions): "
@@ -323,6 +325,13 @@ def _shared_kernel(x: torch.Tensor, ya: torch.Tensor, yb: torch.Tensor, allowed:
                     f"positions) (residual {ra:.2g}), while {where} has separate weights per "
                     f"position (residual {rb:.2g}): its weights were not tied when converted.")
     return None
+
+
+def _fit_residual(design: torch.Tensor, y: torch.Tensor, ch: int) -> float:
+    """Max residual of the least-squares fit ``y ≈ design @ K`` (one map for all positions)."""
+    ys = y.double().movedim(ch, -1).reshape(design.shape[0], -1)
+    k = torch.linalg.lstsq(design, ys).solution
+    return float((design @ k - ys).abs().max())
 
 
 def describe_pairs(pairs: list[Pair]) -> list[dict[str, Any]]:

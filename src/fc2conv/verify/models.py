@@ -222,7 +222,8 @@ def load(obj: Any, label: str, *, trust_pickle: bool = False) -> Model:
         from fc2conv.verify import onnx_backend
 
         name = obj.graph.name or "ModelProto"
-        return Model(label=f"{label}: {name}", kind="onnx", onnx_model=obj, specs=onnx_backend.specs(obj))
+        return Model(label=f"{label}: {name}", kind="onnx", onnx_model=obj,
+                     specs=onnx_backend.specs(obj))
     raise Fc2ConvError(
         f"cannot compare a {type(obj).__name__}: give an nn.Module, a torch.export."
         "ExportedProgram, an onnx.ModelProto, or a path to a .pt2 or .onnx file"

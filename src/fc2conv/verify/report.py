@@ -138,7 +138,8 @@ class Report:
         widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
         out = ["Layers:"]
         for r in rows:
-            out.append("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+            cells = (c.ljust(w) for c, w in zip(r, widths, strict=True))
+            out.append(("  " + "  ".join(cells)).rstrip())
         return "\n".join(out)
 
 

@@ -92,10 +92,10 @@ def test_linear_vs_conv_rounding_is_equivalent_in_every_dtype(dtype: torch.dtype
     conv = conv_twin(mlp, dims)
     report = compare(mlp, conv, input_shape=(4, 6, 48), samples=4)
     assert report.verdict in ("equivalent", "identical"), str(report)
-    # a relative change of 1e-1 to one weight is beyond rounding even in bfloat16
+    # one output channel with its weights negated is beyond rounding even in bfloat16 (the
+    # worst-case bound there allows ~10% relative error after two layers of 48-96 terms)
     with torch.no_grad():
-        w = conv.convs[2].weight
-        w[3, 5] = w[3, 5] + 0.5 * w.abs().max()
+        conv.convs[2].weight[3].neg_()
     assert compare(mlp, conv, input_shape=(4, 6, 48), samples=4).verdict == "different"
 
 

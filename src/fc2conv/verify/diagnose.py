@@ -4,7 +4,8 @@
 matches them (:mod:`fc2conv.verify.match`) and judges each pair against its own rounding bound
 (:mod:`fc2conv.verify.reference`: the bound of A's and B's errors on that layer's output). The
 first pair beyond it is the *first divergence*; when the outputs are within their bound but a
-layer matched by name or provenance is not, the verdict is still "different".
+matched layer is not, the verdict is still "different" (later layers can damp a real
+difference below the output's bound).
 
 Hypotheses, each a test on real numbers, the first that holds becomes the diagnosis:
 
@@ -89,8 +90,9 @@ def localize(report: Report, ma: Model, mb: Model, draws: list[tuple[torch.Tenso
                 prev_layers = la
     if with_table:
         report.layers = list(table.values())
-    if not different and first is not None and _trusted(first[1]):
-        # the outputs hide it, but a layer both models name alike computes something else
+    if not different and first is not None:
+        # the outputs hide it (later layers damp it below their bound), but a matched layer
+        # computes something rounding cannot explain
         pair = first[1]
         report.verdict = "different"
         report.notes.append(
@@ -109,16 +111,6 @@ def localize(report: Report, ma: Model, mb: Model, draws: list[tuple[torch.Tenso
         report.diagnosis = mode or ("no matched layer diverges beyond its bound; the difference "
                                     "arises in a layer without a counterpart in the other "
                                     "model, or in the final layout of the outputs")
-
-
-def _trusted(pair: Pair) -> bool:
-    """A pair matched by name or provenance, or by order with values within 10% of each other
-    (clearly the same layer, computed differently) — not a coincidence of shapes."""
-    if pair.how in ("name", "provenance"):
-        return True
-    a, b = pair.a.output.double(), pair.b_aligned.double()
-    scale = float(a.abs().max()) if a.numel() else 0.0
-    return bool(scale > 0 and float((a - b).abs().max()) <= 0.1 * scale)
 
 
 # -- train vs eval ----------------------------------------------------------------------------

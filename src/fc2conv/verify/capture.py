@@ -69,10 +69,30 @@ def _run_hooked(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Run:
     return Run(outputs, layers)
 
 
+class Replay(nn.Module):
+    """A captured exported-program layer rebuilt as a module: ``target(x, weight, bias, *rest)``
+    (``aten.linear`` / ``aten.conv*d``), so diagnosis can re-run it with changed weights."""
+
+    def __init__(self, target: Any, weight: torch.Tensor, bias: torch.Tensor | None,
+                 rest: tuple[Any, ...]) -> None:
+        super().__init__()
+        self.target = target
+        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(),
+                                                           requires_grad=False)
+        self.rest = rest
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.target(x, self.weight, self.bias, *self.rest)  # type: ignore[no-any-return]
+
+
+_REPLAYABLE = ("aten.linear", "aten.conv1d", "aten.conv2d", "aten.conv3d")
+
+
 class _Recorder(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule) -> None:
         super().__init__(gm)
-        self.records: list[tuple[str, str, torch.Tensor]] = []
+        self.records: list[tuple[str, str, torch.Tensor, Any]] = []
 
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
@@ -82,8 +102,14 @@ class _Recorder(fx.Interpreter):
             path, cls = list(stack.values())[-1]
             cls_name = cls if isinstance(cls, str) else getattr(cls, "__name__", str(cls))
             cls_name = cls_name.rsplit(".", 1)[-1]
+            replay = None
+            if str(n.target).startswith(_REPLAYABLE):
+                args, _ = self.fetch_args_kwargs_from_env(n)
+                if len(args) >= 2 and isinstance(args[0], torch.Tensor):
+                    bias = args[2] if len(args) > 2 else None
+                    replay = (args[0], Replay(n.target, args[1], bias, tuple(args[3:])))
             if path and cls_name not in LAYOUT_CLASSES:
-                self.records.append((str(path), cls_name, out))
+                self.records.append((str(path), cls_name, out, replay))
         return result
 
 
@@ -91,9 +117,11 @@ def _run_graph(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> Run:
     rec = _Recorder(gm)
     outputs = flatten_outputs(rec.run(*inputs))
     layers: list[Layer] = []
-    for path, cls_name, out in rec.records:
+    for path, cls_name, out, replay in rec.records:
         if layers and layers[-1].name == path:
             layers[-1].output = out  # the module's last node is its output
         else:
             layers.append(Layer(name=path, kind=cls_name, output=out))
+        if replay is not None and layers[-1].module is None:
+            layers[-1].input, layers[-1].module = replay
     return Run(outputs, layers)

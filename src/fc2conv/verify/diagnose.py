@@ -208,8 +208,9 @@ def _layer_hypotheses(pair: Pair, allowed: torch.Tensor, a_layers: list[Layer]) 
 
 def _flatten_order(mod: nn.Module, x: torch.Tensor, yb: torch.Tensor, allowed: torch.Tensor,
                    la: Layer, a_layers: list[Layer], where: str) -> str | None:
-    if not isinstance(mod, nn.Linear) or x.dim() != 2:
-        return None
+    w = getattr(mod, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.dim() != 2 or x.dim() != 2:
+        return None  # a Linear (or an exported aten.linear) on a flattened input
     n, f = x.shape
     idx = next((i for i, layer in enumerate(a_layers) if layer is la), len(a_layers))
     shape = None

@@ -2,8 +2,9 @@
 
 Shapes come from (first that applies): ``input_shape``; model ``a``'s or ``b``'s input specs
 (ONNX value infos, ExportedProgram signatures). ``input_shape`` is the full shape of the (single)
-input; when a model's spec has exactly one more dimension, a batch dimension of 2 is prepended
-(so ``--input-shape 3,224,224`` fits an image model exported with a batch axis). Dynamic
+input; when a model's spec has exactly one more dimension, a batch dimension is prepended (the
+spec's own when static, else 2), so ``--input-shape 3,224,224`` fits an image model exported
+with a batch axis. Dynamic
 dimensions without a value become 2 for the first (batch) axis and 8 elsewhere.
 
 Draws: ``samples`` fresh standard-normal draws (never zeros or ones: structured inputs hide
@@ -59,7 +60,8 @@ def resolve_specs(a: Model, b: Model, input_shape: Sequence[int] | None) -> list
         dtype = specs[0].dtype if specs else a.dtype
         name = specs[0].name if specs else "input"
         if specs and len(specs[0].shape) == len(shape) + 1:
-            shape = (2, *shape)
+            batch = specs[0].shape[0]
+            shape = (batch if batch else 2, *shape)
         return [InputSpec(name, shape, dtype)]
     if not specs:
         raise Fc2ConvError(

@@ -170,7 +170,10 @@ class Tracker(TorchDispatchMode):
             self.stats.longest = max(self.stats.longest, n)
             self._set(y, e_prop + gamma(n + 1, r.u_acc) * e_mag + u * y.abs())
             return
-        if name == "_native_batch_norm_legit_no_training":
+        eval_bn = name == "_native_batch_norm_legit_no_training" or (
+            name in ("native_batch_norm", "_native_batch_norm_legit") and len(args) > 5
+            and args[5] is False and args[3] is not None)
+        if eval_bn:  # (x, w, b, running_mean, running_var, [training,] momentum, eps)
             x, w, b, mean, var, eps = args[0], args[1], args[2], args[3], args[4], args[-1]
             shape = [1, -1] + [1] * (x.dim() - 2)
             s = (var + eps).rsqrt().reshape(shape)

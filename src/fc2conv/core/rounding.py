@@ -100,16 +100,19 @@ def conv_bound(
     """
     import torch.nn.functional as F
 
-    conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[x.dim()]
+    conv_fn = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[x.dim()]
+
+    def conv(inp: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return conv_fn(inp, w, None, stride, padding, dilation, groups)  # type: ignore[arg-type]
+
     w_abs = weight.detach().double().abs()
-    kw = {"stride": stride, "padding": padding, "dilation": dilation, "groups": groups}
-    magnitude = conv(x.detach().double().abs(), w_abs, None, **kw)
+    magnitude = conv(x.detach().double().abs(), w_abs)
     if bias is not None:
         magnitude = magnitude + bias.detach().double().abs().reshape(1, -1, *[1] * (x.dim() - 2))
     n = weight[0].numel()
     bound = gamma(n + 1, u) * magnitude
     if in_error is not None:
-        bound = bound + conv(in_error.double(), w_abs, None, **kw)
+        bound = bound + conv(in_error.double(), w_abs)
     return bound
 
 

@@ -39,8 +39,9 @@ def _op_kinds(model: Model) -> tuple[bool, bool]:
     """(has convs, has matmuls) — decides which TF32 switch applies."""
     if model.module is None:
         return False, False
-    if model.exported:
-        targets = [str(n.target) for n in model.module.graph.nodes if n.op == "call_function"]
+    graph = getattr(model.module, "graph", None)
+    if model.exported and isinstance(graph, torch.fx.Graph):
+        targets = [str(n.target) for n in graph.nodes if n.op == "call_function"]
         return (any("conv" in t for t in targets),
                 any(k in t for t in targets for k in ("linear", "mm", "matmul")))
     mods = list(model.module.modules())

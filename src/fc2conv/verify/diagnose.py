@@ -185,8 +185,9 @@ def _layer_hypotheses(pair: Pair, allowed: torch.Tensor, a_layers: list[Layer]) 
             lambda: _bias(mod, x, yb, allowed, where, a_name),
         ]
     tests.append(lambda: _scale(ya, yb, allowed, where, a_name))
-    if la.input is not None and la.input.is_floating_point():
-        tests.append(lambda: _shared_kernel(la.input, ya, yb, allowed, where, a_name))
+    x_in = la.input
+    if x_in is not None and x_in.is_floating_point():
+        tests.append(lambda: _shared_kernel(x_in, ya, yb, allowed, where, a_name))
     if la.module is not None and isinstance(la.module, _MODE_LAYERS):
         tests.append(lambda: f"{a_name} is a {type(la.module).__name__}; the models run it in "
                      "different modes (call .eval() on both)")

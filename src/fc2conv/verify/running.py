@@ -26,6 +26,7 @@ Ops without a rule (softmax, layer norm, training-mode batch norm...) make the b
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -51,6 +52,10 @@ _LIPSCHITZ = {"tanh": 1.0, "sigmoid": 0.25, "gelu": 1.13, "silu": 1.1, "mish": 1
               "erf": 2 / math.sqrt(math.pi), "leaky_relu": 1.0}
 _ADD = {"add", "sub", "rsub"}
 _MATMUL = {"mm", "addmm", "bmm", "baddbmm", "dot", "mv"}
+_MATMUL_FN: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "mm": torch.mm, "addmm": torch.mm, "bmm": torch.bmm, "baddbmm": torch.bmm, "dot": torch.dot,
+    "mv": torch.mv,
+}
 _REDUCE = {"sum", "mean", "avg_pool2d", "avg_pool1d", "avg_pool3d", "_adaptive_avg_pool2d",
            "_adaptive_avg_pool3d", "adaptive_avg_pool1d"}
 _IGNORED = {"empty", "zeros", "ones", "full", "arange", "scalar_tensor", "_local_scalar_dense",
@@ -195,8 +200,10 @@ class Tracker(TorchDispatchMode):
             n = int(w[0].numel())
             rest = tuple(args[3:])
 
-            def op(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-                return func(p, q, None, *rest)
+            def conv(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+                return func(p, q, None, *rest)  # type: ignore[no-any-return]
+
+            op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = conv
             self.stats.convs += 1
         else:
             if name in ("addmm", "baddbmm"):
@@ -204,8 +211,7 @@ class Tracker(TorchDispatchMode):
             else:
                 bias, x, w = None, args[0], args[1]
             n = int(x.shape[-1])
-            op = {"mm": torch.mm, "addmm": torch.mm, "bmm": torch.bmm, "baddbmm": torch.bmm,
-                  "dot": torch.dot, "mv": torch.mv}[name]
+            op = _MATMUL_FN[name]
             self.stats.matmuls += 1
         self.stats.reductions += 1
         self.stats.longest = max(self.stats.longest, n)

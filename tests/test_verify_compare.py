@@ -217,3 +217,39 @@ def test_import_fc2conv_stays_onnx_free() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_ops_without_a_running_rule_fall_back_and_still_judge() -> None:
+    """LayerNorm and softmax have no running-bound rule: the magnitude/empirical bound is used,
+    and it still tells another summation order (equivalent) from a doubled bias (different)."""
+    lin = nn.Linear(64, 32)
+    a = nn.Sequential(nn.Linear(16, 64), nn.LayerNorm(64), lin, nn.Softmax(-1))
+    b = nn.Sequential(copy.deepcopy(a[0]), copy.deepcopy(a[1]), SplitSum(copy.deepcopy(lin)),
+                      nn.Softmax(-1))
+    report = compare(a, b, input_shape=(8, 16), samples=4)
+    assert report.verdict == "equivalent", str(report)
+    assert any("no rule for" in note for note in report.notes)
+    with torch.no_grad():
+        b[2].lin.bias.mul_(2.0)
+    bad = compare(a, b, input_shape=(8, 16), samples=4)
+    assert bad.verdict == "different"
+    assert bad.first_divergence == "2"  # the SplitSum block, matched by name
+    assert "'2'" in (bad.diagnosis or "")
+
+
+def test_onnx_model_as_reference(tmp_path) -> None:
+    model = nn.Sequential(nn.Linear(20, 30), nn.Tanh(), nn.Linear(30, 6))
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(model, (torch.randn(3, 20),), str(path), dynamo=False)
+    conv = nn.Sequential(nn.Unflatten(1, (20, 1)), nn.Conv1d(20, 30, 1), nn.Tanh(),
+                         nn.Conv1d(30, 6, 1), nn.Flatten())
+    with torch.no_grad():
+        for lin, cv in ((model[0], conv[1]), (model[2], conv[3])):
+            cv.weight.copy_(lin.weight.unsqueeze(-1))
+            cv.bias.copy_(lin.bias)
+    report = compare(str(path), conv, samples=3)  # inputs from the ONNX value info (3, 20)
+    assert report.verdict in ("equivalent", "identical"), str(report)
+    assert "magnitude" in report.bound_method  # ONNX runs are bounded by the magnitude twin
+    with torch.no_grad():
+        conv[3].bias[2] += 0.05
+    assert compare(str(path), conv, samples=3).verdict == "different"

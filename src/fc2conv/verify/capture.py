@@ -1,7 +1,8 @@
 """Intermediate outputs of a PyTorch model, named as the user knows its layers.
 
-- ``nn.Module``: forward hooks on every leaf module (and every module fc2conv marked with
-  provenance); the layer's name is its qualified name (``backbone.0``).
+- ``nn.Module``: forward hooks on every module but the root and plain containers (Sequential,
+  ModuleList, ModuleDict); the layer's name is its qualified name (``backbone.0``). A block is
+  recorded after the layers inside it (hooks fire when a forward returns).
 - exported programs (``ExportedProgram.module()``, a GraphModule without submodules): an FX
   interpreter records every node, and the last node of each run of nodes that belong to the same
   innermost user module (``nn_module_stack``) is that module's output.
@@ -22,6 +23,7 @@ from fc2conv.core.provenance import source_of
 from fc2conv.verify.models import Layer, Run, flatten_outputs
 
 LAYOUT_MODULES = (nn.Flatten, nn.Unflatten, nn.Identity)
+CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 LAYOUT_CLASSES = {"Flatten", "Unflatten", "Identity", "Sequential", "ModuleList", "ModuleDict"}
 
 
@@ -45,10 +47,7 @@ def _run_hooked(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Run:
     layers: list[Layer] = []
     handles = []
     for name, sub in module.named_modules():
-        is_leaf = next(iter(sub.children()), None) is None
-        if sub is module or isinstance(sub, LAYOUT_MODULES):
-            continue
-        if not (is_leaf or source_of(sub) is not None):
+        if sub is module or isinstance(sub, LAYOUT_MODULES + CONTAINERS):
             continue
 
         def hook(mod: nn.Module, args: Any, output: Any, _name: str = name) -> None:

@@ -18,15 +18,31 @@ import itertools
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from fc2conv.verify.models import Layer
 
 _AFFINE = {"linear", "conv1d", "conv2d", "conv3d", "gemm", "matmul", "conv", "bilinear"}
 
 
+_KNOWN = {n.lower() for n in dir(nn) if isinstance(getattr(nn, n), type)} | {
+    "gemm", "matmul", "conv", "relu", "tanh", "sigmoid", "add", "mul", "sub", "div", "maxpool",
+    "averagepool", "globalaveragepool", "batchnormalization", "softmax", "gelu", "erf"}
+
+
 def category(kind: str) -> str:
+    """``"affine"`` for Linear/Conv/Gemm/MatMul, else the lower-cased op or class name."""
     head = kind.split(" ", 1)[0].lower()
     return "affine" if head in _AFFINE else head
+
+
+def compatible(a_kind: str, b_kind: str) -> bool:
+    """Same category, or at least one side a user-defined block (which may compute anything)."""
+    ca, cb = category(a_kind), category(b_kind)
+    if ca == cb:
+        return True
+    known = {"affine"} | _KNOWN
+    return ca not in known or cb not in known
 
 
 @dataclass
@@ -83,7 +99,8 @@ def match_layers(a_layers: list[Layer], b_layers: list[Layer]) -> list[Pair]:
     used: set[int] = set()
     # 1. names and provenance
     for i, la in enumerate(a_layers):
-        candidates = [(j, "name") for j, lb in enumerate(b_layers) if lb.name == la.name]
+        candidates = [(j, "name") for j, lb in enumerate(b_layers)
+                      if lb.name == la.name and compatible(la.kind, lb.kind)]
         candidates += [(j, "provenance") for j, lb in enumerate(b_layers)
                        if lb.source == la.name and lb.name != la.name]
         for j, how in reversed(candidates):  # the outermost/last module with that name wins

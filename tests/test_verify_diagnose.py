@@ -173,3 +173,25 @@ def test_integer_outputs_are_compared_exactly() -> None:
     assert report.outputs[1].abs_allowed == 0.0
     ok = compare(WithArgmax(a), WithArgmax(copy.deepcopy(a)), input_shape=(64, 32))
     assert ok.verdict == "identical"
+
+
+@pytest.mark.parametrize("order", ["chw", "hwc"])
+def test_converted_flatten_linear_matched_by_provenance(order: str) -> None:
+    """B converts A's classifier with fc2conv's own flatten_linear_to_conv, which records
+    provenance; the wrong order is caught at that layer and the right order named."""
+    from fc2conv.core import flatten_linear_to_conv
+
+    conv, lin = nn.Conv2d(3, 8, 3), nn.Linear(8 * 6 * 6, 10)
+    a = nn.Sequential(conv, nn.ReLU(), nn.Flatten(), lin).eval()
+    head = flatten_linear_to_conv(lin, (8, 6, 6), order=order, source="3")
+    b = nn.Sequential(copy.deepcopy(conv), nn.ReLU(), head, nn.Flatten()).eval()
+    report = compare(a, b, input_shape=(4, 3, 8, 8), samples=3)
+    row = next(r for r in report.layers if r.a_name == "3")
+    assert row.b_name == "2" and row.matched_by == "provenance"
+    if order == "chw":
+        assert report.verdict == "equivalent"
+    else:
+        assert report.verdict == "different"
+        assert report.first_divergence == "3 (B: 2)"
+        assert "converted from A's '3'" in report.diagnosis
+        assert "order='chw'" in report.diagnosis

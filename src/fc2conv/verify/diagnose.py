@@ -253,15 +253,15 @@ def _flatten_order(mod: nn.Module, x: torch.Tensor, yb: torch.Tensor, allowed: t
     # B reads an input flattened channel-first, permuted to channel-last order
     g_cf = x.view(n, *shape).movedim(1, -1).reshape(n, f)
     if _close(mod64(g_cl), yb, allowed):
-        return (f"{where} matches A's '{la.name}' after permuting its flattened input from "
-                f"{cl} to {cf} order: B's weights expect the {dims} ({cf}) feature map flattened "
-                f"in {cl} (channels-last) order, but it arrives flattened in {cf} order. Convert "
-                f"with order='{cf.lower()}' (the order A flattens in).")
+        return (f"{where} matches A's '{la.name}' after reading its flattened input as "
+                f"{cl}-ordered: B's weights are laid out for the {dims} ({cf}) feature map "
+                f"flattened in {cl} (channels-last) order, but the input arrives flattened in "
+                f"{cf} order. Convert with order='{cf.lower()}' (the order A flattens in).")
     if _close(mod64(g_cf), yb, allowed):
         return (f"{where} matches A's '{la.name}' after permuting its flattened input from "
-                f"{cf} to {cl} order: B's weights expect the {dims} ({cf}) feature map flattened "
-                f"in {cf} order, but it arrives in {cl} (channels-last) order. Convert with "
-                f"order='{cl.lower()}' (the order the input actually has), or flatten in {cf}.")
+                f"{cf} to {cl} order: B was converted for the {dims} ({cf}) feature map "
+                f"flattened in {cl} (channels-last) order, but A flattens it in {cf} order. "
+                f"Convert with order='{cf.lower()}'.")
     return None
 
 

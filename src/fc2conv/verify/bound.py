@@ -17,11 +17,14 @@ Half-precision types (float16, bfloat16) are modelled as PyTorch runs them on CP
 in cuBLAS/cuDNN: operands in half precision, accumulation in float32.
 
 The bound is worst case: correct implementations land far inside it (typically ~sqrt(n) u M),
-while real bugs (a wrong weight, a permuted input) exceed it by orders of magnitude. When the
-model contains ops the magnitude twin does not bound (LayerNorm, softmax, subtraction of
-activations), model ``a``'s own float error against its float64 reference can exceed the bound;
-``compare`` then falls back to the *empirical* method: 8 times the largest error model ``a``
-makes, relative to ``M``, scaled by the ratio of unit roundoffs (documented in the report).
+while real bugs (a wrong weight, a permuted input) exceed it by orders of magnitude. This
+closed form is the fallback of ``compare``: PyTorch models are bounded op by op by
+:mod:`fc2conv.verify.running` (much tighter: each layer's rounding is charged against its actual
+input, not against products of ``|W|``), and this one serves ONNX models and graphs with ops the
+running bound has no rule for. When the model contains ops the magnitude twin does not bound
+either (LayerNorm, softmax, subtraction of activations), model ``a``'s own float error against
+its float64 reference can exceed it; ``compare`` then scales the bounds by
+``EMPIRICAL_FACTOR`` times that excess and reports the method as *empirical*.
 """
 
 from __future__ import annotations

@@ -1,15 +1,20 @@
 """``compare(a, b)``: are two models the same function, up to floating-point rounding?
 
-1. Draw inputs (or take the user's), run both models natively, and run model ``a`` twice more in
-   float64: as is (the reference ``r``) and as its magnitude twin (``M``, the ``|W||x|`` sums).
+1. Draw inputs (or take the user's), run both models natively, and run model ``a`` in float64
+   (the reference ``r``) while bounding, op by op, how far each model's own precision can move
+   every value (:mod:`fc2conv.verify.running`; the magnitude twin of
+   :mod:`fc2conv.verify.bound` for ONNX and for ops without a rule).
 2. Each model's error against ``r`` must lie within what rounding of *its* dtype can produce
    (:mod:`fc2conv.verify.reference`); then ``|a - b|`` is within the sum of the two bounds,
    which the report calls "allowed". All equal bit for bit: ``identical``; all within:
    ``equivalent``; anything else (including NaN/Inf in one model only): ``different``.
-   Integer outputs: exact.
+   Integer outputs: exact. If model ``a`` itself strays beyond its bound (ops the bound does not
+   model), both bounds are scaled by 8x its excess and the report says "empirical".
 3. With ``layers=True``, capture both models' layer outputs, match them
    (:mod:`fc2conv.verify.match`), find the first layer beyond its own bound and test hypotheses
-   about the cause there (:mod:`fc2conv.verify.diagnose`).
+   about the cause there (:mod:`fc2conv.verify.diagnose`). A matched layer beyond its bound
+   makes the verdict "different" even when later layers damp the difference below the
+   output's bound.
 """
 
 from __future__ import annotations

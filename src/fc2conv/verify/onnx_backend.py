@@ -31,6 +31,7 @@ LAYOUT_OPS = {
     "Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Constant", "Shape",
     "Gather", "Concat", "Cast", "Slice", "ConstantOfShape", "Expand", "Range", "Size",
 }
+_MAGNITUDE_IDENTITY = {"Tanh", "Softsign", "Elu", "Celu", "LeakyRelu", "PRelu", "HardTanh", "Clip"}
 _AFFINE_OPS = {"MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum"}
 _FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
 _TORCH_DTYPE = {
@@ -122,6 +123,12 @@ def _float64_copy(proto: Any, magnitude: bool) -> Any:
         if vi.type.tensor_type.elem_type in _FLOAT_TYPES:
             vi.type.tensor_type.elem_type = TensorProto.DOUBLE
     for node in g.node:
+        if magnitude and node.op_type in _MAGNITUDE_IDENTITY:
+            # 1-Lipschitz with |f(x)| <= |x|: the magnitude passes through unchanged (tanh(M)
+            # would shrink it below the error it must carry)
+            node.op_type = "Identity"
+            del node.attribute[:]
+            del node.input[1:]
         for attr in node.attribute:
             if node.op_type == "Cast" and attr.name == "to" and attr.i in _FLOAT_TYPES:
                 attr.i = TensorProto.DOUBLE

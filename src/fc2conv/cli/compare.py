@@ -36,8 +36,8 @@ def _shape(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
 @click.argument("a", type=click.Path(dir_okay=False))
 @click.argument("b", type=click.Path(dir_okay=False))
 @click.option("--input-shape", callback=_shape, metavar="D1,D2,...",
-              help="Shape of the input (a batch of 2 is added if the model expects one more "
-                   "axis). Default: from the models' input specs.")
+              help="Shape of the input; a batch axis is added if the model expects one more "
+                   "(its own batch size, else 2). Default: from the models' input specs.")
 @click.option("--samples", type=click.IntRange(min=1), default=8, show_default=True,
               help="Random input draws (the last one large-magnitude).")
 @click.option("--layers/--no-layers", default=True, show_default=True,
@@ -53,8 +53,11 @@ def compare_command(a: str, b: str, input_shape: tuple[int, ...] | None, samples
     rounding can produce, by a forward-error bound) or "different", with the first diverging
     layer and the likely cause.
     """
+    import warnings
+
     from fc2conv.verify import compare
 
+    warnings.filterwarnings("ignore", category=FutureWarning)  # torch's own deprecation notes
     try:
         report = compare(a, b, input_shape=input_shape, samples=samples, layers=layers,
                          trust_pickle=trust_pickle)

@@ -123,4 +123,10 @@ def _run_graph(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> Run:
             layers.append(Layer(name=path, kind=cls_name, output=out))
         if replay is not None and layers[-1].module is None:
             layers[-1].input, layers[-1].module = replay
+            w = replay[1].weight
+            if cls_name == "Linear" and w.dim() == 2:
+                layers[-1].kind = f"Linear {w.shape[1]}->{w.shape[0]}"
+            elif cls_name.startswith("Conv") and w.dim() >= 3:
+                kernel = "x".join(str(k) for k in w.shape[2:])
+                layers[-1].kind = f"{cls_name} {w.shape[1]}->{w.shape[0]}, kernel {kernel}"
     return Run(outputs, layers)

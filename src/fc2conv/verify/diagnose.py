@@ -72,20 +72,22 @@ def localize(report: Report, ma: Model, mb: Model, draws: list[tuple[torch.Tenso
                 continue  # no reference for this layer: it cannot be judged
             c = _judge_layer(p.a.output, p.b_aligned, *entry)
             allowed = c["allowed"]
-            d = (p.a.output.double() - p.b_aligned.double()).abs()
-            both_nan = p.a.output.isnan() & p.b_aligned.isnan()
+            d = c["d"]
             ok = not bool(c["fail"].any())
-            dmax = float(d[~both_nan].max()) if (~both_nan).any() else 0.0
+            flat = int(torch.argmax(d)) if d.numel() else 0
+            dmax = float(d.reshape(-1)[flat]) if d.numel() else 0.0
+            there = float(allowed.reshape(-1)[flat]) if d.numel() else 0.0
+            ratio = float((d / allowed.clamp_min(1e-300)).max()) if d.numel() else 0.0
             key = (p.a.name, p.b.name)
             row = table.get(key)
-            if row is None:
+            if row is None or dmax > row.max_abs_error:
                 table[key] = LayerStats(p.a.name, p.b.name, p.a.kind, p.how,
-                                        p.alignment.describe(), dmax,
-                                        float(allowed.max()) if allowed.numel() else 0.0, ok)
+                                        p.alignment.describe(), dmax, there,
+                                        ok and (row is None or row.ok),
+                                        max(ratio, row.ratio if row else 0.0))
             else:
-                row.max_abs_error = max(row.max_abs_error, dmax)
-                row.allowed = max(row.allowed, float(allowed.max()) if allowed.numel() else 0.0)
                 row.ok = row.ok and ok
+                row.ratio = max(row.ratio, ratio)
             if not ok and (first is None or pos < first[0]):
                 first = (pos, p, allowed, k)
                 prev_layers = la

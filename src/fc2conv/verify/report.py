@@ -53,8 +53,9 @@ class LayerStats:
     matched_by: str
     layout: str
     max_abs_error: float
-    allowed: float
+    allowed: float  # what rounding allows at the element of max_abs_error
     ok: bool
+    ratio: float = 0.0  # max over elements of |A - B| / allowed
 
 
 @dataclass
@@ -129,10 +130,11 @@ class Report:
 
     def layer_table(self) -> str:
         """Per-layer errors as a fixed-width text table."""
-        head = ("layer (A)", "layer (B)", "kind", "matched", "max |A-B|", "allowed", "")
+        head = ("layer (A)", "layer (B)", "kind", "matched", "max |A-B|", "allowed there",
+                "max ratio", "")
         rows = [head] + [
             (s.a_name, s.b_name + (f" [{s.layout}]" if s.layout else ""), s.kind, s.matched_by,
-             _g(s.max_abs_error), _g(s.allowed), "ok" if s.ok else "DIVERGES")
+             _g(s.max_abs_error), _g(s.allowed), _g(s.ratio), "ok" if s.ok else "DIVERGES")
             for s in self.layers
         ]
         widths = [max(len(r[i]) for r in rows) for i in range(len(head))]

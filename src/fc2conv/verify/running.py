@@ -217,8 +217,9 @@ class Tracker(TorchDispatchMode):
         self.stats.longest = max(self.stats.longest, n)
         ex, ew = self.error_of(x), self.error_of(w)
         xa, wa = x.abs(), w.abs()
-        e = op(xa, ew) + op(ex, wa) + op(ex, ew)
+        # (|x|+E_x)(|W|+E_W) - |x||W| = |x|E_W + E_x|W| + E_x E_W (bilinear): two products
         mag = op(xa + ex, wa + ew)
+        e = (mag - op(xa, wa)).clamp_min(0.0)
         k = n
         if bias is not None:
             k += 1

@@ -53,6 +53,8 @@ class Alignment:
     def describe(self) -> str:
         if self.perm is None:
             return ""
+        if list(self.perm) == sorted(self.perm):
+            return f"B {tuple(self.b_shape)} reshaped"
         return f"B {tuple(self.b_shape)} permuted {self.perm}"
 
 

@@ -91,9 +91,11 @@ def compare(a: Any, b: Any, inputs: Any = None, *, input_shape: Sequence[int] | 
 
 
 def _run_all(ma: Model, mb: Model, draws: list[tuple[torch.Tensor, ...]],
-             ra: bnd.Rounding, rb: bnd.Rounding) -> list[Any]:
-    """Per draw: (A's outputs, B's outputs aligned to A's layout, the Reference)."""
+             ra: bnd.Rounding, rb: bnd.Rounding) -> tuple[list[Any], set[int]]:
+    """Per draw: (A's outputs, B's outputs aligned to A's layout, the Reference); and the
+    indices of outputs whose layout differs between the models."""
     runs = []
+    relayout: set[int] = set()
     for x in draws:
         ya = _run_native(ma, x, "A")
         yb = _run_native(mb, x, "B")
@@ -109,8 +111,10 @@ def _run_all(ma: Model, mb: Model, draws: list[tuple[torch.Tensor, ...]],
                     "they hold different numbers of values, so the models are not the same "
                     "function")
             yb_al.append(al[0])
+            if al[1].perm is not None:
+                relayout.add(i)
         runs.append((ya, yb_al, reference(ma, x, ra, rb)))
-    return runs
+    return runs, relayout
 
 
 def _run_native(model: Model, x: tuple[torch.Tensor, ...], which: str) -> list[torch.Tensor]:
@@ -128,7 +132,7 @@ def _run_native(model: Model, x: tuple[torch.Tensor, ...], which: str) -> list[t
 def _compare_loaded(ma: Model, mb: Model, draws: list[tuple[torch.Tensor, ...]], layers: bool,
                     input_text: str) -> Report:
     ra, rb = _rounding(ma), _rounding(mb)
-    runs = _run_all(ma, mb, draws, ra, rb)
+    runs, relayout = _run_all(ma, mb, draws, ra, rb)
     method = "running" if all(ref.method == "running" for _, _, ref in runs) else "magnitude"
     judge = Judge(ra, rb, method=method, stats=runs[0][2].stats)
     notes: list[str] = []
@@ -160,6 +164,10 @@ def _compare_loaded(ma: Model, mb: Model, draws: list[tuple[torch.Tensor, ...]],
                          f"{judge.scale:.3g}-fold (empirical)")
 
     outputs, identical = _output_stats(runs, judge)
+    if relayout:
+        identical = False  # equal values in another layout are equivalent, not identical
+        notes.append("B returns " + ", ".join(f"output {i}" for i in sorted(relayout))
+                     + " in another layout; it was aligned to A's before comparing")
     different = any(o.mismatched for o in outputs) or not deterministic
     verdict = "identical" if identical and deterministic else (
         "different" if different else "equivalent")

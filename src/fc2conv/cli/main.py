@@ -17,6 +17,7 @@ from fc2conv.errors import Fc2ConvError
 # Subcommand name -> "module:attribute" of its click.Command. Keeping them lazy means
 # `fc2conv --help` and `fc2conv demo` never import onnx.
 COMMANDS: dict[str, str] = {
+    "compare": "fc2conv.cli.compare:compare_command",
     "convert": "fc2conv.cli.convert:convert",
     "convolutionalize": "fc2conv.cli.torch_commands:convolutionalize",
     "demo": "fc2conv.cli.demo:demo",

@@ -80,6 +80,42 @@ def affine_bound(
     return bound
 
 
+def conv_bound(
+    weight: torch.Tensor,
+    x: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    in_error: torch.Tensor | None = None,
+    u: float = 2.0**-24,
+    *,
+    stride: int | tuple[int, ...] = 1,
+    padding: int | tuple[int, ...] = 0,
+    dilation: int | tuple[int, ...] = 1,
+    groups: int = 1,
+) -> torch.Tensor:
+    """Elementwise bound on ``|ŷ - y|`` for ``y = conv(x, W) + b`` (``x``: ``(N, C_in, *spatial)``).
+
+    Each output is an inner product of length ``n = C_in/groups * prod(kernel)``, so
+    ``|W| * e + γ_{n+1} (|W| * |x| + |b|)`` where ``*`` is the same convolution (zero padding
+    adds exact zeros). Computed in float64.
+    """
+    import torch.nn.functional as F
+
+    conv_fn = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[x.dim()]
+
+    def conv(inp: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return conv_fn(inp, w, None, stride, padding, dilation, groups)  # type: ignore[arg-type]
+
+    w_abs = weight.detach().double().abs()
+    magnitude = conv(x.detach().double().abs(), w_abs)
+    if bias is not None:
+        magnitude = magnitude + bias.detach().double().abs().reshape(1, -1, *[1] * (x.dim() - 2))
+    n = weight[0].numel()
+    bound = gamma(n + 1, u) * magnitude
+    if in_error is not None:
+        bound = bound + conv(in_error.double(), w_abs)
+    return bound
+
+
 def ulp(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Spacing of ``dtype`` at ``|values|`` (float64 result): ``2^(floor(log2|v|)) * eps``,
     never below the spacing at the smallest normal number."""

@@ -1,0 +1,250 @@
+"""``compare(a, b)``: are two models the same function, up to floating-point rounding?
+
+1. Draw inputs (or take the user's), run both models natively, and run model ``a`` in float64
+   (the reference ``r``) while bounding, op by op, how far each model's own precision can move
+   every value (:mod:`fc2conv.verify.running`; the magnitude twin of
+   :mod:`fc2conv.verify.bound` for ONNX and for ops without a rule).
+2. Each model's error against ``r`` must lie within what rounding of *its* dtype can produce
+   (:mod:`fc2conv.verify.reference`); then ``|a - b|`` is within the sum of the two bounds,
+   which the report calls "allowed". All equal bit for bit: ``identical``; all within:
+   ``equivalent``; anything else (including NaN/Inf in one model only): ``different``.
+   Integer outputs: exact. If model ``a`` itself strays beyond its bound (ops the bound does not
+   model), both bounds are scaled by 8x its excess and the report says "empirical".
+3. With ``layers=True``, capture both models' layer outputs, match them
+   (:mod:`fc2conv.verify.match`), find the first layer beyond its own bound and test hypotheses
+   about the cause there (:mod:`fc2conv.verify.diagnose`). A matched layer beyond its bound
+   makes the verdict "different" even when later layers damp the difference below the
+   output's bound.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from fc2conv.core.rounding import ulp_distance
+from fc2conv.errors import Fc2ConvError
+from fc2conv.verify import bound as bnd
+from fc2conv.verify.inputs import as_tensors, draw, resolve_specs
+from fc2conv.verify.judge import Judge, check_elements, exact_equal
+from fc2conv.verify.match import align
+from fc2conv.verify.models import Model, load
+from fc2conv.verify.reference import reference
+from fc2conv.verify.report import OutputStats, Report
+
+log = logging.getLogger(__name__)
+
+REL_FLOOR = 1e-3  # relative errors and ULPs are measured at >= 1e-3 x the output's scale
+
+
+def _op_kinds(model: Model) -> tuple[bool, bool]:
+    """(has convs, has matmuls) — decides which TF32 switch applies."""
+    if model.module is None:
+        return False, False
+    graph = getattr(model.module, "graph", None)
+    if model.exported and isinstance(graph, torch.fx.Graph):
+        targets = [str(n.target) for n in graph.nodes if n.op == "call_function"]
+        return (any("conv" in t for t in targets),
+                any(k in t for t in targets for k in ("linear", "mm", "matmul")))
+    mods = list(model.module.modules())
+    return (any(isinstance(m, torch.nn.modules.conv._ConvNd) for m in mods),
+            any(isinstance(m, torch.nn.Linear | torch.nn.Bilinear | torch.nn.MultiheadAttention)
+                for m in mods))
+
+
+def _rounding(model: Model) -> bnd.Rounding:
+    tf32 = False
+    if model.kind == "torch":
+        has_conv, has_matmul = _op_kinds(model)
+        tf32 = bnd.tf32_in_play(model.device.type, model.dtype, has_conv=has_conv,
+                                has_matmul=has_matmul, **bnd.current_tf32_flags())
+    return bnd.rounding_for(model.dtype, tf32=tf32)
+
+
+def compare(a: Any, b: Any, inputs: Any = None, *, input_shape: Sequence[int] | None = None,
+            samples: int = 8, layers: bool = True, trust_pickle: bool = False) -> Report:
+    """Compare models ``a`` and ``b`` and return a :class:`~fc2conv.verify.report.Report`.
+
+    ``a``/``b``: ``nn.Module``, ``torch.export.ExportedProgram``, ``onnx.ModelProto`` or a path
+    to ``.pt2``/``.onnx`` (``.pt``/``.pth`` pickles only with ``trust_pickle=True``).
+    ``inputs``: a tensor/array or tuple of them; else ``samples`` random draws (the last one
+    large-magnitude) shaped by ``input_shape`` or the models' input specs. Model ``a`` is the
+    reference: its float64 twin defines the exact result.
+    """
+    ma = load(a, "A", trust_pickle=trust_pickle)
+    mb = load(b, "B", trust_pickle=trust_pickle)
+    if inputs is not None:
+        draws = [as_tensors(inputs)]
+        shown = ", ".join(f"{tuple(x.shape)} {str(x.dtype).replace('torch.', '')}"
+                          for x in draws[0])
+        input_text = f"the given inputs: {shown}"
+    else:
+        specs = resolve_specs(ma, mb, input_shape)
+        draws = draw(specs, samples, ma.dtype)
+        shapes = ", ".join(str(tuple(x.shape)) for x in draws[0])
+        input_text = (f"{len(draws)} random normal draws of shape {shapes}"
+                      + (", the last scaled to large magnitude" if len(draws) > 1 else ""))
+    return _compare_loaded(ma, mb, draws, layers, input_text)
+
+
+def _run_all(ma: Model, mb: Model, draws: list[tuple[torch.Tensor, ...]],
+             ra: bnd.Rounding, rb: bnd.Rounding) -> tuple[list[Any], set[int]]:
+    """Per draw: (A's outputs, B's outputs aligned to A's layout, the Reference); and the
+    indices of outputs whose layout differs between the models."""
+    runs = []
+    relayout: set[int] = set()
+    for x in draws:
+        ya = _run_native(ma, x, "A")
+        yb = _run_native(mb, x, "B")
+        if len(ya) != len(yb):
+            raise Fc2ConvError(f"model A returns {len(ya)} outputs and model B {len(yb)}; "
+                               "they cannot be the same function")
+        yb_al = []
+        for i, (ta, tb) in enumerate(zip(ya, yb, strict=True)):
+            al = align(ta, tb)
+            if al is None:
+                raise Fc2ConvError(
+                    f"output {i} of A has shape {tuple(ta.shape)} and of B {tuple(tb.shape)}: "
+                    "they hold different numbers of values, so the models are not the same "
+                    "function")
+            yb_al.append(al[0])
+            if al[1].perm is not None:
+                relayout.add(i)
+        runs.append((ya, yb_al, reference(ma, x, ra, rb)))
+    return runs, relayout
+
+
+def _run_native(model: Model, x: tuple[torch.Tensor, ...], which: str) -> list[torch.Tensor]:
+    try:
+        return model.run(x).outputs
+    except Fc2ConvError:
+        raise
+    except Exception as err:
+        raise Fc2ConvError(
+            f"model {which} ({model.label}) failed on inputs of shape "
+            f"{[tuple(t.shape) for t in x]}: {str(err).splitlines()[0] if str(err) else err!r}"
+        ) from None
+
+
+def _compare_loaded(ma: Model, mb: Model, draws: list[tuple[torch.Tensor, ...]], layers: bool,
+                    input_text: str) -> Report:
+    ra, rb = _rounding(ma), _rounding(mb)
+    runs, relayout = _run_all(ma, mb, draws, ra, rb)
+    method = "running" if all(ref.method == "running" for _, _, ref in runs) else "magnitude"
+    judge = Judge(ra, rb, method=method, stats=runs[0][2].stats)
+    notes: list[str] = []
+    unsupported = set().union(*(ref.unsupported for _, _, ref in runs))
+    if unsupported:
+        notes.append("the running bound has no rule for " + ", ".join(sorted(unsupported))
+                     + "; the magnitude bound is used")
+
+    # model A must be deterministic, and within its own bound; else the empirical method
+    deterministic = all(exact_equal(t, u) for t, u in
+                        zip(ma.run(draws[0]).outputs, runs[0][0], strict=True))
+    if not deterministic:
+        notes.append("model A gives different outputs on two runs of the same input "
+                     "(a layer in training mode, such as dropout?)")
+    elif ra.u_out > 0:
+        rho = 0.0
+        for ya, _, ref in runs:
+            for i, (ta, tr) in enumerate(zip(ya, ref.outputs, strict=True)):
+                if not ta.is_floating_point():
+                    continue
+                e = (ta.double() - tr.double()).abs()
+                ok = torch.isfinite(e)
+                if ok.any():
+                    rho = max(rho, float((e[ok] / ref.bound_a[i][ok].clamp_min(1e-300)).max()))
+        if rho > 1.0:
+            judge.method, judge.scale = "empirical", bnd.EMPIRICAL_FACTOR * rho
+            notes.append(f"model A's own float error exceeds the {method} bound {rho:.3g}-fold "
+                         "(ops the bound does not model), so the bounds are scaled "
+                         f"{judge.scale:.3g}-fold (empirical)")
+
+    outputs, identical = _output_stats(runs, judge)
+    if relayout:
+        identical = False  # equal values in another layout are equivalent, not identical
+        notes.append("B returns " + ", ".join(f"output {i}" for i in sorted(relayout))
+                     + " in another layout; it was aligned to A's before comparing")
+    different = any(o.mismatched for o in outputs) or not deterministic
+    verdict = "identical" if identical and deterministic else (
+        "different" if different else "equivalent")
+
+    report = Report(
+        verdict=verdict,
+        max_abs_error=max((o.max_abs_error for o in outputs), default=0.0),
+        max_rel_error=max((o.max_rel_error for o in outputs), default=0.0),
+        ulp_error=max((o.ulp_error for o in outputs), default=0.0),
+        bound=max((o.bound for o in outputs), default=0.0),
+        bound_method=bnd.describe_method(judge.method, judge.stats, [ra, rb], judge.scale),
+        tf32=ra.tf32 or rb.tf32,
+        first_divergence=None, diagnosis=None, outputs=outputs,
+        a=ma.describe(), b=mb.describe(), inputs=input_text, notes=notes,
+    )
+    if layers or verdict == "different":
+        from fc2conv.verify.diagnose import localize
+
+        localize(report, ma, mb, draws, judge, with_table=layers)
+    return report
+
+
+def _output_stats(aligned_runs: list[Any], judge: Judge) -> tuple[list[OutputStats], bool]:
+    outputs: list[OutputStats] = []
+    identical = True
+    n_out = len(aligned_runs[0][0])
+    for i in range(n_out):
+        first = aligned_runs[0][0][i]
+        st = OutputStats(name=f"output {i}" if n_out > 1 else "output",
+                         shape=tuple(first.shape), dtype=str(first.dtype).replace("torch.", ""))
+        for k, (ya, yb, ref) in enumerate(aligned_runs):
+            ta, tb, tr = ya[i], yb[i], ref.outputs[i]
+            identical = identical and exact_equal(ta, tb)
+            c = check_elements(ta, tb, tr, *judge.bounds(ref, i))
+            st.total += ta.numel()
+            st.mismatched += int(c["fail"].sum())
+            st.nan_mismatch += int(c["nan"].sum())
+            st.a_error = max(st.a_error, _nanmax(c["ea"]))
+            st.b_error = max(st.b_error, _nanmax(c["eb"]))
+            st.bound = max(st.bound, _nanmax(c["allowed"]))
+            if ta.numel() == 0:
+                continue
+            scale = float(c["r"].abs().nan_to_num(0, 0, 0).max()) * REL_FLOOR
+            flat = int(torch.argmax(c["d"]))
+            d = float(c["d"].reshape(-1)[flat])
+            if d > st.max_abs_error or st.abs_index is None:
+                st.max_abs_error = d
+                st.abs_index = _unravel(flat, ta.shape)
+                st.abs_allowed = float(c["allowed"].reshape(-1)[flat])
+                st.sample = k if len(aligned_runs) > 1 else None
+            denom = c["r"].abs().clamp_min(max(scale, 1e-300))
+            rel = (c["d"] / denom).nan_to_num(0.0)
+            flat = int(torch.argmax(rel))
+            rv = float(rel.reshape(-1)[flat])
+            if rv > st.max_rel_error or st.rel_index is None:
+                st.max_rel_error = rv
+                st.rel_index = _unravel(flat, ta.shape)
+                st.rel_allowed = float((c["allowed"] / denom).reshape(-1)[flat])
+            if ta.is_floating_point() and tb.is_floating_point():
+                low = ta.dtype if torch.finfo(ta.dtype).eps >= torch.finfo(tb.dtype).eps \
+                    else tb.dtype
+                fin = torch.isfinite(ta) & torch.isfinite(tb)
+                if fin.any():
+                    u = ulp_distance(ta[fin], tb[fin], low, floor=scale)
+                    st.ulp_error = max(st.ulp_error, float(u.max()))
+        outputs.append(st)
+    return outputs, identical
+
+
+def _nanmax(t: torch.Tensor) -> float:
+    t = t[~t.isnan()]
+    return float(t.max()) if t.numel() else 0.0
+
+
+def _unravel(flat: int, shape: torch.Size) -> tuple[int, ...]:
+    idx = []
+    for dim in reversed(shape):
+        idx.append(flat % dim)
+        flat //= dim
+    return tuple(reversed(idx))

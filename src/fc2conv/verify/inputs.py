@@ -1,0 +1,96 @@
+"""Inputs for ``compare``: the user's, or fresh random draws from the models' input specs.
+
+Shapes come from (first that applies): ``input_shape``; model ``a``'s or ``b``'s input specs
+(ONNX value infos, ExportedProgram signatures). ``input_shape`` is the full shape of the (single)
+input; when a model's spec has exactly one more dimension, a batch dimension is prepended (the
+spec's own when static, else 2), so ``--input-shape 3,224,224`` fits an image model exported
+with a batch axis. Dynamic
+dimensions without a value become 2 for the first (batch) axis and 8 elsewhere.
+
+Draws: ``samples`` fresh standard-normal draws (never zeros or ones: structured inputs hide
+permutation and bias bugs), the last of them scaled to a large magnitude (1e3; 16 for float16,
+whose range ends at 65504) to expose errors that scale with the input. Integer inputs: random
+integers in [0, 8); bool: random.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from fc2conv.errors import Fc2ConvError
+from fc2conv.verify.models import InputSpec, Model
+
+LARGE_SCALE = {torch.float16: 16.0}
+DEFAULT_LARGE = 1e3
+
+
+def as_tensors(inputs: Any) -> tuple[torch.Tensor, ...]:
+    """The user's inputs (a tensor, an array, or a tuple of them) as a tuple of tensors."""
+    items = inputs if isinstance(inputs, tuple | list) else (inputs,)
+    out = []
+    for x in items:
+        if isinstance(x, np.ndarray):
+            x = torch.from_numpy(x)
+        if not isinstance(x, torch.Tensor):
+            raise Fc2ConvError(f"inputs must be tensors or numpy arrays, got {type(x).__name__}")
+        out.append(x)
+    return tuple(out)
+
+
+def _fill(shape: Sequence[int | None]) -> tuple[int, ...]:
+    return tuple((2 if i == 0 else 8) if d is None or d <= 0 else int(d)
+                 for i, d in enumerate(shape))
+
+
+def resolve_specs(a: Model, b: Model, input_shape: Sequence[int] | None) -> list[InputSpec]:
+    """The input specs to draw from (see the module docstring)."""
+    specs = a.specs or b.specs
+    if input_shape is not None:
+        shape = tuple(int(d) for d in input_shape)
+        if any(d <= 0 for d in shape):
+            raise Fc2ConvError(f"input_shape {shape} has a dimension <= 0")
+        if len(specs) > 1:
+            raise Fc2ConvError(
+                f"the models take {len(specs)} inputs; input_shape describes one — pass inputs="
+            )
+        dtype = specs[0].dtype if specs else a.dtype
+        name = specs[0].name if specs else "input"
+        if specs and len(specs[0].shape) == len(shape) + 1:
+            batch = specs[0].shape[0]
+            shape = (batch if batch else 2, *shape)
+        return [InputSpec(name, shape, dtype)]
+    if not specs:
+        raise Fc2ConvError(
+            f"cannot tell what input {a.label} takes: pass inputs=(tensor, ...) or input_shape="
+            "(e.g. input_shape=(16, 5, 256); CLI: --input-shape 16,5,256)"
+        )
+    return specs
+
+
+def draw(specs: Sequence[InputSpec], samples: int, dtype: torch.dtype) -> list[tuple[torch.Tensor,
+                                                                                     ...]]:
+    """``samples`` fresh draws; the last one large-magnitude. Float draws are float32 (each
+    model casts them to its own dtype, model ``a``'s rounding first)."""
+    if samples < 1:
+        raise Fc2ConvError(f"samples must be at least 1, got {samples}")
+    large = LARGE_SCALE.get(dtype, DEFAULT_LARGE)
+    draws = []
+    for k in range(samples):
+        tensors = []
+        for spec in specs:
+            shape = _fill(spec.shape)
+            if spec.dtype.is_floating_point:
+                x = torch.randn(shape, dtype=torch.float64)
+                if k == samples - 1 and samples > 1:
+                    x = x * large
+                tensors.append(x.to(torch.float32))
+            elif spec.dtype == torch.bool:
+                tensors.append(torch.rand(shape) < 0.5)
+            else:
+                tensors.append(torch.randint(0, 8, shape, dtype=spec.dtype))
+        draws.append(tuple(tensors))
+    return draws

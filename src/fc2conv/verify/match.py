@@ -1,0 +1,133 @@
+"""Match layers of two models and align their output layouts.
+
+Matching, in order of trust:
+1. same name (``backbone.0`` in both), or B's layer records A's name as its fc2conv provenance
+   (``core.provenance.source_of`` / ONNX ``fc2conv.source``);
+2. otherwise by order: the next unmatched B layer after the last match whose kind is compatible
+   (Linear/Conv/Gemm/MatMul are all "affine"; activations by name) and whose output holds the
+   same values up to layout.
+
+Layout: a Linear's ``(B, S, C)`` output and a 1x1 conv's ``(B, C, S)`` output are the same
+numbers. :func:`align` drops size-1 axes and tries the permutations of B's axes that give A's
+shape, keeping the one closest to A's values.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fc2conv.verify.models import Layer
+
+_AFFINE = {"linear", "conv1d", "conv2d", "conv3d", "gemm", "matmul", "conv", "bilinear"}
+
+
+_KNOWN = {n.lower() for n in dir(nn) if isinstance(getattr(nn, n), type)} | {
+    "gemm", "matmul", "conv", "relu", "tanh", "sigmoid", "add", "mul", "sub", "div", "maxpool",
+    "averagepool", "globalaveragepool", "batchnormalization", "softmax", "gelu", "erf"}
+
+
+def category(kind: str) -> str:
+    """``"affine"`` for Linear/Conv/Gemm/MatMul, else the lower-cased op or class name."""
+    head = kind.split(" ", 1)[0].lower()
+    return "affine" if head in _AFFINE else head
+
+
+def compatible(a_kind: str, b_kind: str) -> bool:
+    """Same category, or at least one side a user-defined block (which may compute anything)."""
+    ca, cb = category(a_kind), category(b_kind)
+    if ca == cb:
+        return True
+    known = {"affine"} | _KNOWN
+    return ca not in known or cb not in known
+
+
+@dataclass
+class Alignment:
+    perm: tuple[int, ...] | None  # permutation applied to B's squeezed axes; None = as is
+    b_shape: tuple[int, ...]
+
+    def describe(self) -> str:
+        if self.perm is None:
+            return ""
+        if list(self.perm) == sorted(self.perm):
+            return f"B {tuple(self.b_shape)} reshaped"
+        return f"B {tuple(self.b_shape)} permuted {self.perm}"
+
+
+def align(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, Alignment] | None:
+    """``b`` rearranged to ``a``'s shape (same values up to layout), or ``None`` if impossible."""
+    if a.shape == b.shape:
+        return b, Alignment(None, tuple(b.shape))
+    if a.numel() != b.numel():
+        return None
+    a_sq = [d for d in a.shape if d != 1]
+    b_sq = [d for d in b.shape if d != 1]
+    if sorted(a_sq) != sorted(b_sq):
+        return None
+    bs = b.reshape(b_sq)
+    best: tuple[float, torch.Tensor, tuple[int, ...]] | None = None
+    ref = a.reshape(a_sq).double()
+    for perm in itertools.permutations(range(len(b_sq))):
+        if [b_sq[p] for p in perm] != a_sq:
+            continue
+        cand = bs.permute(perm)
+        diff = (cand.double() - ref).abs()
+        score = float(torch.nan_to_num(diff, nan=float("inf")).max()) if diff.numel() else 0.0
+        if best is None or score < best[0]:
+            best = (score, cand, perm)
+        if len(b_sq) > 6:
+            break
+    if best is None:
+        return None
+    return best[1].reshape(a.shape), Alignment(best[2], tuple(b.shape))
+
+
+@dataclass
+class Pair:
+    a: Layer
+    b: Layer
+    b_aligned: torch.Tensor
+    alignment: Alignment
+    how: str  # "name", "provenance" or "order"
+
+
+def match_layers(a_layers: list[Layer], b_layers: list[Layer]) -> list[Pair]:
+    """Pairs of corresponding layers, in A's order (see the module docstring)."""
+    pairs: dict[int, Pair] = {}
+    used: set[int] = set()
+    # 1. names and provenance
+    for i, la in enumerate(a_layers):
+        candidates = [(j, "name") for j, lb in enumerate(b_layers)
+                      if lb.name == la.name and compatible(la.kind, lb.kind)]
+        candidates += [(j, "provenance") for j, lb in enumerate(b_layers)
+                       if lb.source == la.name and lb.name != la.name]
+        for j, how in reversed(candidates):  # the outermost/last module with that name wins
+            if j in used:
+                continue
+            al = align(la.output, b_layers[j].output)
+            if al is not None:
+                pairs[i] = Pair(la, b_layers[j], al[0], al[1], how)
+                used.add(j)
+                break
+    # 2. order and shape, between the anchors set by step 1
+    last_j = -1
+    for i, la in enumerate(a_layers):
+        if i in pairs:
+            last_j = max(last_j, b_layers.index(pairs[i].b))
+            continue
+        next_anchor = min((b_layers.index(p.b) for k, p in pairs.items() if k > i),
+                          default=len(b_layers))
+        for j in range(last_j + 1, next_anchor):
+            if j in used or category(b_layers[j].kind) != category(la.kind):
+                continue
+            al = align(la.output, b_layers[j].output)
+            if al is not None:
+                pairs[i] = Pair(la, b_layers[j], al[0], al[1], "order")
+                used.add(j)
+                last_j = j
+                break
+    return [pairs[i] for i in sorted(pairs)]

@@ -1,0 +1,230 @@
+"""Running ONNX models for ``compare``: onnxruntime natively, onnx's reference evaluator in
+float64. Imported only when an ONNX model is compared (``import fc2conv`` stays onnx-free).
+
+- ``native``: onnxruntime on CPU (all optimizations on, as users deploy it).
+- ``reference``: a copy whose float tensors, value types and ``Cast``-to-float nodes are
+  float64, run by ``onnx.reference.ReferenceEvaluator`` (plain numpy, exact up to float64).
+- ``magnitude``: the float64 copy with every float initializer replaced by ``|value|``
+  (``BatchNormalization`` means by ``-|mean|``, variances kept) on ``|x|``.
+
+Layers: every node's first output is requested as an extra graph output; its name is the
+``fc2conv.source`` metadata when fc2conv converted the node, else the torch module path the
+exporter recorded (``/backbone/0/Gemm`` or the dynamo exporter's ``name_scopes``) -> ``backbone.0``.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from fc2conv.core.provenance import SOURCE_KEY
+from fc2conv.errors import Fc2ConvError
+from fc2conv.verify.models import InputSpec, Layer, Run
+
+LAYOUT_OPS = {
+    "Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Constant", "Shape",
+    "Gather", "Concat", "Cast", "Slice", "ConstantOfShape", "Expand", "Range", "Size",
+}
+_MAGNITUDE_IDENTITY = {"Tanh", "Softsign", "Elu", "Celu", "LeakyRelu", "PRelu", "HardTanh", "Clip"}
+_AFFINE_OPS = {"MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum"}
+_FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
+_TORCH_DTYPE = {
+    TensorProto.FLOAT: torch.float32, TensorProto.FLOAT16: torch.float16,
+    TensorProto.BFLOAT16: torch.bfloat16, TensorProto.DOUBLE: torch.float64,
+    TensorProto.INT64: torch.int64, TensorProto.INT32: torch.int32, TensorProto.BOOL: torch.bool,
+    TensorProto.INT8: torch.int8, TensorProto.UINT8: torch.uint8,
+}
+
+
+def load(path: Path) -> Any:
+    try:
+        proto = onnx.load(str(path))
+    except Exception as err:
+        raise Fc2ConvError(f"{path} is not a readable ONNX model ({type(err).__name__})") from None
+    if not proto.graph.node and not proto.graph.output:
+        raise Fc2ConvError(f"{path} is not an ONNX model: its graph is empty")
+    return proto
+
+
+def specs(proto: Any) -> list[InputSpec]:
+    inits = {i.name for i in proto.graph.initializer}
+    out = []
+    for vi in proto.graph.input:
+        if vi.name in inits:
+            continue
+        tt = vi.type.tensor_type
+        shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
+        out.append(InputSpec(vi.name, shape, _TORCH_DTYPE.get(tt.elem_type, torch.float32)))
+    return out
+
+
+def float_dtype(proto: Any) -> torch.dtype:
+    for init in proto.graph.initializer:
+        if init.data_type in _FLOAT_TYPES:
+            return _TORCH_DTYPE[init.data_type]
+    return torch.float32
+
+
+def _user_name(node: Any) -> str:
+    meta = {p.key: p.value for p in node.metadata_props}
+    if meta.get(SOURCE_KEY):
+        return meta[SOURCE_KEY]
+    scopes = meta.get("pkg.torch.onnx.name_scopes")
+    if scopes:
+        try:
+            parts = [p for p in ast.literal_eval(scopes)[:-1] if p]
+            if parts:
+                return parts[-1] if "." in parts[-1] else ".".join(parts)
+        except (ValueError, SyntaxError):
+            pass
+    if node.name.startswith("/"):
+        parts = [p for p in node.name.split("/")[1:-1] if p]
+        if parts:  # legacy exporter: "/features/features.0/Conv" or "/0/Gemm"
+            return parts[-1] if "." in parts[-1] else ".".join(parts)
+    return node.name or node.output[0]
+
+
+def _layer_nodes(proto: Any) -> list[tuple[str, str, str]]:
+    """(user name, op type, output name): the last node of each run of same-named nodes."""
+    out: list[tuple[str, str, str]] = []
+    for node in proto.graph.node:
+        if node.op_type in LAYOUT_OPS or not node.output:
+            continue
+        name = _user_name(node)
+        if out and out[-1][0] == name:  # MatMul + Add of one Linear: kind MatMul, output Add's
+            kind = out[-1][1] if out[-1][1] in _AFFINE_OPS else node.op_type
+            out[-1] = (name, kind, node.output[0])
+        else:
+            out.append((name, node.op_type, node.output[0]))
+    return out
+
+
+def _float64_copy(proto: Any, magnitude: bool) -> Any:
+    model = onnx.ModelProto()
+    model.CopyFrom(proto)
+    g = model.graph
+    bn_means = {n.input[3] for n in g.node if n.op_type == "BatchNormalization"}
+    bn_vars = {n.input[4] for n in g.node if n.op_type == "BatchNormalization"}
+    for init in g.initializer:
+        if init.data_type in _FLOAT_TYPES:
+            arr = numpy_helper.to_array(init).astype(np.float64)
+            if magnitude and init.name in bn_means:
+                arr = -np.abs(arr)
+            elif magnitude and init.name not in bn_vars:
+                arr = np.abs(arr)
+            init.CopyFrom(numpy_helper.from_array(arr, init.name))
+    for vi in [*g.input, *g.output, *g.value_info]:
+        if vi.type.tensor_type.elem_type in _FLOAT_TYPES:
+            vi.type.tensor_type.elem_type = TensorProto.DOUBLE
+    for node in g.node:
+        if magnitude and node.op_type in _MAGNITUDE_IDENTITY:
+            # 1-Lipschitz with |f(x)| <= |x|: the magnitude passes through unchanged (tanh(M)
+            # would shrink it below the error it must carry)
+            node.op_type = "Identity"
+            del node.attribute[:]
+            del node.input[1:]
+        for attr in node.attribute:
+            if node.op_type == "Cast" and attr.name == "to" and attr.i in _FLOAT_TYPES:
+                attr.i = TensorProto.DOUBLE
+            if attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type in _FLOAT_TYPES:
+                arr = numpy_helper.to_array(attr.t).astype(np.float64)
+                attr.t.CopyFrom(numpy_helper.from_array(np.abs(arr) if magnitude else arr))
+    return model
+
+
+def _with_layer_outputs(proto: Any, names: list[str]) -> Any:
+    model = onnx.ModelProto()
+    model.CopyFrom(proto)
+    existing = {o.name for o in model.graph.output}
+    for name in names:
+        if name not in existing:
+            model.graph.output.append(helper.ValueInfoProto(name=name))
+    return model
+
+
+def _feeds(proto: Any, inputs: tuple[torch.Tensor, ...], mode: str) -> dict[str, np.ndarray]:
+    sp = specs(proto)
+    if len(sp) != len(inputs):
+        raise Fc2ConvError(f"the ONNX model takes {len(sp)} inputs, {len(inputs)} were given")
+    feeds = {}
+    for spec, x in zip(sp, inputs, strict=True):
+        if x.is_floating_point():
+            x = x.to(spec.dtype if spec.dtype.is_floating_point else torch.float32)
+            if mode != "native":
+                x = x.double()
+            if mode == "magnitude":
+                x = x.abs()
+        arr = x.detach().cpu().float().numpy() if x.dtype == torch.bfloat16 else \
+            x.detach().cpu().numpy()
+        feeds[spec.name] = arr
+    return feeds
+
+
+def run(proto: Any, inputs: tuple[torch.Tensor, ...], mode: str, capture: bool) -> Run:
+    feeds = _feeds(proto, inputs, mode)
+    out_names = [o.name for o in proto.graph.output]
+    layer_nodes = _layer_nodes(proto) if capture else []
+    extra = [n for _, _, n in layer_nodes]
+    if mode == "native":
+        import onnxruntime as ort
+
+        model = _with_layer_outputs(proto, extra) if extra else proto
+        try:
+            sess = ort.InferenceSession(model.SerializeToString(),
+                                        providers=["CPUExecutionProvider"])
+            names = out_names + [n for n in extra if n not in out_names]
+            values = sess.run(names, feeds)
+        except Exception as err:
+            raise Fc2ConvError(f"onnxruntime could not run the model: {err}") from None
+    else:
+        from onnx.reference import ReferenceEvaluator
+
+        model = _float64_copy(proto, magnitude=(mode == "magnitude"))
+        names = out_names + [n for n in extra if n not in out_names]
+        try:
+            values = ReferenceEvaluator(model).run(names, feeds)
+        except Exception as err:
+            raise Fc2ConvError(f"onnx's reference evaluator could not run the model in "
+                               f"float64: {err}") from None
+    result = dict(zip(names, values, strict=True))
+    outputs = [torch.from_numpy(np.asarray(result[n])) for n in out_names]
+    layers = [Layer(name=user, kind=op, output=torch.from_numpy(np.asarray(result[out])))
+              for user, op, out in layer_nodes]
+    return Run(outputs, layers)
+
+
+def count_ops(proto: Any) -> tuple[int, int]:
+    """(number of MatMul/Gemm/Conv nodes, longest reduction length) from initializer shapes."""
+    inits = {i.name: tuple(i.dims) for i in proto.graph.initializer}
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto)
+        for vi in [*inferred.graph.value_info, *inferred.graph.input]:
+            dims = vi.type.tensor_type.shape.dim
+            inits.setdefault(vi.name, tuple(d.dim_value for d in dims))
+    except Exception:  # shape inference is best effort
+        pass
+    count, longest = 0, 1
+    for node in proto.graph.node:
+        if node.op_type in ("MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum"):
+            count += 1
+            shape = inits.get(node.input[1] if len(node.input) > 1 else "", ())
+            if node.op_type == "Conv" and len(shape) >= 2:
+                n = int(np.prod(shape[1:]))
+            elif node.op_type == "Gemm" and len(shape) == 2:
+                trans = any(a.name == "transB" and a.i for a in node.attribute)
+                n = shape[1] if trans else shape[0]
+            elif len(shape) >= 2:
+                n = shape[-2]
+            else:
+                n = 1 << 16  # unknown: assume long
+            longest = max(longest, int(n) or (1 << 16))
+        elif node.op_type.startswith("Reduce") or node.op_type in (
+                "AveragePool", "GlobalAveragePool", "LayerNormalization", "Softmax"):
+            count += 1
+    return count, longest

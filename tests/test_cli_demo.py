@@ -3,6 +3,7 @@ algebra, its figure, and its error path."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -85,15 +86,15 @@ def test_classic_experiment_against_an_independent_float64_mlp(weights):
 
 def test_verdict_calls_a_one_weight_bug_different():
     r = experiments.run_classic_experiment("random", seed=1)
+    assert _verdict(r)[0] == "equivalent"
+    bad_conv = copy.deepcopy(r.conv)
     with torch.no_grad():
         alive = r.linear[:-1](r.x).reshape(-1, 256).mean(0).argmax()
-        r.conv.body[-1].weight[1, alive] += 1e-3
-        y_conv = r.conv(r.x)
-    buggy = dataclasses.replace(r, y_conv=y_conv)
-    assert _verdict(r)[0] == "equivalent"
-    assert _verdict(buggy)[0] == "different"
-    exact = dataclasses.replace(r, y_conv=r.y_linear.clone())
-    assert _verdict(exact)[0] == "identical"
+        bad_conv.body[-1].weight[1, alive] += 1e-3
+    verdict, reason = _verdict(dataclasses.replace(r, conv=bad_conv, y_conv=bad_conv(r.x)))
+    assert verdict == "different" and reason
+    same = copy.deepcopy(r.linear)
+    assert _verdict(dataclasses.replace(r, conv=same, y_conv=r.y_linear))[0] == "identical"
 
 
 def test_flatten_limits_follow_the_formulas():

@@ -32,6 +32,7 @@ from fc2conv.verify.inputs import as_tensors, draw, resolve_specs
 from fc2conv.verify.judge import Judge, check_elements, exact_equal
 from fc2conv.verify.match import align
 from fc2conv.verify.models import Model, load
+from fc2conv.verify.noise import NOISE_FACTOR, rounding_noise
 from fc2conv.verify.reference import reference
 from fc2conv.verify.report import OutputStats, Report
 
@@ -169,6 +170,11 @@ def _compare_loaded(ma: Model, mb: Model, draws: list[tuple[torch.Tensor, ...]],
         notes.append("B returns " + ", ".join(f"output {i}" for i in sorted(relayout))
                      + " in another layout; it was aligned to A's before comparing")
     different = any(o.mismatched for o in outputs) or not deterministic
+    if not different and deterministic and ra.dtype == rb.dtype and ra.tf32 == rb.tf32:
+        note = _noise_note(ma, draws, outputs, ra.u_out, judge.stats.longest)
+        if note:
+            different = True
+            notes.append(note)
     verdict = "identical" if identical and deterministic else (
         "different" if different else "equivalent")
 
@@ -188,6 +194,31 @@ def _compare_loaded(ma: Model, mb: Model, draws: list[tuple[torch.Tensor, ...]],
 
         localize(report, ma, mb, draws, judge, with_table=layers)
     return report
+
+
+def _noise_note(ma: Model, draws: list[tuple[torch.Tensor, ...]], outputs: list[OutputStats],
+                u: float, longest: int) -> str | None:
+    """A sentence when ``|A - B|`` is far beyond the rounding noise measured on A (see
+    :mod:`fc2conv.verify.noise`), though within the worst-case bound; else ``None``."""
+    floating = [i for i, o in enumerate(outputs) if o.dtype.startswith(("float", "bfloat"))]
+    if ma.kind != "torch" or not floating or u == 0:
+        return None
+    try:
+        noise = rounding_noise(ma, draws, u, longest)
+    except Exception as err:  # no estimate: stay with the worst-case verdict
+        log.debug("rounding noise could not be measured: %s", err)
+        return None
+    for i in floating:
+        o = outputs[i]
+        allowed = max(NOISE_FACTOR * noise[i], 4 * u * o.scale)
+        if o.max_abs_error > allowed:
+            return (f"{o.name}: the models differ by up to {o.max_abs_error:.3g} at index "
+                    f"{o.abs_index}; that is within the worst-case bound, but "
+                    f"{o.max_abs_error / max(noise[i], 1e-300):.3g}x the rounding noise "
+                    f"measured on A ({noise[i]:.3g}: A's float64 twin with every weight and "
+                    f"input perturbed by ~sqrt(n)·u relative noise), above the limit of "
+                    f"{NOISE_FACTOR:g}x: rounding does not explain it")
+    return None
 
 
 def _output_stats(aligned_runs: list[Any], judge: Judge) -> tuple[list[OutputStats], bool]:
@@ -210,7 +241,9 @@ def _output_stats(aligned_runs: list[Any], judge: Judge) -> tuple[list[OutputSta
             st.bound = max(st.bound, _nanmax(c["allowed"]))
             if ta.numel() == 0:
                 continue
-            scale = float(c["r"].abs().nan_to_num(0, 0, 0).max()) * REL_FLOOR
+            magnitude = float(c["r"].abs().nan_to_num(0, 0, 0).max())
+            st.scale = max(st.scale, magnitude)
+            scale = magnitude * REL_FLOOR
             flat = int(torch.argmax(c["d"]))
             d = float(c["d"].reshape(-1)[flat])
             if d > st.max_abs_error or st.abs_index is None:

@@ -42,6 +42,7 @@ class OutputStats:
     b_error: float = 0.0  # max |b - float64 reference|
     bound: float = 0.0  # the largest elementwise bound (|a-b| allowed) over the output
     nan_mismatch: int = 0
+    scale: float = 0.0  # max |float64 reference| over the output: the output's magnitude
     sample: int | None = None  # the draw holding the worst absolute difference
 
 

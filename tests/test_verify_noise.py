@@ -1,0 +1,67 @@
+"""A small real difference that hides under the worst-case bound (weights that cancel) is still
+"different": it is far beyond the rounding noise measured on model A."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fc2conv
+from fc2conv.verify.models import load
+from fc2conv.verify.noise import NOISE_FACTOR, rounding_noise
+
+
+class ConvTwin(nn.Module):
+    """The same MLP as 1x1 Conv1d layers on a (B, D, S) view; same (B, S, D) contract."""
+
+    def __init__(self, mlp: nn.Sequential) -> None:
+        super().__init__()
+        self.body = nn.Sequential(*[
+            fc2conv.linear_to_conv(m, dims=1) if isinstance(m, nn.Linear) else copy.deepcopy(m)
+            for m in mlp
+        ])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x.transpose(1, 2)).transpose(1, 2)
+
+
+def random_mlp() -> nn.Sequential:
+    return nn.Sequential(nn.Linear(256, 64), nn.ReLU(), nn.Linear(64, 128), nn.ReLU(),
+                         nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, 4)).eval()
+
+
+def test_measured_noise_is_the_size_of_real_rounding_errors():
+    """Real float32 errors against float64 sit below the measured noise and not absurdly far
+    under it: the noise is the scale rounding works at, not a loose bound."""
+    mlp = random_mlp()
+    x = torch.rand(16, 5, 256)
+    model = load(mlp, "A")
+    (noise,) = rounding_noise(model, [(x,)], 2**-24, 256)
+    with torch.no_grad():
+        exact = copy.deepcopy(mlp).double()(x.double())
+        real = float((mlp(x).double() - exact).abs().max())
+    assert real <= noise <= 1e3 * real
+
+
+@pytest.mark.parametrize("trial", range(3))
+def test_rounding_only_twin_is_equivalent(trial):
+    mlp = random_mlp()
+    report = fc2conv.compare(mlp, ConvTwin(mlp), inputs=(torch.rand(16, 5, 256),), layers=False)
+    assert report.verdict in ("identical", "equivalent"), str(report)
+
+
+def test_one_weight_bug_in_the_last_layer_is_different_though_within_worst_case_bound():
+    mlp = random_mlp()
+    x = torch.rand(16, 5, 256)
+    twin = ConvTwin(mlp)
+    with torch.no_grad():
+        alive = mlp[:-1](x).reshape(-1, 256).mean(0).argmax()
+        twin.body[-1].weight[1, alive] += 1e-3
+    report = fc2conv.compare(mlp, twin, inputs=(x,), layers=False)
+    assert report.verdict == "different", str(report)
+    out = report.outputs[0]
+    assert out.mismatched == 0  # the worst-case bound alone would have let it through
+    assert any(f"above the limit of {NOISE_FACTOR:g}x" in n for n in report.notes)

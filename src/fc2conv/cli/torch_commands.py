@@ -18,39 +18,13 @@ VERIFY_SAMPLES = 4
 
 
 def _verify(original: Any, converted: Any, inputs: tuple[Any, ...]) -> tuple[bool, str]:
-    """Max-error check of ``converted`` against a float64 run of ``original`` on ``inputs``.
+    """``fc2conv.compare`` of ``converted`` against ``original`` on ``inputs`` (plus its own
+    random draws): ``(not different, the report's text)``. Outputs that differ only by
+    singleton axes (``(N, K)`` vs ``(N, K, 1, 1)``) are aligned by compare."""
+    from fc2conv.verify import compare
 
-    The allowed error is derived from the original's own float error against the same float64
-    reference (the converted model may not be much worse than the original already is), with a
-    floor of ``64 eps`` of the output scale. Outputs may differ in shape only by singleton axes
-    (``(N, K)`` vs ``(N, K, 1, 1)``). To be replaced by ``fc2conv.compare`` at merge.
-    """
-    import torch
-
-    from fc2conv.pytorch.trace import quiet_deepcopy
-
-    with torch.no_grad():
-        ref_model = quiet_deepcopy(original).double()
-        ref = ref_model(*(t.double() if t.is_floating_point() else t for t in inputs))
-        base = original(*inputs)
-        got = converted(*inputs)
-    if got.numel() != ref.numel():
-        return False, (f"different: outputs have {tuple(got.shape)} and {tuple(ref.shape)} "
-                       f"elements")
-    got = got.reshape(ref.shape).double()
-    err = (got - ref).abs()
-    base_err = (base.reshape(ref.shape).double() - ref).abs().max().item()
-    eps = torch.finfo(base.dtype).eps
-    scale = max(ref.abs().max().item(), 1e-30)
-    allowed = max(4 * base_err, 64 * eps * scale)
-    worst = err.max().item()
-    index = tuple(int(i) for i in torch.unravel_index(err.argmax(), err.shape))
-    bad = int((err > allowed).sum())
-    verdict = "equal" if bad == 0 else "different"
-    text = (f"{verdict}: max abs difference {worst:.3g} at index {index} (allowed {allowed:.3g}; "
-            f"the original's own float error is {base_err:.3g}); mismatched elements: "
-            f"{bad} / {err.numel()}")
-    return bad == 0, text
+    report = compare(original, converted, inputs=inputs, layers=False)
+    return report.verdict != "different", str(report)
 
 
 def _summary(model: Any, title: str) -> None:

@@ -12,13 +12,10 @@ onnx-ir; ``import fc2conv`` does not.
 from fc2conv.onnx.api import convert, convert_file, to_conv, to_linear
 from fc2conv.onnx.convert import ConversionReport, Entry
 from fc2conv.onnx.io import check_file, load, save
-from fc2conv.onnx.verify import VerifyResult, _verify
 
 __all__ = [
     "ConversionReport",
     "Entry",
-    "VerifyResult",
-    "_verify",
     "check_file",
     "convert",
     "convert_file",

@@ -133,6 +133,8 @@ def test_explain_png(tmp_path, capsys, spec):
     (["--in-channels", "2", "--out-channels", "1", "--spatial", "2x2", "--kernel", "1"],
      ["--kernel", "--spatial"]),
     (["--linear", "8x2", "--png", "/nonexistent-dir/x.png"], ["does not exist"]),
+    (["--linear", "8x2", "--png", "figure.txt"], ["*.png", "'figure.txt'"]),
+    (["--linear", "12x2", "--order", "hwc"], ["--order", "--in-shape"]),
 ])
 def test_explain_errors_are_one_line_exit_2(capsys, argv, words):
     with pytest.raises(SystemExit) as exc:

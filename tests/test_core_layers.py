@@ -67,9 +67,26 @@ def test_linear_to_conv_copies_parameters_and_keeps_input():
     assert conv.fc2conv_origin == "Linear 5->3"
 
 
-def test_linear_to_conv_rejects_bad_dims_and_types():
+@pytest.mark.parametrize("dims", [4, 0, "2", 2.0, True])
+def test_linear_to_conv_rejects_bad_dims(dims):
     with pytest.raises(Fc2ConvError, match="dims must be 1, 2 or 3"):
-        fc2conv.linear_to_conv(nn.Linear(2, 2), dims=4)
+        fc2conv.linear_to_conv(nn.Linear(2, 2), dims=dims)
+
+
+@pytest.mark.parametrize("in_shape", [(3, 2, 2.0), "3,2,2", (3, -2, 2), (3,) * 5])
+def test_in_shape_must_be_positive_integers(in_shape):
+    with pytest.raises(Fc2ConvError, match="in_shape"):
+        fc2conv.flatten_linear_to_conv(nn.Linear(12, 2), in_shape)
+
+
+def test_lazy_layers_must_be_initialised_first():
+    with pytest.raises(Fc2ConvError, match="uninitialized .lazy. parameters; run the model once"):
+        fc2conv.linear_to_conv(nn.LazyLinear(4))
+    with pytest.raises(Fc2ConvError, match="uninitialized"):
+        fc2conv.conv_to_linear(nn.LazyConv2d(4, 1))
+
+
+def test_linear_to_conv_rejects_other_types():
     with pytest.raises(Fc2ConvError, match="expected an nn.Linear, got Conv2d"):
         fc2conv.linear_to_conv(nn.Conv2d(2, 2, 1))  # type: ignore[arg-type]
 

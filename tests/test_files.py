@@ -34,3 +34,11 @@ def test_check_output_path_refuses_the_input_unless_in_place(tmp_path):
     assert check_output_path(src, src, in_place=True) == src
     with pytest.raises(Fc2ConvError, match="does not exist"):
         check_output_path(src, tmp_path / "missing" / "b.onnx")
+
+
+def test_check_output_path_refuses_a_folder(tmp_path):
+    src = tmp_path / "a.onnx"
+    src.write_bytes(b"x")
+    (tmp_path / "out.onnx").mkdir()
+    with pytest.raises(Fc2ConvError, match="is a folder"):
+        check_output_path(src, tmp_path / "out.onnx")

@@ -21,11 +21,16 @@ def run_python(*args: str) -> subprocess.CompletedProcess[str]:
                           timeout=300)
 
 
-def test_import_does_not_load_onnx_or_onnxruntime():
-    probe = "import sys, fc2conv; print(sorted(m for m in sys.modules if m.startswith('onnx')))"
+def test_import_does_not_load_torch_onnx_or_onnxruntime():
+    probe = ("import sys, fc2conv; print(sorted(m for m in sys.modules "
+             "if m.split('.')[0] in ('onnx', 'onnxruntime', 'onnx_ir', 'torch')))")
     result = run_python("-c", probe)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+    # first use loads what it needs, and not onnx
+    probe = ("import sys, fc2conv; fc2conv.linear_to_conv; "
+             "print('torch' in sys.modules, 'onnx' in sys.modules)")
+    assert run_python("-c", probe).stdout.strip() == "True False"
 
 
 def test_python_m_fc2conv_help_and_unknown_command():

@@ -9,30 +9,39 @@ The package has three floors, and imports only point down:
    ``fc2conv.onnx`` (ONNX rewrite rules, loaded only when used), ``fc2conv.verify``.
 3. ``fc2conv.cli`` — the command line, reports and figures.
 
-``import fc2conv`` imports neither onnx nor onnxruntime; they load on first use of an ONNX
-feature.
+``import fc2conv`` imports neither torch, onnx nor onnxruntime; each loads on first use of a
+feature that needs it.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fc2conv.core import (
-    as_affine,
-    as_matrix,
-    conv_to_flatten_linear,
-    conv_to_linear,
-    flatten_linear_to_conv,
-    linear_to_conv,
-)
 from fc2conv.errors import Fc2ConvError
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time these load on first use
+    from fc2conv.core import (  # noqa: F401
+        as_affine,
+        as_matrix,
+        conv_to_flatten_linear,
+        conv_to_linear,
+        flatten_linear_to_conv,
+        linear_to_conv,
+    )
 
 __version__ = "0.1.0"
 
 # Public names that live in heavier modules, imported on first attribute access:
 # name -> "module" (a subpackage) or "module:attribute".
+# Even torch loads lazily, so `fc2conv --help` starts fast.
 _LAZY: dict[str, str] = {
+    "as_affine": "fc2conv.core:as_affine",
+    "as_matrix": "fc2conv.core:as_matrix",
+    "conv_to_flatten_linear": "fc2conv.core:conv_to_flatten_linear",
+    "conv_to_linear": "fc2conv.core:conv_to_linear",
+    "flatten_linear_to_conv": "fc2conv.core:flatten_linear_to_conv",
+    "linear_to_conv": "fc2conv.core:linear_to_conv",
     "onnx": "fc2conv.onnx",
     "to_conv": "fc2conv.pytorch:to_conv",
     "to_linear": "fc2conv.pytorch:to_linear",
@@ -45,17 +54,7 @@ _LAZY: dict[str, str] = {
     "Report": "fc2conv.verify:Report",
 }
 
-__all__ = [
-    "Fc2ConvError",
-    "__version__",
-    "as_affine",
-    "as_matrix",
-    "conv_to_flatten_linear",
-    "conv_to_linear",
-    "flatten_linear_to_conv",
-    "linear_to_conv",
-    *_LAZY,
-]
+__all__ = ["Fc2ConvError", "__version__", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

@@ -21,7 +21,7 @@ def check_output_path(
 ) -> Path:
     """Refuse to write over the input unless ``in_place``; return the output path.
 
-    Also refuses an output folder that does not exist.
+    Also refuses an output folder that does not exist and an output path that is a folder.
     """
     src, dst = Path(in_path), Path(out_path)
     same = dst.exists() and src.exists() and os.path.samefile(src, dst)
@@ -32,6 +32,8 @@ def check_output_path(
         )
     if not dst.parent.exists():
         raise Fc2ConvError(f"the output folder {dst.parent} does not exist")
+    if dst.is_dir():
+        raise Fc2ConvError(f"the output path {dst} is a folder; give a file name")
     return dst
 
 

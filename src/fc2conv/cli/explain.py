@@ -38,13 +38,14 @@ Examples:
 @click.option("--linear", "linear", metavar="INxOUT", help="A Linear IN->OUT (e.g. 9216x4096).")
 @click.option("--in-shape", metavar="CxHxW",
               help="Linear: the map it reads, flattened (C*H*W must equal IN).")
-@click.option("--order", type=click.Choice(["chw", "hwc"]), default="chw", show_default=True,
-              help="Linear: flatten order of --in-shape (chw: PyTorch; hwc: channels-last).")
+@click.option("--order", type=click.Choice(["chw", "hwc"]), default=None,
+              help="Linear: flatten order of --in-shape (chw: PyTorch, the default; hwc: "
+                   "channels-last).")
 @click.option("--no-bias", is_flag=True, help="The layer has no bias.")
 @click.option("--png", type=click.Path(dir_okay=False, path_type=Path),
               help="Also draw the layer's one-FC matrix (or its structure) to this PNG.")
 def explain(in_channels: int | None, out_channels: int | None, spatial: str | None,
-            kernel: str | None, linear: str | None, in_shape: str | None, order: str,
+            kernel: str | None, linear: str | None, in_shape: str | None, order: str | None,
             no_bias: bool, png: Path | None) -> None:
     """Explain one layer: a conv (--in-channels, --out-channels, --spatial [--kernel]) or a
     Linear (--linear [--in-shape --order]). Prints parameters, multiply-adds and the layers it is
@@ -52,6 +53,10 @@ def explain(in_channels: int | None, out_channels: int | None, spatial: str | No
     from fc2conv.cli import layer_facts
     from fc2conv.errors import Fc2ConvError
 
+    if png is not None and png.suffix.lower() != ".png":
+        raise Fc2ConvError(f"--png writes a PNG image; name the file *.png, not {png.name!r}")
+    if order is not None and in_shape is None:
+        raise Fc2ConvError("--order is the flatten order of --in-shape; give --in-shape too")
     conv_opts = {"--in-channels": in_channels, "--out-channels": out_channels,
                  "--spatial": spatial, "--kernel": kernel}
     given = [name for name, v in conv_opts.items() if v is not None]
@@ -60,7 +65,8 @@ def explain(in_channels: int | None, out_channels: int | None, spatial: str | No
             raise Fc2ConvError(f"give either a conv ({', '.join(given)}) or --linear, not both")
         size = layer_facts.parse_dims(linear, "--linear", 2)
         shape = layer_facts.parse_dims(in_shape, "--in-shape") if in_shape else None
-        facts = layer_facts.linear_facts(size[0], size[1], shape, order, bias=not no_bias)
+        facts = layer_facts.linear_facts(size[0], size[1], shape, order or "chw",
+                                         bias=not no_bias)
     else:
         if in_shape is not None:
             raise Fc2ConvError("--in-shape describes the map a --linear reads; for a conv use "

@@ -23,6 +23,7 @@ untouched.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -39,7 +40,9 @@ _CONV_BY_DIMS: dict[int, type[ConvNd]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv
 def conv_class(dims: int) -> type[ConvNd]:
     """``nn.Conv1d``, ``nn.Conv2d`` or ``nn.Conv3d`` for ``dims`` in 1..3."""
     try:
-        return _CONV_BY_DIMS[int(dims)]
+        if isinstance(dims, bool):
+            raise TypeError
+        return _CONV_BY_DIMS[operator.index(dims)]
     except (KeyError, ValueError, TypeError):
         raise Fc2ConvError(f"dims must be 1, 2 or 3 (Conv1d/2d/3d), got {dims!r}") from None
 
@@ -49,6 +52,11 @@ def _require(module: nn.Module, kind: type | tuple[type, ...], what: str) -> Non
         module, nn.ConvTranspose1d | nn.ConvTranspose2d | nn.ConvTranspose3d
     ):
         raise Fc2ConvError(f"expected {what}, got {type(module).__name__}")
+    if any(isinstance(p, nn.parameter.UninitializedParameter) for p in module.parameters()):
+        raise Fc2ConvError(
+            f"{type(module).__name__} has uninitialized (lazy) parameters; run the model once "
+            f"on an example input so their shapes are known, then convert"
+        )
 
 
 def _new_conv(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 
 from fc2conv.core.describe import shape_str
@@ -17,8 +18,10 @@ def as_shape(
     """Return ``in_shape`` as a tuple of positive ints or raise a sentence saying what is wrong."""
     if isinstance(in_shape, int):
         in_shape = (in_shape,)
+    if isinstance(in_shape, str):
+        raise Fc2ConvError(f"in_shape must be a tuple of integers (C, *spatial), got {in_shape!r}")
     try:
-        shape = tuple(int(s) for s in in_shape)
+        shape = tuple(operator.index(s) for s in in_shape)  # ints only: 2.0 and "2" are refused
     except (TypeError, ValueError):
         raise Fc2ConvError(
             f"in_shape must be a tuple of integers (C, *spatial), got {in_shape!r}"

@@ -206,8 +206,9 @@ def _print_classic(console: Console, results: list[ClassicResult]) -> None:
         label = "weights = 1" if r.weights == "ones" else "random weights"
         console.print(f"  {label}: [bold]{v}[/]: {reason}.")
     console.print("  ULPs are measured at max(|a|, |b|, u * output scale). Verdicts come from "
-                  "fc2conv.compare, which also checks every layer against its own bound: with "
-                  "random weights the output bound is loose (weights cancel), a layer's is not. "
+                  "fc2conv.compare, which also measures the rounding noise of the Linear model "
+                  "(its float64 twin under ~sqrt(n)·u perturbations): with random weights the "
+                  "worst-case bound is loose (weights cancel), the measured noise is not. "
                   "Try it on your own models: fc2conv compare A.pt2 B.onnx")
 
 

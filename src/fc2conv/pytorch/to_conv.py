@@ -83,12 +83,15 @@ def to_conv(model: nn.Module | torch.export.ExportedProgram, example_inputs: Any
     gm = to_graph(model, inputs, inplace=inplace)
     record_shapes(gm, inputs)
     seq_last = layout != "height"
+    # recognized before any rewrite: once a shared layer's module is replaced by its conv, a
+    # later call of it no longer looks like a Linear, yet it must be converted too
+    ops = {n: op for n in gm.graph.nodes if (op := linear_of(gm, n)) is not None}
     converted: dict[str, nn.Module] = {}
     names: dict[str, str] = {}
 
     def rewrite(node: fx.Node, is_moved: Callable[[fx.Node], bool]
                 ) -> tuple[nn.Module, str, fx.Node] | None:
-        op = linear_of(gm, node)
+        op = ops.get(node)
         if op is not None and (only is None or op.name in only):
             key = op.weight_target or op.name
             if key not in converted:
@@ -98,8 +101,8 @@ def to_conv(model: nn.Module | torch.export.ExportedProgram, example_inputs: Any
                     raise wrap(f"Cannot convert {op.name!r} ({describe(op.linear)})", err) from None
                 converted[key] = conv
                 names[key] = (op.name if op.weight_target is None
-                              or replaceable(gm, op.name, {n for n in gm.graph.nodes
-                                                           if _weight_key(gm, n) == key})
+                              or replaceable(gm, op.name, {n for n, o in ops.items()
+                                                           if o.weight_target == key})
                               else unique_name(gm, op.name))
             return converted[key], names[key], op.input
         ln = _layer_norm_of(gm, node)
@@ -124,7 +127,7 @@ def to_conv(model: nn.Module | torch.export.ExportedProgram, example_inputs: Any
         return Move(last_to_channels, (extra, seq_last))
 
     if only is not None:
-        check_only(only, {op.name for n in gm.graph.nodes if (op := linear_of(gm, n))}, "Linear")
+        check_only(only, {op.name for op in ops.values()}, "Linear")
     _warn_opaque(gm)
     def vector_shape(x: fx.Node, m: Move) -> tuple[int, ...]:
         return (-1, *([1] * (len(tensor_shape(x) or ()) - 2 + m.args[0])))
@@ -152,11 +155,6 @@ def _warn_opaque(gm: fx.GraphModule) -> None:
                 "%r (%s) is traced as one op, so its Linear layers (%s) stay Linear; "
                 "its weights are used by its own forward", str(node.target),
                 type(mod).__name__, ", ".join(inner))
-
-
-def _weight_key(gm: fx.GraphModule, node: fx.Node) -> str | None:
-    op = linear_of(gm, node) if node.op == "call_function" else None
-    return op.weight_target if op is not None else None
 
 
 def replaceable(gm: fx.GraphModule, name: str, owners: set[fx.Node]) -> bool:

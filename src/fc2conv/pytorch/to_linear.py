@@ -135,18 +135,20 @@ def to_linear(model: nn.Module | torch.export.ExportedProgram, example_inputs: A
     inputs = as_inputs(example_inputs)
     gm = to_graph(model, inputs, inplace=inplace)
     record_shapes(gm, inputs)
+    # recognized before any rewrite: once a shared conv is replaced by its Linear, a later
+    # call of it no longer looks like a conv, yet it must be converted too
+    convs = {n: f for n in gm.graph.nodes if (f := _pointwise_conv(gm, n)) is not None}
     converted: dict[str, tuple[nn.Module, str]] = {}
 
     def rewrite(node: fx.Node, is_moved: Callable[[fx.Node], bool]
                 ) -> tuple[nn.Module, str, fx.Node] | None:
-        found = _pointwise_conv(gm, node)
+        found = convs.get(node)
         if found is not None and (only is None or found[2] in only):
             conv, x, name, wt = found
             key = wt or name
             if key not in converted:
                 lin = conv_to_linear(conv, source=source_of(conv) or name)  # type: ignore[arg-type]
-                owners = {n for n in gm.graph.nodes
-                          if (f := _pointwise_conv(gm, n)) is not None and (f[3] or f[2]) == key}
+                owners = {n for n, f in convs.items() if (f[3] or f[2]) == key}
                 target = name if wt is None or replaceable(gm, name, owners) \
                     else unique_name(gm, name)
                 converted[key] = (lin, target)
@@ -165,14 +167,14 @@ def to_linear(model: nn.Module | torch.export.ExportedProgram, example_inputs: A
         return None
 
     region_args = _region_args(gm, lambda n: (
-        ((f := _pointwise_conv(gm, n)) is not None and (only is None or f[2] in only))
+        ((f := convs.get(n)) is not None and (only is None or f[2] in only))
         or isinstance(module_of(gm, n), ChannelLayerNorm) or is_pointwise(gm, n)))
 
     def move(value: fx.Node) -> Move:
         return Move(channels_to_last, region_args(value))
 
     if only is not None:
-        check_only(only, {f[2] for n in gm.graph.nodes if (f := _pointwise_conv(gm, n))},
+        check_only(only, {f[2] for f in convs.values()},
                    "per-position conv")
     gm = relayout(gm, rewrite, lambda n: is_pointwise(gm, n), move, "conv",
                   lambda x, m: (-1,), move_to_conv=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import fx, nn
 from torch_refs import assert_matches_reference
@@ -72,3 +73,132 @@ def test_convert_pt2_shared_linear(tmp_path, capsys):
     assert sum(n.target == torch.ops.aten.conv2d.default for n in conv.graph.nodes) == 2
     t = torch.randn(3, 8)
     assert_matches_reference(conv(t), model, t)
+
+
+def _run(argv: list[str], capsys) -> tuple[int, str, str]:
+    from fc2conv.cli.main import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    out = capsys.readouterr()
+    return int(exit_info.value.code or 0), out.out, out.err
+
+
+def _mlp_pt2(path) -> None:
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).eval()
+    torch.export.save(torch.export.export(model, (torch.randn(2, 6),)), str(path))
+
+
+def _onnx_file(path) -> None:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(torch.randn(3, 4).numpy(), "W")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])], [w])
+    onnx.save(helper.make_model(graph), str(path))
+
+
+def test_convert_output_suffix_must_match_the_input(tmp_path, capsys, monkeypatch):
+    import fc2conv.cli.torch_commands as tc
+
+    pt2, onnx_in = tmp_path / "m.pt2", tmp_path / "m.onnx"
+    _mlp_pt2(pt2)
+    _onnx_file(onnx_in)
+    monkeypatch.setattr(tc, "convert_pt2", lambda *a, **k: pytest.fail("converted anyway"))
+    cases = [(onnx_in, "out.pt2", ".onnx"), (pt2, "out.onnx", ".pt2"), (pt2, "out.txt", ".pt2"),
+             (pt2, "out", ".pt2")]
+    for src, out, want in cases:
+        code, _, err = _run(["convert", str(src), str(tmp_path / out), "--to", "conv"], capsys)
+        assert code == 2 and err.startswith("fc2conv: error:") and err.count("\n") == 1, err
+        assert f"must be a {want} file" in err
+        assert not (tmp_path / out).exists()
+
+
+def test_bad_pt2_input_is_one_sentence(tmp_path, capsys):
+    onnx_as_pt2, garbage = tmp_path / "model.pt2", tmp_path / "garbage.pt2"
+    _onnx_file(onnx_as_pt2)
+    garbage.write_bytes(b"PK\x03\x04 truncated zip")
+    for src, message in [(onnx_as_pt2, "is ONNX, not a torch.export program"),
+                         (garbage, "is not a torch.export program")]:
+        for argv in (["convert", str(src), str(tmp_path / "o.pt2"), "--to", "conv"],
+                     ["convolutionalize", str(src), str(tmp_path / "o.pt2"),
+                      "--input-shape", "3,8,8"]):
+            code, _, err = _run(argv, capsys)
+            assert code == 2 and message in err, err
+            assert err.count("\n") == 1 and "Traceback" not in err, err
+
+
+def test_convolutionalize_checks_file_types_before_loading(tmp_path, capsys, monkeypatch):
+    from fc2conv.pytorch import export_io
+
+    monkeypatch.setattr(export_io, "load", lambda *a: pytest.fail("loaded a refused file"))
+    pt2 = tmp_path / "m.pt2"
+    _mlp_pt2(pt2)
+    for name in ("m.onnx", "m.pt", "m.pth"):
+        (tmp_path / name).write_bytes(b"x")
+    cases = [("m.onnx", "o.pt2", "--to conv --dynamic-spatial"), ("m.pt", "o.pt2", "pickle"),
+             ("m.pth", "o.pt2", "torch.export.save"), ("m.pt2", "o.onnx", "must be a .pt2")]
+    for src, out, message in cases:
+        code, _, err = _run(["convolutionalize", str(tmp_path / src), str(tmp_path / out),
+                             "--input-shape", "3,32,32"], capsys)
+        assert code == 2 and message in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("shape", ["3,32", "32,32", "3,32,32,1", "3,0,32", "3,a,32", ""])
+def test_input_shape_needs_three_positive_ints(tmp_path, capsys, shape):
+    pt2 = tmp_path / "m.pt2"
+    _mlp_pt2(pt2)
+    code, _, err = _run(["convolutionalize", str(pt2), str(tmp_path / "o.pt2"),
+                         "--input-shape", shape], capsys)
+    assert code == 2 and "Invalid value for '--input-shape'" in err, err
+    assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize("command", ["convert", "convolutionalize"])
+def test_output_path_is_checked_before_converting(tmp_path, capsys, monkeypatch, command):
+    import fc2conv.files
+    from fc2conv.errors import Fc2ConvError
+    from fc2conv.pytorch import export_io
+
+    def refuse(in_path, out_path, *, in_place=False):
+        raise Fc2ConvError(f"{out_path} refused")
+
+    monkeypatch.setattr(fc2conv.files, "check_output_path", refuse)
+    monkeypatch.setattr(export_io, "load", lambda *a: pytest.fail("loaded before the check"))
+    pt2 = tmp_path / "m.pt2"
+    _mlp_pt2(pt2)
+    (tmp_path / "adir.pt2").mkdir()
+    extra = ["--to", "conv"] if command == "convert" else ["--input-shape", "3,8,8"]
+    code, _, err = _run([command, str(pt2), str(tmp_path / "adir.pt2"), *extra], capsys)
+    assert code == 2 and "adir.pt2 refused" in err
+
+
+def test_onnx_output_path_is_checked_before_loading(tmp_path, capsys, monkeypatch):
+    import fc2conv.files
+    from fc2conv.errors import Fc2ConvError
+    from fc2conv.onnx import io
+
+    def refuse(in_path, out_path, *, in_place=False):
+        raise Fc2ConvError(f"{out_path} refused")
+
+    monkeypatch.setattr(fc2conv.files, "check_output_path", refuse)
+    monkeypatch.setattr(io, "load", lambda *a, **k: pytest.fail("loaded before the check"))
+    src = tmp_path / "m.onnx"
+    _onnx_file(src)
+    (tmp_path / "adir.onnx").mkdir()
+    code, _, err = _run(["convert", str(src), str(tmp_path / "adir.onnx"), "--to", "conv"],
+                        capsys)
+    assert code == 2 and "adir.onnx refused" in err
+
+
+def test_no_receptive_field_line_for_sequence_models(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8)).eval()
+    src, dst = tmp_path / "seq.pt2", tmp_path / "seq_conv.pt2"
+    torch.export.save(torch.export.export(model, (torch.randn(2, 5, 8),)), str(src))
+    assert convert_pt2(str(src), str(dst), to="conv", check=False, only=(), in_place=False) == 0
+    out = capsys.readouterr().out
+    assert "receptive field" not in out and "wrote" in out

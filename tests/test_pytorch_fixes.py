@@ -202,3 +202,53 @@ def test_no_receptive_field_line_for_sequence_models(tmp_path, capsys):
     assert convert_pt2(str(src), str(dst), to="conv", check=False, only=(), in_place=False) == 0
     out = capsys.readouterr().out
     assert "receptive field" not in out and "wrote" in out
+
+
+def test_api_refuses_what_is_not_a_model_in_a_sentence():
+    import fc2conv
+    from fc2conv.errors import Fc2ConvError
+
+    calls = [lambda: fc2conv.convolutionalize(None, (3, 32, 32)),
+             lambda: fc2conv.receptive_field(None, (3, 32, 32)),
+             lambda: fc2conv.to_conv(None, torch.randn(2, 3)),
+             lambda: fc2conv.to_linear("model.pt2", torch.randn(2, 3))]
+    for call in calls:
+        with pytest.raises(Fc2ConvError, match="expected a torch.nn.Module"):
+            call()
+
+
+@pytest.mark.parametrize("convert", [to_conv, to_linear])
+def test_example_inputs_must_be_tensors_not_a_shape(convert):
+    from fc2conv.errors import Fc2ConvError
+
+    with pytest.raises(Fc2ConvError, match=r"not a shape.*pass \(torch.randn\(2, 3\),\)"):
+        convert(nn.Linear(3, 4), (2, 3))
+    with pytest.raises(Fc2ConvError, match="example_inputs must be a tensor"):
+        convert(nn.Linear(3, 4), None)
+
+
+def test_a_single_tensor_is_accepted_as_example_input():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 4).eval()
+    conv = to_conv(model, torch.randn(2, 3))
+    x = torch.randn(5, 3)
+    assert_matches_reference(conv(x), model, x)
+
+
+def test_converted_layers_take_the_users_names_and_drop_the_old_weights():
+    torch.manual_seed(0)
+    root = nn.Linear(3, 4).eval()
+    conv = to_conv(root, torch.randn(2, 3))
+    assert [n for n, _ in conv.named_children()] == ["conv"]
+    assert sorted(conv.state_dict()) == ["conv.bias", "conv.weight"]
+    layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True, dropout=0.0).eval()
+    x = torch.randn(2, 5, 16)
+    conv = to_conv(layer, x)
+    names = dict(conv.named_modules())
+    assert isinstance(names["self_attn.in_proj"], nn.Conv2d)
+    assert not any(k.endswith("_1") or "in_proj_weight" in k for k in conv.state_dict())
+    t = torch.randn(2, 5, 16)  # the export fallback fixes the sizes
+    assert_matches_reference(conv(t), layer, t)
+    back = to_linear(conv, x)
+    assert isinstance(dict(back.named_modules())["self_attn.in_proj"], nn.Linear)
+    assert_matches_reference(back(t), layer, t)

@@ -46,7 +46,7 @@ from fc2conv.pytorch.ops import (
     tensor_shape,
     user_name,
 )
-from fc2conv.pytorch.trace import finish, record_shapes, to_graph, unique_name
+from fc2conv.pytorch.trace import check_model, finish, record_shapes, to_graph, unique_name
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,7 @@ def convolutionalize(model: nn.Module | torch.export.ExportedProgram, input_shap
     """
     if global_pool not in GLOBAL_POOL:
         raise Fc2ConvError(f"global_pool must be 'keep' or 'drop', got {global_pool!r}")
+    check_model(model)
     shape = as_shape(input_shape, min_len=2, max_len=4)
     if isinstance(model, nn.Module) and not isinstance(model, fx.GraphModule) and model.training:
         log.warning("%s is in training mode: dropout and batch norm make its outputs random; "

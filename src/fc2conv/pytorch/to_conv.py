@@ -26,8 +26,22 @@ from fc2conv.core.layers import conv_class, linear_to_conv
 from fc2conv.core.provenance import mark
 from fc2conv.errors import Fc2ConvError, wrap
 from fc2conv.pytorch.layout import ChannelLayerNorm, Move, last_to_channels, relayout
-from fc2conv.pytorch.ops import attr_of, is_pointwise, linear_of, module_of, tensor_shape
-from fc2conv.pytorch.trace import as_inputs, finish, record_shapes, to_graph, unique_name
+from fc2conv.pytorch.ops import (
+    attr_of,
+    is_pointwise,
+    linear_of,
+    module_of,
+    new_module_name,
+    tensor_shape,
+)
+from fc2conv.pytorch.trace import (
+    as_inputs,
+    drop_dead_attrs,
+    finish,
+    record_shapes,
+    to_graph,
+    unique_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +117,8 @@ def to_conv(model: nn.Module | torch.export.ExportedProgram, example_inputs: Any
                 names[key] = (op.name if op.weight_target is None
                               or replaceable(gm, op.name, {n for n, o in ops.items()
                                                            if o.weight_target == key})
-                              else unique_name(gm, op.name))
+                              else unique_name(gm, new_module_name(op.name, op.weight_target,
+                                                                   "conv")))
             return converted[key], names[key], op.input
         ln = _layer_norm_of(gm, node)
         if ln is not None and isinstance(ln[0], fx.Node) and is_moved(ln[0]):
@@ -133,6 +148,9 @@ def to_conv(model: nn.Module | torch.export.ExportedProgram, example_inputs: Any
         return (-1, *([1] * (len(tensor_shape(x) or ()) - 2 + m.args[0])))
 
     gm = relayout(gm, rewrite, lambda n: is_pointwise(gm, n), move, "Linear", vector_shape)
+    weights = {str(a.target) for n, op in ops.items() if (op.weight_target or op.name) in converted
+               for a in n.all_input_nodes if a.op == "get_attr"}
+    drop_dead_attrs(gm, weights)
     gm = finish(gm)
     for name, conv in converted.items():
         log.info("%s -> %s", name, describe(conv))

@@ -30,9 +30,23 @@ from fc2conv.pytorch.layout import (
     last_to_channels,
     relayout,
 )
-from fc2conv.pytorch.ops import attr_of, is_pointwise, module_of, tensor_args
+from fc2conv.pytorch.ops import (
+    attr_of,
+    is_pointwise,
+    layer_name,
+    module_of,
+    new_module_name,
+    tensor_args,
+)
 from fc2conv.pytorch.to_conv import check_only, replaceable
-from fc2conv.pytorch.trace import as_inputs, finish, record_shapes, to_graph, unique_name
+from fc2conv.pytorch.trace import (
+    as_inputs,
+    drop_dead_attrs,
+    finish,
+    record_shapes,
+    to_graph,
+    unique_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +81,7 @@ def _pointwise_conv(gm: fx.GraphModule, node: fx.Node) -> tuple[nn.Module, fx.No
             conv.bias = nn.Parameter(bias.detach())
         target = str(w_node.target)  # type: ignore[union-attr]
         x, wt = node.args[0], target
-        name = target.removesuffix(".weight") if target.endswith(".weight") else target
+        name = layer_name(target)
     else:
         return None
     if getattr(conv, "padding_mode", "zeros") != "zeros" and any(
@@ -150,7 +164,7 @@ def to_linear(model: nn.Module | torch.export.ExportedProgram, example_inputs: A
                 lin = conv_to_linear(conv, source=source_of(conv) or name)  # type: ignore[arg-type]
                 owners = {n for n, f in convs.items() if (f[3] or f[2]) == key}
                 target = name if wt is None or replaceable(gm, name, owners) \
-                    else unique_name(gm, name)
+                    else unique_name(gm, new_module_name(name, wt, "linear"))
                 converted[key] = (lin, target)
             return converted[key][0], converted[key][1], x
         mod = module_of(gm, node)
@@ -178,6 +192,9 @@ def to_linear(model: nn.Module | torch.export.ExportedProgram, example_inputs: A
                    "per-position conv")
     gm = relayout(gm, rewrite, lambda n: is_pointwise(gm, n), move, "conv",
                   lambda x, m: (-1,), move_to_conv=False)
+    weights = {str(a.target) for n, f in convs.items() if (f[3] or f[2]) in converted
+               for a in n.all_input_nodes if a.op == "get_attr"}
+    drop_dead_attrs(gm, weights)
     for _, (lin, target) in converted.items():
         log.info("%s -> %s", target, describe(lin))
     return finish(gm)

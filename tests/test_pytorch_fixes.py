@@ -252,3 +252,27 @@ def test_converted_layers_take_the_users_names_and_drop_the_old_weights():
     back = to_linear(conv, x)
     assert isinstance(dict(back.named_modules())["self_attn.in_proj"], nn.Linear)
     assert_matches_reference(back(t), layer, t)
+
+
+class ParamMatmul(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 4))
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x @ self.w)
+
+
+def test_parameter_matmul_is_named_in_a_warning(caplog):
+    torch.manual_seed(0)
+    model = ParamMatmul().eval()
+    x = torch.randn(2, 8)
+    for source in (model, torch.export.export(model, (x,))):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="fc2conv"):
+            conv = to_conv(source, x)
+        assert any("stored tensor 'w'" in r.getMessage() and r.levelname == "WARNING"
+                   for r in caplog.records), caplog.text
+        t = torch.randn(3, 8)
+        assert_matches_reference(conv(t), model, t)

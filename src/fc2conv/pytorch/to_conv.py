@@ -14,6 +14,7 @@ spatial axes: ``(B, S, C) -> (B, C, 1, S)`` for ``dims=2`` (Apple's ANE layout; 
 from __future__ import annotations
 
 import logging
+import operator
 from collections.abc import Callable, Collection
 from typing import Any
 
@@ -164,6 +165,11 @@ def _warn_opaque(gm: fx.GraphModule) -> None:
                 F.linear, torch.ops.aten.linear.default) and linear_of(gm, node) is None:
             log.warning("%r computes its Linear weight in the graph (not a stored parameter), "
                         "so it stays a Linear", node.name)
+        weight = _matmul_weight(gm, node)
+        if weight is not None:
+            log.warning("%r multiplies by the stored tensor %r (x @ W), which stays a matmul: "
+                        "fc2conv converts nn.Linear and F.linear(x, W, b); write it as "
+                        "F.linear(x, W.T) to convert it", node.name, weight)
         mod = module_of(gm, node)
         if mod is None or isinstance(mod, nn.Linear):
             continue
@@ -173,6 +179,24 @@ def _warn_opaque(gm: fx.GraphModule) -> None:
                 "%r (%s) is traced as one op, so its Linear layers (%s) stay Linear; "
                 "its weights are used by its own forward", str(node.target),
                 type(mod).__name__, ", ".join(inner))
+
+
+_MATMULS = {operator.matmul, torch.matmul, torch.mm, torch.ops.aten.matmul.default,
+            torch.ops.aten.mm.default}
+
+
+def _matmul_weight(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """The stored tensor (a ``get_attr`` path) that ``node`` multiplies by, when it is a
+    matmul ``x @ W`` with a 2-D stored ``W``."""
+    is_matmul = (node.op == "call_function" and node.target in _MATMULS) or (
+        node.op == "call_method" and node.target in ("matmul", "mm", "__matmul__"))
+    if not is_matmul:
+        return None
+    for arg in node.args[:2]:
+        tensor = attr_of(gm, arg)
+        if tensor is not None and tensor.dim() == 2:
+            return str(arg.target)  # type: ignore[union-attr]
+    return None
 
 
 def replaceable(gm: fx.GraphModule, name: str, owners: set[fx.Node]) -> bool:

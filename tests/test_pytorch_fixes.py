@@ -276,3 +276,36 @@ def test_parameter_matmul_is_named_in_a_warning(caplog):
                    for r in caplog.records), caplog.text
         t = torch.randn(3, 8)
         assert_matches_reference(conv(t), model, t)
+
+
+class SharedHead(nn.Module):
+    """A classifier whose head calls one Linear twice; ``leak`` also calls it on the features."""
+
+    def __init__(self, leak: bool = False) -> None:
+        super().__init__()
+        self.leak = leak
+        self.c = nn.Conv2d(3, 4, 3)
+        self.fc1 = nn.Linear(4 * 6 * 6, 4)
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = torch.relu(self.c(x))
+        if self.leak:
+            f = self.fc(f.movedim(1, -1)).movedim(-1, 1)
+        return self.fc(torch.relu(self.fc(self.fc1(f.flatten(1)))))
+
+
+def test_convolutionalize_a_head_that_calls_a_linear_twice():
+    import fc2conv
+    from fc2conv.errors import Fc2ConvError
+
+    torch.manual_seed(0)
+    model = SharedHead().eval()
+    x = torch.randn(2, 3, 8, 8)
+    for source in (model, torch.export.export(model, (x,))):
+        dense = fc2conv.convolutionalize(source, (3, 8, 8))
+        t = torch.randn(3, 3, 8, 8)
+        assert_matches_reference(dense(t), model, t)
+        assert dense(torch.randn(1, 3, 12, 10)).shape == (1, 4, 5, 3)
+    with pytest.raises(Fc2ConvError, match="'fc'.*also called outside the classifier head"):
+        fc2conv.convolutionalize(SharedHead(leak=True).eval(), (3, 8, 8))

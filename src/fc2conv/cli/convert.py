@@ -70,16 +70,27 @@ def convert(
 ) -> None:
     """Rewrite fully connected layers of IN as convolutions (or back) and write OUT."""
     suffix = in_path.suffix.lower()
-    if suffix == ".pt2":
-        from fc2conv.cli.torch_commands import convert_pt2
-
-        sys.exit(convert_pt2(in_path, out_path, to=to, check=check, only=only, in_place=in_place))
-    if suffix != ".onnx":
+    if suffix not in (".pt2", ".onnx"):
         raise Fc2ConvError(
             f"{in_path}: unsupported file type {suffix or '(no suffix)'!r}; "
             f"fc2conv convert reads {SUPPORTED}"
         )
+    check_same_format(in_path, out_path)
+    if suffix == ".pt2":
+        from fc2conv.cli.torch_commands import convert_pt2
+
+        sys.exit(convert_pt2(in_path, out_path, to=to, check=check, only=only, in_place=in_place))
     sys.exit(_convert_onnx(in_path, out_path, to, check, only, in_place, dynamic_spatial))
+
+
+def check_same_format(in_path: Path, out_path: Path) -> None:
+    """Refuse an OUT whose suffix is not IN's: convert writes the format it read."""
+    want, got = in_path.suffix.lower(), out_path.suffix.lower()
+    if got != want:
+        raise Fc2ConvError(
+            f"{out_path}: the output must be a {want} file like the input {in_path.name} "
+            f"(convert writes the format it reads; got {got or 'no suffix'!r})"
+        )
 
 
 def _convert_onnx(

@@ -63,6 +63,21 @@ def _print_field(model: Any, input_shape: tuple[int, ...]) -> Any:
     return rf
 
 
+def _has_spatial_layers(gm: Any) -> bool:
+    """Whether ``gm`` slides a window over spatial axes (a conv or pool wider than one position,
+    or strided), so that a receptive field means something; 1x1 convs from ``to_conv`` do not."""
+    from fc2conv.pytorch.ops import adaptive_of, window_of
+
+    for node in gm.graph.nodes:
+        w = window_of(gm, node)
+        if w is not None and (w.kind != "conv" or any(k != 1 for k in w.kernel)
+                              or any(s != 1 for s in w.stride)):
+            return True
+        if adaptive_of(gm, node) is not None:
+            return True
+    return False
+
+
 def convert_pt2(
     in_path: str | os.PathLike[str],
     out_path: str | os.PathLike[str],
@@ -96,21 +111,53 @@ def convert_pt2(
             return 1
     _summary(converted, f"{os.path.basename(in_path)} -> {to}")
     first = inputs[0] if inputs else None
-    if first is not None and first.dim() >= 3:
+    if first is not None and first.dim() >= 3 and _has_spatial_layers(converted):
         _print_field(converted, tuple(first.shape[1:]))
     export_io.save(export_io.export(converted, inputs), out_path)
     Console().print(f"wrote {out_path}")
     return 0
 
 
-def _parse_shape(value: str) -> tuple[int, ...]:
+def _parse_shape(ctx: Any, param: Any, value: str) -> tuple[int, ...]:
+    """Click callback: ``"3,224,224"`` (or ``3x224x224``) -> ``(3, 224, 224)``, exactly three
+    positive integers (click reports ``Invalid value for '--input-shape': ...``)."""
     try:
-        shape = tuple(int(v) for v in value.replace("x", ",").split(",") if v.strip())
+        shape = tuple(int(v) for v in value.replace("x", ",").split(","))
     except ValueError:
-        raise click.BadParameter(f"expected C,H,W like 3,224,224, got {value!r}") from None
-    if len(shape) < 2 or any(s <= 0 for s in shape):
-        raise click.BadParameter(f"expected C,H,W like 3,224,224, got {value!r}")
+        shape = ()
+    if len(shape) != 3 or any(s <= 0 for s in shape):
+        raise click.BadParameter(
+            f"expected three positive integers C,H,W like 3,224,224, got {value!r}"
+        )
     return shape
+
+
+def _check_pt2_paths(in_path: str, out_path: str) -> None:
+    """``convolutionalize`` reads and writes ``.pt2`` programs only; say what to do instead."""
+    from pathlib import Path
+
+    suffix = Path(in_path).suffix.lower()
+    if suffix == ".onnx":
+        raise Fc2ConvError(
+            f"{in_path} is ONNX; convolutionalize reads torch.export programs (.pt2). For ONNX "
+            f"use: fc2conv convert {in_path} OUT.onnx --to conv --dynamic-spatial"
+        )
+    if suffix in (".pt", ".pth", ".bin", ".pkl"):
+        raise Fc2ConvError(
+            f"{in_path} is a pickle, and fc2conv does not load pickles (loading one runs any "
+            f"code it contains); export the model with torch.export.save(torch.export.export("
+            f"model, (example,)), 'model.pt2')"
+        )
+    if suffix != ".pt2":
+        raise Fc2ConvError(
+            f"{in_path}: unsupported file type {suffix or '(no suffix)'!r}; convolutionalize "
+            f"reads torch.export programs (.pt2)"
+        )
+    if Path(out_path).suffix.lower() != ".pt2":
+        raise Fc2ConvError(
+            f"{out_path}: the output must be a .pt2 file (convolutionalize writes a "
+            f"torch.export program)"
+        )
 
 
 @click.command(epilog="""\b
@@ -119,13 +166,14 @@ Example:
 """)
 @click.argument("in_path", metavar="IN.pt2")
 @click.argument("out_path", metavar="OUT.pt2")
-@click.option("--input-shape", required=True, help="Training input size C,H,W (e.g. 3,224,224).")
+@click.option("--input-shape", required=True, callback=_parse_shape,
+              help="Training input size C,H,W (e.g. 3,224,224).")
 @click.option("--global-pool", type=click.Choice(["keep", "drop"]), default="keep",
               show_default=True, help="GAP heads: pool after the head, or return the pre-pool map.")
 @click.option("--check/--no-check", default=True, show_default=True,
               help="Compare the logits at the training size with the original.")
 @click.option("--in-place", is_flag=True, help="Allow OUT to be IN (replaced atomically).")
-def convolutionalize(in_path: str, out_path: str, input_shape: str, global_pool: str,
+def convolutionalize(in_path: str, out_path: str, input_shape: tuple[int, ...], global_pool: str,
                      check: bool, in_place: bool) -> None:
     """Make a classifier fully convolutional: (N, classes, 1, 1) at the training size, a dense
     score map on larger images. Prints the receptive field of each cell."""
@@ -139,7 +187,8 @@ def convolutionalize(in_path: str, out_path: str, input_shape: str, global_pool:
     from fc2conv.pytorch import export_io
     from fc2conv.pytorch.trace import strip_guards
 
-    shape = _parse_shape(input_shape)
+    shape = input_shape
+    _check_pt2_paths(in_path, out_path)
     check_output_path(in_path, out_path, in_place=in_place)
     program = export_io.load(in_path)
     dense = convolutionalize_model(program, shape, global_pool=global_pool)

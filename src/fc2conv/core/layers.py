@@ -90,6 +90,15 @@ def _new_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     return lin
 
 
+def _keep_grad(new: nn.Module, old: nn.Module) -> None:
+    """Give ``new``'s weight and bias the ``requires_grad`` of ``old``'s (a frozen layer stays
+    frozen)."""
+    for name in ("weight", "bias"):
+        src, dst = getattr(old, name, None), getattr(new, name, None)
+        if isinstance(src, torch.Tensor) and isinstance(dst, nn.Parameter):
+            dst.requires_grad_(src.requires_grad)
+
+
 def _bias(module: nn.Module) -> torch.Tensor | None:
     bias = getattr(module, "bias", None)
     return None if bias is None else bias.detach()
@@ -99,13 +108,15 @@ def linear_to_conv(linear: nn.Linear, dims: int = 2, *, source: str | None = Non
     """``nn.Linear(C, O)`` -> ``nn.Conv{dims}d(C, O, kernel_size=1)`` computing the same map at
     every position of an ``(N, C, *spatial)`` input: ``K[o, c, 0, ...] = W[o, c]``, same bias.
 
-    ``bias=None`` stays ``None``; dtype and device are kept; parameters are new copies.
+    ``bias=None`` stays ``None``; dtype, device and ``requires_grad`` are kept; parameters are
+    new copies.
     """
     _require(linear, nn.Linear, "an nn.Linear")
     cls = conv_class(dims)
     weight = linear.weight.detach().reshape(*linear.weight.shape, *([1] * int(dims)))
     conv = _new_conv(cls, weight, _bias(linear))
     conv.train(linear.training)
+    _keep_grad(conv, linear)
     return mark(conv, source, describe(linear))  # type: ignore[return-value]
 
 
@@ -147,6 +158,7 @@ def conv_to_linear(conv: ConvNd, *, source: str | None = None) -> nn.Linear:
     dense = torch.block_diag(*(weight[g * out_g : (g + 1) * out_g] for g in range(groups)))
     lin = _new_linear(dense, _bias(conv))
     lin.train(conv.training)
+    _keep_grad(lin, conv)
     return mark(lin, source, describe(conv))  # type: ignore[return-value]
 
 
@@ -179,6 +191,7 @@ def flatten_linear_to_conv(
         kernel = weight.reshape(linear.out_features, *spatial, channels).movedim(-1, 1)
     conv = _new_conv(conv_class(len(spatial)), kernel.contiguous(), _bias(linear))
     conv.train(linear.training)
+    _keep_grad(conv, linear)
     return mark(conv, source, describe(linear))  # type: ignore[return-value]
 
 
@@ -210,4 +223,5 @@ def conv_to_flatten_linear(
     matrix = as_matrix(conv, shape, order=order)
     lin = _new_linear(matrix, _bias(conv))
     lin.train(conv.training)
+    _keep_grad(lin, conv)
     return mark(lin, source, describe(conv))  # type: ignore[return-value]

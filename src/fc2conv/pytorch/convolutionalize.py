@@ -35,6 +35,7 @@ from fc2conv.core.receptive import adaptive_as_fixed, adaptive_windows
 from fc2conv.core.shapes import as_shape
 from fc2conv.errors import Fc2ConvError, wrap
 from fc2conv.pytorch.ops import (
+    LinearOp,
     adaptive_of,
     channels_last_source,
     first_input,
@@ -46,7 +47,7 @@ from fc2conv.pytorch.ops import (
     tensor_shape,
     user_name,
 )
-from fc2conv.pytorch.trace import finish, record_shapes, to_graph, unique_name
+from fc2conv.pytorch.trace import check_model, finish, record_shapes, to_graph, unique_name
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,7 @@ def convolutionalize(model: nn.Module | torch.export.ExportedProgram, input_shap
     """
     if global_pool not in GLOBAL_POOL:
         raise Fc2ConvError(f"global_pool must be 'keep' or 'drop', got {global_pool!r}")
+    check_model(model)
     shape = as_shape(input_shape, min_len=2, max_len=4)
     if isinstance(model, nn.Module) and not isinstance(model, fx.GraphModule) and model.training:
         log.warning("%s is in training mode: dropout and batch norm make its outputs random; "
@@ -116,11 +118,12 @@ def convolutionalize(model: nn.Module | torch.export.ExportedProgram, input_shap
     gm = to_graph(model, (example,), inplace=inplace)
     record_shapes(gm, (example,))
     start, *head = _head(gm)
-    if not any(linear_of(gm, n) is not None for n in head):
+    ops = _head_linears(gm, head)
+    if not ops:
         raise Fc2ConvError("the classifier head has no Linear layer to convert")
     mean_src = _mean_pool_source(start)
     if mean_src is not None:  # x.mean((2, 3)): a global average pool and a flatten in one
-        _global_head(gm, start, mean_src, None, head, global_pool)
+        _global_head(gm, start, mean_src, None, head, global_pool, ops)
         return finish(gm)
     flat_src = flatten_of(gm, start)
     assert flat_src is not None
@@ -136,10 +139,10 @@ def convolutionalize(model: nn.Module | torch.export.ExportedProgram, input_shap
         if all(o == 1 for o in out_hw) and any(i != 1 for i in in_hw[2:]) and pool.kind == "avg":
             if order == "hwc":
                 raise Fc2ConvError("a channels-last flatten after global pooling is not supported")
-            _global_head(gm, start, pool.input, fmap, head, global_pool)
+            _global_head(gm, start, pool.input, fmap, head, global_pool, ops)
             return finish(gm)
         fmap = _fold_adaptive(gm, fmap, pool, in_hw[2:], out_hw)
-    _flat_head(gm, start, fmap, head, order)
+    _flat_head(gm, start, fmap, head, order, ops)
     return finish(gm)
 
 
@@ -199,15 +202,36 @@ def _swap(gm: fx.GraphModule, node: fx.Node, module: nn.Module, name: str, arg: 
     return new
 
 
+def _head_linears(gm: fx.GraphModule, head: list[fx.Node]) -> dict[fx.Node, LinearOp]:
+    """The head's Linear nodes, recognized before any is replaced (a Linear called twice in the
+    head is converted at both calls). A Linear module also called outside the head is refused:
+    replacing it would change what the other call computes."""
+    ops = {n: op for n in head if (op := linear_of(gm, n)) is not None}
+    inside = set(head)
+    for node, op in ops.items():
+        if node.op != "call_module":
+            continue
+        others = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == node.target
+                  and n not in inside]
+        if others:
+            raise Fc2ConvError(
+                f"Cannot convolutionalize {op.name!r} ({describe(op.linear)}): the same layer is "
+                f"also called outside the classifier head (at {others[0].name!r}); give the head "
+                f"its own nn.Linear"
+            )
+    return ops
+
+
 def _convert_layer(gm: fx.GraphModule, node: fx.Node, arg: fx.Node, first: bool,
-                   fmap_shape: tuple[int, ...] | None, order: str) -> fx.Node:
+                   fmap_shape: tuple[int, ...] | None, order: str,
+                   ops: dict[fx.Node, LinearOp]) -> fx.Node:
     """Rewrite one head node to act on ``(N, C, h, w)`` maps; return the new node."""
     if len(node.users) > 1:
         raise Fc2ConvError(
             f"Cannot convolutionalize {user_name(node)!r}: its output is also used by "
             f"{', '.join(u.name for u in node.users)}, outside the classifier head"
         )
-    lin = linear_of(gm, node)
+    lin = ops.get(node)
     if lin is not None:
         try:
             if first and fmap_shape is not None:
@@ -254,7 +278,7 @@ def _convert_layer(gm: fx.GraphModule, node: fx.Node, arg: fx.Node, first: bool,
 
 
 def _flat_head(gm: fx.GraphModule, start: fx.Node, fmap: fx.Node, head: list[fx.Node],
-               order: str) -> None:
+               order: str, ops: dict[fx.Node, LinearOp]) -> None:
     shape = tensor_shape(fmap)
     assert shape is not None
     fmap_shape = shape[1:]
@@ -265,20 +289,20 @@ def _flat_head(gm: fx.GraphModule, start: fx.Node, fmap: fx.Node, head: list[fx.
         )
     arg, first = fmap, True
     for node in head:
-        is_lin = linear_of(gm, node) is not None
-        arg = _convert_layer(gm, node, arg, first, fmap_shape, order)
+        is_lin = node in ops
+        arg = _convert_layer(gm, node, arg, first, fmap_shape, order, ops)
         first = first and not is_lin
     del start
 
 
 def _global_head(gm: fx.GraphModule, start: fx.Node, fmap: fx.Node, pool_node: fx.Node | None,
-                 head: list[fx.Node], global_pool: str) -> None:
+                 head: list[fx.Node], global_pool: str, ops: dict[fx.Node, LinearOp]) -> None:
     """Global average pool + head: move the leading affine layers before the pool."""
     def affine(n: fx.Node) -> bool:
         eval_dropout = n.op == "call_function" and n.target in (
             torch.ops.aten.dropout.default, torch.nn.functional.dropout) and not (
             n.args[2] if len(n.args) > 2 else n.kwargs.get("train", n.kwargs.get("training")))
-        return linear_of(gm, n) is not None or isinstance(module_of(gm, n), _AFFINE) \
+        return n in ops or isinstance(module_of(gm, n), _AFFINE) \
             or eval_dropout
 
     split = 0
@@ -291,14 +315,14 @@ def _global_head(gm: fx.GraphModule, start: fx.Node, fmap: fx.Node, pool_node: f
         )
     arg = fmap
     for node in head[:split]:
-        arg = _convert_layer(gm, node, arg, False, None, "chw")
+        arg = _convert_layer(gm, node, arg, False, None, "chw", ops)
     if global_pool == "drop":
         log.warning("dropped the global average pool: returning the map of scores per position")
         return
     with gm.graph.inserting_after(arg):
         pooled = gm.graph.call_method("mean", (arg, (2, 3)), {"keepdim": True})
     for node in head[split:]:
-        pooled = _convert_layer(gm, node, pooled, False, None, "chw")
+        pooled = _convert_layer(gm, node, pooled, False, None, "chw", ops)
     if split == len(head):  # the pool is now the last op: the output reads it
         out = next(n for n in gm.graph.nodes if n.op == "output")
         out.args = fx.node.map_arg(out.args, lambda a: pooled if a is arg else a)

@@ -7,8 +7,11 @@ from the file. ``save`` exports with a dynamic batch axis and, when asked, dynam
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -21,17 +24,57 @@ log = logging.getLogger(__name__)
 
 
 def load(path: str | os.PathLike[str]) -> torch.export.ExportedProgram:
-    """Load a ``.pt2`` program; a file that is not one is reported as a sentence."""
+    """Load a ``.pt2`` program; a file that is not one is reported as a sentence (torch's
+    own logged traceback for a bad archive is silenced)."""
     if not os.path.exists(path):
         raise FileNotFoundError(2, "No such file or directory", str(path))
+    if os.path.isdir(path):
+        raise Fc2ConvError(f"{path} is a folder, not a torch.export program (.pt2)")
+    if _is_onnx(path):
+        raise Fc2ConvError(
+            f"{path} is ONNX, not a torch.export program (.pt2); rename it to .onnx and use "
+            f"the ONNX path (fc2conv convert IN.onnx OUT.onnx --to conv [--dynamic-spatial])"
+        )
     try:
-        return torch.export.load(path)
+        with quiet():
+            return torch.export.load(path)
     except Exception as exc:
         raise Fc2ConvError(
             f"{path} is not a torch.export program (.pt2) that this torch can load "
             f"({type(exc).__name__}); save one with torch.export.save(torch.export.export("
             f"model, args), path)"
         ) from None
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Silence torch.export's warnings and logged tracebacks: a bad file is reported by
+    fc2conv in one sentence."""
+    logger = logging.getLogger("torch.export")
+    old = logger.disabled
+    logger.disabled = True
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.disabled = old
+
+
+def _is_onnx(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is an ONNX model: a ``.pt2`` is a zip archive (``PK``), an ONNX file a
+    protobuf starting with its ``ir_version`` field (tag byte ``0x08``) that onnx can parse."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if head[:1] != b"\x08":
+        return False
+    try:
+        import onnx
+
+        model = onnx.load_model(os.fspath(path), load_external_data=False)
+    except Exception:
+        return False
+    return bool(model.ir_version) and model.HasField("graph")
 
 
 def _size_oblivious() -> Any:

@@ -135,8 +135,26 @@ def linear_of(gm: fx.GraphModule, node: fx.Node) -> LinearOp | None:
     if bias is not None:
         lin.bias = nn.Parameter(bias.detach(), requires_grad=bias.requires_grad)
     target = str(w_node.target)
-    name = target.removesuffix(".weight") if target.endswith(".weight") else target
-    return LinearOp(x, lin, name, target)
+    return LinearOp(x, lin, layer_name(target), target)
+
+
+def layer_name(weight_target: str) -> str:
+    """The user's name of the layer owning a weight: ``blocks.0.up.weight`` -> ``blocks.0.up``,
+    ``self_attn.in_proj_weight`` -> ``self_attn.in_proj``; a weight of the root module keeps
+    its own name (``weight``)."""
+    for suffix in (".weight", "_weight"):
+        if weight_target.endswith(suffix) and len(weight_target) > len(suffix):
+            return weight_target.removesuffix(suffix)
+    return weight_target
+
+
+def new_module_name(name: str, weight_target: str | None, kind: str) -> str:
+    """Where to register a converted layer that cannot take over ``name``: ``name`` itself
+    unless that is the weight's own path (a weight of the root module, ``self.w`` used by
+    ``F.linear``), then ``kind`` for the root's ``weight`` or ``<name>_<kind>``."""
+    if name != weight_target:
+        return name
+    return kind if name == "weight" else f"{name}_{kind}"
 
 
 @dataclass

@@ -41,7 +41,7 @@ from fc2conv.pytorch.ops import (
     user_name,
     window_of,
 )
-from fc2conv.pytorch.trace import record_shapes, to_graph
+from fc2conv.pytorch.trace import check_model, record_shapes, to_graph
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,7 @@ def _dense(model: nn.Module, input_shape: Sequence[int]) -> nn.Module:
 def _field(model: nn.Module, input_shape: Sequence[int]) -> tuple[
         tuple[AxisField, ...], tuple[int, ...], tuple[int, ...], list[str]]:
     """(field per axis of the output, input spatial size, output spatial size, inexact reasons)."""
+    check_model(model)
     shape = as_shape(input_shape, min_len=2, max_len=4)
     example = torch.randn(1, *shape)
     for p in model.parameters():

@@ -14,6 +14,7 @@ spatial axes: ``(B, S, C) -> (B, C, 1, S)`` for ``dims=2`` (Apple's ANE layout; 
 from __future__ import annotations
 
 import logging
+import operator
 from collections.abc import Callable, Collection
 from typing import Any
 
@@ -26,8 +27,22 @@ from fc2conv.core.layers import conv_class, linear_to_conv
 from fc2conv.core.provenance import mark
 from fc2conv.errors import Fc2ConvError, wrap
 from fc2conv.pytorch.layout import ChannelLayerNorm, Move, last_to_channels, relayout
-from fc2conv.pytorch.ops import attr_of, is_pointwise, linear_of, module_of, tensor_shape
-from fc2conv.pytorch.trace import as_inputs, finish, record_shapes, to_graph, unique_name
+from fc2conv.pytorch.ops import (
+    attr_of,
+    is_pointwise,
+    linear_of,
+    module_of,
+    new_module_name,
+    tensor_shape,
+)
+from fc2conv.pytorch.trace import (
+    as_inputs,
+    drop_dead_attrs,
+    finish,
+    record_shapes,
+    to_graph,
+    unique_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +98,15 @@ def to_conv(model: nn.Module | torch.export.ExportedProgram, example_inputs: Any
     gm = to_graph(model, inputs, inplace=inplace)
     record_shapes(gm, inputs)
     seq_last = layout != "height"
+    # recognized before any rewrite: once a shared layer's module is replaced by its conv, a
+    # later call of it no longer looks like a Linear, yet it must be converted too
+    ops = {n: op for n in gm.graph.nodes if (op := linear_of(gm, n)) is not None}
     converted: dict[str, nn.Module] = {}
     names: dict[str, str] = {}
 
     def rewrite(node: fx.Node, is_moved: Callable[[fx.Node], bool]
                 ) -> tuple[nn.Module, str, fx.Node] | None:
-        op = linear_of(gm, node)
+        op = ops.get(node)
         if op is not None and (only is None or op.name in only):
             key = op.weight_target or op.name
             if key not in converted:
@@ -98,9 +116,10 @@ def to_conv(model: nn.Module | torch.export.ExportedProgram, example_inputs: Any
                     raise wrap(f"Cannot convert {op.name!r} ({describe(op.linear)})", err) from None
                 converted[key] = conv
                 names[key] = (op.name if op.weight_target is None
-                              or replaceable(gm, op.name, {n for n in gm.graph.nodes
-                                                           if _weight_key(gm, n) == key})
-                              else unique_name(gm, op.name))
+                              or replaceable(gm, op.name, {n for n, o in ops.items()
+                                                           if o.weight_target == key})
+                              else unique_name(gm, new_module_name(op.name, op.weight_target,
+                                                                   "conv")))
             return converted[key], names[key], op.input
         ln = _layer_norm_of(gm, node)
         if ln is not None and isinstance(ln[0], fx.Node) and is_moved(ln[0]):
@@ -124,12 +143,15 @@ def to_conv(model: nn.Module | torch.export.ExportedProgram, example_inputs: Any
         return Move(last_to_channels, (extra, seq_last))
 
     if only is not None:
-        check_only(only, {op.name for n in gm.graph.nodes if (op := linear_of(gm, n))}, "Linear")
+        check_only(only, {op.name for op in ops.values()}, "Linear")
     _warn_opaque(gm)
     def vector_shape(x: fx.Node, m: Move) -> tuple[int, ...]:
         return (-1, *([1] * (len(tensor_shape(x) or ()) - 2 + m.args[0])))
 
     gm = relayout(gm, rewrite, lambda n: is_pointwise(gm, n), move, "Linear", vector_shape)
+    weights = {str(a.target) for n, op in ops.items() if (op.weight_target or op.name) in converted
+               for a in n.all_input_nodes if a.op == "get_attr"}
+    drop_dead_attrs(gm, weights)
     gm = finish(gm)
     for name, conv in converted.items():
         log.info("%s -> %s", name, describe(conv))
@@ -143,6 +165,11 @@ def _warn_opaque(gm: fx.GraphModule) -> None:
                 F.linear, torch.ops.aten.linear.default) and linear_of(gm, node) is None:
             log.warning("%r computes its Linear weight in the graph (not a stored parameter), "
                         "so it stays a Linear", node.name)
+        weight = _matmul_weight(gm, node)
+        if weight is not None:
+            log.warning("%r multiplies by the stored tensor %r (x @ W), which stays a matmul: "
+                        "fc2conv converts nn.Linear and F.linear(x, W, b); write it as "
+                        "F.linear(x, W.T) to convert it", node.name, weight)
         mod = module_of(gm, node)
         if mod is None or isinstance(mod, nn.Linear):
             continue
@@ -154,9 +181,22 @@ def _warn_opaque(gm: fx.GraphModule) -> None:
                 type(mod).__name__, ", ".join(inner))
 
 
-def _weight_key(gm: fx.GraphModule, node: fx.Node) -> str | None:
-    op = linear_of(gm, node) if node.op == "call_function" else None
-    return op.weight_target if op is not None else None
+_MATMULS = {operator.matmul, torch.matmul, torch.mm, torch.ops.aten.matmul.default,
+            torch.ops.aten.mm.default}
+
+
+def _matmul_weight(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """The stored tensor (a ``get_attr`` path) that ``node`` multiplies by, when it is a
+    matmul ``x @ W`` with a 2-D stored ``W``."""
+    is_matmul = (node.op == "call_function" and node.target in _MATMULS) or (
+        node.op == "call_method" and node.target in ("matmul", "mm", "__matmul__"))
+    if not is_matmul:
+        return None
+    for arg in node.args[:2]:
+        tensor = attr_of(gm, arg)
+        if tensor is not None and tensor.dim() == 2:
+            return str(arg.target)  # type: ignore[union-attr]
+    return None
 
 
 def replaceable(gm: fx.GraphModule, name: str, owners: set[fx.Node]) -> bool:

@@ -30,9 +30,23 @@ from fc2conv.pytorch.layout import (
     last_to_channels,
     relayout,
 )
-from fc2conv.pytorch.ops import attr_of, is_pointwise, module_of, tensor_args
+from fc2conv.pytorch.ops import (
+    attr_of,
+    is_pointwise,
+    layer_name,
+    module_of,
+    new_module_name,
+    tensor_args,
+)
 from fc2conv.pytorch.to_conv import check_only, replaceable
-from fc2conv.pytorch.trace import as_inputs, finish, record_shapes, to_graph, unique_name
+from fc2conv.pytorch.trace import (
+    as_inputs,
+    drop_dead_attrs,
+    finish,
+    record_shapes,
+    to_graph,
+    unique_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +81,7 @@ def _pointwise_conv(gm: fx.GraphModule, node: fx.Node) -> tuple[nn.Module, fx.No
             conv.bias = nn.Parameter(bias.detach())
         target = str(w_node.target)  # type: ignore[union-attr]
         x, wt = node.args[0], target
-        name = target.removesuffix(".weight") if target.endswith(".weight") else target
+        name = layer_name(target)
     else:
         return None
     if getattr(conv, "padding_mode", "zeros") != "zeros" and any(
@@ -135,20 +149,22 @@ def to_linear(model: nn.Module | torch.export.ExportedProgram, example_inputs: A
     inputs = as_inputs(example_inputs)
     gm = to_graph(model, inputs, inplace=inplace)
     record_shapes(gm, inputs)
+    # recognized before any rewrite: once a shared conv is replaced by its Linear, a later
+    # call of it no longer looks like a conv, yet it must be converted too
+    convs = {n: f for n in gm.graph.nodes if (f := _pointwise_conv(gm, n)) is not None}
     converted: dict[str, tuple[nn.Module, str]] = {}
 
     def rewrite(node: fx.Node, is_moved: Callable[[fx.Node], bool]
                 ) -> tuple[nn.Module, str, fx.Node] | None:
-        found = _pointwise_conv(gm, node)
+        found = convs.get(node)
         if found is not None and (only is None or found[2] in only):
             conv, x, name, wt = found
             key = wt or name
             if key not in converted:
                 lin = conv_to_linear(conv, source=source_of(conv) or name)  # type: ignore[arg-type]
-                owners = {n for n in gm.graph.nodes
-                          if (f := _pointwise_conv(gm, n)) is not None and (f[3] or f[2]) == key}
+                owners = {n for n, f in convs.items() if (f[3] or f[2]) == key}
                 target = name if wt is None or replaceable(gm, name, owners) \
-                    else unique_name(gm, name)
+                    else unique_name(gm, new_module_name(name, wt, "linear"))
                 converted[key] = (lin, target)
             return converted[key][0], converted[key][1], x
         mod = module_of(gm, node)
@@ -165,17 +181,20 @@ def to_linear(model: nn.Module | torch.export.ExportedProgram, example_inputs: A
         return None
 
     region_args = _region_args(gm, lambda n: (
-        ((f := _pointwise_conv(gm, n)) is not None and (only is None or f[2] in only))
+        ((f := convs.get(n)) is not None and (only is None or f[2] in only))
         or isinstance(module_of(gm, n), ChannelLayerNorm) or is_pointwise(gm, n)))
 
     def move(value: fx.Node) -> Move:
         return Move(channels_to_last, region_args(value))
 
     if only is not None:
-        check_only(only, {f[2] for n in gm.graph.nodes if (f := _pointwise_conv(gm, n))},
+        check_only(only, {f[2] for f in convs.values()},
                    "per-position conv")
     gm = relayout(gm, rewrite, lambda n: is_pointwise(gm, n), move, "conv",
                   lambda x, m: (-1,), move_to_conv=False)
+    weights = {str(a.target) for n, f in convs.items() if (f[3] or f[2]) in converted
+               for a in n.all_input_nodes if a.op == "get_attr"}
+    drop_dead_attrs(gm, weights)
     for _, (lin, target) in converted.items():
         log.info("%s -> %s", target, describe(lin))
     return finish(gm)

@@ -25,15 +25,38 @@ log = logging.getLogger(__name__)
 
 
 def as_inputs(example_inputs: Any) -> tuple[Any, ...]:
-    """A single tensor or a sequence of them -> a tuple of positional inputs."""
+    """A single tensor or a sequence of them -> a tuple of positional inputs.
+
+    A sequence without any tensor (a shape like ``(2, 3)``) is refused with a sentence: the
+    passes need example tensors."""
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
-    if isinstance(example_inputs, Sequence):
+    if isinstance(example_inputs, Sequence) and not isinstance(example_inputs, str) \
+            and any(isinstance(t, torch.Tensor) for t in example_inputs):
         return tuple(example_inputs)
+    hint = ""
+    if isinstance(example_inputs, Sequence) and example_inputs \
+            and all(isinstance(d, int) for d in example_inputs):
+        dims = ", ".join(str(d) for d in example_inputs)
+        hint = f"; it looks like a shape: pass (torch.randn({dims}),)"
     raise Fc2ConvError(
-        "example_inputs must be a tensor or a tuple of tensors, got "
-        f"{type(example_inputs).__name__}"
+        "example_inputs must be a tensor or a tuple of tensors (example inputs, not a shape), "
+        f"got {_short(example_inputs)}{hint}"
     )
+
+
+def _short(value: Any) -> str:
+    text = repr(value) if isinstance(value, Sequence) else type(value).__name__
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_model(model: Any) -> None:
+    """Refuse what is neither an ``nn.Module`` nor a ``torch.export`` program, in a sentence."""
+    if not isinstance(model, nn.Module | torch.export.ExportedProgram):
+        raise Fc2ConvError(
+            f"expected a torch.nn.Module or torch.export.ExportedProgram, got "
+            f"{type(model).__name__}"
+        )
 
 
 def strip_guards(gm: fx.GraphModule) -> fx.GraphModule:
@@ -68,11 +91,7 @@ def to_graph(model: Any, example_inputs: tuple[Any, ...] | None = None, *, inpla
     """A GraphModule computing ``model`` (a deep copy unless ``inplace``)."""
     if isinstance(model, torch.export.ExportedProgram):
         return strip_guards(model.module())  # type: ignore[arg-type]
-    if not isinstance(model, nn.Module):
-        raise Fc2ConvError(
-            f"expected a torch.nn.Module or torch.export.ExportedProgram, got "
-            f"{type(model).__name__}"
-        )
+    check_model(model)
     if isinstance(model, fx.GraphModule):
         gm = model if inplace else quiet_deepcopy(model)
         return strip_guards(gm)
@@ -154,6 +173,24 @@ def unique_name(gm: fx.GraphModule, base: str) -> str:
     while taken(f"{base}_{i}"):
         i += 1
     return f"{base}_{i}"
+
+
+def drop_dead_attrs(gm: fx.GraphModule, targets: set[str]) -> None:
+    """Delete the tensors at ``targets`` (the weights a pass replaced) that no ``get_attr``
+    node reads any more, so the result does not carry the old layers' weights as well."""
+    gm.graph.eliminate_dead_code()
+    read = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+    called = {str(n.target) for n in gm.graph.nodes if n.op == "call_module"}
+    for target in targets - read:
+        owner_path, _, attr = target.rpartition(".")
+        if owner_path and any(owner_path == c or owner_path.startswith(c + ".") for c in called):
+            continue  # a module's own forward reads it (a converted layer now lives there)
+        try:
+            owner = gm.get_submodule(owner_path)
+        except AttributeError:
+            continue
+        if isinstance(getattr(owner, attr, None), torch.Tensor):
+            delattr(owner, attr)
 
 
 def finish(gm: fx.GraphModule) -> fx.GraphModule:

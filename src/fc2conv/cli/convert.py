@@ -24,7 +24,8 @@ PROGRESS_NODES = 200  # show progress bars on graphs with more candidate nodes t
     epilog="""\b
 Examples:
   fc2conv convert model.onnx model_conv.onnx --to conv
-  fc2conv convert model.onnx model_lin.onnx --to linear --only /blocks.0/fc1/MatMul
+  fc2conv convert model.onnx model_fc1.onnx --to conv --only /blocks.0/fc1/MatMul
+  fc2conv convert model_conv.onnx model_lin.onnx --to linear
   fc2conv convert big.onnx big.onnx --to conv --in-place --no-check
 """,
 )

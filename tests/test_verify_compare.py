@@ -178,8 +178,13 @@ def test_pickle_is_refused_without_opt_in(tmp_path) -> None:
 
 
 def test_bad_inputs_raise_one_sentence(tmp_path) -> None:
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(fc2conv.Fc2ConvError, match="missing.onnx: no such file"):
         compare(str(tmp_path / "missing.onnx"), MLP([4, 3]))
+    with pytest.raises(fc2conv.Fc2ConvError, match="input_shape must be"):
+        compare(MLP([4, 3]), MLP([4, 3]), input_shape="2,three")
+    # a string shape is read as the numbers it names, not its characters
+    same = MLP([4, 3])
+    assert compare(same, same, input_shape="2,4").verdict == "identical"
     junk = tmp_path / "junk.pt2"
     junk.write_bytes(b"not a zip")
     with pytest.raises(fc2conv.Fc2ConvError, match="not a readable torch.export archive"):

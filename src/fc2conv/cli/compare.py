@@ -42,11 +42,13 @@ def _shape(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
               help="Random input draws (the last one large-magnitude).")
 @click.option("--layers/--no-layers", default=True, show_default=True,
               help="Compare layer by layer to find the first divergence.")
+@click.option("--seed", type=int, default=None,
+              help="Seed of the random inputs (the report prints the one it used).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--trust-pickle", is_flag=True,
               help="Allow .pt/.pth pickles (loading one runs arbitrary code).")
 def compare_command(a: str, b: str, input_shape: tuple[int, ...] | None, samples: int,
-                    layers: bool, as_json: bool, trust_pickle: bool) -> None:
+                    layers: bool, seed: int | None, as_json: bool, trust_pickle: bool) -> None:
     """Compare models A and B (.pt2 or .onnx) and say whether they compute the same function.
 
     The verdict is "identical" (bitwise), "equivalent" (differences within what floating-point
@@ -60,7 +62,7 @@ def compare_command(a: str, b: str, input_shape: tuple[int, ...] | None, samples
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch's own deprecation notes
     try:
         report = compare(a, b, input_shape=input_shape, samples=samples, layers=layers,
-                         trust_pickle=trust_pickle)
+                         trust_pickle=trust_pickle, seed=seed)
     except Fc2ConvError:
         raise
     except (FileNotFoundError, IsADirectoryError, PermissionError):

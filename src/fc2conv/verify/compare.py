@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -65,16 +66,20 @@ def _rounding(model: Model) -> bnd.Rounding:
     return bnd.rounding_for(model.dtype, tf32=tf32)
 
 
-def compare(a: Any, b: Any, inputs: Any = None, *, input_shape: Sequence[int] | None = None,
-            samples: int = 8, layers: bool = True, trust_pickle: bool = False) -> Report:
+def compare(a: Any, b: Any, inputs: Any = None, *,
+            input_shape: Sequence[int] | str | None = None, samples: int = 8,
+            layers: bool = True, trust_pickle: bool = False, seed: int | None = None) -> Report:
     """Compare models ``a`` and ``b`` and return a :class:`~fc2conv.verify.report.Report`.
 
     ``a``/``b``: ``nn.Module``, ``torch.export.ExportedProgram``, ``onnx.ModelProto`` or a path
     to ``.pt2``/``.onnx`` (``.pt``/``.pth`` pickles only with ``trust_pickle=True``).
     ``inputs``: a tensor/array or tuple of them; else ``samples`` random draws (the last one
     large-magnitude) shaped by ``input_shape`` or the models' input specs. Model ``a`` is the
-    reference: its float64 twin defines the exact result.
+    reference: its float64 twin defines the exact result. ``input_shape`` may also be a string
+    ``"2,3,32,32"`` / ``"2x3x32x32"``. ``seed`` makes the random draws reproducible (the report
+    states the seed it used either way).
     """
+    input_shape = _parse_shape(input_shape)
     ma = load(a, "A", trust_pickle=trust_pickle)
     mb = load(b, "B", trust_pickle=trust_pickle)
     if inputs is not None:
@@ -84,11 +89,31 @@ def compare(a: Any, b: Any, inputs: Any = None, *, input_shape: Sequence[int] | 
         input_text = f"the given inputs: {shown}"
     else:
         specs = resolve_specs(ma, mb, input_shape)
-        draws = draw(specs, samples, ma.dtype)
+        if seed is None:
+            seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+        draws = draw(specs, samples, ma.dtype, seed)
         shapes = ", ".join(str(tuple(x.shape)) for x in draws[0])
         input_text = (f"{len(draws)} random normal draws of shape {shapes}"
-                      + (", the last scaled to large magnitude" if len(draws) > 1 else ""))
+                      + (", the last scaled to large magnitude" if len(draws) > 1 else "")
+                      + f" (seed {seed})")
     return _compare_loaded(ma, mb, draws, layers, input_text)
+
+
+def _parse_shape(shape: Sequence[int] | str | None) -> tuple[int, ...] | None:
+    """``"2,3,32"``, ``"2x3x32"`` or a sequence of ints -> a tuple of positive ints."""
+    if shape is None:
+        return None
+    parts: Sequence[Any] = (
+        [p for p in re.split(r"[,x\s]+", shape.strip("()[] ")) if p]
+        if isinstance(shape, str) else shape)
+    try:
+        dims = tuple(int(p) for p in parts)
+    except (TypeError, ValueError):
+        raise Fc2ConvError(f"input_shape must be integers like (2, 3, 32, 32) or '2,3,32,32', "
+                           f"got {shape!r}") from None
+    if not dims or any(d <= 0 for d in dims):
+        raise Fc2ConvError(f"input_shape must be positive integers, got {shape!r}")
+    return dims
 
 
 def _run_all(ma: Model, mb: Model, draws: list[tuple[torch.Tensor, ...]],

@@ -71,26 +71,31 @@ def resolve_specs(a: Model, b: Model, input_shape: Sequence[int] | None) -> list
     return specs
 
 
-def draw(specs: Sequence[InputSpec], samples: int, dtype: torch.dtype) -> list[tuple[torch.Tensor,
-                                                                                     ...]]:
-    """``samples`` fresh draws; the last one large-magnitude. Float draws are float32 (each
-    model casts them to its own dtype, model ``a``'s rounding first)."""
+def draw(specs: Sequence[InputSpec], samples: int, dtype: torch.dtype,
+         seed: int | None = None) -> list[tuple[torch.Tensor, ...]]:
+    """``samples`` fresh draws (reproducible with ``seed``); the last one large-magnitude. Float
+    draws are float32 (each model casts them to its own dtype, model ``a``'s rounding first)."""
     if samples < 1:
         raise Fc2ConvError(f"samples must be at least 1, got {samples}")
     large = LARGE_SCALE.get(dtype, DEFAULT_LARGE)
+    gen = torch.Generator()
+    if seed is not None:
+        gen.manual_seed(seed)
+    else:
+        gen.seed()
     draws = []
     for k in range(samples):
         tensors = []
         for spec in specs:
             shape = _fill(spec.shape)
             if spec.dtype.is_floating_point:
-                x = torch.randn(shape, dtype=torch.float64)
+                x = torch.randn(shape, dtype=torch.float64, generator=gen)
                 if k == samples - 1 and samples > 1:
                     x = x * large
                 tensors.append(x.to(torch.float32))
             elif spec.dtype == torch.bool:
-                tensors.append(torch.rand(shape) < 0.5)
+                tensors.append(torch.rand(shape, generator=gen) < 0.5)
             else:
-                tensors.append(torch.randint(0, 8, shape, dtype=spec.dtype))
+                tensors.append(torch.randint(0, 8, shape, dtype=spec.dtype, generator=gen))
         draws.append(tuple(tensors))
     return draws

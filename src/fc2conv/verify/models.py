@@ -232,7 +232,7 @@ def load(obj: Any, label: str, *, trust_pickle: bool = False) -> Model:
 
 def _load_path(path: Path, trust_pickle: bool) -> Model:
     if not path.exists():
-        raise FileNotFoundError(2, "No such file or directory", str(path))
+        raise Fc2ConvError(f"{path}: no such file")
     if path.is_dir():
         raise Fc2ConvError(f"{path} is a folder, not a model file (.pt2 or .onnx)")
     suffix = path.suffix.lower()

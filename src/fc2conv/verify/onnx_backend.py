@@ -181,7 +181,13 @@ def run(proto: Any, inputs: tuple[torch.Tensor, ...], mode: str, capture: bool) 
             names = out_names + [n for n in extra if n not in out_names]
             values = sess.run(names, feeds)
         except Exception as err:
-            raise Fc2ConvError(f"onnxruntime could not run the model: {err}") from None
+            wants = "; ".join(f"'{sp.name}' of shape "
+                              + "x".join("?" if d is None else str(d) for d in sp.shape)
+                              for sp in specs(proto))
+            given = "; ".join("x".join(map(str, x.shape)) for x in inputs)
+            detail = " ".join(str(err).split())[:300]
+            raise Fc2ConvError(f"onnxruntime could not run the model: it takes {wants}, was "
+                               f"given {given} ({detail})") from None
     else:
         from onnx.reference import ReferenceEvaluator
 

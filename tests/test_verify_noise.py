@@ -65,3 +65,30 @@ def test_one_weight_bug_in_the_last_layer_is_different_though_within_worst_case_
     out = report.outputs[0]
     assert out.mismatched == 0  # the worst-case bound alone would have let it through
     assert any(f"above the limit of {NOISE_FACTOR:g}x" in n for n in report.notes)
+
+
+def test_transformer_block_rounding_only_is_equivalent_and_a_small_bug_is_not():
+    """Attention scores, layer norms and softmax have no weights to perturb: their rounding is
+    modelled op by op, so a converted encoder block is not called different for it."""
+    import archs
+
+    block = archs.EncoderBlock().eval()
+    x = torch.randn(2, 7, 16)
+    converted = fc2conv.to_conv(block, (x,))
+    for _ in range(3):
+        report = fc2conv.compare(block, converted, input_shape=(2, 7, 16), layers=False)
+        assert report.verdict in ("identical", "equivalent"), str(report)
+    convs = [m for m in converted.modules() if isinstance(m, nn.Conv2d)]
+    with torch.no_grad():
+        convs[-1].weight[2, 5] += 1e-3
+    report = fc2conv.compare(block, converted, input_shape=(2, 7, 16), layers=False)
+    assert report.verdict == "different", str(report)
+
+
+def test_seeded_draws_are_reproducible():
+    mlp = random_mlp()
+    twin = ConvTwin(mlp)
+    first = fc2conv.compare(mlp, twin, input_shape=(2, 3, 256), layers=False, seed=7)
+    again = fc2conv.compare(mlp, twin, input_shape=(2, 3, 256), layers=False, seed=7)
+    assert "seed 7" in first.inputs
+    assert first.max_abs_error == again.max_abs_error

@@ -11,6 +11,10 @@ independent ``N(0, 1)`` parts: one per element (the partial-sum roundings of a c
 look independent) and one shared by each output row of a weight (in a sum of one sign they
 accumulate coherently, ~sqrt(n) u |y|).
 
+The roundings of ops without weights (attention scores ``q kᵀ``, layer-norm statistics,
+softmax, residual adds) are modelled too: while the perturbed twin runs, every aten op that
+rounds has its result multiplied by ``1 + sqrt(n) u ξ`` (``n`` terms per output element).
+
 Unlike the worst-case bound, this does not grow through ``|W|`` when weights cancel, so it
 exposes a real difference hiding under that bound: ``compare`` calls two models different when
 ``max |A - B|`` exceeds :data:`NOISE_FACTOR` times the noise (and four units in the last place of
@@ -25,9 +29,73 @@ import math
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
 
 NOISE_FACTOR = 16.0
 TRIALS = 3
+
+
+# Op-level rounding of parameterless ops (attention scores, layer-norm statistics, softmax)
+_EXACT = ("view", "reshape", "permute", "transpose", "t", "expand", "squeeze", "unsqueeze",
+          "clone", "_to_copy", "copy", "cat", "stack", "slice", "select", "index", "relu",
+          "max_pool", "detach", "alias", "contiguous", "split", "unbind", "flatten",
+          "_unsafe_view", "as_strided", "zeros", "empty", "full", "ones", "arange", "lift_fresh",
+          "max", "min", "amax", "amin", "argmax", "where", "masked_fill", "gather", "scatter",
+          "pad", "constant_pad", "neg", "abs", "lt", "gt", "le", "ge", "eq", "ne", "clamp",
+          "hardtanh", "threshold", "sym_size", "unfold", "roll", "flip", "repeat", "new_zeros",
+          "new_empty", "zeros_like", "ones_like", "empty_like", "full_like", "bernoulli",
+          "native_dropout", "dropout", "scalar_tensor", "_assert", "mask")
+
+
+def _reduction_length(name: str, args: tuple[Any, ...], out: Any) -> int | None:
+    """Terms summed per output element of aten op ``name`` (1 for one rounding), or ``None`` for
+    ops that compute exactly (views, copies, selections)."""
+    base = name.split(".")[0].lstrip("_")
+    if base.endswith("_") or any(base == e or base.startswith(e + "_") for e in _EXACT):
+        return None
+    if base in ("mm", "bmm", "matmul", "linear"):
+        return int(args[0].shape[-1])
+    if base in ("addmm", "baddbmm", "addbmm"):
+        return int(args[1].shape[-1]) + 1
+    if base.startswith("convolution") or base.startswith("conv"):
+        w = args[1]
+        return int(math.prod(w.shape[1:])) + 1
+    if base.startswith("native_layer_norm") or base.startswith("layer_norm"):
+        return int(math.prod(args[1]))
+    first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+    result = out[0] if isinstance(out, tuple | list) else out
+    if (first is not None and isinstance(result, torch.Tensor)
+            and 0 < result.numel() < first.numel()):
+        return first.numel() // result.numel()
+    if base.endswith("softmax") and first is not None:
+        return int(first.shape[args[1]]) if len(args) > 1 else 1
+    return 1
+
+
+class _ShakeOps(TorchDispatchMode):
+    """Multiplies the result of every rounding aten op by ``1 + sqrt(n) u ξ`` (``n`` terms per
+    output element, ``ξ ~ N(0, 1)``): the roundings of ops without weights (attention scores,
+    layer-norm statistics, softmax, residual adds) that perturbing the parameters misses."""
+
+    def __init__(self, u: float, gen: torch.Generator) -> None:
+        super().__init__()
+        self.u, self.gen = u, gen
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        n = _reduction_length(str(func.__name__), tuple(args), out)
+        if n is None:
+            return out
+        scale = math.sqrt(max(n, 1)) * self.u
+
+        def shake(t: Any) -> Any:
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point() or not t.numel():
+                return t
+            xi = torch.randn(t.shape, generator=self.gen, dtype=t.dtype).to(t.device)
+            return t * (1 + scale * xi)
+
+        return tree_map(shake, out)
 
 
 def rounding_noise(model: Any, draws: list[tuple[torch.Tensor, ...]], u: float,
@@ -62,7 +130,8 @@ def rounding_noise(model: Any, draws: list[tuple[torch.Tensor, ...]], u: float,
         for x, exact in zip(draws, exact_runs, strict=True):
             feed = tuple(shake(t) if t.is_floating_point() else t
                          for t in _cast_inputs(x, "reference", model.dtype, model.device))
-            got = run_torch(shaken, feed, capture=False, graph=model.exported).outputs
+            with _ShakeOps(u, gen):
+                got = run_torch(shaken, feed, capture=False, graph=model.exported).outputs
             for i, (g, e) in enumerate(zip(got, exact, strict=True)):
                 if g.is_floating_point() and g.numel():
                     d = (g.double() - e.double()).abs().nan_to_num(0, 0, 0)

@@ -39,7 +39,7 @@ def test_measured_noise_is_the_size_of_real_rounding_errors():
     mlp = random_mlp()
     x = torch.rand(16, 5, 256)
     model = load(mlp, "A")
-    (noise,) = rounding_noise(model, [(x,)], 2**-24, 256)
+    ((noise,),) = rounding_noise(model, [(x,)], 2**-24, 256)
     with torch.no_grad():
         exact = copy.deepcopy(mlp).double()(x.double())
         real = float((mlp(x).double() - exact).abs().max())
@@ -92,3 +92,49 @@ def test_seeded_draws_are_reproducible():
     again = fc2conv.compare(mlp, twin, input_shape=(2, 3, 256), layers=False, seed=7)
     assert "seed 7" in first.inputs
     assert first.max_abs_error == again.max_abs_error
+
+
+def _onnx_pair(tmp_path):
+    import onnx
+
+    import fc2conv.onnx
+
+    head = nn.Sequential(nn.Conv2d(3, 6, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                         nn.Linear(6 * 14 * 14, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(),
+                         nn.Linear(84, 10)).eval()
+    src = tmp_path / "model.onnx"
+    torch.onnx.export(head, (torch.randn(1, 3, 32, 32),), str(src), dynamo=False)
+    converted = fc2conv.onnx.to_conv(onnx.load(str(src)))
+    return head, onnx.load(str(src)), converted
+
+
+def _plant(model, head, scale_row: bool):
+    """A bug in the last layer (84 -> 10, now a 1x1 conv): one logit's row scaled by 1.01, or one
+    weight +0.01 on an input feature that ReLU leaves alive (a dead one would change nothing)."""
+    import onnx
+    from onnx import numpy_helper
+
+    bad = onnx.ModelProto()
+    bad.CopyFrom(model)
+    name = [n.input[1] for n in bad.graph.node if n.op_type == "Conv"][-1]
+    with torch.no_grad():
+        alive = int(head[:-1](torch.randn(64, 3, 32, 32)).mean(0).argmax())
+    for init in bad.graph.initializer:
+        if init.name == name:
+            w = numpy_helper.to_array(init).copy()
+            if scale_row:
+                w[3] *= 1.01
+            else:
+                w[3, alive] += 0.01
+            init.CopyFrom(numpy_helper.from_array(w, name))
+    return bad
+
+
+@pytest.mark.parametrize("scale_row", [False, True], ids=["one-weight+0.01", "row*1.01"])
+def test_onnx_planted_bugs_are_different_and_the_clean_conversion_is_not(tmp_path, scale_row):
+    head, original, converted = _onnx_pair(tmp_path)
+    clean = fc2conv.compare(original, converted, layers=False)
+    assert clean.verdict in ("identical", "equivalent"), str(clean)
+    assert fc2conv.compare(head, converted, layers=False).verdict in ("identical", "equivalent")
+    report = fc2conv.compare(original, _plant(converted, head, scale_row), layers=False)
+    assert report.verdict == "different", str(report)

@@ -99,14 +99,17 @@ class _ShakeOps(TorchDispatchMode):
 
 
 def rounding_noise(model: Any, draws: list[tuple[torch.Tensor, ...]], u: float,
-                   longest: int) -> list[float]:
-    """Per output: max over draws and :data:`TRIALS` perturbations of ``|ỹ - y|`` for the float64
-    twin of ``model`` (a PyTorch :class:`~fc2conv.verify.models.Model`) with weights, buffers and
-    inputs perturbed by relative Gaussian noise of size ``sqrt(max(longest, 1)) * u``."""
+                   longest: int) -> list[list[float]]:
+    """Per draw, per output: max over :data:`TRIALS` perturbations of ``|ỹ - y|`` for the float64
+    twin of ``model`` (a :class:`~fc2conv.verify.models.Model`, PyTorch or ONNX) with weights,
+    buffers and inputs perturbed by relative Gaussian noise of size
+    ``sqrt(max(longest, 1)) * u``."""
+    scale = math.sqrt(max(longest, 1)) * u
+    if model.kind == "onnx":
+        return _onnx_noise(model, draws, scale)
     from fc2conv.verify.capture import run_torch
     from fc2conv.verify.models import _cast_inputs
 
-    scale = math.sqrt(max(longest, 1)) * u
     exact_runs = [model.run(x, "reference").outputs for x in draws]  # builds the float64 twin
     twin = model._twins["reference"]
     gen = torch.Generator().manual_seed(0)
@@ -120,20 +123,44 @@ def rounding_noise(model: Any, draws: list[tuple[torch.Tensor, ...]], u: float,
                                   dtype=t.dtype)
         return t * (1 + scale * xi.to(t.device))
 
-    noise = [0.0] * len(exact_runs[0])
+    noise = [[0.0] * len(exact_runs[0]) for _ in draws]
     for _ in range(TRIALS):
         shaken = copy.deepcopy(twin)
         with torch.no_grad():
             for t in [*shaken.parameters(), *shaken.buffers()]:
                 if t.is_floating_point():
                     t.copy_(shake(t))
-        for x, exact in zip(draws, exact_runs, strict=True):
+        for k, (x, exact) in enumerate(zip(draws, exact_runs, strict=True)):
             feed = tuple(shake(t) if t.is_floating_point() else t
                          for t in _cast_inputs(x, "reference", model.dtype, model.device))
             with _ShakeOps(u, gen):
                 got = run_torch(shaken, feed, capture=False, graph=model.exported).outputs
-            for i, (g, e) in enumerate(zip(got, exact, strict=True)):
-                if g.is_floating_point() and g.numel():
-                    d = (g.double() - e.double()).abs().nan_to_num(0, 0, 0)
-                    noise[i] = max(noise[i], float(d.max()))
+            _accumulate(noise[k], got, exact)
+    return noise
+
+
+def _accumulate(noise: list[float], got: list[torch.Tensor], exact: list[torch.Tensor]) -> None:
+    for i, (g, e) in enumerate(zip(got, exact, strict=True)):
+        if g.is_floating_point() and g.numel():
+            d = (g.double() - e.double()).abs().nan_to_num(0, 0, 0)
+            noise[i] = max(noise[i], float(d.max()))
+
+
+def _onnx_noise(model: Any, draws: list[tuple[torch.Tensor, ...]],
+                scale: float) -> list[list[float]]:
+    """The same measurement for an ONNX model A, through onnx's reference evaluator; refused
+    (``ValueError``) for graphs with roundings that perturbing weights and inputs misses."""
+    import numpy as np
+
+    from fc2conv.verify import onnx_backend
+
+    if not onnx_backend.noise_is_modelled(model.onnx_model):
+        raise ValueError("the graph has weightless reductions (softmax, normalization, "
+                         "activation products) whose rounding is not modelled for ONNX")
+    gen = np.random.default_rng(0)
+    exact_runs = [model.run(x, "reference").outputs for x in draws]
+    noise = [[0.0] * len(exact_runs[0]) for _ in draws]
+    for _ in range(TRIALS):
+        for k, (x, exact) in enumerate(zip(draws, exact_runs, strict=True)):
+            _accumulate(noise[k], onnx_backend.run_shaken(model.onnx_model, x, scale, gen), exact)
     return noise

@@ -234,3 +234,47 @@ def count_ops(proto: Any) -> tuple[int, int]:
                 "AveragePool", "GlobalAveragePool", "LayerNormalization", "Softmax"):
             count += 1
     return count, longest
+
+
+# Ops whose roundings perturbing the initializers and inputs does not model (no weights of their
+# own, or statistics computed from activations): with any of them, the noise is not measured.
+_UNMODELLED = {"Softmax", "LogSoftmax", "LayerNormalization", "ReduceMean", "ReduceSum",
+               "ReduceL2", "ReduceLogSumExp", "InstanceNormalization", "GroupNormalization",
+               "Attention", "Einsum", "Pow", "Sqrt", "Exp", "Log", "Div"}
+
+
+def noise_is_modelled(proto: Any) -> bool:
+    """Whether every rounding of ``proto`` sits in an op with a constant weight or in a cheap
+    pointwise op, so that perturbing initializers and inputs models its rounding noise."""
+    consts = {i.name for i in proto.graph.initializer}
+    consts |= {o for n in proto.graph.node if n.op_type == "Constant" for o in n.output}
+    for node in proto.graph.node:
+        if node.op_type in _UNMODELLED:
+            return False
+        if node.op_type in ("MatMul", "Gemm", "Conv") and not any(
+                i in consts for i in node.input[1:2]):
+            return False
+    return True
+
+
+def run_shaken(proto: Any, inputs: tuple[torch.Tensor, ...], scale: float,
+               gen: np.random.Generator) -> list[torch.Tensor]:
+    """Outputs of the float64 copy of ``proto`` with every float initializer and input
+    multiplied by ``1 + scale (ξ + ξ_row)`` (see :mod:`fc2conv.verify.noise`)."""
+    from onnx.reference import ReferenceEvaluator
+
+    def shake(arr: np.ndarray) -> np.ndarray:
+        xi = gen.standard_normal(arr.shape)
+        if arr.ndim >= 1:
+            xi = xi + gen.standard_normal((arr.shape[0],) + (1,) * (arr.ndim - 1))
+        return arr * (1 + scale * xi)
+
+    model = _float64_copy(proto, magnitude=False)
+    for init in model.graph.initializer:
+        if init.data_type == TensorProto.DOUBLE:
+            init.CopyFrom(numpy_helper.from_array(shake(numpy_helper.to_array(init)), init.name))
+    feeds = {k: shake(v) if v.dtype == np.float64 else v
+             for k, v in _feeds(proto, inputs, "reference").items()}
+    names = [o.name for o in proto.graph.output]
+    values = ReferenceEvaluator(model).run(names, feeds)
+    return [torch.from_numpy(np.asarray(v)) for v in values]

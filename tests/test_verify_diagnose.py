@@ -195,3 +195,15 @@ def test_converted_flatten_linear_matched_by_provenance(order: str) -> None:
         assert report.first_divergence == "3 (B: 2)"
         assert "converted from A's '3'" in report.diagnosis
         assert "order='chw'" in report.diagnosis
+
+
+def test_square_weight_copied_transposed_in_place_is_named():
+    """The QA case: ``b[0].weight.copy_(a[0].weight.T)`` on a square 64x64 layer."""
+    a = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64)).eval()
+    b = copy.deepcopy(a)
+    with torch.no_grad():
+        b[0].weight.copy_(a[0].weight.T)
+    report = compare(a, b, input_shape=(4, 64))
+    assert report.verdict == "different"
+    assert report.first_divergence == "0"
+    assert "weight transposed" in (report.diagnosis or "")

@@ -274,7 +274,7 @@ def _transposed(mod: nn.Module, x: torch.Tensor, yb: torch.Tensor, allowed: torc
         return None
 
     def flip(m: nn.Module) -> None:
-        m.weight.copy_(m.weight.transpose(0, 1))  # type: ignore[operator, union-attr]
+        m.weight.copy_(m.weight.transpose(0, 1).clone())  # type: ignore[operator, union-attr]
 
     if _close(_variant(mod, flip)(x), yb, allowed):
         return (f"{where} matches A's {a_name} with its weight transposed "

@@ -196,9 +196,9 @@ def _compare_loaded(ma: Model, mb: Model, draws: list[tuple[torch.Tensor, ...]],
                      + " in another layout; it was aligned to A's before comparing")
     different = any(o.mismatched for o in outputs) or not deterministic
     if not different and deterministic and ra.dtype == rb.dtype and ra.tf32 == rb.tf32:
-        note = _noise_note(ma, draws, runs, outputs, ra.u_out, judge.stats.longest)
+        found, note = _noise_note(ma, draws, runs, outputs, ra.u_out, judge.stats.longest)
+        different = found
         if note:
-            different = True
             notes.append(note)
     verdict = "identical" if identical and deterministic else (
         "different" if different else "equivalent")
@@ -222,32 +222,39 @@ def _compare_loaded(ma: Model, mb: Model, draws: list[tuple[torch.Tensor, ...]],
 
 
 def _noise_note(ma: Model, draws: list[tuple[torch.Tensor, ...]], runs: list[Any],
-                outputs: list[OutputStats], u: float, longest: int) -> str | None:
-    """A sentence when, on some draw, ``|A - B|`` is far beyond the rounding noise measured on A
-    for that draw (see :mod:`fc2conv.verify.noise`), though within the worst-case bound; else
-    ``None``. Judged draw by draw, so a large-magnitude draw cannot mask a bug in the others."""
+                outputs: list[OutputStats], u: float,
+                longest: int) -> tuple[bool, str | None]:
+    """``(different, sentence)``: different when, on some draw, ``|A - B|`` is far beyond the
+    rounding noise measured on A for that draw (see :mod:`fc2conv.verify.noise`), though within
+    the worst-case bound. Judged draw by draw, so a large-magnitude draw cannot mask a bug in
+    the others. The sentence says what was measured (``None`` when nothing could be)."""
     floating = [i for i, o in enumerate(outputs) if o.dtype.startswith(("float", "bfloat"))]
     if not floating or u == 0:
-        return None
+        return False, None
     try:
         noise = rounding_noise(ma, draws, u, longest)
     except Exception as err:  # no estimate: stay with the worst-case verdict
         log.debug("rounding noise could not be measured: %s", err)
-        return None
+        return False, f"the rounding noise of A was not measured ({err})"
+    worst_ratio = 0.0
     for k, (ya, yb, ref) in enumerate(runs):
         for i in floating:
             d = (ya[i].double() - yb[i].double()).abs().nan_to_num(0, 0, 0)
             scale = float(ref.outputs[i].double().abs().nan_to_num(0, 0, 0).max())
             allowed = max(NOISE_FACTOR * noise[k][i], 4 * u * scale)
             worst = float(d.max()) if d.numel() else 0.0
+            worst_ratio = max(worst_ratio, worst / max(allowed / NOISE_FACTOR, 1e-300))
             if worst > allowed:
-                return (f"{outputs[i].name}: on draw {k} the models differ by up to {worst:.3g}; "
+                return True, (
+                        f"{outputs[i].name}: on draw {k} the models differ by up to {worst:.3g}; "
                         f"that is within the worst-case bound, but "
                         f"{worst / max(noise[k][i], 1e-300):.3g}x the rounding noise measured "
                         f"on A ({noise[k][i]:.3g}: A's float64 twin with every weight, input and "
                         f"op result perturbed by ~sqrt(n)·u relative noise), above the limit of "
                         f"{NOISE_FACTOR:g}x: rounding does not explain it")
-    return None
+    return False, (f"|A - B| is at most {worst_ratio:.2g}x the rounding noise measured on A "
+                   f"(its float64 twin with weights, inputs and op results perturbed by "
+                   f"~sqrt(n)·u; limit {NOISE_FACTOR:g}x)")
 
 
 def _output_stats(aligned_runs: list[Any], judge: Judge) -> tuple[list[OutputStats], bool]:

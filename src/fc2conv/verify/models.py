@@ -19,12 +19,9 @@ With ``capture=True`` a run also returns the intermediate layer outputs (forward
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import os
-import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +30,7 @@ import torch
 from torch import nn
 
 from fc2conv.errors import Fc2ConvError, UnsafeFileError
+from fc2conv.pytorch.export_io import quiet
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +242,7 @@ def _load_path(path: Path, trust_pickle: bool) -> Model:
         return Model(label=label, kind="onnx", onnx_model=proto, specs=onnx_backend.specs(proto))
     if suffix == ".pt2":
         try:
-            with _quiet():
+            with quiet():
                 ep = torch.export.load(str(path))
         except Exception as err:  # a garbage or truncated file
             raise Fc2ConvError(
@@ -276,21 +274,6 @@ def _load_path(path: Path, trust_pickle: bool) -> Model:
         f"{path} has an unknown model format '{suffix or '(no suffix)'}'; fc2conv compares "
         ".pt2 (torch.export.save) and .onnx files, or .pt/.pth pickles with --trust-pickle"
     )
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Silence torch.export's own warnings and logged tracebacks while loading a file: a bad
-    file is reported by fc2conv in one sentence."""
-    logger = logging.getLogger("torch.export")
-    old = logger.disabled
-    logger.disabled = True
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logger.disabled = old
 
 
 def _from_exported(ep: torch.export.ExportedProgram, label: str) -> Model:

@@ -31,7 +31,12 @@ from fc2conv.onnx.rules.base import (
     provenance,
     static_shape,
 )
-from fc2conv.onnx.rules.gemm_to_conv import GemmMatch, gemm_weight, linear_bias, linear_weight
+from fc2conv.onnx.rules.gemm_to_conv import (
+    GemmMatch,
+    bias_initializer,
+    gemm_weight,
+    linear_weight,
+)
 from fc2conv.onnx.weights import flatten_linear_to_conv_kernel
 
 
@@ -108,18 +113,7 @@ class FlattenGemmToConv:
         )
         inputs = [kernel]
         if g.bias is not None:
-            assert c is not None
-            inputs.append(
-                new_initializer(
-                    ctx,
-                    f"{c.name}_conv",
-                    lambda: linear_bias(g),
-                    g.weight.dtype,
-                    (g.out_features,),
-                    [g.weight, g.bias],
-                    recipe=("gemm_bias", g.beta, g.out_features),
-                )
-            )
+            inputs.append(bias_initializer(g, ctx))
         spatial = m.in_shape[1:]
         conv = ir.node(
             "Conv", [m.x, *inputs], {"kernel_shape": list(spatial)}, name=ctx.unique(f"{base}_conv")

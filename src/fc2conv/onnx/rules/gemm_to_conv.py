@@ -106,6 +106,21 @@ def linear_bias(m: GemmMatch) -> np.ndarray:
     return np.broadcast_to(b, (m.out_features,)).astype(b.dtype)
 
 
+def bias_initializer(m: GemmMatch, ctx: Context) -> ir.Value:
+    """The conv bias ``beta * C`` of a Gemm with a bias, as a new initializer ``<C>_conv``."""
+    c = m.node.inputs[2]
+    assert c is not None and m.bias is not None
+    return new_initializer(
+        ctx,
+        f"{c.name}_conv",
+        lambda: linear_bias(m),
+        m.weight.dtype,
+        (m.out_features,),
+        [m.weight, m.bias],
+        recipe=("gemm_bias", m.beta, m.out_features),
+    )
+
+
 class GemmToConv:
     name = "gemm_to_conv"
     op_types = ("Gemm",)
@@ -129,18 +144,7 @@ class GemmToConv:
         )
         inputs = [kernel]
         if m.bias is not None:
-            assert c is not None
-            inputs.append(
-                new_initializer(
-                    ctx,
-                    f"{c.name}_conv",
-                    lambda: linear_bias(m),
-                    m.weight.dtype,
-                    (m.out_features,),
-                    [m.weight, m.bias],
-                    recipe=("gemm_bias", m.beta, m.out_features),
-                )
-            )
+            inputs.append(bias_initializer(m, ctx))
         into = enter(ctx, node.inputs[0], 2, f"{base}_to_nchw")
         conv = ir.node(
             "Conv",

@@ -80,13 +80,14 @@ def test_classic_experiment_against_an_independent_float64_mlp(weights):
         assert ((y.double() - ref).abs() <= bound).all()
     if weights == "ones":
         assert ref.abs().min() > 1e7  # logits ~1e8: the experiment as reported
-        assert r.diff > 0  # float32 summation order really differs here
-    assert _verdict(r)[0] == "equivalent"
+    # Whether Linear and the 1x1 conv sum in the same order depends on the CPU's kernels (they
+    # differ on this 2-core x86 box, agree bit for bit on others): the verdict must follow.
+    assert _verdict(r)[0] == ("identical" if r.diff == 0 else "equivalent")
 
 
 def test_verdict_calls_a_one_weight_bug_different():
     r = experiments.run_classic_experiment("random", seed=1)
-    assert _verdict(r)[0] == "equivalent"
+    assert _verdict(r)[0] == ("identical" if r.diff == 0 else "equivalent")
     bad_conv = copy.deepcopy(r.conv)
     with torch.no_grad():
         alive = r.linear[:-1](r.x).reshape(-1, 256).mean(0).argmax()
@@ -147,7 +148,7 @@ def test_demo_command_prints_checked_numbers_and_writes_the_figure(
             assert printed == pytest.approx(float((y.double() - ref).abs().max()), rel=5e-3)
         scale = _row(out, "output scale max |ref|")[column]
         assert scale == pytest.approx(float(ref.abs().max()), rel=5e-3)
-    assert out.count("equivalent") >= 2 and "different" not in out
+    assert out.count("equivalent") + out.count("identical") >= 2 and "different" not in out
     assert "Traceback" not in out
 
 
@@ -179,4 +180,4 @@ def test_bound_is_rigorous_not_just_loose():
     r = experiments.run_classic_experiment("ones", seed=0)
     assert r.max_bound < 1e-3 * r.output_scale
     assert r.max_bound > r.err_linear
-    assert math.isfinite(r.ulps_diff) and r.ulps_diff >= 1
+    assert math.isfinite(r.ulps_diff) and (r.ulps_diff >= 1) == (r.diff > 0)

@@ -153,7 +153,9 @@ def make_skl2onnx(rng: np.random.Generator) -> None:
 
     n_feat = 10
     x_fit = rng.standard_normal((200, n_feat)).astype(np.float32)
-    y_reg = np.stack([x_fit[:, :3].sum(1), np.tanh(x_fit[:, 3] * x_fit[:, 4])], 1)
+    # One target: skl2onnx 1.20 declares MLPRegressor's output (N, 1) and Reshapes to (-1, 1),
+    # so a two-target regressor comes out (2N, 1) instead of (N, 2) (same numbers, row-major).
+    y_reg = x_fit[:, :3].sum(1) + np.tanh(x_fit[:, 3] * x_fit[:, 4])
     reg = MLPRegressor(hidden_layer_sizes=(16, 8), activation="relu", max_iter=300, random_state=0)
     reg.fit(x_fit, y_reg)
     y_cls = (x_fit[:, 0] > 0).astype(int) + (x_fit[:, 1] > 0.5).astype(int)  # 3 classes

@@ -8,8 +8,15 @@ float64 reference (``onnx.reference`` on a float64 copy of the graph). Then fc2c
 Tolerance (float32-derived): a float32 dot product of ``K`` terms rounds by about
 ``sqrt(K) * eps`` relative to its magnitude (random-walk bound), and a graph of ``L`` such
 layers compounds at most linearly, so ``|out - ref| <= 8 * eps32 * sqrt(K_max) * L * scale``,
-with ``scale = max(1, max |ref|)``, ``K_max`` the largest fan-in of a MatMul/Gemm/Conv weight and
-``L`` their count. For these files that is 30x to 400x eps32; the observed error is under 4x.
+with ``scale = max(1, max |ref|)``, ``K_max`` the largest fan-in of a MatMul/Gemm/Conv weight
+(for 2-D weights the larger dimension, an upper bound whatever the transB layout) and ``L``
+their count. For these files that is 30x to 500x eps32; the observed error is under 4x, and
++1e-3 on one weight exceeds it 5x to 500x.
+
+``compare`` (issue 9) must call the clean pairs identical/equivalent, catch a planted +1e-3
+weight change, and agree with ``convert --check``; where it does not today the test is
+``xfail(strict=True)`` with the observed failure, so fixing compare turns it into an XPASS that
+asks for the marker to go.
 """
 
 from __future__ import annotations

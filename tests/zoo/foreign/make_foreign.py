@@ -15,7 +15,8 @@ How to run (in a throw-away venv; tensorflow is far too heavy for the project's 
 
 Versions the committed files were made with (Python 3.11.7): tensorflow-cpu 2.21.0,
 keras 3.15.1, tf2onnx 1.17.0, scikit-learn 1.9.1, skl2onnx 1.20.0, onnx 1.23.2, numpy 2.4.6,
-protobuf 7.36.2.
+protobuf 7.36.2. Re-running reproduces every ``.npz`` and every weight bit for bit; tf2onnx may
+name a few shape constants differently (``const_axes__28`` vs ``...__27``), nothing else.
 
 Keras 3 notes: ``tf2onnx.convert.from_keras`` does not work on Keras 3 models (it expects the
 tf.keras 2 model API), so every Keras model is wrapped in a ``tf.function`` with an explicit

@@ -83,6 +83,7 @@ def test_a_wrong_conversion_exits_1(tmp_path, capsys, monkeypatch) -> None:
         (os.urandom(3000), "not a readable ONNX model"),
         ("truncated", "not a readable ONNX model"),
     ],
+    ids=["empty", "random-bytes", "truncated"],  # stable ids: pytest-xdist workers must agree
 )
 def test_bad_files_exit_2_with_one_line(tmp_path, capsys, content, why) -> None:
     bad = tmp_path / "bad.onnx"

@@ -1,0 +1,14 @@
+"""Dense score maps of images of any size: exact tiling on Dask (``fc2conv[dense]``).
+
+Modules, one job each: :mod:`~fc2conv.dense.plan` (tiling arithmetic, no torch),
+:mod:`~fc2conv.dense.readers` (arrays, zarr, TIFF, PNG/JPEG, OpenSlide),
+:mod:`~fc2conv.dense.model` (geometry, ``.pt2`` transport), :mod:`~fc2conv.dense.writer`
+(the zarr output, chunk commits), :mod:`~fc2conv.dense.preview` (PNG preview) and
+:mod:`~fc2conv.dense.api` (:func:`dense_map`).
+"""
+
+from __future__ import annotations
+
+from fc2conv.dense.api import dense_map
+
+__all__ = ["dense_map"]

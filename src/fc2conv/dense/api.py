@@ -109,9 +109,7 @@ def dense_map(model: Any, image: Any, *, input_shape: Sequence[int] | None = Non
     dims = len(shape) - 1
     if dims not in (2, 3):
         raise Fc2ConvError(f"the image must be (C, H, W) or (C, D, H, W), got shape {shape}")
-    if hasattr(model, "module") and isinstance(model, torch.export.ExportedProgram):
-        model = model.module()
-    if not isinstance(model, torch.nn.Module):
+    if not isinstance(model, (torch.nn.Module, torch.export.ExportedProgram)):
         raise Fc2ConvError(f"model must be a torch module or ExportedProgram, got "
                            f"{type(model).__name__}")
     if input_shape is not None and int(input_shape[0]) != shape[0]:
@@ -120,10 +118,11 @@ def dense_map(model: Any, image: Any, *, input_shape: Sequence[int] | None = Non
     trace = tuple(input_shape) if input_shape is not None else (
         shape[0], *(min(n, 256 if dims == 2 else 64) for n in shape[1:]))
     fcn = dmodel.fully_convolutional(model, trace)
-    if fcn is not model and input_shape is None:
+    if fcn is not model and input_shape is None and not isinstance(
+            model, torch.export.ExportedProgram):
         raise Fc2ConvError("the model is a classifier (it flattens its features); pass "
                            "input_shape, the (C, H, W) it was trained on")
-    fcn = fcn.eval()
+    fcn = dmodel.eval_mode(fcn)
     geo = dmodel.geometry(fcn, trace, shape)
     tile_px = _spatial(tile if tile is not None else (1024 if dims == 2 else 128), dims)
     cells = tuple(cells_per_tile(t, s, j) for t, s, j in zip(tile_px, geo.size, geo.stride,

@@ -53,11 +53,36 @@ class Geometry:
                 "classes": self.classes, "window_exact": self.exact_windows}
 
 
-def fully_convolutional(model: nn.Module, input_shape: Sequence[int]) -> nn.Module:
-    """``model`` if fully convolutional, else ``fc2conv.convolutionalize(model, input_shape)``."""
-    from fc2conv.pytorch.receptive_field import _dense
+def fully_convolutional(model: Any, input_shape: Sequence[int]) -> nn.Module:
+    """``model`` if fully convolutional, else ``fc2conv.convolutionalize(model, input_shape)``.
 
-    return _dense(model, input_shape)
+    ``model``: a module or an ``ExportedProgram`` (whose graph spells flatten as aten ops)."""
+    from fc2conv.pytorch import convolutionalize
+    from fc2conv.pytorch.receptive_field import NotConvolutional, _field
+
+    module = model.module() if isinstance(model, torch.export.ExportedProgram) else model
+    try:
+        _field(module, input_shape)
+        return module
+    except NotConvolutional:
+        return _as_module(convolutionalize(model, input_shape))
+    except Fc2ConvError as err:
+        try:
+            return _as_module(convolutionalize(model, input_shape))
+        except Fc2ConvError:
+            raise err from None
+
+
+def _as_module(net: Any) -> nn.Module:
+    return net.module() if isinstance(net, torch.export.ExportedProgram) else net
+
+
+def eval_mode(net: nn.Module) -> nn.Module:
+    """``net.eval()``; modules of exported programs are already fixed in their mode."""
+    try:
+        return net.eval()
+    except NotImplementedError:
+        return net
 
 
 def _shape_run(fcn: nn.Module, shape: Sequence[int]) -> tuple[int, ...]:
@@ -103,7 +128,7 @@ def export_program(fcn: nn.Module, example_shape: Sequence[int]) -> bytes:
 
     example = torch.randn(1, *example_shape)
     dims = {i: Dim.AUTO for i in range(2, 2 + len(example_shape) - 1)}
-    program = torch.export.export(fcn.eval(), (example,), dynamic_shapes=({**dims},))
+    program = torch.export.export(eval_mode(fcn), (example,), dynamic_shapes=({**dims},))
     buffer = io.BytesIO()
     torch.export.save(program, buffer)
     return buffer.getvalue()

@@ -9,6 +9,14 @@ Modules, one job each: :mod:`~fc2conv.dense.plan` (tiling arithmetic, no torch),
 
 from __future__ import annotations
 
-from fc2conv.dense.api import dense_map
+from typing import Any
 
 __all__ = ["dense_map"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "dense_map":  # torch, dask and zarr load on first use, not on import
+        from fc2conv.dense.api import dense_map
+
+        return dense_map
+    raise AttributeError(f"module 'fc2conv.dense' has no attribute {name!r}")

@@ -117,11 +117,7 @@ def dense_map(model: Any, image: Any, *, input_shape: Sequence[int] | None = Non
                            f" expects {input_shape[0]}")
     trace = tuple(input_shape) if input_shape is not None else (
         shape[0], *(min(n, 256 if dims == 2 else 64) for n in shape[1:]))
-    fcn = dmodel.fully_convolutional(model, trace)
-    if fcn is not model and input_shape is None and not isinstance(
-            model, torch.export.ExportedProgram):
-        raise Fc2ConvError("the model is a classifier (it flattens its features); pass "
-                           "input_shape, the (C, H, W) it was trained on")
+    fcn = dmodel.fully_convolutional(model, trace, convert=input_shape is not None)
     fcn = dmodel.eval_mode(fcn)
     geo = dmodel.geometry(fcn, trace, shape)
     tile_px = _spatial(tile if tile is not None else (1024 if dims == 2 else 128), dims)

@@ -53,7 +53,8 @@ class Geometry:
                 "classes": self.classes, "window_exact": self.exact_windows}
 
 
-def fully_convolutional(model: Any, input_shape: Sequence[int]) -> nn.Module:
+def fully_convolutional(model: Any, input_shape: Sequence[int], convert: bool = True
+                        ) -> nn.Module:
     """``model`` if fully convolutional, else ``fc2conv.convolutionalize(model, input_shape)``.
 
     ``model``: a module or an ``ExportedProgram`` (whose graph spells flatten as aten ops)."""
@@ -65,8 +66,14 @@ def fully_convolutional(model: Any, input_shape: Sequence[int]) -> nn.Module:
         _field(module, input_shape)
         return module
     except NotConvolutional:
+        if not convert:
+            raise Fc2ConvError("the model is a classifier (it flattens its features); pass "
+                               "input_shape, the (C, H, W) it was trained on") from None
         return _as_module(convolutionalize(model, input_shape))
     except Fc2ConvError as err:
+        if not convert:
+            raise Fc2ConvError(f"{str(err).rstrip('.')}; if the model is a classifier, pass "
+                               f"input_shape, the (C, H, W) it was trained on") from None
         try:
             return _as_module(convolutionalize(model, input_shape))
         except Fc2ConvError:

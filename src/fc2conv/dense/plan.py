@@ -7,7 +7,8 @@ padding reach). The full map has ``M`` cells on an image of ``N`` pixels.
 
 An output chunk of cells ``[i0, i1)`` is computed from the input tile ``[a, b)`` with
 
-    a = max(0, floor((start + i0 J) / J) J)        (a multiple of J: every layer's grid aligns)
+    a = max(0, floor((start + i0 J) / J) J)        (a multiple of J: every layer's grid aligns;
+                                                    at most the last multiple below N)
     b = min(N, start + (i1 - 1) J + size)
 
 Because ``a`` is a multiple of ``J``, tile cell ``j`` of every layer is full-image cell
@@ -56,7 +57,8 @@ def axis_chunks(n: int, m: int, size: int, jump: int, start: int, cells: int
     for i0 in range(0, m, cells):
         i1 = min(m, i0 + cells)
         a = max(0, ((start + i0 * jump) // jump) * jump)
-        b = min(n, start + (i1 - 1) * jump + size)
+        a = min(a, ((n - 1) // jump) * jump)  # cells that read only the high padding
+        b = min(n, max(start + (i1 - 1) * jump + size, a + size))  # a whole field at least
         chunks.append(AxisChunk(i0, i1, a, b))
     return chunks
 

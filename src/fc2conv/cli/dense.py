@@ -67,14 +67,14 @@ def dense(model: str, image: str, out: str, input_shape: str | None, tile: int |
             preview and os.path.abspath(preview) in (os.path.abspath(image),
                                                      os.path.abspath(model))):
         raise Fc2ConvError("an output path is an input; inputs are never overwritten")
+    shape, mean_v, std_v = _ints(input_shape), _floats(mean), _floats(std)
     program = load(model)
-    shape = _ints(input_shape)
     net = program
     console = Console(stderr=True)
     with Progress(TextColumn("dense map"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("tiles {task.fields[rate]}"),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=console,
-                  transient=False) as bar:
+                  transient=True) as bar:
         task = bar.add_task("tiles", total=None, rate="")
         import time
 
@@ -93,8 +93,8 @@ def dense(model: str, image: str, out: str, input_shape: str | None, tile: int |
                 bar.update(task, completed=done, rate=f"{rate:.2f}/s")
 
         scores = dense_map(net, image, input_shape=shape, tile=tile, out=out, device=device,
-                           scheduler=scheduler, workers=workers, level=level, mean=_floats(mean),
-                           std=_floats(std), argmax=argmax, progress=progress)
+                           scheduler=scheduler, workers=workers, level=level, mean=mean_v,
+                           std=std_v, argmax=argmax, progress=progress)
     click.echo(f"wrote {out}: scores {tuple(scores.shape)}")
     if preview:
         import zarr

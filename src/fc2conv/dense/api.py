@@ -8,7 +8,6 @@ untiled ``fcn(image)``; see the plan's docstring for the argument.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -143,7 +142,7 @@ def dense_map(model: Any, image: Any, *, input_shape: Sequence[int] | None = Non
         if isinstance(image, (str, os.PathLike)) and os.path.abspath(image) == os.path.abspath(
                 out):
             raise Fc2ConvError("--out is the input image; it would be overwritten")
-        digest = _model_digest(fcn)
+        digest = dmodel.model_digest(fcn)
         attrs = {**geo.attrs(), "model_sha256": digest, "chunk_cells": list(cells),
                  "input_shape": list(trace), "mean": None if mean_a is None else mean_a.tolist(),
                  "std": None if std_a is None else std_a.tolist(), "argmax": argmax,
@@ -162,8 +161,8 @@ def dense_map(model: Any, image: Any, *, input_shape: Sequence[int] | None = Non
         client, close = _client(scheduler, workers)
         try:
             n_workers = max(1, len(client.scheduler_info().get("workers", {})) or (workers or 1))
-            program = dmodel.Program.of(dmodel.export_program(fcn, trace), dev,
-                                        max(1, (os.cpu_count() or 1) // n_workers))
+            program = dmodel.Program(dmodel.model_digest(fcn), dmodel.export_program(fcn, trace),
+                                     dev, max(1, (os.cpu_count() or 1) // n_workers))
             net: Any = client.scatter(program, broadcast=True, hash=False)
             src: Any = client.scatter(source, broadcast=True, hash=False) if isinstance(
                 source, Reader) and not hasattr(source, "path") else source
@@ -184,14 +183,6 @@ def dense_map(model: Any, image: Any, *, input_shape: Sequence[int] | None = Non
         store.finish()
         return store.scores()
     return result
-
-
-def _model_digest(fcn: Any) -> str:
-    h = hashlib.sha256(str(fcn).encode())
-    for name, tensor in fcn.state_dict().items():
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def _tile_source(source: Any, window: tuple[slice, ...]) -> tuple[Any, tuple[slice, ...]]:

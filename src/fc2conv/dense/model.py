@@ -141,18 +141,23 @@ def export_program(fcn: nn.Module, example_shape: Sequence[int]) -> bytes:
     return buffer.getvalue()
 
 
+def model_digest(fcn: nn.Module) -> str:
+    """SHA-256 of the net's structure and weights (names where workers cache its program)."""
+    h = hashlib.sha256(str(fcn).encode())
+    for name, tensor in fcn.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 @dataclass(frozen=True)
 class Program:
-    """A ``.pt2`` program by value, with its digest (what travels to workers)."""
+    """A ``.pt2`` program by value, with the digest of its model (what travels to workers)."""
 
     digest: str
     data: bytes
     device: str
     threads: int
-
-    @classmethod
-    def of(cls, data: bytes, device: str, threads: int) -> Program:
-        return cls(hashlib.sha256(data).hexdigest(), data, device, threads)
 
 
 _LOADED: dict[str, Any] = {}

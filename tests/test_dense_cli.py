@@ -6,10 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import archs
 import numpy as np
 import torch
 
-import archs
 from fc2conv import convolutionalize
 
 

@@ -2,12 +2,12 @@
 without padding, ceil_mode pools, dilation and strides that do not divide the tile, in 2-D and
 3-D; for window-exact nets it also equals sliding_window. References are float64 runs."""
 
+import archs
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-import archs
 from fc2conv import convolutionalize, dense_map, receptive_field, sliding_window
 
 EPS = float(np.finfo(np.float32).eps)

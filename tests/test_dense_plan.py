@@ -40,7 +40,7 @@ def test_chunks_cover_the_map_and_read_all_a_cell_needs(layers, n, cells):
         return
     chunks = axis_chunks(n, len(full), size, jump, start, cells)
     assert [c.i0 for c in chunks][0] == 0 and chunks[-1].i1 == len(full)
-    assert all(a.i1 == b.i0 for a, b in zip(chunks, chunks[1:]))
+    assert all(a.i1 == b.i0 for a, b in zip(chunks, chunks[1:], strict=False))
     for c in chunks:
         assert c.a % jump == 0 and 0 <= c.a < c.b <= n
         # the tile's own map, simulated on the crop: its cells j0.. equal the full map's
@@ -48,7 +48,7 @@ def test_chunks_cover_the_map_and_read_all_a_cell_needs(layers, n, cells):
         tile, _ = _simulate(c.b - c.a, layers)
         j0, j1 = c.crop(jump)
         assert j0 >= 0 and j1 <= len(tile)
-        for j, i in zip(range(j0, j1), range(c.i0, c.i1)):
+        for j, i in zip(range(j0, j1), range(c.i0, c.i1), strict=True):
             shifted = {None if x is None else x + c.a for x in tile[j]}
             assert shifted == set(full[i]), (c, i, j)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from fc2conv.errors import Fc2ConvError
@@ -52,8 +54,14 @@ def dense(model: str, image: str, out: str, input_shape: str | None, tile: int |
     import os
 
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, \
-        TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from fc2conv.dense import dense_map
     from fc2conv.dense.readers import open_image
@@ -79,17 +87,16 @@ def dense(model: str, image: str, out: str, input_shape: str | None, tile: int |
         import time
 
         started = time.monotonic()
-        first = [True]
+        first: list[int] = []
 
         def progress(done: int, total: int) -> None:
-            if first[0]:
-                first[0] = False
+            if not first:
                 if done:
                     console.print(f"resuming: {done} of {total} tiles already done, skipped")
                 bar.update(task, total=total, completed=done)
                 first.append(done)
             else:
-                rate = (done - first[1]) / max(time.monotonic() - started, 1e-9)
+                rate = (done - first[0]) / max(time.monotonic() - started, 1e-9)
                 bar.update(task, completed=done, rate=f"{rate:.2f}/s")
 
         scores = dense_map(net, image, input_shape=shape, tile=tile, out=out, device=device,
@@ -101,7 +108,7 @@ def dense(model: str, image: str, out: str, input_shape: str | None, tile: int |
 
         from fc2conv.dense.preview import save_preview
 
-        attrs = dict(zarr.open_group(out, mode="r").attrs)["fc2conv_dense"]
+        attrs: Any = dict(zarr.open_group(out, mode="r").attrs)["fc2conv_dense"]
         save_preview(scores, open_image(image, None, level), preview,
                      stride=tuple(attrs["stride"]), offset=tuple(attrs["offset"]),
                      window=tuple(attrs["window_size"]), cls=preview_class)

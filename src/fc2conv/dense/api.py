@@ -230,7 +230,6 @@ def _assemble(plan: TilePlan, blocks: dict[tuple[int, ...], Any], classes: int) 
 
 def _lazy(plan: TilePlan, source: Any, net: Any, mean: Any, std: Any, dev: str, classes: int,
           threads: int) -> Any:
-    import dask
 
     blocks = dict(_tasks(plan, source, net, mean, std, dev, None))
     result = _assemble(plan, blocks, classes)

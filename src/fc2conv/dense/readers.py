@@ -191,9 +191,9 @@ def _open_pil(path: str) -> np.ndarray:
     from PIL import Image
 
     with Image.open(path) as img:
-        if img.mode not in ("L", "RGB", "RGBA", "I", "I;16", "F"):
-            img = img.convert("RGB")
-        data = np.asarray(img)
+        rgb: Any = img if img.mode in ("L", "RGB", "RGBA", "I", "I;16", "F") else img.convert(
+            "RGB")
+        data = np.asarray(rgb)
     return data[None] if data.ndim == 2 else np.ascontiguousarray(np.moveaxis(data, -1, 0))
 
 

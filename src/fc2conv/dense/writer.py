@@ -82,7 +82,7 @@ class MapStore:
         import zarr
 
         window = tuple(slice(o, o + n) for o, n in zip(origin, block.shape[1:], strict=True))
-        group = zarr.open_group(self.path, mode="r+")
+        group: Any = zarr.open_group(self.path, mode="r+")
         group["scores"][(slice(None), *window)] = block
         if self.labels:
             group["labels"][window] = block.argmax(axis=0).astype(np.int32)

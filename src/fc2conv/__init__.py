@@ -50,6 +50,7 @@ _LAZY: dict[str, str] = {
     "is_window_exact": "fc2conv.pytorch:is_window_exact",
     "sliding_window": "fc2conv.pytorch:sliding_window",
     "ReceptiveField": "fc2conv.pytorch:ReceptiveField",
+    "dense_map": "fc2conv.dense:dense_map",
     "compare": "fc2conv.verify:compare",
     "Report": "fc2conv.verify:Report",
 }

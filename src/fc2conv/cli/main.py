@@ -21,6 +21,7 @@ COMMANDS: dict[str, str] = {
     "convert": "fc2conv.cli.convert:convert",
     "convolutionalize": "fc2conv.cli.torch_commands:convolutionalize",
     "demo": "fc2conv.cli.demo:demo",
+    "dense": "fc2conv.cli.dense:dense",
     "explain": "fc2conv.cli.explain:explain",
 }
 

@@ -1,0 +1,281 @@
+"""``dense_map``: the exact score map of a convolutionalized net on an image of any size.
+
+The map is cut into chunks of output cells (:mod:`fc2conv.dense.plan`); each chunk is one Dask
+task that reads exactly the input tile it needs, runs the dense net on it and keeps the cells
+its field places inside the tile (or across an image border). The stitched chunks equal the
+untiled ``fcn(image)``; see the plan's docstring for the argument.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from fc2conv.dense import model as dmodel
+from fc2conv.dense.plan import TilePlan, cells_per_tile, plan_tiles
+from fc2conv.dense.readers import Reader, open_image
+from fc2conv.dense.writer import MapStore
+from fc2conv.errors import Fc2ConvError
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+
+
+def _per_channel(value: float | Sequence[float] | None, channels: int, name: str
+                 ) -> np.ndarray | None:
+    if value is None:
+        return None
+    arr = np.atleast_1d(np.asarray(value, dtype=np.float32))
+    if arr.size == 1:
+        arr = np.repeat(arr, channels)
+    if arr.size != channels:
+        raise Fc2ConvError(f"{name} has {arr.size} values; the image has {channels} channels")
+    if name == "std" and np.any(arr == 0):
+        raise Fc2ConvError("std must not be 0")
+    return arr
+
+
+def _block(source: Any, window: tuple[slice, ...], net: Any, crop: tuple[tuple[int, int], ...],
+           mean: np.ndarray | None, std: np.ndarray | None, device: str,
+           store: MapStore | None = None, index: tuple[int, ...] = (),
+           origin: tuple[int, ...] = ()) -> Any:
+    """One Dask task: read the tile, run the net, crop; write and commit it when ``store``."""
+    tile = source.read(window) if isinstance(source, Reader) else source
+    block = dmodel.run_tile(net, tile, crop, mean, std, device)
+    if store is None:
+        return block
+    return store.write(index, origin, block)
+
+
+def _client(scheduler: Any, workers: int | None) -> tuple[Any, Any]:
+    """(client, what to close afterwards)."""
+    from distributed import Client, LocalCluster
+
+    if isinstance(scheduler, Client):
+        return scheduler, None
+    if isinstance(scheduler, str):
+        client = Client(scheduler)
+        return client, client
+    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                           dashboard_address=None)
+    client = Client(cluster)
+    return client, (client, cluster)
+
+
+def _spatial(value: int | Sequence[int], dims: int) -> tuple[int, ...]:
+    out = (value,) * dims if isinstance(value, int) else tuple(int(v) for v in value)
+    if len(out) != dims or min(out) < 1:
+        raise Fc2ConvError(f"tile must be a positive size per spatial axis ({dims}), got {value}")
+    return out
+
+
+def dense_map(model: Any, image: Any, *, input_shape: Sequence[int] | None = None,
+              tile: int | Sequence[int] | None = None, out: str | os.PathLike[str] | None = None,
+              device: str | None = None, scheduler: Any = None, workers: int | None = None,
+              level: int = 0, mean: float | Sequence[float] | None = None,
+              std: float | Sequence[float] | None = None, argmax: bool = False,
+              overwrite: bool = False, threads: int | None = None,
+              progress: Progress | None = None) -> Any:
+    """The dense score map ``(K, *out_spatial)`` of ``model`` on ``image`` ``(C, *spatial)``,
+    equal to the untiled ``fcn(image[None])[0]`` and computed tile by tile with Dask.
+
+    ``model``: a fully convolutional net, or a classifier together with its ``input_shape``
+    ``(C, H, W)`` (convolutionalized first); an ``ExportedProgram`` is run as its module.
+    ``image``: numpy / torch / dask / zarr array ``(C, *spatial)`` (or ``(*spatial)`` with one
+    channel when ``input_shape`` says how many axes), a zarr path, a TIFF / OME-TIFF (pyramid
+    ``level``), PNG / JPEG, or an OpenSlide file. Pixels are cast to float32 unchanged, then
+    ``(x - mean) / std`` per channel when given.
+    ``tile``: input pixels per tile side (default 1024 in 2-D, 128 in 3-D); each output chunk
+    is the cells that fit in it. ``out``: a zarr group written chunk by chunk (``scores``,
+    ``labels`` when ``argmax``); re-running resumes. ``scheduler``: None (Dask's threads),
+    a scheduler address, or a ``distributed.Client``; ``workers=N`` starts a LocalCluster.
+    ``progress(done, total)`` is called as chunks finish (first with the chunks skipped).
+
+    Returns a dask array (``np.asarray`` computes it), read from the zarr store when ``out``
+    is given (the map is then already computed).
+    """
+    import torch
+
+    dims_hint = len(input_shape) - 1 if input_shape is not None else None
+    source = open_image(image, dims_hint, level)
+    shape = tuple(int(n) for n in source.shape)
+    dims = len(shape) - 1
+    if dims not in (2, 3):
+        raise Fc2ConvError(f"the image must be (C, H, W) or (C, D, H, W), got shape {shape}")
+    if not isinstance(model, (torch.nn.Module, torch.export.ExportedProgram)):
+        raise Fc2ConvError(f"model must be a torch module or ExportedProgram, got "
+                           f"{type(model).__name__}")
+    if input_shape is not None and int(input_shape[0]) != shape[0]:
+        raise Fc2ConvError(f"the image has {shape[0]} channels; input_shape {tuple(input_shape)}"
+                           f" expects {input_shape[0]}")
+    trace = tuple(input_shape) if input_shape is not None else (
+        shape[0], *(min(n, 256 if dims == 2 else 64) for n in shape[1:]))
+    fcn = dmodel.fully_convolutional(model, trace, convert=input_shape is not None)
+    fcn = dmodel.eval_mode(fcn)
+    geo = dmodel.geometry(fcn, trace, shape)
+    tile_px = _spatial(tile if tile is not None else (1024 if dims == 2 else 128), dims)
+    cells = tuple(cells_per_tile(t, s, j) for t, s, j in zip(tile_px, geo.size, geo.stride,
+                                                            strict=True))
+    plan = plan_tiles(geo.image_size, geo.map_size, geo.size, geo.stride, geo.start, cells)
+    mean_a = _per_channel(mean, shape[0], "mean")
+    std_a = _per_channel(std, shape[0], "std")
+    dev = str(device or "cpu")
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        raise Fc2ConvError("device cuda was asked for, but torch sees no CUDA device")
+    log.info("dense map %s -> (%d, %s) in %d chunks of %s cells (tiles up to %s px)", shape,
+             geo.classes, geo.map_size, len(plan), cells, plan.max_tile())
+
+    distributed = scheduler is not None or workers is not None
+    if out is None and not distributed and progress is None:
+        threads = threads or os.cpu_count() or 1
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // threads))
+        return _lazy(plan, source, fcn.to(dev), mean_a, std_a, dev, geo.classes, threads)
+
+    store = None
+    if out is not None:
+        if isinstance(image, (str, os.PathLike)) and os.path.abspath(image) == os.path.abspath(
+                out):
+            raise Fc2ConvError("--out is the input image; it would be overwritten")
+        digest = dmodel.model_digest(fcn)
+        attrs = {**geo.attrs(), "model_sha256": digest, "chunk_cells": list(cells),
+                 "input_shape": list(trace), "mean": None if mean_a is None else mean_a.tolist(),
+                 "std": None if std_a is None else std_a.tolist(), "argmax": argmax,
+                 "source": getattr(source, "source", "array")}
+        store = MapStore(str(out), (geo.classes, *geo.map_size), (geo.classes, *cells),
+                         json.loads(json.dumps(attrs)), argmax)
+        skipped = store.open(overwrite)
+        if skipped:
+            log.warning("resuming %s: %d of %d chunks already done", out, skipped, len(plan))
+    else:
+        skipped = 0
+    if progress is not None:
+        progress(skipped, len(plan))
+
+    if distributed:
+        client, close = _client(scheduler, workers)
+        try:
+            n_workers = max(1, len(client.scheduler_info().get("workers", {})) or (workers or 1))
+            program = dmodel.Program(dmodel.model_digest(fcn), dmodel.export_program(fcn, trace),
+                                     dev, max(1, (os.cpu_count() or 1) // n_workers))
+            net: Any = client.scatter(program, broadcast=True, hash=False)
+            src: Any = client.scatter(source, broadcast=True, hash=False) if isinstance(
+                source, Reader) and not hasattr(source, "path") else source
+            result = _eager(plan, src, net, mean_a, std_a, dev, store, skipped, progress, client,
+                            geo.classes)
+        finally:
+            if isinstance(close, tuple):
+                close[0].close()
+                close[1].close()
+            elif close is not None:
+                close.close()
+    else:
+        threads = threads or os.cpu_count() or 1
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // threads))
+        result = _eager(plan, source, fcn.to(dev), mean_a, std_a, dev, store, skipped, progress,
+                        None, geo.classes, threads)
+    if store is not None:
+        store.finish()
+        return store.scores()
+    return result
+
+
+def _tile_source(source: Any, window: tuple[slice, ...]) -> tuple[Any, tuple[slice, ...]]:
+    """(what the task reads from, window): a dask slice is a graph dependency."""
+    if isinstance(source, Reader) or type(source).__name__ == "Future":
+        return source, window
+    return source[(slice(None), *window)], window
+
+
+def _tasks(plan: TilePlan, source: Any, net: Any, mean: Any, std: Any, dev: str,
+           store: MapStore | None) -> list[tuple[tuple[int, ...], Any]]:
+    import dask
+
+    token = dask.base.tokenize(id(net), id(source), plan, os.getpid())
+    tasks = []
+    for index, chunks in plan.blocks():
+        if store is not None and store.is_done(index):
+            continue
+        window = tuple(slice(c.a, c.b) for c in chunks)
+        crop = tuple(c.crop(j) for c, j in zip(chunks, plan.stride, strict=True))
+        origin = tuple(c.i0 for c in chunks)
+        src, win = _tile_source(source, window)
+        name = f"fc2conv-tile-{token}-{'-'.join(map(str, index))}"
+        task = dask.delayed(_block, pure=False)(src, win, net, crop, mean, std, dev, store,
+                                                index, origin, dask_key_name=name)
+        tasks.append((index, task))
+    return tasks
+
+
+def _assemble(plan: TilePlan, blocks: dict[tuple[int, ...], Any], classes: int) -> Any:
+    import dask.array as da
+
+    def nest(prefix: tuple[int, ...]) -> Any:
+        if len(prefix) == len(plan.grid):
+            chunks = [plan.axes[a][k] for a, k in enumerate(prefix)]
+            value = blocks[prefix]
+            if isinstance(value, np.ndarray):
+                return value
+            return da.from_delayed(value, (classes, *(c.i1 - c.i0 for c in chunks)),
+                                   dtype=np.float32)
+        return [nest((*prefix, k)) for k in range(plan.grid[len(prefix)])]
+
+    return da.block(nest(()))
+
+
+def _lazy(plan: TilePlan, source: Any, net: Any, mean: Any, std: Any, dev: str, classes: int,
+          threads: int) -> Any:
+
+    blocks = dict(_tasks(plan, source, net, mean, std, dev, None))
+    result = _assemble(plan, blocks, classes)
+    return result.rechunk(result.chunks)  # a plain dask array over the chunk tasks
+
+
+def _eager(plan: TilePlan, source: Any, net: Any, mean: Any, std: Any, dev: str,
+           store: MapStore | None, skipped: int, progress: Progress | None, client: Any,
+           classes: int, threads: int = 1) -> Any:
+    """Compute every pending chunk now (writing it when ``store``), reporting progress."""
+    import dask
+    import dask.array as da
+
+    tasks = _tasks(plan, source, net, mean, std, dev, store)
+    total = len(plan)
+    done = skipped
+    results: dict[tuple[int, ...], Any] = {}
+    if client is not None:
+        from distributed import as_completed
+
+        futures = client.compute([t for _, t in tasks])
+        index_of = {f.key: i for f, (i, _) in zip(futures, tasks, strict=True)}
+        for future in as_completed(futures):
+            results[index_of[future.key]] = future.result()
+            done += 1
+            if progress is not None:
+                progress(done, total)
+    else:
+        from dask.callbacks import Callback
+
+        keys = {t.key: i for i, t in tasks}
+
+        class _Count(Callback):  # type: ignore[misc]
+            def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, worker_id: Any
+                          ) -> None:
+                nonlocal done
+                if key in keys:
+                    done += 1
+                    if progress is not None:
+                        progress(done, total)
+
+        with _Count():
+            values = dask.compute(*[t for _, t in tasks], scheduler="threads",
+                                  num_workers=threads)
+        results = {i: v for (i, _), v in zip(tasks, values, strict=True)}
+    if store is not None:
+        return None
+    blocks = {i: results[i] for i, _ in plan.blocks()}
+    return da.asarray(_assemble(plan, blocks, classes))

@@ -1,0 +1,114 @@
+"""The tiling plan of an exact dense map: pure integer arithmetic, no torch.
+
+Per spatial axis the dense net is described by its receptive field (see
+:mod:`fc2conv.core.receptive`): cell ``i`` of the full-image map depends on input pixels
+``[start + i J, start + i J + size)`` (``J`` the product of all strides, ``start <= 0`` the
+padding reach). The full map has ``M`` cells on an image of ``N`` pixels.
+
+An output chunk of cells ``[i0, i1)`` is computed from the input tile ``[a, b)`` with
+
+    a = max(0, floor((start + i0 J) / J) J)        (a multiple of J: every layer's grid aligns;
+                                                    at most the last multiple below N)
+    b = min(N, start + (i1 - 1) J + size)
+
+Because ``a`` is a multiple of ``J``, tile cell ``j`` of every layer is full-image cell
+``a / J_l + j``; a cell equals the full-image one when its field stays inside the tile, or
+leaves it only through an image border (where the tile pads exactly as the full run does).
+Both hold for ``[i0, i1)`` by construction, so the stitched chunks equal ``fcn(image)``;
+tile cells ``[i0 - a / J, i1 - a / J)`` are kept and the rest (touched by the tile's own
+border padding) cropped.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from fc2conv.errors import Fc2ConvError
+
+
+@dataclass(frozen=True)
+class AxisChunk:
+    """One chunk along one axis: output cells ``[i0, i1)`` from input pixels ``[a, b)``;
+    the chunk is tile cells ``[j0, j0 + i1 - i0)``."""
+
+    i0: int
+    i1: int
+    a: int
+    b: int
+
+    def crop(self, jump: int) -> tuple[int, int]:
+        """The tile cells ``[j0, j1)`` that are this chunk."""
+        j0 = self.i0 - self.a // jump
+        return j0, j0 + self.i1 - self.i0
+
+
+def axis_chunks(n: int, m: int, size: int, jump: int, start: int, cells: int
+                ) -> list[AxisChunk]:
+    """Chunks of ``cells`` output cells along one axis of ``n`` input pixels and ``m`` cells."""
+    if min(n, m, size, jump, cells) < 1 or start > 0:
+        raise Fc2ConvError(
+            f"invalid tiling: {n} pixels, {m} cells, field {size}, stride {jump}, start {start}, "
+            f"{cells} cells per chunk"
+        )
+    chunks = []
+    for i0 in range(0, m, cells):
+        i1 = min(m, i0 + cells)
+        a = max(0, ((start + i0 * jump) // jump) * jump)
+        a = min(a, ((n - 1) // jump) * jump)  # cells that read only the high padding
+        b = min(n, max(start + (i1 - 1) * jump + size, a + size))  # a whole field at least
+        chunks.append(AxisChunk(i0, i1, a, b))
+    return chunks
+
+
+def cells_per_tile(tile: int, size: int, jump: int, start: int = 0) -> int:
+    """How many output cells a ``tile``-pixel input tile yields (at least 1)."""
+    return max(1, (tile - size) // jump + 1)
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """The chunks of a dense map of an ``image_size`` image, per axis, and their product."""
+
+    image_size: tuple[int, ...]
+    map_size: tuple[int, ...]
+    field_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    start: tuple[int, ...]
+    axes: tuple[tuple[AxisChunk, ...], ...]
+
+    @property
+    def chunk_cells(self) -> tuple[int, ...]:
+        """The regular chunk shape of the map (the last chunk of an axis may be shorter)."""
+        return tuple(ax[0].i1 - ax[0].i0 for ax in self.axes)
+
+    @property
+    def grid(self) -> tuple[int, ...]:
+        return tuple(len(ax) for ax in self.axes)
+
+    def __len__(self) -> int:
+        return math.prod(self.grid)
+
+    def blocks(self) -> Iterator[tuple[tuple[int, ...], tuple[AxisChunk, ...]]]:
+        """``(block index, chunk per axis)`` for every block, in C order."""
+        for index in itertools.product(*(range(g) for g in self.grid)):
+            yield index, tuple(ax[k] for ax, k in zip(self.axes, index, strict=True))
+
+    def max_tile(self) -> tuple[int, ...]:
+        """The largest input tile any block reads, per axis."""
+        return tuple(max(c.b - c.a for c in ax) for ax in self.axes)
+
+
+def plan_tiles(image_size: Sequence[int], map_size: Sequence[int], field_size: Sequence[int],
+               stride: Sequence[int], start: Sequence[int], cells: Sequence[int]) -> TilePlan:
+    """The :class:`TilePlan` of a map with ``cells`` output cells per chunk and axis."""
+    dims = len(image_size)
+    if not all(len(x) == dims for x in (map_size, field_size, stride, start, cells)):
+        raise Fc2ConvError("image, map, field, stride, start and chunk sizes must have one "
+                           "entry per spatial axis")
+    axes = tuple(tuple(axis_chunks(*args)) for args in zip(
+        image_size, map_size, field_size, stride, start, cells, strict=True))
+    return TilePlan(tuple(image_size), tuple(map_size), tuple(field_size), tuple(stride),
+                    tuple(start), axes)

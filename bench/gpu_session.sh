@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# One prepared run on a lent GPU machine (CUDA, torch from the machine's image): the test suite
+# on that torch/Python, then the GPU benchmarks. Each step has its own time limit so one slow step
+# cannot eat the others; every log lands in $OUT (or ./gpu-out when $OUT is unset).
+# Wheels for packages the image lacks (dask, zarr, monai, ...) are read from .whl/ when present.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
+export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+    .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+step() {  # step NAME SECONDS CMD...
+  local name=$1 limit=$2; shift 2
+  echo "== $name (limit ${limit}s)"
+  local t0=$SECONDS
+  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1; local rc=$?
+  echo "   rc=$rc in $((SECONDS - t0))s"; tail -n 40 "$OUT/$name.log"
+}
+python3 -c "import sys, torch; print(sys.version.split()[0], torch.__version__, torch.cuda.get_device_name())"
+step pytest 170 python3 -m pytest -q -n 12 -p no:cacheprovider -x
+step overhead_tf32_on 110 python3 bench/converted_overhead.py --device cuda --tf32 on
+step overhead_tf32_off 110 python3 bench/converted_overhead.py --device cuda --tf32 off
+step dense_cuda 80 python3 bench/dense_throughput.py --device cuda --size 2048 --tile 1024 --repeats 3 --no-sliding

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from fc2conv.core.positionwise import Channel, elementwise, kind_of
 from fc2conv.errors import Fc2ConvError
 from fc2conv.pytorch.ops import permute_source, tensor_shape
 
@@ -216,12 +217,18 @@ def relayout(gm: fx.GraphModule, rewrite: Rewrite, may_follow: Callable[[fx.Node
             moved.add(node)
             continue
         if plan is None and node.op not in ("placeholder", "output", "get_attr") \
-                and may_follow(node):
+                and (may_follow(node) or follows_broadcast(node, moved)):
             operands = _tensor_operands(node)
-            if operands and all(a in moved for a in operands):
-                env[node] = new.node_copy(node, lambda a: env[a])
+            if operands and any(a in moved for a in operands):
+                # stay in the new layout: a residual's other operand moves in (once, cached)
+                env[node] = new.node_copy(node, lambda a: move_in(a) if a in operands else env[a])
                 moved.add(node)
                 continue
+        if plan is None and move_to_conv and channel_reduce(node, moved):
+            env[node] = new.node_copy(node, lambda a: env[a])
+            env[node].args = (env[node].args[0], [1], *env[node].args[2:])
+            moved.add(node)
+            continue
         if plan is not None:
             module, name, source = plan
             if tensor_shape(source) is None or len(tensor_shape(source) or ()) < 2:
@@ -239,6 +246,49 @@ def relayout(gm: fx.GraphModule, rewrite: Rewrite, may_follow: Callable[[fx.Node
     cancel_inverse_moves(new)
     gm.graph = new
     return gm
+
+
+def op_name(node: fx.Node) -> str:
+    """The name the core table knows an fx node's op by (``aten.add.Tensor``, ``add``)."""
+    if node.op == "call_method":
+        return str(node.target)
+    if node.op == "call_function":
+        target: Any = node.target
+        return str(target) if isinstance(target, torch._ops.OpOverload) \
+            else getattr(target, "__name__", "")
+    return ""
+
+
+def follows_broadcast(node: fx.Node, moved: set[fx.Node]) -> bool:
+    """An elementwise op (:data:`fc2conv.core.positionwise.OPS`) with at least one moved
+    operand whose every tensor operand has the output's rank (moving them all commutes with
+    broadcasting: ``(B, S, 1) -> (B, 1, 1, S)`` against ``(B, S, C) -> (B, C, 1, S)``) or is
+    a 0-d scalar."""
+    if node.op not in ("call_function", "call_method") or not elementwise(op_name(node)):
+        return False
+    out = tensor_shape(node)
+    operands = _tensor_operands(node)
+    if out is None or len(out) < 3 or not any(a in moved for a in operands):
+        return False
+    return all(len(tensor_shape(a) or ()) in (0, len(out)) for a in operands) \
+        and all(len(tensor_shape(a) or ()) == len(out) for a in operands if a in moved)
+
+
+def channel_reduce(node: fx.Node, moved: set[fx.Node]) -> bool:
+    """``mean(x, [-1], keepdim=True)`` of a moved ``x`` (an RMSNorm's ``x.pow(2).mean(-1)``):
+    the same mean over axis 1 in the conv layout (a ``CHANNEL_REDUCE`` row of the table)."""
+    row = kind_of(op_name(node))
+    if row is None or row.action is not Channel.CHANNEL_REDUCE or node.kwargs:
+        return False
+    x = node.args[0] if node.args else None
+    shape = tensor_shape(x)
+    if not isinstance(x, fx.Node) or x not in moved or shape is None or len(node.args) < 3:
+        return False
+    dims: Any = node.args[1]
+    dims = [dims] if isinstance(dims, int) else list(dims) if isinstance(dims, list | tuple) \
+        else None
+    return dims is not None and len(dims) == 1 and int(dims[0]) % len(shape) == len(shape) - 1 \
+        and node.args[2] is True and len(node.args) == 3
 
 
 def _undone_by(node: fx.Node, moved: set[fx.Node], move: Callable[[fx.Node], Move]

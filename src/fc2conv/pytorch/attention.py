@@ -76,12 +76,12 @@ def _name(node: Any) -> str:
 
 def _swaps_1_2(node: fx.Node) -> bool:
     """``transpose(1, 2)`` or ``permute(0, 2, 1, 3)`` of a rank-4 value."""
-    name, args = _name(node), node.args[1:]
+    name, args = _name(node), list[Any](node.args[1:])
     if name == "transpose" and len(args) == 2:
-        return sorted(int(a) % 4 for a in args) == [1, 2]  # type: ignore[call-overload]
+        return sorted(int(a) % 4 for a in args) == [1, 2]
     if name == "permute":
         dims = list(args[0]) if len(args) == 1 and isinstance(args[0], list | tuple) else list(args)
-        return [int(d) % 4 for d in dims] == [0, 2, 1, 3]  # type: ignore[call-overload]
+        return [int(d) % 4 for d in dims] == [0, 2, 1, 3]
     return False
 
 
@@ -187,3 +187,4 @@ def _erase_unused(graph: fx.Graph, sdpa: fx.Node, merged: fx.Node) -> None:
     for node in region:  # region runs from the output back to the inputs
         if not node.users:
             graph.erase_node(node)
+

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -235,3 +237,28 @@ def logits(out: Any) -> torch.Tensor:
     if isinstance(out, tuple | list):
         return logits(out[0])
     raise TypeError(f"no tensor in {type(out).__name__}")
+
+
+FOREIGN_DIR = Path(__file__).resolve().parent / "foreign"
+
+Draw = tuple[dict[str, np.ndarray], dict[str, np.ndarray]]
+
+
+def foreign_models() -> dict[str, Path]:
+    """ONNX files from exporters other than torch (tf2onnx, skl2onnx) and hand-built layouts,
+    by name (file stem); see ``tests/zoo/foreign/README.md``. Each has a ``.npz`` beside it."""
+    return {p.stem: p for p in sorted(FOREIGN_DIR.glob("*.onnx"))}
+
+
+def foreign_draws(name: str) -> list[Draw]:
+    """The fixed draws saved with foreign model ``name``: a list of (inputs, outputs) dicts keyed
+    by the ONNX input / output names; outputs are the generating framework's own (float32,
+    int64 labels), not onnxruntime's. Stored as ``in{k}__{name}`` / ``out{k}__{name}``."""
+    draws: dict[int, Draw] = {}
+    with np.load(FOREIGN_DIR / f"{name}.npz", allow_pickle=False) as data:
+        for key in data.files:
+            head, _, tensor = key.partition("__")
+            kind, k = ("in", head[2:]) if head.startswith("in") else ("out", head[3:])
+            ins, outs = draws.setdefault(int(k), ({}, {}))
+            (ins if kind == "in" else outs)[tensor] = data[key]
+    return [draws[k] for k in sorted(draws)]

@@ -1,67 +1,165 @@
-"""Latency of ``to_conv(model)`` relative to the original, for the MLP and the transformer
-encoder block of the reference architectures, measured side by side in one run.
+"""Latency of ``to_conv(model)`` relative to the original, side by side in one run: layout
+changes left in the converted graph, and converted / original latency as the median of
+interleaved calls (original, converted, original, ...), so load from other processes hits
+both alike.
 
-    PYTHONPATH=src python bench/converted_overhead.py            # CPU
-    PYTHONPATH=src python bench/converted_overhead.py --device cuda
+    PYTHONPATH=src python bench/converted_overhead.py                  # CPU, all sizes
+    PYTHONPATH=src python bench/converted_overhead.py --quick          # zoo sizes only
+    PYTHONPATH=src python bench/converted_overhead.py --device cuda --tf32 on
+    PYTHONPATH=src python bench/converted_overhead.py --device cuda --tf32 off
 
-A ratio above 1 is what the layout moves and 1x1 convs cost on this backend; accelerators that
-prefer (B, C, 1, S) convolutions (Apple's ANE) are the reason to convert.
+Models: the zoo's small transformers (hidden 32, batch 2, length 8), a BERT-base-like
+BertModel (hidden 768, 12 heads, 2 layers, batch 8, length 128), a Llama-like LlamaModel stack
+(hidden 768, 12 heads, 2 layers) and the reference MLP / encoder block. ``--onnx`` adds
+onnxruntime: the original exported with ``torch.onnx.export``, converted by
+``fc2conv.onnx.to_conv``, Transpose counts and ORT latency ratio (CPU).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+import time
+import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
-from torch.utils import benchmark
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "zoo"))
 
 import archs  # noqa: E402
 
 from fc2conv import to_conv  # noqa: E402
+from fc2conv.pytorch.layout import layout_changes  # noqa: E402
+
+ZOO_NAMES = ("bert", "distilbert", "roberta", "vit", "whisper_encoder", "t5_encoder", "llama")
 
 
-def latency(model: torch.nn.Module, x: torch.Tensor, min_run_time: float) -> float:
-    timer = benchmark.Timer(stmt="model(x)", globals={"model": model, "x": x})
-    return timer.blocked_autorange(min_run_time=min_run_time).median
+def interleaved_ratio(a: Callable[[], Any], b: Callable[[], Any], rounds: int,
+                      sync: Callable[[], None]) -> tuple[float, float]:
+    """Median seconds of ``a`` and of ``b``, calls alternating ``rounds`` times each."""
+    for f in (a, b):  # warm up
+        f()
+        f()
+    ta, tb = [], []
+    for _ in range(rounds):
+        for f, out in ((a, ta), (b, tb)):
+            sync()
+            t = time.perf_counter()
+            f()
+            sync()
+            out.append(time.perf_counter() - t)
+    return statistics.median(ta), statistics.median(tb)
+
+
+def realistic(device: torch.device, batch: int, length: int) -> dict[str, tuple[Any, tuple]]:
+    """BERT-base-like and Llama-like stacks from configs (random weights, never downloaded)."""
+    from transformers import BertConfig, BertModel, LlamaConfig, LlamaModel
+
+    torch.manual_seed(0)
+    bert = BertModel(BertConfig(hidden_size=768, num_attention_heads=12, num_hidden_layers=2,
+                                intermediate_size=3072, vocab_size=1000,
+                                attn_implementation="sdpa"), add_pooling_layer=False)
+    llama = LlamaModel(LlamaConfig(hidden_size=768, num_attention_heads=12,
+                                   num_key_value_heads=12, num_hidden_layers=2,
+                                   intermediate_size=2048, vocab_size=1000, use_cache=False,
+                                   attn_implementation="sdpa"))
+    ids = torch.randint(0, 1000, (batch, length), device=device)
+    mask = torch.ones(batch, length, dtype=torch.long, device=device)
+    return {f"bert-base-like {batch}x{length}": (bert, (ids, mask)),
+            f"llama-like {batch}x{length}": (llama, (ids, mask))}
+
+
+def zoo(device: torch.device) -> dict[str, tuple[Any, tuple]]:
+    import zoo_models
+
+    out = {}
+    for name in ZOO_NAMES:
+        z = zoo_models.ZOO[name]
+        out[f"zoo {name}"] = (z.build(), tuple(v.to(device) for v in z.draw(0).values()))
+    return out
+
+
+def onnx_row(model: Any, inputs: tuple, rounds: int) -> str:
+    """Transposes original -> converted and ORT converted/original latency."""
+    import io
+
+    import onnx
+    import onnxruntime as ort
+
+    from fc2conv.onnx import to_conv as onnx_to_conv
+
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.cpu(), tuple(t.cpu() for t in inputs), buf, dynamo=False)
+    original = onnx.load_from_string(buf.getvalue())
+    converted = onnx_to_conv(original)
+    def count(m: onnx.ModelProto) -> int:
+        return sum(n.op_type == "Transpose" for n in m.graph.node)
+    sessions = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+                for m in (original, converted)]
+    names = [i.name for i in sessions[0].get_inputs()]
+    feeds = {n: t.cpu().numpy() for n, t in zip(names, inputs, strict=False)}
+    ta, tb = interleaved_ratio(lambda: sessions[0].run(None, feeds),
+                               lambda: sessions[1].run(None, feeds), rounds, lambda: None)
+    return f"Transpose {count(original)}->{count(converted)}, ORT {tb / ta:.2f}x"
 
 
 @torch.no_grad()
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--tf32", choices=("on", "off"), default="off")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--dim", type=int, default=256)
-    parser.add_argument("--min-run-time", type=float, default=0.5)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--length", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=0,
+                        help="interleaved calls per model (default: 30 zoo, 10 realistic CPU)")
+    parser.add_argument("--quick", action="store_true", help="zoo sizes and reference blocks only")
+    parser.add_argument("--onnx", action="store_true", help="add onnxruntime ratios (CPU)")
     args = parser.parse_args()
-    torch.manual_seed(0)
     device = torch.device(args.device)
-    x = torch.randn(args.batch, args.tokens, args.dim, device=device)
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32 == "on"
+    torch.backends.cudnn.allow_tf32 = args.tf32 == "on"
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads, "
-          f"input {args.batch}x{args.tokens}x{args.dim}")
-    print(f"{'model':10} {'conv':>7} {'original ms':>12} {'to_conv ms':>11} {'ratio':>7} "
-          f"{'max |diff|':>11}")
-    models = {
-        "mlp": archs.MLP(dim=args.dim, hidden=4 * args.dim),
-        "encoder": archs.EncoderBlock(dim=args.dim, heads=4, hidden=4 * args.dim),
+          f"tf32 {args.tf32}")
+    x = torch.randn(args.batch, args.length, 256, device=device)
+    cases: dict[str, tuple[Any, tuple]] = {
+        "mlp 256": (archs.MLP(dim=256, hidden=1024), (x,)),
+        "encoder block 256": (archs.EncoderBlock(dim=256, heads=4, hidden=1024), (x,)),
     }
-    for name, model in models.items():
+    cases |= zoo(device)
+    if not args.quick:
+        cases |= realistic(device, args.batch, args.length)
+    print(f"{'model':28} {'layout changes':>14} {'original ms':>12} {'to_conv ms':>11} "
+          f"{'ratio':>6} {'max |diff|':>10}" + ("  onnx" if args.onnx else ""))
+    for name, (model, inputs) in cases.items():
         model = model.to(device).eval()
-        for dims in (1, 2):
-            conv = to_conv(model, x, dims=dims).to(device)
-            diff = (conv(x) - model(x)).abs().max().item()
-            # alternate the two, best of rounds: load from other processes hits both alike
-            base, t = float("inf"), float("inf")
-            for _ in range(args.rounds):
-                base = min(base, latency(model, x, args.min_run_time))
-                t = min(t, latency(conv, x, args.min_run_time))
-            print(f"{name:10} {f'{dims}d':>7} {base * 1e3:>12.3f} {t * 1e3:>11.3f} "
-                  f"{t / base:>6.2f}x {diff:>11.3g}")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            conv = to_conv(model, inputs).to(device)
+        changes = len(layout_changes(conv))
+        big = "zoo" not in name
+        rounds = args.rounds or (10 if big and device.type == "cpu" else 30)
+        def first(out: Any) -> torch.Tensor:
+            return out if isinstance(out, torch.Tensor) else out[0]
+        diff = (first(conv(*inputs)) - first(model(*inputs))).abs().max().item()
+        ta, tb = interleaved_ratio(lambda m=model, i=inputs: m(*i),
+                                   lambda m=conv, i=inputs: m(*i), rounds, sync)
+        row = (f"{name:28} {changes:>14} {ta * 1e3:>12.3f} {tb * 1e3:>11.3f} {tb / ta:>5.2f}x "
+               f"{diff:>10.2g}")
+        if args.onnx and "zoo" in name:
+            try:
+                row += "  " + onnx_row(model, inputs, rounds)
+            except Exception as exc:  # an exporter failure is a row, not the end of the run
+                row += f"  onnx n/a ({type(exc).__name__})"
+        print(row, flush=True)
 
 
 if __name__ == "__main__":

@@ -12,15 +12,16 @@ inverse permutes.
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import fx, nn
 
+from fc2conv.core.positionwise import Channel, elementwise, kind_of
 from fc2conv.errors import Fc2ConvError
-from fc2conv.pytorch.ops import permute_source, tensor_shape
+from fc2conv.pytorch.ops import first_input, permute_source, tensor_shape
 
 
 def last_to_channels(x: torch.Tensor, extra: int = 0, seq_last: bool = True) -> torch.Tensor:
@@ -132,7 +133,7 @@ def per_channel_vector(node: fx.Node, is_moved: Callable[[fx.Node], bool], chann
 def relayout(gm: fx.GraphModule, rewrite: Rewrite, may_follow: Callable[[fx.Node], bool],
              move: Callable[[fx.Node], Move], what: str,
              vector_shape: Callable[[fx.Node, Move], tuple[int, ...]] | None = None,
-             *, move_to_conv: bool = True) -> fx.GraphModule:
+             *, move_to_conv: bool = True, anchors: Collection[fx.Node] = ()) -> fx.GraphModule:
     """Rebuild ``gm``'s graph with the nodes ``rewrite`` accepts in the new layout.
 
     ``rewrite(node, is_moved)`` -> ``(module, name, input)``: call ``module`` (registered at
@@ -143,6 +144,9 @@ def relayout(gm: fx.GraphModule, rewrite: Rewrite, may_follow: Callable[[fx.Node
     combined with a moved ``x`` (see :func:`per_channel_vector`); ``None`` disables that.
     ``move_to_conv``: this pass moves Linear-layout values to the conv layout (``to_conv``);
     ``False`` for the reverse.
+    ``anchors``: the nodes ``rewrite`` will convert; per-position nodes all of whose readers
+    run in the new layout (an RMSNorm before a converted layer) are computed in it too, so the
+    move happens once, before them (:func:`pulled_into_layout`).
     ``move(value)`` says how to move a value of the original layout. Values leave the new
     layout once, where a node that cannot follow (or the output) reads them. The model's own
     permutes that a move would undo are absorbed instead of paired with a move.
@@ -200,26 +204,41 @@ def relayout(gm: fx.GraphModule, rewrite: Rewrite, may_follow: Callable[[fx.Node
             return False
 
     channels_last = move_to_conv  # the original layout of a per-channel vector: (C,)
+    pulled = pulled_into_layout(old, set(anchors), may_follow, channels_last) \
+        if anchors and vector_shape is not None else set()
     for node in old.nodes:
         calls = node.op in ("call_module", "call_function", "call_method")
         plan = rewrite(node, free_to_move) if calls else None
-        pair = per_channel_vector(node, moved.__contains__, channels_last) \
+        def in_layout(a: fx.Node, node: fx.Node = node) -> bool:
+            return a in moved or (node in pulled and tensor_shape(a) == tensor_shape(node))
+        pair = per_channel_vector(node, in_layout, channels_last) \
             if vector_shape is not None and plan is None else None
         if pair is not None:
             x, v = pair
             assert vector_shape is not None
             vec = new.call_method("reshape", (env[v], vector_shape(x, move(x))))
             def swap(a: fx.Node, x: fx.Node = x, v: fx.Node = v, vec: fx.Node = vec) -> fx.Node:
-                return env[x] if a is x else vec if a is v else env[a]
+                return move_in(x) if a is x else vec if a is v else env[a]
 
             env[node] = new.node_copy(node, swap)
             moved.add(node)
             continue
+        if plan is None and move_to_conv and (channel_reduce(node, moved) or (
+                node in pulled and channel_reduce(node, {first_input(node)}))):
+            env[node] = new.node_copy(node, move_in)
+            reduce_over_channels(env[node])
+            moved.add(node)
+            continue
         if plan is None and node.op not in ("placeholder", "output", "get_attr") \
-                and may_follow(node):
+                and (may_follow(node) or follows_broadcast(node, moved)
+                     or (node in pulled and _layout_free(node, may_follow, channels_last))):
             operands = _tensor_operands(node)
-            if operands and all(a in moved for a in operands):
-                env[node] = new.node_copy(node, lambda a: env[a])
+            if operands and (node in pulled or any(a in moved for a in operands)):
+                # stay in the new layout: a residual's other operand moves in (once, cached)
+                def arg_in(a: fx.Node, ops: list[fx.Node] = operands) -> fx.Node:
+                    return move_in(a) if a in ops else env[a]
+
+                env[node] = new.node_copy(node, arg_in)
                 moved.add(node)
                 continue
         if plan is not None:
@@ -239,6 +258,99 @@ def relayout(gm: fx.GraphModule, rewrite: Rewrite, may_follow: Callable[[fx.Node
     cancel_inverse_moves(new)
     gm.graph = new
     return gm
+
+
+def _layout_free(node: fx.Node, may_follow: Callable[[fx.Node], bool], channels_last: bool
+                 ) -> bool:
+    """Whether ``node`` could run in the new layout once its operands are moved: an
+    elementwise op of the table (operands of the output's rank or 0-d, or one per-channel
+    vector), or a mean over the channels."""
+    if node.op not in ("call_function", "call_method"):
+        return False
+    out = tensor_shape(node)
+    if out is None or len(out) < 3:
+        return False
+    if may_follow(node) or channel_reduce(node, {first_input(node)}):
+        return True
+    if not elementwise(op_name(node)):
+        return False
+    ranks = [len(tensor_shape(a) or ()) for a in _tensor_operands(node)]
+    if all(r in (0, len(out)) for r in ranks):
+        return True
+    return channels_last and per_channel_vector(
+        node, lambda a: tensor_shape(a) == out, channels_last) is not None
+
+
+def pulled_into_layout(graph: fx.Graph, anchors: set[fx.Node],
+                       may_follow: Callable[[fx.Node], bool], channels_last: bool
+                       ) -> set[fx.Node]:
+    """Layout-free nodes (:func:`_layout_free`) not fed by the new layout whose every reader
+    will run in it (an anchor, a node fed by an anchor's output, or another such node), found
+    from the output backwards: computing them in the new layout moves their inputs instead
+    of their output, and a residual's input moved anyway makes that free."""
+    fed = set(anchors)
+    for node in graph.nodes:  # forward: what the anchors' outputs reach through free nodes
+        if node not in fed and _layout_free(node, may_follow, channels_last) \
+                and any(a in fed for a in _tensor_operands(node)):
+            fed.add(node)
+    pulled: set[fx.Node] = set()
+    for node in reversed(graph.nodes):
+        if node in fed or not node.users or not _layout_free(node, may_follow, channels_last):
+            continue
+        if all(u in fed or u in pulled for u in node.users):
+            pulled.add(node)
+    return pulled
+
+
+def op_name(node: fx.Node) -> str:
+    """The name the core table knows an fx node's op by (``aten.add.Tensor``, ``add``)."""
+    if node.op == "call_method":
+        return str(node.target)
+    if node.op == "call_function":
+        target: Any = node.target
+        return str(target) if isinstance(target, torch._ops.OpOverload) \
+            else getattr(target, "__name__", "")
+    return ""
+
+
+def follows_broadcast(node: fx.Node, moved: set[fx.Node]) -> bool:
+    """An elementwise op (:data:`fc2conv.core.positionwise.OPS`) with at least one moved
+    operand whose every tensor operand has the output's rank (moving them all commutes with
+    broadcasting: ``(B, S, 1) -> (B, 1, 1, S)`` against ``(B, S, C) -> (B, C, 1, S)``) or is
+    a 0-d scalar."""
+    if node.op not in ("call_function", "call_method") or not elementwise(op_name(node)):
+        return False
+    out = tensor_shape(node)
+    operands = _tensor_operands(node)
+    if out is None or len(out) < 3 or not any(a in moved for a in operands):
+        return False
+    return all(len(tensor_shape(a) or ()) in (0, len(out)) for a in operands) \
+        and all(len(tensor_shape(a) or ()) == len(out) for a in operands if a in moved)
+
+
+def channel_reduce(node: fx.Node, moved: set[fx.Node]) -> bool:
+    """``mean(x, -1, keepdim=True)`` of a moved ``x`` (an RMSNorm's ``x.pow(2).mean(-1)``):
+    the same mean over axis 1 in the conv layout (a ``CHANNEL_REDUCE`` row of the table)."""
+    row = kind_of(op_name(node))
+    if row is None or row.action is not Channel.CHANNEL_REDUCE:
+        return False
+    x = node.args[0] if node.args else None
+    shape = tensor_shape(x)
+    if not isinstance(x, fx.Node) or x not in moved or shape is None:
+        return False
+    dims: Any = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    dims = [dims] if isinstance(dims, int) else list(dims) if isinstance(dims, list | tuple) \
+        else None
+    return dims is not None and len(dims) == 1 and int(dims[0]) % len(shape) == len(shape) - 1 \
+        and keep is True and len(node.args) <= 3
+
+
+def reduce_over_channels(node: fx.Node) -> None:
+    """Point a copied :func:`channel_reduce` node at axis 1 (``keepdim`` stays true)."""
+    kwargs = {k: v for k, v in node.kwargs.items() if k not in ("dim", "keepdim")}
+    node.args = (node.args[0], [1])
+    node.kwargs = {**kwargs, "keepdim": True}
 
 
 def _undone_by(node: fx.Node, moved: set[fx.Node], move: Callable[[fx.Node], Move]
@@ -276,3 +388,41 @@ def _tensor_operands(node: fx.Node) -> list[fx.Node]:
     from fc2conv.pytorch.ops import tensor_args
 
     return tensor_args(node)
+
+
+@dataclass(frozen=True)
+class LayoutChange:
+    """One layout move in a converted graph: ``direction`` is ``"in"`` (to the conv layout) or
+    ``"out"``; ``value`` is the moved node, ``readers`` the ops that read the moved value."""
+
+    direction: str
+    value: str
+    readers: tuple[str, ...]
+
+    def __str__(self) -> str:
+        return f"{self.direction:3} {self.value} -> {', '.join(self.readers)}"
+
+
+def layout_changes(gm: fx.GraphModule) -> list[LayoutChange]:
+    """Every layout move (fc2conv's moves and the model's own ``permute``/``transpose`` of
+    activations) left in ``gm``, with where it sits: an ANE-ready graph has one per model input
+    and one per output."""
+    found = []
+    for node in gm.graph.nodes:
+        readers = tuple(u.name if u.op != "call_module" else str(u.target) for u in node.users)
+        if is_move(node):
+            direction = "in" if node.target is last_to_channels else "out"
+        elif node.op in ("call_function", "call_method") and _is_transpose(node):
+            direction = "permute"
+        else:
+            continue
+        src = node.args[0]
+        found.append(LayoutChange(direction, str(getattr(src, "name", src)), readers))
+    return found
+
+
+def _is_transpose(node: fx.Node) -> bool:
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    if isinstance(node.target, torch._ops.OpOverload):
+        name = node.target._opname
+    return name in ("permute", "transpose", "movedim", "t")

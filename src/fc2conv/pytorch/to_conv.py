@@ -26,7 +26,14 @@ from fc2conv.core.describe import describe
 from fc2conv.core.layers import conv_class, linear_to_conv
 from fc2conv.core.provenance import mark
 from fc2conv.errors import Fc2ConvError, wrap
-from fc2conv.pytorch.layout import ChannelLayerNorm, Move, last_to_channels, relayout
+from fc2conv.pytorch.attention import attention_pass
+from fc2conv.pytorch.layout import (
+    ChannelLayerNorm,
+    Move,
+    cancel_inverse_moves,
+    last_to_channels,
+    relayout,
+)
 from fc2conv.pytorch.ops import (
     attr_of,
     is_pointwise,
@@ -46,7 +53,7 @@ from fc2conv.pytorch.trace import (
 
 log = logging.getLogger(__name__)
 
-LAYOUTS = ("auto", "width", "height")
+LAYOUTS = ("auto", "ane", "width", "height")
 
 
 def _layer_norm_of(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, nn.Module, str] | None:
@@ -122,7 +129,10 @@ def to_conv(model: nn.Module | torch.export.ExportedProgram, example_inputs: Any
                                                                    "conv")))
             return converted[key], names[key], op.input
         ln = _layer_norm_of(gm, node)
-        if ln is not None and isinstance(ln[0], fx.Node) and is_moved(ln[0]):
+        # over channels when its input is in the conv layout, or when only converted layers
+        # read it (pre-LN blocks): then its input moves instead, and a residual shares that move
+        if ln is not None and isinstance(ln[0], fx.Node) and (
+                is_moved(ln[0]) or (node.users and all(u in ops for u in node.users))):
             source, new, name = ln
             mark(new, name, f"LayerNorm {new.channels}")  # type: ignore[attr-defined]
             target = name if node.op == "call_module" and _calls_only_moved(gm, node) \
@@ -148,7 +158,11 @@ def to_conv(model: nn.Module | torch.export.ExportedProgram, example_inputs: Any
     def vector_shape(x: fx.Node, m: Move) -> tuple[int, ...]:
         return (-1, *([1] * (len(tensor_shape(x) or ()) - 2 + m.args[0])))
 
-    gm = relayout(gm, rewrite, lambda n: is_pointwise(gm, n), move, "Linear", vector_shape)
+    anchors = [n for n, op in ops.items() if only is None or op.name in only]
+    gm = relayout(gm, rewrite, lambda n: is_pointwise(gm, n), move, "Linear", vector_shape,
+                  anchors=anchors)
+    if dims == 2 and seq_last and attention_pass(gm):
+        cancel_inverse_moves(gm.graph)
     weights = {str(a.target) for n, op in ops.items() if (op.weight_target or op.name) in converted
                for a in n.all_input_nodes if a.op == "get_attr"}
     drop_dead_attrs(gm, weights)

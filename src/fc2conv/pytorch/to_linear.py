@@ -168,7 +168,9 @@ def to_linear(model: nn.Module | torch.export.ExportedProgram, example_inputs: A
                 converted[key] = (lin, target)
             return converted[key][0], converted[key][1], x
         mod = module_of(gm, node)
-        if isinstance(mod, ChannelLayerNorm) and is_moved(node.args[0]):  # type: ignore[arg-type]
+        reads_only_convs = bool(node.users) and set(node.users) <= set(convs)
+        if isinstance(mod, ChannelLayerNorm) and (
+                is_moved(node.args[0]) or reads_only_convs):  # type: ignore[arg-type]
             ln = nn.LayerNorm(mod.channels, eps=mod.eps, elementwise_affine=mod.weight is not None,
                               bias=mod.bias is not None)
             with torch.no_grad():

@@ -234,3 +234,58 @@ def share_layout_changes(ctx: Context) -> int:
             removed += 1
     log.debug("shared %d layout changes", removed)
     return removed
+
+
+def collapse_flat_round_trips(ctx: Context) -> int:
+    """After ``to_linear`` of a ``to_conv`` result: a Gemm's ``Reshape(x, [0, -1, 1, 1])`` enter
+    followed by ``to_linear``'s ``Transpose`` to ``(N, 1, 1, C)``, MatMuls by constant
+    matrices with pointwise ops and per-channel constants between them, and the mirror
+    ``Transpose`` + ``Flatten`` exit compute the same on ``(N, C)`` directly (a matrix and a
+    vector broadcast alike over ``(N, 1, 1)`` and ``(N,)``): all four layout nodes go;
+    returns how many such pairs."""
+    removed = 0
+    for enter_l in list(ctx.graph):
+        if enter_l.metadata_props.get(LAYOUT_KEY) != "enter:l4":
+            continue
+        flat_in = enter_l.inputs[0].producer() if enter_l.inputs[0] is not None else None
+        if flat_in is None or flat_in.metadata_props.get(LAYOUT_KEY) != "enter:flat" \
+                or len(flat_in.outputs[0].uses()) != 1:
+            continue
+        chain: list[ir.Node] = []
+        current = enter_l.outputs[0]
+        exit_l = None
+        while True:
+            uses = list(current.uses())
+            if current.is_graph_output() or len(uses) != 1 or len(uses[0].node.outputs) != 1:
+                break
+            user = uses[0].node
+            if user.metadata_props.get(LAYOUT_KEY) == "exit:l4":
+                exit_l = user
+                break
+            other = user.inputs[1 - uses[0].idx] if len(user.inputs) == 2 else None
+            const = None if other is None else other.const_value
+            ok = (user.op_type == "MatMul" and uses[0].idx == 0 and const is not None
+                  and len(const.shape) == 2) or (user.op_type in UNARY and chain) or (
+                user.op_type in BINARY and chain and const is not None and len(const.shape) <= 1)
+            if not ok or user.domain != "":
+                break
+            chain.append(user)
+            current = user.outputs[0]
+        uses = list(exit_l.outputs[0].uses()) if exit_l is not None else []
+        if exit_l is None or not chain or exit_l.outputs[0].is_graph_output() or len(uses) != 1 \
+                or uses[0].node.metadata_props.get(LAYOUT_KEY) != "exit:flat":
+            continue
+        flat_out = uses[0].node
+        x = flat_in.inputs[0]
+        assert x is not None
+        chain[0].replace_input_with(0, x)
+        for node in chain:
+            node.outputs[0].shape = None
+        name = flat_out.outputs[0].name
+        ir.convenience.replace_all_uses_with(flat_out.outputs[0], chain[-1].outputs[0],
+                                             replace_graph_outputs=True)
+        ctx.graph.remove([flat_out, exit_l, enter_l, flat_in], safe=True)
+        if chain[-1].outputs[0].is_graph_output():
+            chain[-1].outputs[0].name = name
+        removed += 1
+    return removed

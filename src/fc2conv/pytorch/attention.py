@@ -1,0 +1,190 @@
+"""The attention pass: scaled dot-product attention computed in the conv layout ``(B, C, 1, S)``.
+
+After :func:`fc2conv.pytorch.layout.relayout`, Q, K and V are 1x1-conv outputs in
+``(B, C, 1, S)``; the model then moves each back to ``(B, S, C)``, splits heads
+(``view(B, S, H, D).transpose(1, 2)``), calls ``scaled_dot_product_attention`` and merges the
+heads back (``transpose(1, 2).reshape(B, S, C)``), which the next conv moves in again. This
+pass replaces that whole sandwich by :func:`channel_attention`, which splits heads along ``C``
+(``(B, C, 1, S) -> (B, H, D, S)`` is a view: head ``h`` owns channels ``hD .. hD + D - 1``) and
+computes per head, with einsums over that channel slice::
+
+    scores[b, h, q, k] = scale * sum_d Q[b, h, d, q] K[b, h, d, k]      (+ mask, causal)
+    P = softmax over k of scores
+    out[b, h, d, q]   = sum_k P[b, h, q, k] V[b, h, d, k]
+
+and returns ``out`` viewed as ``(B, C, 1, S)``: no activation transpose, no layout move.
+A mask broadcasts against ``scores`` exactly as it does against SDPA's ``(B, H, Sq, Sk)``.
+Rotary embeddings (Llama) sit between the head split and SDPA; such attention is left as it
+is (the values move back to ``(B, S, C)`` around it), and the log says which.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from fc2conv.pytorch.layout import channels_to_last, is_move
+from fc2conv.pytorch.ops import tensor_shape
+
+log = logging.getLogger(__name__)
+
+_SDPA = {F.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention.default}
+_RESHAPES = {"view", "reshape", "_unsafe_view"}
+_NOOPS = {"contiguous", "clone", "alias"}
+
+
+def channel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+                      mask: torch.Tensor | None = None, scale: float | None = None,
+                      is_causal: bool = False) -> torch.Tensor:
+    """Multi-head attention on ``(B, C, 1, S)`` tensors, heads split along ``C`` (see the
+    module docstring); equals ``scaled_dot_product_attention`` of the ``(B, H, S, D)`` views."""
+    b, c, _, sq = q.shape
+    sk = k.shape[-1]
+    d = c // heads
+    qh = q.reshape(b, heads, d, sq)
+    kh = k.reshape(b, heads, d, sk)
+    vh = v.reshape(b, heads, v.shape[1] // heads, sk)
+    scores = torch.einsum("bhdq,bhdk->bhqk", qh, kh) * (1 / math.sqrt(d) if scale is None
+                                                        else scale)
+    if is_causal:
+        keep = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~keep, float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool \
+            else scores + mask
+    out = torch.einsum("bhqk,bhdk->bhdq", scores.softmax(-1), vh)
+    return out.reshape(b, -1, 1, sq)
+
+
+def _name(node: Any) -> str:
+    if not isinstance(node, fx.Node):
+        return ""
+    if node.op == "call_method":
+        return str(node.target)
+    if node.op == "call_function":
+        target: Any = node.target
+        if isinstance(target, torch._ops.OpOverload):
+            return target._opname  # type: ignore[no-any-return]
+        return getattr(target, "__name__", "")
+    return ""
+
+
+def _swaps_1_2(node: fx.Node) -> bool:
+    """``transpose(1, 2)`` or ``permute(0, 2, 1, 3)`` of a rank-4 value."""
+    name, args = _name(node), list[Any](node.args[1:])
+    if name == "transpose" and len(args) == 2:
+        return sorted(int(a) % 4 for a in args) == [1, 2]
+    if name == "permute":
+        dims = list(args[0]) if len(args) == 1 and isinstance(args[0], list | tuple) else list(args)
+        return [int(d) % 4 for d in dims] == [0, 2, 1, 3]
+    return False
+
+
+def _skip_noops(node: Any) -> Any:
+    """Walk up through ``contiguous``/``clone`` and reshapes that keep the shape."""
+    while isinstance(node, fx.Node) and (_name(node) in _NOOPS or (
+            _name(node) in _RESHAPES and tensor_shape(node) == tensor_shape(node.args[0]))):
+        node = node.args[0]
+    return node
+
+
+def _head_input(node: Any) -> tuple[fx.Node, int] | None:
+    """For SDPA's ``q``: ``transpose(1, 2)(view(channels_to_last(x), (B, S, H, D)))``, return
+    ``(x, H)`` with ``x`` in ``(B, C, 1, S)``."""
+    node = _skip_noops(node)
+    if not isinstance(node, fx.Node) or not _swaps_1_2(node):
+        return None
+    split = _skip_noops(node.args[0])
+    shape = tensor_shape(split)
+    if _name(split) not in _RESHAPES or shape is None or len(shape) != 4:
+        return None
+    back = split.args[0]
+    if not (isinstance(back, fx.Node) and is_move(back) and back.target is channels_to_last
+            and tuple(back.args[1:]) == (1, True)):
+        return None
+    src = tensor_shape(back.args[0])
+    if src is None or src[-1] != shape[2] * shape[3]:
+        return None
+    return back.args[0], shape[2]  # type: ignore[return-value]
+
+
+def _merged_output(node: fx.Node) -> fx.Node | None:
+    """The node where SDPA's ``(B, H, S, D)`` output is back in ``(B, S, H*D)``."""
+    cur = node
+    swapped = False
+    while len(cur.users) == 1:
+        user = next(iter(cur.users))
+        shape = tensor_shape(user)
+        if _name(user) in _NOOPS or (_name(user) in _RESHAPES and shape == tensor_shape(cur)):
+            cur = user
+        elif not swapped and _swaps_1_2(user):
+            cur, swapped = user, True
+        elif swapped and _name(user) in _RESHAPES and shape is not None and len(shape) == 3:
+            return user
+        else:
+            return None
+    return None
+
+
+def _sdpa_args(node: fx.Node) -> dict[str, Any] | None:
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
+    args = dict(zip(names, node.args, strict=False)) | dict(node.kwargs)
+    if args.get("dropout_p", 0.0) not in (0, 0.0) or args.get("enable_gqa", False):
+        return None
+    return args
+
+
+def attention_pass(gm: fx.GraphModule) -> int:
+    """Replace every SDPA whose Q, K, V come from the conv layout (and whose merged output
+    goes back to it) by :func:`channel_attention`; returns how many. The caller lints and
+    recompiles (``cancel_inverse_moves`` then drops the move pairs this leaves)."""
+    graph = gm.graph
+    done = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in _SDPA:
+            continue
+        args = _sdpa_args(node)
+        heads = [_head_input(args.get(k)) for k in ("query", "key", "value")] if args else []
+        merged = _merged_output(node)
+        if args is None or not all(heads) or merged is None \
+                or len({h[1] for h in heads if h}) != 1:
+            log.info("attention %r stays in (B, H, S, D): its Q/K/V are not plain head splits "
+                     "of conv outputs (rotary, grouped heads or dropout)", node.name)
+            continue
+        (q, h), (k, _), (v, _) = heads  # type: ignore[misc]
+        with graph.inserting_before(merged):
+            att = graph.call_function(channel_attention, (q, k, v, h), {
+                "mask": args.get("attn_mask"), "scale": args.get("scale"),
+                "is_causal": bool(args.get("is_causal", False))})
+            back = graph.call_function(channels_to_last, (att, 1, True))
+        merged.replace_all_uses_with(back)
+        _erase_unused(graph, node, merged)
+        done += 1
+    return done
+
+
+def _erase_unused(graph: fx.Graph, sdpa: fx.Node, merged: fx.Node) -> None:
+    """Erase the replaced SDPA, its head splits and merges, where nothing else reads them
+    (``eliminate_dead_code`` keeps SDPA: it counts as impure, since it may draw dropout)."""
+    region: list[fx.Node] = []
+    cur: Any = merged
+    while cur is not sdpa:  # the merge chain: single-input ops back to the SDPA
+        region.append(cur)
+        cur = cur.args[0]
+    region.append(sdpa)
+    for arg in sdpa.args[:3]:  # each head split: back to (and with) its channels_to_last
+        cur = arg
+        while isinstance(cur, fx.Node) and cur not in region:
+            region.append(cur)
+            if is_move(cur):
+                break
+            cur = cur.args[0]
+    for node in region:  # region runs from the output back to the inputs
+        if not node.users:
+            graph.erase_node(node)
+

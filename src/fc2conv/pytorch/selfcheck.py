@@ -37,7 +37,8 @@ class _Positional(nn.Module):
         self.model = model
         self.args = list(inputs.args)
         self.kwargs = dict(inputs.kwargs)
-        self.slots: list[tuple[str, Any]] = [("a", i) for i, v in enumerate(self.args) if isinstance(v, torch.Tensor)]
+        self.slots: list[tuple[str, Any]] = [
+            ("a", i) for i, v in enumerate(self.args) if isinstance(v, torch.Tensor)]
         self.slots += [("k", k) for k, v in self.kwargs.items() if isinstance(v, torch.Tensor)]
 
     def forward(self, *tensors: torch.Tensor) -> Any:

@@ -89,8 +89,8 @@ def to_conv(model: nn.Module | torch.export.ExportedProgram, example_inputs: Any
     an axis its code pins is named in a warning), and keyword calls work as on the original.
     A converted layer keeps the user's name (``blocks.0.up`` is a Conv2d at ``blocks.0.up``)
     and records its origin (``fc2conv_source``, ``fc2conv_origin``). ``layout``: where a
-    sequence axis goes when ``dims`` exceeds it: ``"auto"``/``"width"`` -> ``(B, C, 1, S)``, ``"height"`` ->
-    ``(B, C, S, 1)``. ``only``: convert just the layers with these names. Raises
+    sequence axis goes when ``dims`` exceeds it: ``"auto"``/``"width"`` -> ``(B, C, 1, S)``,
+    ``"height"`` -> ``(B, C, S, 1)``. ``only``: convert just the layers with these names. Raises
     :class:`~fc2conv.errors.Fc2ConvError` naming the layer when an activation has more axes
     than ``dims`` can hold. ``verify``: check the result against ``model`` with
     :func:`fc2conv.compare` on the example inputs and a fresh draw, raising ``Fc2ConvError``

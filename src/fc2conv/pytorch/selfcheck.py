@@ -119,6 +119,14 @@ def self_check(original: Any, converted: nn.Module, inputs: Inputs, what: str) -
                     "(dropout off, batch norm running statistics)", type(original).__name__)
     draws = [("the example inputs", inputs), ("a fresh random draw", fresh_draw(inputs))]
     with _eval(original, converted), torch.no_grad():
+        try:
+            inputs.call(converted)
+        except Exception as exc:  # never hand back a model that does not run
+            text = str(exc).strip().splitlines()
+            raise Fc2ConvError(
+                f"the {what} does not run on the example inputs ({type(exc).__name__}: "
+                f"{text[0][:200] if text else ''}); please report this model"
+            ) from None
         for label, draw in draws:
             a, b = _Positional(original, draw), _Positional(converted, draw)
             tensors = tuple(t for _, t in draw.tensors())

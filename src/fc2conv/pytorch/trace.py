@@ -213,9 +213,15 @@ def export_dynamic(model: nn.Module, inputs: Inputs) -> torch.export.ExportedPro
                 ep = torch.export.export(model, inputs.args, inputs.kwargs, strict=False)
                 shapes = None
     except Exception as exc:
+        if getattr(getattr(model, "config", None), "use_cache", False):
+            raise Fc2ConvError(
+                f"Cannot capture {type(model).__name__}: it returns a key/value cache "
+                f"(config.use_cache=True), which torch.export cannot hold; build it with "
+                f"use_cache=False (or set model.config.use_cache = False) before converting"
+            ) from None
         raise Fc2ConvError(
             f"neither torch.fx nor torch.export can capture {type(model).__name__} as a graph "
-            f"({type(exc).__name__}: {_first_line(exc)}){_cache_hint(model, exc)}"
+            f"({type(exc).__name__}: {_first_line(exc)})"
         ) from None
     _warn_static(ep, inputs, dynamic=shapes is not None)
     return ep
@@ -227,19 +233,9 @@ def _first_line(exc: BaseException) -> str:
     return line if len(line) <= 200 else line[:197] + "..."
 
 
-def _cache_hint(model: nn.Module, exc: BaseException) -> str:
-    """One sentence for Hugging Face models whose config returns a key/value cache."""
-    config = getattr(model, "config", None)
-    if getattr(config, "use_cache", False):
-        return ("; the model returns a key/value cache (config.use_cache=True): build it with "
-                "use_cache=False (or set model.config.use_cache = False) before converting")
-    del exc
-    return ""
-
-
 def _warn_static(ep: torch.export.ExportedProgram, inputs: Inputs, dynamic: bool) -> None:
     """Warn, by input name and axis, for each axis that stays fixed to the example's size."""
-    from torch.utils._pytree import keystr, tree_flatten_with_path
+    from torch.utils._pytree import SequenceKey, keystr, tree_flatten_with_path
 
     flat, _ = tree_flatten_with_path((inputs.args, inputs.kwargs))
     nodes = [n for n in ep.graph.nodes if n.op == "placeholder"
@@ -252,15 +248,23 @@ def _warn_static(ep: torch.export.ExportedProgram, inputs: Inputs, dynamic: bool
         val = node.meta.get("val")
         if not isinstance(value, torch.Tensor) or val is None:
             continue
-        name = keystr(path).removeprefix("[0]").removeprefix("[1]")
+        name = keystr(path[1:]).strip("[]'\"")
+        name = f"args[{name}]" if path[0] == SequenceKey(0) else name
         for axis, size in enumerate(val.shape):
-            if isinstance(size, int):
-                fixed.append(f"{name} axis {axis} = {size}")
+            if _static(size):
+                fixed.append(f"{name} axis {axis} = {int(size)}")
     if fixed:
         why = ("the model's code requires these sizes" if dynamic
                else "torch.export could not make them dynamic")
         log.warning("the converted model accepts only these input sizes (%s): %s", why,
                     ", ".join(fixed))
+
+
+def _static(size: Any) -> bool:
+    """Whether an exported axis size is a plain number (no free symbol)."""
+    if isinstance(size, torch.SymInt):
+        return not size.node.expr.free_symbols
+    return isinstance(size, int)
 
 
 @contextlib.contextmanager

@@ -185,6 +185,7 @@ def convolutionalize(in_path: str, out_path: str, input_shape: tuple[int, ...], 
     from fc2conv.files import check_output_path
     from fc2conv.pytorch import convolutionalize as convolutionalize_model
     from fc2conv.pytorch import export_io
+    from fc2conv.pytorch.convolutionalize import PooledMap
     from fc2conv.pytorch.trace import strip_guards
 
     shape = input_shape
@@ -196,12 +197,8 @@ def convolutionalize(in_path: str, out_path: str, input_shape: tuple[int, ...], 
     if check:
         original = strip_guards(program.module())  # type: ignore[arg-type]
         x = torch.randn(VERIFY_SAMPLES, *shape)
-        check_model: Any = dense
-        if global_pool == "drop":  # the map of scores per position averages to the logits
-
-            def check_model(t: Any) -> Any:  # type: ignore[no-redef]
-                return dense(t).mean((2, 3))
-
+        # with "drop", the map of scores per position averages to the logits
+        check_model: Any = PooledMap(dense) if global_pool == "drop" else dense
         ok, text = _verify(original, check_model, (x,))
         console.print(f"check at {'x'.join(map(str, shape))}: {text}")
         if not ok:

@@ -146,13 +146,16 @@ def self_check(original: Any, converted: nn.Module, inputs: Inputs, what: str) -
 
 
 def _different(report: Any) -> bool:
-    """``compare``'s verdict, except that one lone element beyond its per-element bound, with
-    the greatest difference inside the bound over all outputs, is taken as rounding: a wrong
-    conversion changes many elements (a flaw of a per-element bound, seen on values near 0)."""
+    """``compare``'s verdict, except one case taken as rounding: a single element beyond its
+    per-element bound while every output of the converted model is as close to the float64
+    reference as the original's own float error allows (within 4x). A wrong conversion moves
+    the converted model away from the reference; a per-element bound can flag one value near
+    0 that both models round alike."""
     if report.verdict != "different":
         return False
     mismatched = sum(o.mismatched + o.nan_mismatch for o in report.outputs)
-    return bool(mismatched > 1 or report.max_abs_error > report.bound)
+    close = all(o.b_error <= 4 * o.a_error for o in report.outputs)
+    return not (mismatched <= 1 and close and report.max_abs_error <= report.bound)
 
 
 def _first_divergence(a: nn.Module, b: nn.Module, tensors: tuple[torch.Tensor, ...]) -> str:

@@ -157,7 +157,8 @@ def to_graph(model: Any, example_inputs: tuple[Any, ...] | None = None, *, inpla
         return strip_guards(gm)
     root = model if inplace else quiet_deepcopy(model)
     try:
-        return fx.symbolic_trace(root)
+        concrete = _omitted(root, example_inputs)
+        return fx.symbolic_trace(root, concrete_args=concrete or None)
     except Exception as exc:  # fx raises TraceError, TypeError, NotImplementedError...
         if example_inputs is None:
             raise Fc2ConvError(
@@ -167,6 +168,25 @@ def to_graph(model: Any, example_inputs: tuple[Any, ...] | None = None, *, inpla
         log.info("torch.fx could not trace %s (%s); using torch.export", type(model).__name__, exc)
     ep = export_dynamic(root, as_inputs(example_inputs))
     return strip_guards(ep.module())  # type: ignore[arg-type]
+
+
+def _omitted(model: nn.Module, example_inputs: Any) -> dict[str, Any]:
+    """The ``forward`` parameters with defaults that the example inputs leave out: traced at
+    their default (``mask=None``), so the graph takes the branch the eager call takes."""
+    import inspect
+
+    if example_inputs is None:
+        return {}
+    ins = as_inputs(example_inputs)
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    given = {p.name for p in params[:len(ins.args)]} | set(ins.kwargs)
+    return {p.name: p.default for p in params if p.name not in given
+            and p.default is not inspect.Parameter.empty
+            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+            and (p.default is None or isinstance(p.default, bool | int | float | str))}
 
 
 def _auto_shapes(model: nn.Module, inputs: Inputs) -> Any:

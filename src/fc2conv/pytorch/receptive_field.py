@@ -33,9 +33,9 @@ from fc2conv.errors import Fc2ConvError
 from fc2conv.pytorch.layout import ChannelLayerNorm, is_move
 from fc2conv.pytorch.ops import (
     adaptive_of,
-    main_output,
     is_pointwise,
     linear_of,
+    main_output,
     module_of,
     softmax_dim,
     tensor_shape,

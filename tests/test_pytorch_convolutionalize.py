@@ -151,7 +151,7 @@ def test_non_foldable_adaptive_pool_is_refused_with_a_sentence():
 def test_resnet_global_pool_keep_and_drop():
     model = MODELS["resnet"]
     shape = model.INPUT_SHAPE
-    keep = convolutionalize(model, shape)
+    keep = convolutionalize(model, shape, global_pool="keep")
     drop = convolutionalize(model, shape, global_pool="drop")
     x = torch.randn(2, *shape)
     assert_matches_reference(keep(x), model, x)

@@ -168,8 +168,11 @@ Example:
 @click.argument("out_path", metavar="OUT.pt2")
 @click.option("--input-shape", required=True, callback=_parse_shape,
               help="Training input size C,H,W (e.g. 3,224,224).")
-@click.option("--global-pool", type=click.Choice(["keep", "drop"]), default="keep",
-              show_default=True, help="GAP heads: pool after the head, or return the pre-pool map.")
+@click.option("--global-pool", type=click.Choice(["dense", "keep", "drop"]), default="dense",
+              show_default=True,
+              help="Global-average-pool heads: dense = a stride-1 pool of the training-size "
+                   "map (each cell is the classifier on its window); keep = pool globally "
+                   "(the logits at any size); drop = the pre-pool map of per-position scores.")
 @click.option("--check/--no-check", default=True, show_default=True,
               help="Compare the logits at the training size with the original.")
 @click.option("--in-place", is_flag=True, help="Allow OUT to be IN (replaced atomically).")

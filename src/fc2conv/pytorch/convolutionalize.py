@@ -11,9 +11,14 @@ On the feature map ``(C, H, W)`` that the training size ``input_shape`` produces
 * ``AdaptiveAvgPool2d`` before the flatten: dropped where it is the identity at the training
   size (VGG at 224), replaced by a fixed ``AvgPool2d(k)`` where its windows are all ``k x k``
   and disjoint (``H = k h``), refused otherwise;
-* global average pooling + head (ResNet style): average and affine maps commute,
-  ``mean_p (W x_p + b) = W mean_p x_p + b``, so the head's leading affine layers become 1x1
-  convs applied *before* the pool; ``global_pool="drop"`` returns that pre-pool dense map.
+* global average pooling + head (ResNet, ConvNeXt, MobileNet, MONAI 3-D nets), three modes:
+  ``"dense"`` (default): the global pool over the training-size map ``(h, w)`` becomes a
+  stride-1 ``AvgPool(h, w)`` and the head runs per position after it (Linear -> 1x1 conv,
+  LayerNorm over channels, BatchNorm1d -> BatchNorm2d, activations, dropout), so on a larger
+  image each cell is the classifier on its window (exactly, for padding-free features);
+  ``"keep"``: average and affine maps commute, ``mean_p (W x_p + b) = W mean_p x_p + b``, so
+  the head's leading affine layers become 1x1 convs before a global mean that is kept (the
+  logits at any size); ``"drop"``: that pre-pool map of per-position scores.
 
 At ``input_shape`` the result returns ``(N, classes, 1, 1)`` equal to the original logits; on a
 larger input, a dense map of scores (see :func:`fc2conv.receptive_field`).
@@ -59,7 +64,7 @@ from fc2conv.pytorch.trace import (
 
 log = logging.getLogger(__name__)
 
-GLOBAL_POOL = ("keep", "drop")
+GLOBAL_POOL = ("dense", "keep", "drop")
 _AFFINE = (nn.Dropout, nn.Identity)  # affine in eval mode (dropout is the identity)
 
 
@@ -134,15 +139,17 @@ class PooledMap(nn.Module):
 
 
 def convolutionalize(model: nn.Module | torch.export.ExportedProgram, input_shape: Sequence[int],
-                     *, global_pool: str = "keep", inplace: bool = False,
+                     *, global_pool: str = "dense", inplace: bool = False,
                      verify: bool = True) -> fx.GraphModule:
     """Return ``model`` (a classifier on ``(N, *input_shape)`` images) as a fully convolutional
     ``GraphModule``: ``(N, classes, 1, 1)`` at ``input_shape``, equal to the original logits,
     and a dense map of scores on larger inputs.
 
-    ``global_pool``: for a global-average-pooling head, ``"keep"`` pools after the converted
-    affine head layers (same logits at any size), ``"drop"`` returns the pre-pool map of scores
-    per position (needs a head without nonlinearities). Raises
+    ``global_pool``: for a global-average-pooling head, ``"dense"`` (default) turns the pool
+    into a stride-1 average pool of the training-size feature map, so each cell of a larger
+    image's map is the classifier on its window; ``"keep"`` pools globally after the converted
+    affine head layers (``(N, classes, 1, 1)``, the logits, at any size); ``"drop"`` returns
+    the pre-pool map of scores per position (needs a head without nonlinearities). Raises
     :class:`~fc2conv.errors.Fc2ConvError` (a ``ValueError``) naming the layer it cannot convert
     exactly, and why. ``model`` should be in eval mode (dropout, batch norm). ``verify``: check
     the result against ``model`` with :func:`fc2conv.compare` at ``input_shape`` on a random
@@ -150,11 +157,12 @@ def convolutionalize(model: nn.Module | torch.export.ExportedProgram, input_shap
     naming the first diverging layer when it is different; ``False`` skips it.
     """
     if global_pool not in GLOBAL_POOL:
-        raise Fc2ConvError(f"global_pool must be 'keep' or 'drop', got {global_pool!r}")
+        raise Fc2ConvError(
+            f"global_pool must be 'dense', 'keep' or 'drop', got {global_pool!r}")
     check_model(model)
     shape = as_shape(input_shape, min_len=2, max_len=4)
     original = reference_copy(model, inplace, verify)
-    example = torch.randn(2, *shape, dtype=_dtype(model))
+    example = torch.randn(1, *shape, dtype=_dtype(model))
     gm = _convolutionalize(model, shape, global_pool, inplace, example)
     checked: nn.Module = PooledMap(gm) if global_pool == "drop" else gm
     self_check(original, checked, Inputs((example,)), "convolutionalized model")
@@ -164,8 +172,6 @@ def convolutionalize(model: nn.Module | torch.export.ExportedProgram, input_shap
 def _convolutionalize(model: nn.Module | torch.export.ExportedProgram, shape: tuple[int, ...],
                       global_pool: str, inplace: bool, example: torch.Tensor) -> fx.GraphModule:
     """The rewrite behind :func:`convolutionalize` (without the self-check)."""
-    if global_pool not in GLOBAL_POOL:
-        raise Fc2ConvError(f"global_pool must be 'keep' or 'drop', got {global_pool!r}")
     if isinstance(model, nn.Module) and not isinstance(model, fx.GraphModule) and model.training:
         log.warning("%s is in training mode: dropout and batch norm make its outputs random; "
                     "call model.eval() first", type(model).__name__)
@@ -358,6 +364,9 @@ def _global_head(gm: fx.GraphModule, start: fx.Node, fmap: fx.Node, pool_node: f
     def affine(n: fx.Node) -> bool:
         return n in ops or isinstance(module_of(gm, n), _AFFINE) or _eval_dropout(n)
 
+    if global_pool == "dense":
+        _dense_head(gm, fmap, head, ops)
+        return
     split = 0
     while split < len(head) and affine(head[split]):
         split += 1
@@ -381,3 +390,42 @@ def _global_head(gm: fx.GraphModule, start: fx.Node, fmap: fx.Node, pool_node: f
         out = next(n for n in gm.graph.nodes if n.op == "output")
         out.args = fx.node.map_arg(out.args, lambda a: pooled if a is arg else a)
     del start, pool_node
+
+
+def _dense_head(gm: fx.GraphModule, fmap: fx.Node, head: list[fx.Node],
+                ops: dict[fx.Node, LinearOp]) -> None:
+    """The global pool becomes ``AvgPool(S, stride=1)`` with ``S`` the training-size map; the
+    head runs per position after it. At the training size the pool's one cell is the global
+    mean, so the logits are unchanged; on a larger map cell ``p`` averages window ``p``."""
+    shape = tensor_shape(fmap)
+    assert shape is not None
+    size = tuple(int(d) for d in shape[2:])
+    dims = len(size)
+    pool = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)[dims - 1](size, stride=1)
+    mark(pool, "global average pool", f"global average pool over {shape_str(size)}")
+    name = unique_name(gm, "global_pool_dense")
+    gm.add_submodule(name, pool)
+    with gm.graph.inserting_after(fmap):
+        arg = gm.graph.call_module(name, (fmap,))
+    for node in head:
+        ln = _layer_norm_node(gm, node)
+        if ln is not None:
+            arg = _swap(gm, node, ln[0], ln[1], arg)
+            continue
+        arg = _convert_layer(gm, node, arg, False, None, "chw", ops, dims)
+    log.warning("the global average pool over %s became a stride-1 average pool of %s: each "
+                "cell of a larger image's map is the classifier on its window",
+                shape_str(size), shape_str(size))
+
+
+def _layer_norm_node(gm: fx.GraphModule, node: fx.Node) -> tuple[nn.Module, str] | None:
+    """A LayerNorm over the features of the pooled vector -> the same LayerNorm over the
+    channels of each position (:class:`~fc2conv.pytorch.layout.ChannelLayerNorm`)."""
+    from fc2conv.pytorch.to_conv import _layer_norm_of
+
+    found = _layer_norm_of(gm, node)
+    if found is None:
+        return None
+    _, new, name = found
+    mark(new, name, f"LayerNorm {new.channels}")  # type: ignore[attr-defined]
+    return new, name

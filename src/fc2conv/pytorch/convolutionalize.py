@@ -401,7 +401,7 @@ def _dense_head(gm: fx.GraphModule, fmap: fx.Node, head: list[fx.Node],
     assert shape is not None
     size = tuple(int(d) for d in shape[2:])
     dims = len(size)
-    pool = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)[dims - 1](size, stride=1)
+    pool = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)[dims - 1](size, stride=1)  # type: ignore[arg-type]
     mark(pool, "global average pool", f"global average pool over {shape_str(size)}")
     name = unique_name(gm, "global_pool_dense")
     gm.add_submodule(name, pool)

@@ -27,6 +27,7 @@ larger input, a dense map of scores (see :func:`fc2conv.receptive_field`).
 from __future__ import annotations
 
 import logging
+import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -100,6 +101,19 @@ def _eval_dropout(n: fx.Node) -> bool:
     return train is False
 
 
+def _token_pick(node: fx.Node) -> fx.Node | None:
+    """``x[:, i]`` of a ``(N, S, C)`` sequence (``select``/``getitem``) -> ``x``."""
+    src = first_input(node)
+    if not isinstance(src, fx.Node):
+        return None
+    shape, out = tensor_shape(src), tensor_shape(node)
+    if shape is None or out is None or len(shape) != 3 or len(out) != 2:
+        return None
+    picks = node.op == "call_function" and node.target in (
+        torch.ops.aten.select.int, operator.getitem, torch.select)
+    return src if picks else None
+
+
 def _head(gm: fx.GraphModule) -> list[fx.Node]:
     """The chain of nodes from the output back to (excluding) the flatten or global pool."""
     out = next(n for n in gm.graph.nodes if n.op == "output")
@@ -114,6 +128,14 @@ def _head(gm: fx.GraphModule) -> list[fx.Node]:
         if flatten_of(gm, node) is not None or _mean_pool_source(node) is not None:
             break
         src = first_input(node)
+        token = _token_pick(node)
+        if token is not None:
+            reader = chain[-1] if chain else node
+            raise Fc2ConvError(
+                f"Cannot convolutionalize {user_name(reader)!r}: the classifier reads one "
+                f"token (x[:, i], a CLS token) of a {shape_str(tensor_shape(token) or ())} "
+                f"sequence, not a pooled feature map, so its logits belong to no image window"
+            )
         if not isinstance(src, fx.Node) or tensor_shape(node) is None:
             raise Fc2ConvError(
                 f"found no flatten before the classifier head: {user_name(node)!r} is not "
@@ -162,7 +184,7 @@ def convolutionalize(model: nn.Module | torch.export.ExportedProgram, input_shap
     check_model(model)
     shape = as_shape(input_shape, min_len=2, max_len=4)
     original = reference_copy(model, inplace, verify)
-    example = torch.randn(1, *shape, dtype=_dtype(model))
+    example = torch.randn(2, *shape, dtype=_dtype(model))  # batch 2: a dynamic batch axis
     gm = _convolutionalize(model, shape, global_pool, inplace, example)
     checked: nn.Module = PooledMap(gm) if global_pool == "drop" else gm
     self_check(original, checked, Inputs((example,)), "convolutionalized model")

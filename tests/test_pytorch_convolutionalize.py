@@ -151,7 +151,7 @@ def test_non_foldable_adaptive_pool_is_refused_with_a_sentence():
 def test_resnet_global_pool_keep_and_drop():
     model = MODELS["resnet"]
     shape = model.INPUT_SHAPE
-    keep = convolutionalize(model, shape)
+    keep = convolutionalize(model, shape, global_pool="keep")
     drop = convolutionalize(model, shape, global_pool="drop")
     x = torch.randn(2, *shape)
     assert_matches_reference(keep(x), model, x)
@@ -225,7 +225,7 @@ def test_refusals_name_the_layer():
         convolutionalize(BN1dFirst().eval(), (1, 6, 6))
     with pytest.raises(Fc2ConvError, match="no flatten"):
         convolutionalize(nn.Sequential(nn.Conv2d(1, 2, 3)).eval(), (1, 6, 6))
-    with pytest.raises(Fc2ConvError, match="does not run on inputs of shape 1x3x40x40"):
+    with pytest.raises(Fc2ConvError, match="does not run on inputs of shape 2x3x40x40"):
         convolutionalize(MODELS["lenet5"], (3, 40, 40))
 
 

@@ -165,6 +165,20 @@ def _resnet_hf() -> nn.Module:
         layer_type="basic", num_labels=5))
 
 
+def _mobilenet_v1() -> nn.Module:
+    from transformers import MobileNetV1Config, MobileNetV1ForImageClassification
+    return MobileNetV1ForImageClassification(MobileNetV1Config(
+        num_channels=3, image_size=32, depth_multiplier=0.25, min_depth=4, tf_padding=True,
+        num_labels=5))
+
+
+def _mobilenet_v2() -> nn.Module:
+    from transformers import MobileNetV2Config, MobileNetV2ForImageClassification
+    return MobileNetV2ForImageClassification(MobileNetV2Config(
+        num_channels=3, image_size=32, depth_multiplier=0.25, depth_divisible_by=4,
+        min_depth=4, tf_padding=True, num_labels=5))
+
+
 def _whisper_encoder() -> nn.Module:
     from transformers import WhisperConfig
     from transformers.models.whisper.modeling_whisper import WhisperEncoder
@@ -216,6 +230,8 @@ ZOO: dict[str, ZooModel] = {m.name: m for m in [
     ZooModel("vit", "image", _vit, image_size=32),
     ZooModel("convnext", "image", _convnext, image_size=32),
     ZooModel("resnet_hf", "image", _resnet_hf, image_size=32),
+    ZooModel("mobilenet_v1", "image", _mobilenet_v1, image_size=32),
+    ZooModel("mobilenet_v2", "image", _mobilenet_v2, image_size=32),
     ZooModel("whisper_encoder", "audio", _whisper_encoder, extra={"mel": 8, "frames": 32}),
     ZooModel("monai_densenet3d", "volume", _monai_densenet(3), image_size=32, channels=1),
     ZooModel("monai_resnet3d", "volume", _monai_resnet(3), image_size=32, channels=1),

@@ -168,8 +168,11 @@ Example:
 @click.argument("out_path", metavar="OUT.pt2")
 @click.option("--input-shape", required=True, callback=_parse_shape,
               help="Training input size C,H,W (e.g. 3,224,224).")
-@click.option("--global-pool", type=click.Choice(["keep", "drop"]), default="keep",
-              show_default=True, help="GAP heads: pool after the head, or return the pre-pool map.")
+@click.option("--global-pool", type=click.Choice(["dense", "keep", "drop"]), default="dense",
+              show_default=True,
+              help="Global-average-pool heads: dense = a stride-1 pool of the training-size "
+                   "map (each cell is the classifier on its window); keep = pool globally "
+                   "(the logits at any size); drop = the pre-pool map of per-position scores.")
 @click.option("--check/--no-check", default=True, show_default=True,
               help="Compare the logits at the training size with the original.")
 @click.option("--in-place", is_flag=True, help="Allow OUT to be IN (replaced atomically).")
@@ -185,6 +188,7 @@ def convolutionalize(in_path: str, out_path: str, input_shape: tuple[int, ...], 
     from fc2conv.files import check_output_path
     from fc2conv.pytorch import convolutionalize as convolutionalize_model
     from fc2conv.pytorch import export_io
+    from fc2conv.pytorch.convolutionalize import PooledMap
     from fc2conv.pytorch.trace import strip_guards
 
     shape = input_shape
@@ -196,12 +200,8 @@ def convolutionalize(in_path: str, out_path: str, input_shape: tuple[int, ...], 
     if check:
         original = strip_guards(program.module())  # type: ignore[arg-type]
         x = torch.randn(VERIFY_SAMPLES, *shape)
-        check_model: Any = dense
-        if global_pool == "drop":  # the map of scores per position averages to the logits
-
-            def check_model(t: Any) -> Any:  # type: ignore[no-redef]
-                return dense(t).mean((2, 3))
-
+        # with "drop", the map of scores per position averages to the logits
+        check_model: Any = PooledMap(dense) if global_pool == "drop" else dense
         ok, text = _verify(original, check_model, (x,))
         console.print(f"check at {'x'.join(map(str, shape))}: {text}")
         if not ok:

@@ -11,9 +11,14 @@ On the feature map ``(C, H, W)`` that the training size ``input_shape`` produces
 * ``AdaptiveAvgPool2d`` before the flatten: dropped where it is the identity at the training
   size (VGG at 224), replaced by a fixed ``AvgPool2d(k)`` where its windows are all ``k x k``
   and disjoint (``H = k h``), refused otherwise;
-* global average pooling + head (ResNet style): average and affine maps commute,
-  ``mean_p (W x_p + b) = W mean_p x_p + b``, so the head's leading affine layers become 1x1
-  convs applied *before* the pool; ``global_pool="drop"`` returns that pre-pool dense map.
+* global average pooling + head (ResNet, ConvNeXt, MobileNet, MONAI 3-D nets), three modes:
+  ``"dense"`` (default): the global pool over the training-size map ``(h, w)`` becomes a
+  stride-1 ``AvgPool(h, w)`` and the head runs per position after it (Linear -> 1x1 conv,
+  LayerNorm over channels, BatchNorm1d -> BatchNorm2d, activations, dropout), so on a larger
+  image each cell is the classifier on its window (exactly, for padding-free features);
+  ``"keep"``: average and affine maps commute, ``mean_p (W x_p + b) = W mean_p x_p + b``, so
+  the head's leading affine layers become 1x1 convs before a global mean that is kept (the
+  logits at any size); ``"drop"``: that pre-pool map of per-position scores.
 
 At ``input_shape`` the result returns ``(N, classes, 1, 1)`` equal to the original logits; on a
 larger input, a dense map of scores (see :func:`fc2conv.receptive_field`).
@@ -22,6 +27,7 @@ larger input, a dense map of scores (see :func:`fc2conv.receptive_field`).
 from __future__ import annotations
 
 import logging
+import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -47,11 +53,19 @@ from fc2conv.pytorch.ops import (
     tensor_shape,
     user_name,
 )
-from fc2conv.pytorch.trace import check_model, finish, record_shapes, to_graph, unique_name
+from fc2conv.pytorch.selfcheck import reference_copy, self_check
+from fc2conv.pytorch.trace import (
+    Inputs,
+    check_model,
+    finish,
+    record_shapes,
+    to_graph,
+    unique_name,
+)
 
 log = logging.getLogger(__name__)
 
-GLOBAL_POOL = ("keep", "drop")
+GLOBAL_POOL = ("dense", "keep", "drop")
 _AFFINE = (nn.Dropout, nn.Identity)  # affine in eval mode (dropout is the identity)
 
 
@@ -65,9 +79,39 @@ def _mean_pool_source(node: fx.Node) -> fx.Node | None:
     shape = tensor_shape(src)
     dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
     keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
-    if shape is None or len(shape) != 4 or keep or not isinstance(dims, (list, tuple)):
+    if shape is None or len(shape) < 3 or keep or not isinstance(dims, (list, tuple)):
         return None
-    return src if sorted(int(d) % 4 for d in dims) == [2, 3] else None  # type: ignore[return-value]
+    rank = len(shape)
+    spatial = list(range(2, rank))
+    return src if sorted(int(d) % rank for d in dims) == spatial else None  # type: ignore[return-value]
+
+
+_DROPOUTS = (torch.ops.aten.dropout.default, torch.ops.aten.dropout_.default,
+             torch.nn.functional.dropout)
+
+
+def _eval_dropout(n: fx.Node) -> bool:
+    """A functional dropout (``F.dropout``, ``aten.dropout``, in-place ``aten.dropout_``)
+    with ``train=False``: the identity."""
+    if n.op != "call_function" or n.target not in _DROPOUTS:
+        return False
+    train = n.args[2] if len(n.args) > 2 else n.kwargs.get("train", n.kwargs.get("training"))
+    if n.target is torch.nn.functional.dropout and train is None:
+        train = True  # F.dropout's default
+    return train is False
+
+
+def _token_pick(node: fx.Node) -> fx.Node | None:
+    """``x[:, i]`` of a ``(N, S, C)`` sequence (``select``/``getitem``) -> ``x``."""
+    src = first_input(node)
+    if not isinstance(src, fx.Node):
+        return None
+    shape, out = tensor_shape(src), tensor_shape(node)
+    if shape is None or out is None or len(shape) != 3 or len(out) != 2:
+        return None
+    picks = node.op == "call_function" and node.target in (
+        torch.ops.aten.select.int, operator.getitem, torch.select)
+    return src if picks else None
 
 
 def _head(gm: fx.GraphModule) -> list[fx.Node]:
@@ -84,6 +128,14 @@ def _head(gm: fx.GraphModule) -> list[fx.Node]:
         if flatten_of(gm, node) is not None or _mean_pool_source(node) is not None:
             break
         src = first_input(node)
+        token = _token_pick(node)
+        if token is not None:
+            reader = chain[-1] if chain else node
+            raise Fc2ConvError(
+                f"Cannot convolutionalize {user_name(reader)!r}: the classifier reads one "
+                f"token (x[:, i], a CLS token) of a {shape_str(tensor_shape(token) or ())} "
+                f"sequence, not a pooled feature map, so its logits belong to no image window"
+            )
         if not isinstance(src, fx.Node) or tensor_shape(node) is None:
             raise Fc2ConvError(
                 f"found no flatten before the classifier head: {user_name(node)!r} is not "
@@ -95,26 +147,56 @@ def _head(gm: fx.GraphModule) -> list[fx.Node]:
     return [node, *chain]
 
 
+class PooledMap(nn.Module):
+    """The spatial mean of a dense map, as ``(N, K)``: what the original's logits equal when
+    ``global_pool="drop"`` returned the pre-pool map (the map averages to the logits)."""
+
+    def __init__(self, dense: nn.Module) -> None:
+        super().__init__()
+        self.dense = dense
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.dense(x)
+        return out.mean(tuple(range(2, out.dim()))) if out.dim() > 2 else out
+
+
 def convolutionalize(model: nn.Module | torch.export.ExportedProgram, input_shape: Sequence[int],
-                     *, global_pool: str = "keep", inplace: bool = False) -> fx.GraphModule:
+                     *, global_pool: str = "dense", inplace: bool = False,
+                     verify: bool = True) -> fx.GraphModule:
     """Return ``model`` (a classifier on ``(N, *input_shape)`` images) as a fully convolutional
     ``GraphModule``: ``(N, classes, 1, 1)`` at ``input_shape``, equal to the original logits,
     and a dense map of scores on larger inputs.
 
-    ``global_pool``: for a global-average-pooling head, ``"keep"`` pools after the converted
-    affine head layers (same logits at any size), ``"drop"`` returns the pre-pool map of scores
-    per position (needs a head without nonlinearities). Raises
+    ``global_pool``: for a global-average-pooling head, ``"dense"`` (default) turns the pool
+    into a stride-1 average pool of the training-size feature map, so each cell of a larger
+    image's map is the classifier on its window; ``"keep"`` pools globally after the converted
+    affine head layers (``(N, classes, 1, 1)``, the logits, at any size); ``"drop"`` returns
+    the pre-pool map of scores per position (needs a head without nonlinearities). Raises
     :class:`~fc2conv.errors.Fc2ConvError` (a ``ValueError``) naming the layer it cannot convert
-    exactly, and why. ``model`` should be in eval mode (dropout, batch norm).
+    exactly, and why. ``model`` should be in eval mode (dropout, batch norm). ``verify``: check
+    the result against ``model`` with :func:`fc2conv.compare` at ``input_shape`` on a random
+    image and a fresh draw (with ``"drop"``, the map's spatial mean), raising ``Fc2ConvError``
+    naming the first diverging layer when it is different; ``False`` skips it.
     """
     if global_pool not in GLOBAL_POOL:
-        raise Fc2ConvError(f"global_pool must be 'keep' or 'drop', got {global_pool!r}")
+        raise Fc2ConvError(
+            f"global_pool must be 'dense', 'keep' or 'drop', got {global_pool!r}")
     check_model(model)
     shape = as_shape(input_shape, min_len=2, max_len=4)
+    original = reference_copy(model, inplace, verify)
+    example = torch.randn(2, *shape, dtype=_dtype(model))  # batch 2: a dynamic batch axis
+    gm = _convolutionalize(model, shape, global_pool, inplace, example)
+    checked: nn.Module = PooledMap(gm) if global_pool == "drop" else gm
+    self_check(original, checked, Inputs((example,)), "convolutionalized model")
+    return gm
+
+
+def _convolutionalize(model: nn.Module | torch.export.ExportedProgram, shape: tuple[int, ...],
+                      global_pool: str, inplace: bool, example: torch.Tensor) -> fx.GraphModule:
+    """The rewrite behind :func:`convolutionalize` (without the self-check)."""
     if isinstance(model, nn.Module) and not isinstance(model, fx.GraphModule) and model.training:
         log.warning("%s is in training mode: dropout and batch norm make its outputs random; "
                     "call model.eval() first", type(model).__name__)
-    example = torch.randn(1, *shape, dtype=_dtype(model))
     gm = to_graph(model, (example,), inplace=inplace)
     record_shapes(gm, (example,))
     start, *head = _head(gm)
@@ -172,9 +254,9 @@ def _fold_adaptive(gm: fx.GraphModule, node: fx.Node, pool: object, in_hw: tuple
             f"{shape_str(out_hw)}"
         )
     k: Any = tuple(int(x) for x in kernels)  # type: ignore[arg-type]
-    fixed: nn.Module = nn.AvgPool2d(k, k) if pool.kind == "avg" else nn.MaxPool2d(k, k)
-    if len(k) == 1:
-        fixed = nn.AvgPool1d(k, k) if pool.kind == "avg" else nn.MaxPool1d(k, k)
+    pools = ((nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d) if pool.kind == "avg"
+             else (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d))
+    fixed: nn.Module = pools[len(k) - 1](k, k)
     mark(fixed, pool.name, f"Adaptive{pool.kind.title()}Pool {shape_str(in_hw)} -> "
                            f"{shape_str(out_hw)}")
     name = pool.name if node.op == "call_module" else unique_name(gm, f"{pool.name}_fixed")
@@ -224,7 +306,7 @@ def _head_linears(gm: fx.GraphModule, head: list[fx.Node]) -> dict[fx.Node, Line
 
 def _convert_layer(gm: fx.GraphModule, node: fx.Node, arg: fx.Node, first: bool,
                    fmap_shape: tuple[int, ...] | None, order: str,
-                   ops: dict[fx.Node, LinearOp]) -> fx.Node:
+                   ops: dict[fx.Node, LinearOp], dims: int = 2) -> fx.Node:
     """Rewrite one head node to act on ``(N, C, h, w)`` maps; return the new node."""
     if len(node.users) > 1:
         raise Fc2ConvError(
@@ -238,7 +320,7 @@ def _convert_layer(gm: fx.GraphModule, node: fx.Node, arg: fx.Node, first: bool,
                 conv: nn.Module = flatten_linear_to_conv(lin.linear, fmap_shape, order,
                                                          source=lin.name)
             else:
-                conv = linear_to_conv(lin.linear, 2, source=lin.name)
+                conv = linear_to_conv(lin.linear, dims, source=lin.name)
         except Fc2ConvError as err:
             raise wrap(f"Cannot convolutionalize {lin.name!r} ({describe(lin.linear)})",
                        err) from None
@@ -251,7 +333,8 @@ def _convert_layer(gm: fx.GraphModule, node: fx.Node, arg: fx.Node, first: bool,
                 f"Cannot convolutionalize {node.target!r}: a BatchNorm1d over flattened "
                 f"features normalizes each pixel separately, which no per-channel layer equals"
             )
-        bn = nn.BatchNorm2d(mod.num_features, mod.eps, mod.momentum, mod.affine,
+        bn_class = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)[dims - 1]
+        bn = bn_class(mod.num_features, mod.eps, mod.momentum, mod.affine,
                             mod.track_running_stats)
         bn.load_state_dict(mod.state_dict())
         bn.train(mod.training)
@@ -266,6 +349,8 @@ def _convert_layer(gm: fx.GraphModule, node: fx.Node, arg: fx.Node, first: bool,
                 f"classes"
             )
         set_dim(1)
+    elif _eval_dropout(node):
+        pass  # the identity, in place or not: it reads and returns the head's value
     elif not is_pointwise(gm, node):
         raise Fc2ConvError(
             f"Cannot convolutionalize {user_name(node)!r} "
@@ -282,15 +367,15 @@ def _flat_head(gm: fx.GraphModule, start: fx.Node, fmap: fx.Node, head: list[fx.
     shape = tensor_shape(fmap)
     assert shape is not None
     fmap_shape = shape[1:]
-    if len(fmap_shape) != 3:
+    if not 2 <= len(fmap_shape) <= 4 or (order != "chw" and len(fmap_shape) != 3):
         raise Fc2ConvError(
-            f"convolutionalize supports 2-D feature maps (N, C, H, W); the flatten reads "
-            f"{shape_str(shape)}"
+            f"convolutionalize supports 1-D, 2-D and 3-D feature maps (channels-last only in "
+            f"2-D); the flatten reads {shape_str(shape)}"
         )
     arg, first = fmap, True
     for node in head:
         is_lin = node in ops
-        arg = _convert_layer(gm, node, arg, first, fmap_shape, order, ops)
+        arg = _convert_layer(gm, node, arg, first, fmap_shape, order, ops, len(fmap_shape) - 1)
         first = first and not is_lin
     del start
 
@@ -299,12 +384,11 @@ def _global_head(gm: fx.GraphModule, start: fx.Node, fmap: fx.Node, pool_node: f
                  head: list[fx.Node], global_pool: str, ops: dict[fx.Node, LinearOp]) -> None:
     """Global average pool + head: move the leading affine layers before the pool."""
     def affine(n: fx.Node) -> bool:
-        eval_dropout = n.op == "call_function" and n.target in (
-            torch.ops.aten.dropout.default, torch.nn.functional.dropout) and not (
-            n.args[2] if len(n.args) > 2 else n.kwargs.get("train", n.kwargs.get("training")))
-        return n in ops or isinstance(module_of(gm, n), _AFFINE) \
-            or eval_dropout
+        return n in ops or isinstance(module_of(gm, n), _AFFINE) or _eval_dropout(n)
 
+    if global_pool == "dense":
+        _dense_head(gm, fmap, head, ops)
+        return
     split = 0
     while split < len(head) and affine(head[split]):
         split += 1
@@ -314,16 +398,56 @@ def _global_head(gm: fx.GraphModule, start: fx.Node, fmap: fx.Node, pool_node: f
             f"does not commute with the global average pool; use global_pool='keep'"
         )
     arg = fmap
+    spatial = tuple(range(2, len(tensor_shape(fmap) or (0, 0, 0, 0))))
     for node in head[:split]:
-        arg = _convert_layer(gm, node, arg, False, None, "chw", ops)
+        arg = _convert_layer(gm, node, arg, False, None, "chw", ops, len(spatial))
     if global_pool == "drop":
         log.warning("dropped the global average pool: returning the map of scores per position")
         return
     with gm.graph.inserting_after(arg):
-        pooled = gm.graph.call_method("mean", (arg, (2, 3)), {"keepdim": True})
+        pooled = gm.graph.call_method("mean", (arg, spatial), {"keepdim": True})
     for node in head[split:]:
-        pooled = _convert_layer(gm, node, pooled, False, None, "chw", ops)
+        pooled = _convert_layer(gm, node, pooled, False, None, "chw", ops, len(spatial))
     if split == len(head):  # the pool is now the last op: the output reads it
         out = next(n for n in gm.graph.nodes if n.op == "output")
         out.args = fx.node.map_arg(out.args, lambda a: pooled if a is arg else a)
     del start, pool_node
+
+
+def _dense_head(gm: fx.GraphModule, fmap: fx.Node, head: list[fx.Node],
+                ops: dict[fx.Node, LinearOp]) -> None:
+    """The global pool becomes ``AvgPool(S, stride=1)`` with ``S`` the training-size map; the
+    head runs per position after it. At the training size the pool's one cell is the global
+    mean, so the logits are unchanged; on a larger map cell ``p`` averages window ``p``."""
+    shape = tensor_shape(fmap)
+    assert shape is not None
+    size = tuple(int(d) for d in shape[2:])
+    dims = len(size)
+    pool = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)[dims - 1](size, stride=1)  # type: ignore[arg-type]
+    mark(pool, "global average pool", f"global average pool over {shape_str(size)}")
+    name = unique_name(gm, "global_pool_dense")
+    gm.add_submodule(name, pool)
+    with gm.graph.inserting_after(fmap):
+        arg = gm.graph.call_module(name, (fmap,))
+    for node in head:
+        ln = _layer_norm_node(gm, node)
+        if ln is not None:
+            arg = _swap(gm, node, ln[0], ln[1], arg)
+            continue
+        arg = _convert_layer(gm, node, arg, False, None, "chw", ops, dims)
+    log.warning("the global average pool over %s became a stride-1 average pool of %s: each "
+                "cell of a larger image's map is the classifier on its window",
+                shape_str(size), shape_str(size))
+
+
+def _layer_norm_node(gm: fx.GraphModule, node: fx.Node) -> tuple[nn.Module, str] | None:
+    """A LayerNorm over the features of the pooled vector -> the same LayerNorm over the
+    channels of each position (:class:`~fc2conv.pytorch.layout.ChannelLayerNorm`)."""
+    from fc2conv.pytorch.to_conv import _layer_norm_of
+
+    found = _layer_norm_of(gm, node)
+    if found is None:
+        return None
+    _, new, name = found
+    mark(new, name, f"LayerNorm {new.channels}")  # type: ignore[attr-defined]
+    return new, name

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from fc2conv.errors import Fc2ConvError
+
 aten = torch.ops.aten
 
 # Elementwise ops that act the same in any layout when all tensor operands have the output's
@@ -380,3 +382,26 @@ def softmax_dim(gm: fx.GraphModule, node: fx.Node) -> tuple[int, Callable[[int],
             kw: Any = node.kwargs["dim"]
             return int(kw), set_kw
     return None
+
+
+def main_output(value: Any) -> torch.Tensor:
+    """The main tensor of a model's output: the tensor itself, or the first tensor of a
+    tuple, dict or ``ModelOutput`` (a Hugging Face classifier's ``logits``: ``loss`` is
+    ``None`` without labels), as ``compare`` reads outputs."""
+    if isinstance(value, torch.Tensor):
+        return value
+    items: list[Any] = []
+    if isinstance(value, dict):
+        items = list(value.values())
+    elif isinstance(value, list | tuple):
+        items = list(value)
+    elif hasattr(value, "__dataclass_fields__"):
+        items = [getattr(value, k) for k in value.__dataclass_fields__]
+    for item in items:
+        if item is None:
+            continue
+        try:
+            return main_output(item)
+        except Fc2ConvError:
+            continue
+    raise Fc2ConvError(f"the model returned {type(value).__name__}, which holds no tensor")

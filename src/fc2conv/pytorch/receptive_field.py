@@ -35,6 +35,7 @@ from fc2conv.pytorch.ops import (
     adaptive_of,
     is_pointwise,
     linear_of,
+    main_output,
     module_of,
     softmax_dim,
     tensor_shape,
@@ -268,12 +269,12 @@ def is_window_exact(model: nn.Module, input_shape: Sequence[int], *, cells: int 
     size = tuple(n + (cells - 1) * s for n, s in zip(shape[1:], rf.stride, strict=True))
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     image = torch.randn(1, shape[0], *size, generator=gen, dtype=dtype)
-    dense = model(image)
+    dense = main_output(model(image))
     worst_abs, worst_rel, compared = 0.0, 0.0, 0
     for k in sorted({0, (cells - 1) // 2, cells - 1}):
         starts = tuple(k * s for s in rf.stride)
         region: Any = (..., *(slice(a, a + n) for a, n in zip(starts, shape[1:], strict=True)))
-        ref = model(image[region])
+        ref = main_output(model(image[region]))
         cell: Any = (..., *(slice(k, k + m) for m in ref.shape[2:]))
         got = dense[cell]
         if got.shape != ref.shape:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from fc2conv.errors import Fc2ConvError
+from fc2conv.pytorch.ops import main_output
 
 
 @torch.no_grad()
@@ -20,7 +21,8 @@ def sliding_window(model: nn.Module, image: torch.Tensor, window: int | Sequence
     ``(N, C, H, W)``) taken every ``stride`` pixels, ``batch_size`` crops at a time.
 
     Returns ``(N, K, rows, cols)`` with ``rows = (H - window_h) // stride_h + 1``, where
-    ``K`` is the number of values the model returns per crop. ``progress``: a rich progress bar
+    ``K`` is the number of values the model returns per crop (its main output: a
+    ``ModelOutput``'s logits). ``progress``: a rich progress bar
     (default: on when stderr is a terminal and there are more than 20 batches).
     """
     if image.dim() == 3:
@@ -50,12 +52,12 @@ def sliding_window(model: nn.Module, image: torch.Tensor, window: int | Sequence
         with Progress(transient=True) as bar:
             task = bar.add_task(f"sliding {wh}x{ww} window", total=total)
             for start in range(0, total, batch_size):
-                outputs.append(model(crops[start:start + batch_size]).reshape(
+                outputs.append(main_output(model(crops[start:start + batch_size])).reshape(
                     min(batch_size, total - start), -1))
                 bar.advance(task, outputs[-1].shape[0])
     else:
         for start in range(0, total, batch_size):
-            outputs.append(model(crops[start:start + batch_size]).reshape(
+            outputs.append(main_output(model(crops[start:start + batch_size])).reshape(
                 min(batch_size, total - start), -1))
     scores = torch.cat(outputs)
     return scores.reshape(n, rows, cols, -1).permute(0, 3, 1, 2).contiguous()

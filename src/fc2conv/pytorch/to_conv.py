@@ -42,6 +42,7 @@ from fc2conv.pytorch.ops import (
     new_module_name,
     tensor_shape,
 )
+from fc2conv.pytorch.selfcheck import reference_copy, self_check
 from fc2conv.pytorch.trace import (
     as_inputs,
     drop_dead_attrs,
@@ -85,23 +86,28 @@ def _layer_norm_of(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, nn.Modul
 
 def to_conv(model: nn.Module | torch.export.ExportedProgram, example_inputs: Any, *,
             dims: int = 2, layout: str = "auto", inplace: bool = False,
-            only: Collection[str] | None = None) -> fx.GraphModule:
+            only: Collection[str] | None = None, verify: bool = True) -> fx.GraphModule:
     """Return a copy of ``model`` in which every ``nn.Linear`` (and ``F.linear`` of stored
     weights) is a 1x1 ``nn.Conv{dims}d``, with the same input and output shapes.
 
-    ``example_inputs`` (a tensor or tuple) fixes the ranks of the activations; any batch size
-    or sequence length the original accepts keeps working. A converted layer keeps the user's
-    name (``blocks.0.up`` is a Conv2d at ``blocks.0.up``) and records its origin
-    (``fc2conv_source``, ``fc2conv_origin``). ``layout``: where a sequence axis goes when
-    ``dims`` exceeds it: ``"auto"``/``"width"`` -> ``(B, C, 1, S)``, ``"height"`` ->
-    ``(B, C, S, 1)``. ``only``: convert just the layers with these names. Raises
+    ``example_inputs`` (a tensor, a tuple, or a dict of keyword inputs such as a tokenizer's
+    output) fixes the ranks of the activations; any batch size or sequence length the original
+    accepts keeps working (a model captured by ``torch.export`` is exported with dynamic axes;
+    an axis its code pins is named in a warning), and keyword calls work as on the original.
+    A converted layer keeps the user's name (``blocks.0.up`` is a Conv2d at ``blocks.0.up``)
+    and records its origin (``fc2conv_source``, ``fc2conv_origin``). ``layout``: where a
+    sequence axis goes when ``dims`` exceeds it: ``"auto"``/``"width"`` -> ``(B, C, 1, S)``,
+    ``"height"`` -> ``(B, C, S, 1)``. ``only``: convert just the layers with these names. Raises
     :class:`~fc2conv.errors.Fc2ConvError` naming the layer when an activation has more axes
-    than ``dims`` can hold.
+    than ``dims`` can hold. ``verify``: check the result against ``model`` with
+    :func:`fc2conv.compare` on the example inputs and a fresh draw, raising ``Fc2ConvError``
+    naming the first diverging layer when it is different (``False`` skips it, for speed).
     """
     if layout not in LAYOUTS:
         raise Fc2ConvError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     conv_class(dims)
     inputs = as_inputs(example_inputs)
+    original = reference_copy(model, inplace, verify)
     gm = to_graph(model, inputs, inplace=inplace)
     record_shapes(gm, inputs)
     seq_last = layout != "height"
@@ -169,6 +175,7 @@ def to_conv(model: nn.Module | torch.export.ExportedProgram, example_inputs: Any
     gm = finish(gm)
     for name, conv in converted.items():
         log.info("%s -> %s", name, describe(conv))
+    self_check(original, gm, inputs, "to_conv result")
     return gm
 
 

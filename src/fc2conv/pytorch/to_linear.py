@@ -38,6 +38,7 @@ from fc2conv.pytorch.ops import (
     new_module_name,
     tensor_args,
 )
+from fc2conv.pytorch.selfcheck import reference_copy, self_check
 from fc2conv.pytorch.to_conv import check_only, replaceable
 from fc2conv.pytorch.trace import (
     as_inputs,
@@ -138,15 +139,19 @@ def _region_args(gm: fx.GraphModule, member: Callable[[fx.Node], bool]
 
 
 def to_linear(model: nn.Module | torch.export.ExportedProgram, example_inputs: Any, *,
-              inplace: bool = False, only: Collection[str] | None = None) -> fx.GraphModule:
+              inplace: bool = False, only: Collection[str] | None = None,
+              verify: bool = True) -> fx.GraphModule:
     """Return a copy of ``model`` in which every per-position convolution (kernel 1, stride 1, no
     padding, any groups) is an ``nn.Linear`` applied to a channels-last view; other convs stay.
 
     Same input/output shapes as ``model``; converted layers keep their names and record their
     origin. ``example_inputs`` (a tensor or tuple) fixes the activation ranks. ``only``: convert
-    just the layers with these names.
+    just the layers with these names. ``verify``: check the result against ``model`` with
+    :func:`fc2conv.compare` on the example inputs and a fresh draw (``Fc2ConvError`` naming the
+    first diverging layer when different; ``False`` skips it).
     """
     inputs = as_inputs(example_inputs)
+    original = reference_copy(model, inplace, verify)
     gm = to_graph(model, inputs, inplace=inplace)
     record_shapes(gm, inputs)
     # recognized before any rewrite: once a shared conv is replaced by its Linear, a later
@@ -199,5 +204,7 @@ def to_linear(model: nn.Module | torch.export.ExportedProgram, example_inputs: A
     drop_dead_attrs(gm, weights)
     for _, (lin, target) in converted.items():
         log.info("%s -> %s", target, describe(lin))
-    return finish(gm)
+    gm = finish(gm)
+    self_check(original, gm, inputs, "to_linear result")
+    return gm
 

@@ -1,7 +1,13 @@
 """The ``fc2conv`` command: a click group whose subcommands are imported only when run.
 
 Exit codes: 0 success; 1 a verdict of "different" (``compare``, ``convert --check``);
-2 a usage or input error, reported as one line on stderr with no traceback.
+2 a usage or input error, reported as one line on stderr with no traceback; 128+N when
+signal N (SIGINT, SIGTERM, SIGHUP) stopped the run (outputs are then absent or whole).
+
+:func:`main` is the one boundary where every error becomes one line: ``Fc2ConvError``
+sentences as they are, ``OSError`` (disk full, permissions) and foreign libraries' validation
+errors through :mod:`fc2conv.errors`, and anything unexpected as "internal error" with its
+reason (``-vv`` shows the traceback).
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ from typing import Any
 
 import click
 
-from fc2conv.errors import Fc2ConvError
+from fc2conv.errors import Fc2ConvError, Interrupted, file_error, reason
 
 # Subcommand name -> "module:attribute" of its click.Command. Keeping them lazy means
 # `fc2conv --help` and `fc2conv demo` never import onnx.
@@ -30,6 +36,9 @@ Examples:
   fc2conv explain --linear 9216x4096 --in-shape 256x6x6
   fc2conv COMMAND --help            options and examples of one command
 """
+
+
+VERBOSE = 0
 
 
 class LazyGroup(click.Group):
@@ -55,6 +64,8 @@ def cli(verbose: int) -> None:
     """fc2conv: exact, verified translations between fully connected layers and convolutions."""
     import logging
 
+    global VERBOSE
+    VERBOSE = verbose
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
@@ -76,9 +87,23 @@ def main(argv: list[str] | None = None) -> Any:
         click.echo(f"fc2conv: error: {exc.format_message()}", err=True)
         sys.exit(exc.exit_code)
     except Fc2ConvError as exc:
-        fail(str(exc))
-    except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
-        fail(f"{exc.strerror}: {exc.filename}")
+        fail(one_line(str(exc)))
+    except OSError as exc:
+        fail(one_line(str(file_error(exc))))
     except KeyboardInterrupt:
         click.echo("Interrupted.", err=True)
         sys.exit(130)
+    except Interrupted as exc:
+        click.echo(f"fc2conv: stopped by {exc.name}; outputs not finished were removed", err=True)
+        sys.exit(128 + exc.signum)
+    except Exception as exc:  # noqa: BLE001 - the CLI boundary: one line, never a traceback
+        if VERBOSE >= 2:
+            raise
+        if isinstance(exc, ValueError) and "path traversal" in str(exc):
+            fail(one_line(f"refused external data: {reason(exc, with_type=False)}"))
+        fail(one_line(f"internal error ({reason(exc)}); run with -vv for the traceback"))
+
+
+def one_line(message: str) -> str:
+    """``message`` on one line: the CLI promises one line per error."""
+    return " ".join(message.split())

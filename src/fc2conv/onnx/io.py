@@ -4,9 +4,10 @@
   onnx-ir: external tensors stay memory-mapped and are only read when needed. Every problem
   (missing file, not ONNX, truncated, missing external data) is one :class:`Fc2ConvError`
   sentence naming the file.
-* :func:`save` writes through :func:`fc2conv.files.atomic_output`; external data goes to
-  ``<final name>.data`` beside the output (onnx-ir writes it to a temporary file and renames it
-  on success), tensor by tensor, releasing each source mapping once it is written, so peak
+* :func:`save` writes through :func:`fc2conv.files.atomic_output` (one hidden temporary
+  folder, cleaned up on errors and signals, reclaimed after a kill); external data goes to
+  ``<final name>.data`` beside the output, moved into place just before the model, tensor by
+  tensor, releasing each source mapping once it is written, so peak
   memory stays near the largest tensor.
 """
 
@@ -20,7 +21,7 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
-from fc2conv.errors import Fc2ConvError
+from fc2conv.errors import Fc2ConvError, checker_error, unreadable
 from fc2conv.files import atomic_output
 
 log = logging.getLogger(__name__)
@@ -40,16 +41,49 @@ def _readable(path: Path) -> None:
 
 
 def external_files(proto: onnx.ModelProto, base: Path) -> dict[Path, int]:
-    """External data files the model refers to -> the bytes it needs from each."""
+    """External data files the model refers to -> the bytes it needs from each.
+
+    Refuses, as the ONNX checker does, a location that is absolute, leaves the model's folder
+    (``..``) or is a symbolic link: loading it would read a file the model's author chose
+    anywhere on the reader's disk. Checked even with ``check=False``.
+    """
     needed: dict[Path, int] = {}
+    root = base.resolve()
     for tensor in onnx.external_data_helper._get_all_tensors(proto):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         info = {e.key: e.value for e in tensor.external_data}
-        where = base / info.get("location", "")
-        end = int(info.get("offset", 0) or 0) + int(info.get("length", 0) or 0)
+        location = info.get("location", "")
+        _contained(tensor.name, location, base, root)
+        where = base / location
+        try:
+            end = int(info.get("offset", 0) or 0) + int(info.get("length", 0) or 0)
+        except ValueError:
+            raise Fc2ConvError(
+                f"tensor '{tensor.name}' has a malformed external data offset or length"
+            ) from None
         needed[where] = max(needed.get(where, 0), end)
     return needed
+
+
+def _contained(name: str, location: str, base: Path, root: Path) -> None:
+    where = base / location
+    if not location:
+        raise Fc2ConvError(f"external tensor '{name}' has no location")
+    if os.path.isabs(location):
+        raise Fc2ConvError(
+            f"location of external tensor '{name}' should be a relative path, but it is an "
+            f"absolute path: {location}"
+        )
+    if where.is_symlink():
+        raise Fc2ConvError(
+            f"data of tensor '{name}' should be stored in {where}, but it is a symbolic link"
+        )
+    if not where.resolve().is_relative_to(root):
+        raise Fc2ConvError(
+            f"data of tensor '{name}' should be a file inside '{root}', but '{location}' points "
+            f"outside the directory"
+        )
 
 
 def load(path: str | os.PathLike[str], *, check: bool = True) -> ir.Model:
@@ -58,16 +92,14 @@ def load(path: str | os.PathLike[str], *, check: bool = True) -> ir.Model:
     ``check``: also run ``onnx.checker`` (full check) on the file. Raises :class:`Fc2ConvError`.
     """
     path = Path(path)
-    _readable(path)
+    proto = read_proto(path)
+    if check:
+        check_file(path)
     try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # noqa: BLE001 - protobuf raises several types for a bad file
-        raise Fc2ConvError(
-            f"{path} is not a readable ONNX model (truncated or not ONNX: {type(exc).__name__})"
-        ) from None
-    if not proto.graph.node and not proto.graph.output:
-        raise Fc2ConvError(f"{path} is not an ONNX model: it has no graph")
-    for data, end in external_files(proto, path.parent).items():
+        needed = external_files(proto, path.parent)
+    except Fc2ConvError as exc:
+        raise Fc2ConvError(f"{path} fails the ONNX checker: {exc}") from None
+    for data, end in needed.items():
         if not data.is_file():
             raise Fc2ConvError(f"{path} refers to external data {data}, which does not exist")
         if data.stat().st_size < end:
@@ -75,11 +107,26 @@ def load(path: str | os.PathLike[str], *, check: bool = True) -> ir.Model:
                 f"{path}: its external data {data} is truncated "
                 f"({data.stat().st_size} bytes, needs {end})"
             )
-    if check:
-        check_file(path)
-    model = ir.serde.deserialize_model(proto)
+    try:
+        model = ir.serde.deserialize_model(proto)
+    except Exception as exc:  # noqa: BLE001 - onnx-ir refuses malformed protos in many ways
+        raise unreadable(path, "onnx", exc) from None
     ir.external_data.set_base_dir(model.graph, str(path.parent))
     return model
+
+
+def read_proto(path: str | os.PathLike[str]) -> onnx.ModelProto:
+    """``onnx.load(path, load_external_data=False)``; a file that is not ONNX is one sentence
+    (from :func:`fc2conv.errors.unreadable`, shared with compare)."""
+    path = Path(path)
+    _readable(path)
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - protobuf raises several types for a bad file
+        raise unreadable(path, "onnx", exc) from None
+    if not proto.graph.node and not proto.graph.output:
+        raise Fc2ConvError(f"{path} is not a readable ONNX model (it has no graph)")
+    return proto
 
 
 def check_file(path: str | os.PathLike[str]) -> None:
@@ -87,8 +134,7 @@ def check_file(path: str | os.PathLike[str]) -> None:
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as exc:  # noqa: BLE001 - checker and shape inference errors
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise Fc2ConvError(f"{path} fails the ONNX checker: {first}") from None
+        raise checker_error(path, exc) from None
 
 
 def has_external_data(model: ir.Model) -> bool:
@@ -132,8 +178,9 @@ def save(
     if external is None:
         external = wants_external_data(model)
     sources = sources or {}
+    expected = weight_bytes(model)
     if not external:
-        with atomic_output(dst) as tmp:
+        with atomic_output(dst, expected_bytes=expected) as tmp:
             ir.save(model, tmp)
             _plain_permissions(tmp)
         return dst
@@ -147,7 +194,7 @@ def save(
         if on_tensor is not None:
             on_tensor(info.index, info.total)
 
-    with atomic_output(dst) as tmp:
+    with atomic_output(dst, expected_bytes=expected) as tmp:
         ir.save(
             model,
             tmp,

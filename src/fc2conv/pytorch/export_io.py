@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fc2conv.errors import Fc2ConvError
+from fc2conv.errors import Fc2ConvError, load_or_explain
 from fc2conv.files import atomic_output
 
 log = logging.getLogger(__name__)
@@ -35,15 +35,11 @@ def load(path: str | os.PathLike[str]) -> torch.export.ExportedProgram:
             f"{path} is ONNX, not a torch.export program (.pt2); rename it to .onnx and use "
             f"the ONNX path (fc2conv convert IN.onnx OUT.onnx --to conv [--dynamic-spatial])"
         )
-    try:
+    def _load() -> torch.export.ExportedProgram:
         with quiet():
             return torch.export.load(path)
-    except Exception as exc:
-        raise Fc2ConvError(
-            f"{path} is not a torch.export program (.pt2) that this torch can load "
-            f"({type(exc).__name__}); save one with torch.export.save(torch.export.export("
-            f"model, args), path)"
-        ) from None
+
+    return load_or_explain(path, "pt2", _load)
 
 
 @contextlib.contextmanager

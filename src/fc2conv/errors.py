@@ -94,7 +94,20 @@ def unreadable(path: object, fmt: str, err: BaseException) -> Fc2ConvError:
     hint = {
         "pt2": "; save one with torch.export.save(torch.export.export(model, args), path)",
     }.get(fmt, "")
-    return Fc2ConvError(f"{path} {what} ({reason(err)}){hint}")
+    return Fc2ConvError(f"{path} {what} ({reason(_root_cause(err))}){hint}")
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    """The innermost exception of a chain: torch wraps the real reason of a bad archive in
+    "We ran into an error when deserializing the saved file. Please check the warnings above"
+    (the warnings are silenced), so the reason worth printing is the one it wraps."""
+    seen = {id(err)}
+    while True:
+        inner = err.__cause__ or err.__context__
+        if inner is None or id(inner) in seen:
+            return err
+        seen.add(id(inner))
+        err = inner
 
 
 def checker_error(path: object, err: BaseException) -> Fc2ConvError:

@@ -49,16 +49,14 @@ def big_onnx(path: Path, megabytes: int = 220, seed: int = 0) -> Path:
     """A ``features -> hidden -> classes`` MLP with ~``megabytes`` of weights in external data
     ``<name>.data`` (written tensor by tensor, never the whole model in memory)."""
     rng = np.random.default_rng(seed)
-    layers, width = 4, 2048
-    per = megabytes * 1_000_000 // 4 // layers // width  # rows of each (width, rows) weight
-    nodes, inits, prev, prev_dim = [], [], "x", width
+    layers = 4
+    width = int((megabytes * 1_000_000 / 4 / layers) ** 0.5)  # four (width, width) weights
+    nodes, inits, prev = [], [], "x"
     data = path.with_name(path.name + ".data")
     offset = 0
     with open(data, "wb") as f:
         for i in range(layers):
-            rows = per if i < layers - 1 else width
-            out_dim = rows
-            w = rng.standard_normal((prev_dim, out_dim), dtype=np.float32) * 0.01
+            w = rng.standard_normal((width, width), dtype=np.float32) * 0.01
             raw = w.tobytes()
             f.write(raw)
             t = _external_tensor(f"w{i}", w.shape)
@@ -70,12 +68,12 @@ def big_onnx(path: Path, megabytes: int = 220, seed: int = 0) -> Path:
             offset += len(raw)
             inits.append(t)
             nodes.append(helper.make_node("MatMul", [prev, f"w{i}"], [f"h{i}"], name=f"fc{i}"))
-            prev, prev_dim = f"h{i}", out_dim
+            prev = f"h{i}"
             del w, raw
     graph = helper.make_graph(
         nodes, "big",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])],
-        [helper.make_tensor_value_info(prev, TensorProto.FLOAT, ["N", prev_dim])],
+        [helper.make_tensor_value_info(prev, TensorProto.FLOAT, ["N", width])],
         inits,
     )
     m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -120,12 +118,14 @@ def hostile_onnx(folder: Path, kind: str) -> Path:
 
 
 def small_pt2(path: Path, seed: int = 0) -> Path:
-    """A torch.export program of a small MLP (Linear -> ReLU -> Linear)."""
+    """A torch.export program of a small classifier on (N, 3, 8, 8) images:
+    Conv 3x3 -> ReLU -> Flatten -> Linear -> ReLU -> Linear (convert and convolutionalize it)."""
     import torch
     from torch import nn
 
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
-    ep = torch.export.export(model, (torch.randn(2, 8),))
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 8),
+                          nn.ReLU(), nn.Linear(8, 5)).eval()
+    ep = torch.export.export(model, (torch.randn(2, 3, 8, 8),))
     torch.export.save(ep, str(path))
     return path

@@ -13,6 +13,7 @@ reason (``-vv`` shows the traceback).
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 from typing import Any
 
@@ -62,12 +63,13 @@ class LazyGroup(click.Group):
 @click.option("-v", "--verbose", count=True, help="Log what fc2conv does (-vv for debug).")
 def cli(verbose: int) -> None:
     """fc2conv: exact, verified translations between fully connected layers and convolutions."""
-    import logging
-
     global VERBOSE
     VERBOSE = verbose
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if verbose < 2:  # foreign libraries log tracebacks (exc_info): one line each unless -vv
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(OneLineFormatter("%(levelname)s %(name)s: %(message)s"))
 
 
 def fail(message: str) -> None:
@@ -104,6 +106,22 @@ def main(argv: list[str] | None = None) -> Any:
         fail(one_line(f"internal error ({reason(exc)}); run with -vv for the traceback"))
 
 
+class OneLineFormatter(logging.Formatter):
+    """A log record as one line: no traceback, the exception's reason appended instead."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        exc_info, record.exc_info, record.exc_text = record.exc_info, None, None
+        try:
+            text = super().format(record)
+        finally:
+            record.exc_info = exc_info
+        if exc_info and exc_info[1] is not None:
+            text = f"{text} ({reason(exc_info[1])})"
+        return one_line(text)
+
+
 def one_line(message: str) -> str:
-    """``message`` on one line: the CLI promises one line per error."""
-    return " ".join(message.split())
+    """``message`` on one line: the CLI promises one line per error (whitespace runs become one
+    space, other control characters from names inside a damaged file are escaped)."""
+    text = " ".join(message.split())
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)

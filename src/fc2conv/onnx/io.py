@@ -21,7 +21,7 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
-from fc2conv.errors import Fc2ConvError, checker_error, unreadable
+from fc2conv.errors import Fc2ConvError, checker_error, reason, unreadable
 from fc2conv.files import atomic_output
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,9 @@ def load(path: str | os.PathLike[str], *, check: bool = True) -> ir.Model:
     proto = read_proto(path)
     if check:
         check_file(path)
+    wiring_error = wiring(proto.graph)
+    if wiring_error:
+        raise Fc2ConvError(f"{path} is not a valid ONNX graph: {wiring_error}")
     try:
         needed = external_files(proto, path.parent)
     except Fc2ConvError as exc:
@@ -111,6 +114,16 @@ def load(path: str | os.PathLike[str], *, check: bool = True) -> ir.Model:
         model = ir.serde.deserialize_model(proto)
     except Exception as exc:  # noqa: BLE001 - onnx-ir refuses malformed protos in many ways
         raise unreadable(path, "onnx", exc) from None
+    for g in model.graphs():
+        for name, value in g.initializers.items():
+            try:
+                if value.const_value is not None:
+                    value.const_value.nbytes  # noqa: B018 - needs a known dtype and shape
+            except Exception as exc:  # noqa: BLE001 - onnx-ir refuses unknown dtypes, dims
+                raise Fc2ConvError(
+                    f"{path} is not a valid ONNX model: initializer '{name}' is malformed "
+                    f"({reason(exc)})"
+                ) from None
     ir.external_data.set_base_dir(model.graph, str(path.parent))
     return model
 
@@ -127,6 +140,55 @@ def read_proto(path: str | os.PathLike[str]) -> onnx.ModelProto:
     if not proto.graph.node and not proto.graph.output:
         raise Fc2ConvError(f"{path} is not a readable ONNX model (it has no graph)")
     return proto
+
+
+def wiring(graph: onnx.GraphProto) -> str | None:
+    """Why the main graph's wiring is broken (a name read but never produced, a name produced
+    twice, a cycle), or None. Cheap, and run even with ``check=False``: every rewrite assumes a
+    graph it can sort."""
+    produced = {v.name for v in graph.input} | {t.name for t in graph.initializer}
+    producer: dict[str, int] = {}
+    for i, node in enumerate(graph.node):
+        for name in node.output:
+            if not name:
+                continue
+            if name in producer or name in produced:
+                return f"the value '{name}' is produced twice (node '{node.name or node.op_type}')"
+            producer[name] = i
+    known = produced | set(producer)
+    waiting: list[int] = []
+    readers: dict[int, list[int]] = {}
+    for i, node in enumerate(graph.node):
+        deps = set()
+        for name in node.input:
+            if not name:
+                continue
+            if name not in known:
+                return (
+                    f"node '{node.name or node.op_type}' reads '{name}', which no node, input "
+                    f"or initializer produces"
+                )
+            if name in producer:
+                deps.add(producer[name])
+        waiting.append(len(deps))
+        for d in deps:
+            readers.setdefault(d, []).append(i)
+    for out in graph.output:
+        if out.name not in known:
+            return f"the graph output '{out.name}' is produced by no node, input or initializer"
+    ready = [i for i, n in enumerate(waiting) if n == 0]
+    done = 0
+    while ready:
+        i = ready.pop()
+        done += 1
+        for r in readers.get(i, ()):
+            waiting[r] -= 1
+            if waiting[r] == 0:
+                ready.append(r)
+    if done < len(graph.node):
+        stuck = next(n for i, n in enumerate(graph.node) if waiting[i] > 0)
+        return f"it contains a cycle (through node '{stuck.name or stuck.op_type}')"
+    return None
 
 
 def check_file(path: str | os.PathLike[str]) -> None:
@@ -181,7 +243,7 @@ def save(
     expected = weight_bytes(model)
     if not external:
         with atomic_output(dst, expected_bytes=expected) as tmp:
-            ir.save(model, tmp)
+            _serialize(dst, lambda: ir.save(model, tmp))
             _plain_permissions(tmp)
         return dst
     done: list[ir.TensorProtocol] = []
@@ -195,17 +257,35 @@ def save(
             on_tensor(info.index, info.total)
 
     with atomic_output(dst, expected_bytes=expected) as tmp:
-        ir.save(
-            model,
-            tmp,
-            external_data=f"{dst.name}.data",
-            size_threshold_bytes=1024,
-            callback=callback,
+        _serialize(
+            dst,
+            lambda: ir.save(
+                model,
+                tmp,
+                external_data=f"{dst.name}.data",
+                size_threshold_bytes=1024,
+                callback=callback,
+            ),
         )
         _plain_permissions(tmp)
     for tensor in done:
         _release(tensor, sources)
     return dst
+
+
+def _serialize(dst: Path, write: Callable[[], None]) -> None:
+    """Run ``write``; a model onnx-ir cannot serialize (a malformed graph loaded with
+    ``check=False``) is one sentence. ``OSError`` passes to the writer (disk full, ...)."""
+    try:
+        write()
+    except (OSError, Fc2ConvError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - onnx-ir's serializer refuses in many ways
+        raise Fc2ConvError(
+            f"could not write {dst}: the model cannot be serialized as ONNX "
+            f"({reason(exc)}); the input may be malformed, run without --no-check to see "
+            f"what the ONNX checker says"
+        ) from None
 
 
 def _release(tensor: ir.TensorProtocol, sources: dict[int, list[ir.TensorProtocol]]) -> None:

@@ -44,17 +44,34 @@ def load(path: str | os.PathLike[str]) -> torch.export.ExportedProgram:
 
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
-    """Silence torch.export's warnings and logged tracebacks: a bad file is reported by
-    fc2conv in one sentence."""
+    """Load ``.pt2`` files in here: torch.export's warnings and logged tracebacks are silenced
+    (a bad file is reported by fc2conv in one sentence) and no pickle is ever unpickled.
+
+    ``torch.export.load`` reads the example inputs and constants of an archive with
+    ``torch.load(weights_only=True)`` and, when that fails, retries with
+    ``weights_only=False`` -- which runs whatever code a hostile archive put there.
+    ``TORCH_FORCE_WEIGHTS_ONLY_LOAD=1`` makes torch refuse that retry.
+    """
     logger = logging.getLogger("torch.export")
     old = logger.disabled
     logger.disabled = True
+    saved = {k: os.environ.get(k) for k in _WEIGHTS_ONLY_ENV}
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
         logger.disabled = old
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+_WEIGHTS_ONLY_ENV = ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
 
 
 def _is_onnx(path: str | os.PathLike[str]) -> bool:

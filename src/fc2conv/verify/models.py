@@ -248,8 +248,9 @@ def _load_path(path: Path, trust_pickle: bool) -> Model:
             with quiet():
                 return torch.export.load(str(path))
 
-        ep = load_or_explain(path, "pt2", _load_pt2)  # one sentence, shared with convert
-        return _from_exported(ep, label)
+        # one sentence per problem, shared with convert; a damaged program may load and then
+        # fail to unwrap, which is the same problem
+        return load_or_explain(path, "pt2", lambda: _from_exported(_load_pt2(), label))
     if suffix in (".pt", ".pth", ".bin", ".pkl"):
         if not trust_pickle:
             raise UnsafeFileError(

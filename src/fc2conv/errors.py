@@ -103,7 +103,7 @@ def _root_cause(err: BaseException) -> BaseException:
     (the warnings are silenced), so the reason worth printing is the one it wraps."""
     seen = {id(err)}
     while True:
-        inner = err.__cause__ or err.__context__
+        inner = err.__cause__ or (None if err.__suppress_context__ else err.__context__)
         if inner is None or id(inner) in seen:
             return err
         seen.add(id(inner))

@@ -53,8 +53,9 @@ def quiet() -> Iterator[None]:
     ``TORCH_FORCE_WEIGHTS_ONLY_LOAD=1`` makes torch refuse that retry.
     """
     logger = logging.getLogger("torch.export")
-    old = logger.disabled
-    logger.disabled = True
+    catcher = _Catcher()
+    old = logger.propagate, logger.handlers[:], logger.disabled
+    logger.propagate, logger.handlers, logger.disabled = False, [catcher], False
     saved = {k: os.environ.get(k) for k in _WEIGHTS_ONLY_ENV}
     os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
     os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
@@ -62,13 +63,31 @@ def quiet() -> Iterator[None]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
+    except Exception as exc:
+        # torch logs the real reason with its traceback, then raises "We ran into an error
+        # when deserializing the saved file. Please check the warnings above": raise the reason
+        if catcher.errors and "warnings above" in str(exc):
+            raise catcher.errors[-1] from None
+        raise
     finally:
-        logger.disabled = old
+        logger.propagate, logger.handlers, logger.disabled = old
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+class _Catcher(logging.Handler):
+    """Keeps the exceptions torch.export logs instead of printing them."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.errors: list[BaseException] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info and record.exc_info[1] is not None:
+            self.errors.append(record.exc_info[1])
 
 
 _WEIGHTS_ONLY_ENV = ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")

@@ -17,7 +17,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-SRC = Path(__file__).resolve().parents[2] / "src"
+import fc2conv
+
+SRC = Path(fc2conv.__file__).resolve().parents[1]  # the fc2conv these tests import
 
 
 def env() -> dict[str, str]:

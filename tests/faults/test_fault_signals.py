@@ -99,3 +99,15 @@ def test_short_write_is_one_line_exit_2_and_nothing_left(big, limit):
     assert line.startswith(f"fc2conv: error: could not write {out}: no space left"), line
     assert line.endswith("bytes written); nothing was written"), line
     assert got.output == "absent" and got.litter == [], got
+
+
+def test_two_converts_racing_to_one_output_leave_one_whole_model(big):
+    src, out, args, reference, inputs = big
+    clean_outputs(out)
+    procs = [subprocess.Popen(command(*args), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True, env=env()) for _ in range(2)]
+    for p in procs:
+        _out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    assert fingerprint(out) == reference
+    assert {p.name for p in out.parent.iterdir()} == inputs | set(reference)

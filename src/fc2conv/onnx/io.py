@@ -93,11 +93,6 @@ def load(path: str | os.PathLike[str], *, check: bool = True) -> ir.Model:
     """
     path = Path(path)
     proto = read_proto(path)
-    if check:
-        check_file(path)
-    wiring_error = wiring(proto.graph)
-    if wiring_error:
-        raise Fc2ConvError(f"{path} is not a valid ONNX graph: {wiring_error}")
     try:
         needed = external_files(proto, path.parent)
     except Fc2ConvError as exc:
@@ -110,6 +105,11 @@ def load(path: str | os.PathLike[str], *, check: bool = True) -> ir.Model:
                 f"{path}: its external data {data} is truncated "
                 f"({data.stat().st_size} bytes, needs {end})"
             )
+    if check:
+        check_file(path)
+    wiring_error = wiring(proto.graph)
+    if wiring_error:
+        raise Fc2ConvError(f"{path} is not a valid ONNX graph: {wiring_error}")
     try:
         model = ir.serde.deserialize_model(proto)
     except Exception as exc:  # noqa: BLE001 - onnx-ir refuses malformed protos in many ways

@@ -43,9 +43,8 @@ def test_a_dead_runs_leftovers_are_reclaimed_with_one_log_line(tmp_path, caplog)
     for folder in (dead, live, other):
         folder.mkdir()
         (folder / "m.onnx.data").write_bytes(b"x" * 1000)
-    with caplog.at_level(logging.WARNING, logger="fc2conv.files"):
-        with atomic_output(out) as tmp:
-            tmp.write_bytes(b"model")
+    with caplog.at_level(logging.WARNING, logger="fc2conv.files"), atomic_output(out) as tmp:
+        tmp.write_bytes(b"model")
     assert not dead.exists() and live.exists() and other.exists()
     records = [r for r in caplog.records if r.name == "fc2conv.files"]
     assert len(records) == 1 and "removed 1 temporary folder" in records[0].getMessage()

@@ -187,7 +187,7 @@ def test_bad_inputs_raise_one_sentence(tmp_path) -> None:
     assert compare(same, same, input_shape="2,4").verdict == "identical"
     junk = tmp_path / "junk.pt2"
     junk.write_bytes(b"not a zip")
-    with pytest.raises(fc2conv.Fc2ConvError, match="not a readable torch.export archive"):
+    with pytest.raises(fc2conv.Fc2ConvError, match="is not a torch.export program"):
         compare(str(junk), MLP([4, 3]))
     with pytest.raises(fc2conv.Fc2ConvError, match="input_shape"):
         compare(MLP([4, 3]), MLP([4, 3]))  # nothing says what input an nn.Module takes

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fc2conv.errors import Fc2ConvError
+from fc2conv.errors import Fc2ConvError, load_or_explain
 from fc2conv.files import atomic_output
 
 log = logging.getLogger(__name__)
@@ -35,30 +35,64 @@ def load(path: str | os.PathLike[str]) -> torch.export.ExportedProgram:
             f"{path} is ONNX, not a torch.export program (.pt2); rename it to .onnx and use "
             f"the ONNX path (fc2conv convert IN.onnx OUT.onnx --to conv [--dynamic-spatial])"
         )
-    try:
+    def _load() -> torch.export.ExportedProgram:
         with quiet():
-            return torch.export.load(path)
-    except Exception as exc:
-        raise Fc2ConvError(
-            f"{path} is not a torch.export program (.pt2) that this torch can load "
-            f"({type(exc).__name__}); save one with torch.export.save(torch.export.export("
-            f"model, args), path)"
-        ) from None
+            program = torch.export.load(path)
+            program.module()  # a damaged graph that loads fails here: the same sentence
+            return program
+
+    return load_or_explain(path, "pt2", _load)
 
 
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
-    """Silence torch.export's warnings and logged tracebacks: a bad file is reported by
-    fc2conv in one sentence."""
+    """Load ``.pt2`` files in here: torch.export's warnings and logged tracebacks are silenced
+    (a bad file is reported by fc2conv in one sentence) and no pickle is ever unpickled.
+
+    ``torch.export.load`` reads the example inputs and constants of an archive with
+    ``torch.load(weights_only=True)`` and, when that fails, retries with
+    ``weights_only=False`` -- which runs whatever code a hostile archive put there.
+    ``TORCH_FORCE_WEIGHTS_ONLY_LOAD=1`` makes torch refuse that retry.
+    """
     logger = logging.getLogger("torch.export")
-    old = logger.disabled
-    logger.disabled = True
+    catcher = _Catcher()
+    old = logger.propagate, logger.handlers[:], logger.disabled
+    logger.propagate, logger.handlers, logger.disabled = False, [catcher], False
+    saved = {k: os.environ.get(k) for k in _WEIGHTS_ONLY_ENV}
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
+    except Exception as exc:
+        # torch logs the real reason with its traceback, then raises "We ran into an error
+        # when deserializing the saved file. Please check the warnings above": raise the reason
+        if catcher.errors and "warnings above" in str(exc):
+            raise catcher.errors[-1] from None
+        raise
     finally:
-        logger.disabled = old
+        logger.propagate, logger.handlers, logger.disabled = old
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+class _Catcher(logging.Handler):
+    """Keeps the exceptions torch.export logs instead of printing them."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.errors: list[BaseException] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info and record.exc_info[1] is not None:
+            self.errors.append(record.exc_info[1])
+
+
+_WEIGHTS_ONLY_ENV = ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
 
 
 def _is_onnx(path: str | os.PathLike[str]) -> bool:

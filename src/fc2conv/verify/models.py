@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fc2conv.errors import Fc2ConvError, UnsafeFileError
+from fc2conv.errors import Fc2ConvError, UnsafeFileError, load_or_explain
 from fc2conv.pytorch.export_io import quiet
 
 log = logging.getLogger(__name__)
@@ -236,21 +236,21 @@ def _load_path(path: Path, trust_pickle: bool) -> Model:
     suffix = path.suffix.lower()
     label = path.name
     if suffix == ".onnx":
+        import onnx
+
         from fc2conv.verify import onnx_backend
 
-        proto = onnx_backend.load(path)
+        proto = load_or_explain(path, "onnx", lambda: onnx.load(str(path)))  # as convert says
+        proto = onnx_backend.load(path) if not proto.graph.node else proto
         return Model(label=label, kind="onnx", onnx_model=proto, specs=onnx_backend.specs(proto))
     if suffix == ".pt2":
-        try:
+        def _load_pt2() -> torch.export.ExportedProgram:
             with quiet():
-                ep = torch.export.load(str(path))
-        except Exception as err:  # a garbage or truncated file
-            raise Fc2ConvError(
-                f"{path} is not a readable torch.export archive ({type(err).__name__}: "
-                f"{str(err).splitlines()[0] if str(err) else 'no detail'}); save one with "
-                "torch.export.save(torch.export.export(model, args), path)"
-            ) from None
-        return _from_exported(ep, label)
+                return torch.export.load(str(path))
+
+        # one sentence per problem, shared with convert; a damaged program may load and then
+        # fail to unwrap, which is the same problem
+        return load_or_explain(path, "pt2", lambda: _from_exported(_load_pt2(), label))
     if suffix in (".pt", ".pth", ".bin", ".pkl"):
         if not trust_pickle:
             raise UnsafeFileError(

@@ -137,3 +137,17 @@ def test_nan_where_the_other_model_is_finite_is_different() -> None:
     assert report.verdict == "different"
     assert report.outputs[0].nan_mismatch > 0
     assert "NaN/Inf in one model only" in str(report)
+
+
+def test_scale_hypothesis_needs_to_explain_the_difference() -> None:
+    """One changed element under a loose bound: a least-squares factor ~1.00001 fits within the
+    bound but explains none of the difference, so no "scale factor" is named; a true scale is."""
+    from fc2conv.verify.diagnose import _scale
+
+    ya = torch.randn(64, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    ya[3, 4] = 3.0
+    yb = ya.clone()
+    yb[3, 4] += 0.5  # least squares: c = 1 + 0.5 * 3 / |ya|^2 ~ 1.0007
+    loose = torch.full_like(ya, 1.0)
+    assert _scale(ya, yb, loose, "B's 'x'", "'x'") is None
+    assert "times a constant 1.01" in (_scale(ya, ya * 1.01, loose, "B's 'x'", "'x'") or "")

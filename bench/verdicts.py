@@ -35,8 +35,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "zoo"))
 
-import fc2conv  # noqa: E402
 from zoo_models import ZOO, ZooModel  # noqa: E402
+
+import fc2conv  # noqa: E402
 
 DEFAULT = ["bert", "roberta", "distilbert", "t5_encoder", "llama", "vit", "whisper_encoder",
            "resnet_hf", "cnn_flatten"]
@@ -100,7 +101,8 @@ def bugs(name: str, lin: nn.Linear) -> dict[str, Any]:
     if w.shape[0] == w.shape[1]:
         out["transposed"] = lambda m: m.weight.data.copy_(m.weight.data.t().clone())
     if w.shape[0] >= 2:
-        out["rows swapped"] = lambda m: m.weight.data.copy_(m.weight.data[[1, 0, *range(2, w.shape[0])]])
+        order = [1, 0, *range(2, w.shape[0])]
+        out["rows swapped"] = lambda m: m.weight.data.copy_(m.weight.data[order])
     if lin.bias is not None and bool(lin.bias.abs().max() > 0):
         out["bias dropped"] = lambda m: m.bias.data.zero_()
     out["row x1.01"] = lambda m: m.weight.data[0].mul_(1.01)
@@ -111,7 +113,8 @@ def bugs(name: str, lin: nn.Linear) -> dict[str, Any]:
     return out
 
 
-def errors(a: nn.Module, a64: nn.Module, b: nn.Module, x: tuple[torch.Tensor, ...]) -> tuple[float, float]:
+def errors(a: nn.Module, a64: nn.Module, b: nn.Module,
+           x: tuple[torch.Tensor, ...]) -> tuple[float, float]:
     """(A's error, B's error) against A's float64 twin, A's floored at u x scale."""
     with torch.no_grad():
         r = first_tensor(a64(*[t.double() if t.is_floating_point() else t for t in x])).double()

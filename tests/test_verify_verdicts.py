@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from fc2conv import compare
+
 B_ERROR_RATIO = 10.0  # the definition of a bug compare must catch
 
 

@@ -6,12 +6,15 @@
    :mod:`fc2conv.verify.bound` for ONNX and for ops without a rule).
 2. Each model's error against ``r`` is measured, and bounded by what rounding of *its* dtype
    can produce (:mod:`fc2conv.verify.reference`); the bound is the judge when the two models
-   compute in different precisions. Integer outputs: exact. If model ``a`` itself strays beyond its bound (ops the bound does not
-   model), both bounds are scaled by 8x its excess and the report says "empirical".
+   compute in different precisions. Integer outputs: exact. If model ``a`` itself strays
+   beyond its bound (ops the bound does not model), both bounds are scaled by 8x its excess
+   and the report says "empirical".
 3. The outputs alone decide the verdict (:class:`fc2conv.verify.judge.Judge`): bitwise equal
    is ``identical``, always; in the same precision an output differs when B's error against
-   the float64 reference exceeds 10x A's own (see :mod:`fc2conv.verify.judge`), or NaN/Inf
-   appear in one model only. Every report counts the NaN/Inf of each output (and, with
+   the float64 reference exceeds 10x A's own and rounding cannot explain it (B beyond its
+   worst-case bound; or beyond 16x the rounding noise measured on A there; or, within both, a
+   matched layer beyond its own bound; see :mod:`fc2conv.verify.judge`), or NaN/Inf appear in
+   one model only. Every report counts the NaN/Inf of each output (and, with
    ``layers=True``, names the first layer where they appear).
 4. With ``layers=True`` (or a "different" verdict), capture both models' layer outputs, match
    them (:mod:`fc2conv.verify.match`), find the first matched layer judged different by the same
@@ -41,6 +44,7 @@ from fc2conv.verify.report import OutputStats, Report
 
 log = logging.getLogger(__name__)
 
+Gates = dict[tuple[int, int], torch.Tensor]  # (draw, output) -> elements where B err > 10x A's
 REL_FLOOR = 1e-3  # relative errors and ULPs are measured at >= 1e-3 x the output's scale
 
 
@@ -282,7 +286,7 @@ def _noise_note(ma: Model, draws: list[tuple[torch.Tensor, ...]], runs: list[Any
 
 
 def _output_stats(aligned_runs: list[Any],
-                  judge: Judge) -> tuple[list[OutputStats], bool, dict[tuple[int, int], torch.Tensor]]:
+                  judge: Judge) -> tuple[list[OutputStats], bool, Gates]:
     """Per output: the statistics over all draws; whether all are bitwise equal; and the
     (draw, output) pairs where B's error exceeds 10x A's somewhere, with those elements."""
     outputs: list[OutputStats] = []

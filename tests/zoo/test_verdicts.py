@@ -60,3 +60,25 @@ def test_one_changed_weight_in_llama_is_caught_and_no_scale_factor_is_named() ->
     assert report.first_divergence is not None
     assert "layers.0.self_attn.q_proj" in report.first_divergence
     assert report.diagnosis is not None and "times a constant" not in report.diagnosis
+
+
+def test_inputs_as_a_dict_and_a_list_of_draws(tmp_path) -> None:
+    """A tokenizer-style dict (keys in any order) and a list of draws; the CLI's --inputs npz."""
+    import numpy as np
+
+    from fc2conv.cli.compare import read_npz
+
+    a = zoo_models.ZOO["bert"].build(0)
+    d0, d1 = zoo_models.ZOO["bert"].draw(0), zoo_models.ZOO["bert"].draw(1)
+    b = fc2conv.to_conv(a, tuple(d0.values()))
+    shuffled = {"attention_mask": d0["attention_mask"], "input_ids": d0["input_ids"]}
+    one = fc2conv.compare(a, b, inputs=shuffled, layers=False)
+    assert one.verdict in ("identical", "equivalent")
+    assert one.outputs[0].total == zoo_models.logits(a(**d0)).numel()
+    two = fc2conv.compare(a, b, inputs=[d0, d1], layers=False)
+    assert "(2 draws)" in two.inputs and two.outputs[0].total == 2 * one.outputs[0].total
+    with pytest.raises(fc2conv.Fc2ConvError, match="no input named 'pixels'"):
+        fc2conv.compare(a, b, inputs={"pixels": d0["input_ids"]})
+    path = tmp_path / "draws.npz"
+    np.savez(path, **{f"{k}:{n}": v.numpy() for k, d in enumerate([d0, d1]) for n, v in d.items()})
+    assert [sorted(d) for d in read_npz(str(path))] == [sorted(d0), sorted(d1)]  # type: ignore

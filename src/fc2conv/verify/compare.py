@@ -34,7 +34,7 @@ import torch
 from fc2conv.core.rounding import ulp_distance
 from fc2conv.errors import Fc2ConvError
 from fc2conv.verify import bound as bnd
-from fc2conv.verify.inputs import as_tensors, draw, resolve_specs
+from fc2conv.verify.inputs import as_draws, draw, resolve_specs
 from fc2conv.verify.judge import Judge, exact_equal, nonfinite_counts
 from fc2conv.verify.match import align
 from fc2conv.verify.models import Model, load
@@ -79,8 +79,9 @@ def compare(a: Any, b: Any, inputs: Any = None, *,
 
     ``a``/``b``: ``nn.Module``, ``torch.export.ExportedProgram``, ``onnx.ModelProto`` or a path
     to ``.pt2``/``.onnx`` (``.pt``/``.pth`` pickles only with ``trust_pickle=True``).
-    ``inputs``: a tensor/array or tuple of them; else ``samples`` random draws (the last one
-    large-magnitude) shaped by ``input_shape`` or the models' input specs. Model ``a`` is the
+    ``inputs``: a tensor/array or tuple of them, a dict of named inputs (a tokenizer's
+    output, ordered by the model's input names), or a list of such draws; else ``samples``
+    random draws (the last one large-magnitude) shaped by ``input_shape`` or the models' input specs. Model ``a`` is the
     reference: its float64 twin defines the exact result. ``input_shape`` may also be a string
     ``"2,3,32,32"`` / ``"2x3x32x32"``. ``seed`` makes the random draws reproducible (the report
     states the seed it used either way).
@@ -89,10 +90,11 @@ def compare(a: Any, b: Any, inputs: Any = None, *,
     ma = load(a, "A", trust_pickle=trust_pickle)
     mb = load(b, "B", trust_pickle=trust_pickle)
     if inputs is not None:
-        draws = [as_tensors(inputs)]
+        draws = as_draws(inputs, ma)
         shown = ", ".join(f"{tuple(x.shape)} {str(x.dtype).replace('torch.', '')}"
                           for x in draws[0])
-        input_text = f"the given inputs: {shown}"
+        input_text = f"the given inputs: {shown}" + (
+            f" ({len(draws)} draws)" if len(draws) > 1 else "")
     else:
         specs = resolve_specs(ma, mb, input_shape)
         if seed is None:

@@ -81,8 +81,9 @@ def compare(a: Any, b: Any, inputs: Any = None, *,
     to ``.pt2``/``.onnx`` (``.pt``/``.pth`` pickles only with ``trust_pickle=True``).
     ``inputs``: a tensor/array or tuple of them, a dict of named inputs (a tokenizer's
     output, ordered by the model's input names), or a list of such draws; else ``samples``
-    random draws (the last one large-magnitude) shaped by ``input_shape`` or the models' input specs. Model ``a`` is the
-    reference: its float64 twin defines the exact result. ``input_shape`` may also be a string
+    random draws (the last one large-magnitude) shaped by ``input_shape`` or the models' input
+    specs. Model ``a`` is the reference: its float64 twin defines the exact result.
+    ``input_shape`` may also be a string
     ``"2,3,32,32"`` / ``"2x3x32x32"``. ``seed`` makes the random draws reproducible (the report
     states the seed it used either way).
     """

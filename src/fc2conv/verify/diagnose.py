@@ -1,11 +1,10 @@
 """Where two models part, and why: layer-by-layer localization and tested hypotheses.
 
 :func:`localize` captures both models' layer outputs on the first and the large-magnitude draw,
-matches them (:mod:`fc2conv.verify.match`) and judges each pair against its own rounding bound
-(:mod:`fc2conv.verify.reference`: the bound of A's and B's errors on that layer's output). The
-first pair beyond it is the *first divergence*; when the outputs are within their bound but a
-matched layer is not, the verdict is still "different" (later layers can damp a real
-difference below the output's bound).
+matches them (:mod:`fc2conv.verify.match`) and judges each pair by the rule that judges the
+outputs (:class:`~fc2conv.verify.judge.Judge`, against that layer's float64 reference). The
+first pair judged different is the *first divergence*. The layers only localize: when the
+outputs agree, a straying layer is noted, never turned into a "different" verdict.
 
 Hypotheses, each a test on real numbers, the first that holds becomes the diagnosis:
 
@@ -33,7 +32,7 @@ import torch
 from torch import nn
 
 from fc2conv.verify.bound import EMPIRICAL_FACTOR
-from fc2conv.verify.judge import Judge, check_elements, exact_equal
+from fc2conv.verify.judge import Judge, exact_equal
 from fc2conv.verify.match import Pair, match_layers
 from fc2conv.verify.models import Layer, Model
 from fc2conv.verify.reference import reference
@@ -46,13 +45,18 @@ _MODE_LAYERS = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm,
 
 
 def localize(report: Report, ma: Model, mb: Model, draws: list[tuple[torch.Tensor, ...]],
-             judge: Judge, *, with_table: bool) -> None:
-    """Fill ``report.layers``, ``report.first_divergence`` and ``report.diagnosis``."""
+             judge: Judge, *, with_table: bool, suspect: bool = False) -> None:
+    """Fill ``report.layers``, ``report.first_divergence`` and ``report.diagnosis``.
+
+    ``suspect``: an output where B's error exceeds 10x A's though within the worst-case bound
+    and the measured noise; then a matched layer beyond its own bound (and 10x A's error there)
+    confirms it, and the verdict becomes "different". Otherwise the layers never change it."""
     different = report.verdict == "different"
     chosen = [draws[0]] + ([draws[-1]] if len(draws) > 1 else [])
     table: dict[tuple[str, str], LayerStats] = {}
     first: tuple[int, Pair, torch.Tensor, int] | None = None
     prev_layers: list[Layer] = []
+    nonfinite: dict[str, str] = {}
     for k, x in enumerate(chosen):
         try:
             la = ma.run(x, capture=True).layers
@@ -65,19 +69,24 @@ def localize(report: Report, ma: Model, mb: Model, draws: list[tuple[torch.Tenso
         per_layer = {id(layer): (ref.layers[i].output, ref.layer_bound_a[i] * judge.scale,
                                  ref.layer_bound_b[i] * judge.scale)
                      for i, layer in enumerate(la)} if usable else {}
+        for who, layers_ in (("A", la), ("B", lb)):
+            bad = _first_nonfinite(layers_)
+            if bad is not None and who not in nonfinite:
+                nonfinite[who] = bad
+                report.notes.append(f"NaN/Inf first appear in {who} at layer '{bad}' (draw {k})")
         pairs = match_layers(la, lb)
         for pos, p in enumerate(pairs):
             entry = per_layer.get(id(p.a))
             if entry is None or entry[0].shape != p.a.output.shape:
                 continue  # no reference for this layer: it cannot be judged
-            c = _judge_layer(p.a.output, p.b_aligned, *entry)
+            c = _judge_layer(judge, p.a.output, p.b_aligned, *entry)
             allowed = c["allowed"]
             d = c["d"]
             ok = not bool(c["fail"].any())
             flat = int(torch.argmax(d)) if d.numel() else 0
             dmax = float(d.reshape(-1)[flat]) if d.numel() else 0.0
             there = float(allowed.reshape(-1)[flat]) if d.numel() else 0.0
-            ratio = float((d / allowed.clamp_min(1e-300)).max()) if d.numel() else 0.0
+            ratio = float(c["ratio"].max()) if d.numel() else 0.0
             key = (p.a.name, p.b.name)
             row = table.get(key)
             if row is None or dmax > row.max_abs_error:
@@ -93,15 +102,19 @@ def localize(report: Report, ma: Model, mb: Model, draws: list[tuple[torch.Tenso
                 prev_layers = la
     if with_table:
         report.layers = list(table.values())
-    if not different and first is not None:
-        # the outputs hide it (later layers damp it below their bound), but a matched layer
-        # computes something rounding cannot explain
+    if not different and first is not None and suspect:
         pair = first[1]
         report.verdict = "different"
         report.notes.append(
-            f"the outputs stay within the rounding bound, but layer '{pair.a.name}' differs "
-            "beyond its own bound: the difference is damped by the layers after it")
+            f"B's output error exceeds 10x A's, within the worst-case bound of the output, and "
+            f"layer '{pair.a.name}' is beyond its own bound: rounding does not explain it")
         different = True
+    if not different and first is not None:
+        # the outputs decide; a layer that strays while the outputs agree is only reported
+        report.notes.append(
+            f"the outputs agree, but layer '{first[1].a.name}' strays further from its float64 "
+            "reference in B than in A; the outputs decide the verdict (a difference the layers "
+            "after it damp away does not change what the model computes)")
     if not different:
         return
     mode = _mode_hypothesis(ma, mb, draws[0], judge)
@@ -116,12 +129,16 @@ def localize(report: Report, ma: Model, mb: Model, draws: list[tuple[torch.Tenso
                                     "model, or in the final layout of the outputs")
 
 
-def _judge_layer(ya: torch.Tensor, yb: torch.Tensor, r: torch.Tensor, ba: torch.Tensor,
-                 bb: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``check_elements`` for one layer; where model A itself exceeds its bound on this layer
-    (an op the bound does not model, e.g. layer norm), both bounds are scaled by the empirical
-    factor times A's excess, as ``compare`` does for outputs. Bitwise-equal layers agree."""
-    c = check_elements(ya, yb, r, ba, bb)
+def _judge_layer(judge: Judge, ya: torch.Tensor, yb: torch.Tensor, r: torch.Tensor,
+                 ba: torch.Tensor, bb: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``judge.check`` for one layer (same precision: B's error beyond 10x A's *and* beyond
+    the worst-case bound). Bitwise-equal layers agree. Where model A itself exceeds its bound on
+    this layer (an op the bound does not model, e.g. layer norm), both bounds are scaled by the
+    empirical factor times A's excess, as ``compare`` does for outputs."""
+    c = judge.check(ya, yb, r, ba, bb)
+    if exact_equal(ya, yb):
+        c["fail"] = torch.zeros_like(c["fail"])
+        return c
     if not ya.is_floating_point() or not bool(c["fail"].any()):
         return c
     ea = c["ea"]
@@ -130,10 +147,16 @@ def _judge_layer(ya: torch.Tensor, yb: torch.Tensor, r: torch.Tensor, ba: torch.
         rho = float((ea[fin] / ba[fin].clamp_min(1e-300)).max())
         if rho > 1.0:
             k = EMPIRICAL_FACTOR * rho
-            c = check_elements(ya, yb, r, ba * k, bb * k)
-    if exact_equal(ya, yb):
-        c["fail"] = torch.zeros_like(c["fail"])
+            c = judge.check(ya, yb, r, ba * k, bb * k)
     return c
+
+
+def _first_nonfinite(layers: list[Layer]) -> str | None:
+    for layer in layers:
+        t = layer.output
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return layer.name
+    return None
 
 
 # -- train vs eval ----------------------------------------------------------------------------
@@ -163,7 +186,7 @@ def _mode_hypothesis(ma: Model, mb: Model, x: tuple[torch.Tensor, ...], judge: J
     ya, yb = a_new.run(x).outputs, b_new.run(x).outputs
     ref = reference(a_new, x, judge.ra, judge.rb)
     agree = len(ya) == len(yb) and all(
-        u.numel() == v.numel() and not bool(check_elements(
+        u.numel() == v.numel() and not bool(judge.check(
             u, v.reshape(u.shape), ref.outputs[i], *judge.bounds(ref, i))["fail"].any())
         for i, (u, v) in enumerate(zip(ya, yb, strict=True)))
     listed = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
@@ -180,11 +203,25 @@ def _mode_hypothesis(ma: Model, mb: Model, x: tuple[torch.Tensor, ...], judge: J
 
 # -- layer hypotheses --------------------------------------------------------------------------
 
-def _close(h: torch.Tensor, y: torch.Tensor, allowed: torch.Tensor) -> bool:
+EXPLAINED = 0.1
+"""A hypothesis explains a difference when it leaves at most this fraction of it unexplained."""
+
+
+def _close(h: torch.Tensor, y: torch.Tensor, allowed: torch.Tensor,
+           ya: torch.Tensor | None = None) -> bool:
+    """``h`` (A's layer under a hypothesis, float64) reproduces B's ``y``: within twice the
+    layer's allowed error elementwise and, when A's output ``ya`` is given, leaving at most
+    :data:`EXPLAINED` of the difference ``max |A - B|`` unexplained (a hypothesis close to
+    "no change" fits a small difference within a loose bound without explaining it)."""
     if h.shape != y.shape:
         return False
-    tol = 2 * allowed + 1e-300
-    return bool(((h.double() - y.double()).abs() <= tol).all())
+    res = (h.double() - y.double()).abs()
+    if not bool((res <= 2 * allowed + 1e-300).all()):
+        return False
+    if ya is None:
+        return True
+    diff = float((ya.double() - y.double()).abs().nan_to_num(0.0, 0.0, 0.0).max())
+    return float(res.nan_to_num(0.0, 0.0, 0.0).max()) <= EXPLAINED * diff
 
 
 def _variant(module: nn.Module, change: Callable[[nn.Module], None]) -> nn.Module:
@@ -305,7 +342,7 @@ def _scale(ya: torch.Tensor, yb: torch.Tensor, allowed: torch.Tensor, where: str
     if denom == 0.0:
         return None
     c = float((a * b).sum()) / denom
-    if abs(c - 1.0) < 1e-6 or not _close(c * a, b, allowed):
+    if abs(c - 1.0) < 1e-6 or not _close(c * a, b, allowed, a):
         return None
     return (f"{where} is A's {a_name} times a constant {c:.6g} (fitted by least squares, "
             "exact within rounding): a scale factor (e.g. a folded normalization or 1/N) was "

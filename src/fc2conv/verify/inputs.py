@@ -15,7 +15,7 @@ integers in [0, 8); bool: random.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -36,7 +36,8 @@ def as_tensors(inputs: Any) -> tuple[torch.Tensor, ...]:
         if isinstance(x, np.ndarray):
             x = torch.from_numpy(x)
         if not isinstance(x, torch.Tensor):
-            raise Fc2ConvError(f"inputs must be tensors or numpy arrays, got {type(x).__name__}")
+            raise Fc2ConvError(f"inputs must be tensors or numpy arrays (or a dict of them, or "
+                               f"a list of such draws), got {type(x).__name__}")
         out.append(x)
     return tuple(out)
 
@@ -96,6 +97,60 @@ def draw(specs: Sequence[InputSpec], samples: int, dtype: torch.dtype,
             elif spec.dtype == torch.bool:
                 tensors.append(torch.rand(shape, generator=gen) < 0.5)
             else:
+                # small non-negative integers: valid token ids / class indices for any model
+                # with a vocabulary of at least 8
                 tensors.append(torch.randint(0, 8, shape, dtype=spec.dtype, generator=gen))
         draws.append(tuple(tensors))
+    return draws
+
+
+def input_names(model: Model) -> list[str]:
+    """The names of a model's positional inputs, in order: its input specs (ONNX, exported
+    programs), else the parameters of ``module.forward``."""
+    if model.specs:
+        return [s.name for s in model.specs]
+    if model.module is None:
+        return []
+    import inspect
+
+    try:
+        params = inspect.signature(model.module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in params
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+def _from_mapping(inputs: Mapping[str, Any], names: list[str]) -> tuple[torch.Tensor, ...]:
+    """A dict of named inputs (a tokenizer's output) as positional inputs in the model's order."""
+    given = {k: v for k, v in inputs.items() if v is not None}
+    unknown = [k for k in given if k not in names]
+    if unknown:
+        raise Fc2ConvError(f"the model takes no input named {', '.join(map(repr, unknown))}; "
+                           f"its inputs are {', '.join(names) or 'unnamed'}")
+    last = max(names.index(k) for k in given) if given else -1
+    missing = [n for n in names[:last + 1] if n not in given]
+    if missing:
+        raise Fc2ConvError(f"inputs= names {', '.join(given)} but not {', '.join(missing)}, "
+                           "which comes before them; pass it too (inputs are positional)")
+    return as_tensors(tuple(given[n] for n in names[:last + 1]))
+
+
+def as_draws(inputs: Any, model: Model) -> list[tuple[torch.Tensor, ...]]:
+    """The user's inputs as a list of draws: a tensor/array, a tuple of them or a dict of named
+    inputs (one draw each), or a list of such tuples/dicts (several draws)."""
+    if isinstance(inputs, list) and inputs and all(
+            isinstance(d, Mapping | tuple | list) for d in inputs):
+        items = list(inputs)
+    else:
+        items = [inputs]
+    draws = []
+    for item in items:
+        if isinstance(item, Mapping):
+            draws.append(_from_mapping(item, input_names(model)))
+        else:
+            draws.append(as_tensors(item))
+    if len({len(d) for d in draws}) > 1:
+        raise Fc2ConvError("every draw in inputs= must hold the same inputs; "
+                           f"got draws of {sorted({len(d) for d in draws})} tensors")
     return draws

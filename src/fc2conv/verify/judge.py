@@ -1,9 +1,22 @@
-"""Judging model outputs against their rounding bounds, element by element.
+"""Judging two models' tensors (outputs, or one layer's outputs) against a float64 reference.
 
-``check_elements`` is the rule of ``compare``: an element agrees when both models are within
-their own bound of the float64 reference (``|a - r| <= bound_a`` and ``|b - r| <= bound_b``), or
-both are the same non-finite value; NaN or Inf in one model only is a disagreement. Integer
-outputs must be equal.
+``Judge.check`` is the rule of ``compare``, one tensor of one draw at a time:
+
+- both models compute in the same precision (the usual case: a model and its conversion):
+  an element disagrees when B's error against the float64 reference ``r`` exceeds
+  :data:`B_ERROR_RATIO` (10) times A's largest error on that tensor (at least one unit roundoff
+  of the tensor's scale; :func:`judge_relative`) *and* rounding cannot explain it: B is beyond
+  its worst-case bound there, or (decided in ``compare``) ``|A - B|`` is beyond 16x the rounding
+  noise measured on A. The ratio is a necessary condition, so an element whose worst-case bound
+  happens to be ~0 raises no false alarm; the bound and the noise keep a B that merely sums in
+  another, less accurate order (bfloat16 partial sums) equivalent. A bug whose effect on B
+  exceeds 10x A's error is caught unless rounding could produce it.
+- different precisions (float32 vs float16, TF32 vs not): :func:`check_elements` — each model
+  within its own worst-case bound of ``r`` (``|a - r| <= bound_a``, ``|b - r| <= bound_b``),
+  each bound at least one unit roundoff of the tensor's scale.
+
+Everywhere: NaN or Inf in one model only (or different non-finite values) is a disagreement;
+the same non-finite value in both agrees; integer tensors must be equal.
 """
 
 from __future__ import annotations
@@ -29,6 +42,41 @@ class Judge:
 
     def bounds(self, ref: Reference, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return ref.bound_a[i] * self.scale, ref.bound_b[i] * self.scale
+
+    @property
+    def relative(self) -> bool:
+        """Both models compute in the same precision: B's error is judged against A's
+        (:func:`judge_relative`); else against the worst-case bounds (:func:`check_elements`)."""
+        return (self.ra.dtype == self.rb.dtype and self.ra.tf32 == self.rb.tf32
+                and self.ra.u_out > 0)
+
+    def check(self, ya: torch.Tensor, yb: torch.Tensor, r: torch.Tensor, ba: torch.Tensor,
+              bb: torch.Tensor, *, gated: bool = True) -> dict[str, torch.Tensor]:
+        """The elementwise verdict for one tensor (an output or a layer) of one draw, given the
+        (already scaled) worst-case bounds of A and B there. Same precision: an element fails
+        when B's error exceeds 10x A's (:func:`judge_relative`) *and* (``gated``) the worst-case
+        bound — a B that sums in another order may be less accurate than A, never beyond what
+        rounding can do; ``c["gate"]`` holds the ratio rule alone."""
+        if self.relative and ya.is_floating_point() and yb.is_floating_point():
+            c = judge_relative(ya, yb, r, self.ra.u_out)
+            if gated:
+                w = self._bounded(ya, yb, r, ba, bb)
+                c["fail"] = c["nan"] | (c["gate"] & w["fail"])
+            return c
+        return self._bounded(ya, yb, r, ba, bb)
+
+    def _bounded(self, ya: torch.Tensor, yb: torch.Tensor, r: torch.Tensor, ba: torch.Tensor,
+                 bb: torch.Tensor) -> dict[str, torch.Tensor]:
+        if ya.is_floating_point() and yb.is_floating_point():
+            # a bound of ~0 at one element (a value that cancels to ~0) is no evidence: each
+            # model may always be off by one unit roundoff of the tensor's scale
+            fin = torch.isfinite(r)
+            scale = float(r.double()[fin].abs().max()) if bool(fin.any()) else 0.0
+            ba = ba.clamp_min(self.ra.u_out * scale)
+            bb = bb.clamp_min(self.rb.u_out * scale)
+        c = check_elements(ya, yb, r, ba, bb)
+        c["ratio"] = c["d"] / c["allowed"].clamp_min(1e-300)
+        return c
 
 
 def exact_equal(x: torch.Tensor, y: torch.Tensor) -> bool:
@@ -58,3 +106,57 @@ def check_elements(ya: torch.Tensor, yb: torch.Tensor, r: torch.Tensor, ba: torc
     fail = nan | (fin_a & fin_b & ~within)
     return {"d": torch.where(fin_a & fin_b, d, torch.zeros_like(d)), "allowed": ba + bb,
             "fail": fail, "nan": nan, "ea": ea, "eb": eb, "r": r64}
+
+
+B_ERROR_RATIO = 10.0
+"""B's error against the float64 reference may be at most this many times A's (same precision).
+
+The *miss* definition of the zoo sweep: a planted bug must be caught whenever B's largest error
+against A's float64 reference exceeds ``B_ERROR_RATIO`` times A's largest error (both over one
+output of one draw, A's floored at one unit roundoff of the output's scale)."""
+
+
+def error_floor(ya: torch.Tensor, r: torch.Tensor, u: float) -> float:
+    """``max(max |A - r|, u · max |r|)`` over the finite elements: A's own largest error against
+    the float64 reference, at least one unit roundoff of the output's scale (so that an output
+    A happens to round perfectly cannot make any rounding of B look large)."""
+    a64, r64 = ya.double(), r.double()
+    fin = torch.isfinite(a64) & torch.isfinite(r64)
+    if not bool(fin.any()):
+        return float(torch.finfo(torch.float64).tiny)
+    ea = float((a64[fin] - r64[fin]).abs().max())
+    scale = float(r64[fin].abs().max())
+    return max(ea, u * scale, float(torch.finfo(ya.dtype).tiny)
+               if ya.is_floating_point() else 0.0, 1e-300)
+
+
+def judge_relative(ya: torch.Tensor, yb: torch.Tensor, r: torch.Tensor,
+                   u: float) -> dict[str, torch.Tensor]:
+    """The rule when both models compute in the same precision: an element fails when B's
+    error against the float64 reference exceeds :data:`B_ERROR_RATIO` times A's largest error
+    (:func:`error_floor`), or holds NaN/Inf where A does not (or the other way round).
+
+    Two float implementations of the same function err by similar amounts, whatever their
+    summation order; a bug that moves B further from the exact result than rounding moves A is
+    caught whatever the worst-case bound says (it can be 100x loose around softmax or layer
+    norm), and an element whose worst-case bound happens to be ~0 cannot raise a false alarm.
+    """
+    c = check_elements(ya, yb, r, torch.zeros_like(r, dtype=torch.float64),
+                       torch.zeros_like(r, dtype=torch.float64))
+    if not (ya.is_floating_point() and yb.is_floating_point()):
+        return c
+    floor = error_floor(ya, r, u)
+    eb = c["eb"]
+    beyond = torch.isfinite(eb) & (eb > B_ERROR_RATIO * floor)
+    c["gate"] = beyond
+    c["fail"] = c["nan"] | beyond
+    c["allowed"] = torch.full_like(eb, B_ERROR_RATIO * floor + floor)
+    c["ratio"] = (eb.nan_to_num(0.0, 0.0, 0.0) / floor)
+    return c
+
+
+def nonfinite_counts(t: torch.Tensor) -> tuple[int, int]:
+    """(NaN count, Inf count) of a tensor (0, 0 for integers)."""
+    if not t.is_floating_point():
+        return 0, 0
+    return int(t.isnan().sum()), int(t.isinf().sum())

@@ -100,7 +100,14 @@ class _ShakeOps(TorchDispatchMode):
 
 def rounding_noise(model: Any, draws: list[tuple[torch.Tensor, ...]], u: float,
                    longest: int) -> list[list[float]]:
-    """Per draw, per output: max over :data:`TRIALS` perturbations of ``|ỹ - y|`` for the float64
+    """Per draw, per output: the largest element of :func:`elementwise_noise`."""
+    return _maxima(elementwise_noise(model, draws, u, longest))
+
+
+def elementwise_noise(model: Any, draws: list[tuple[torch.Tensor, ...]], u: float,
+                      longest: int) -> list[list[Any]]:
+    """Per draw, per output, elementwise (a float64 tensor shaped like the output; ``0.0`` for an
+    integer or empty output): max over :data:`TRIALS` perturbations of ``|ỹ - y|`` for the float64
     twin of ``model`` (a :class:`~fc2conv.verify.models.Model`, PyTorch or ONNX) with weights,
     buffers and inputs perturbed by relative Gaussian noise of size
     ``sqrt(max(longest, 1)) * u``."""
@@ -123,7 +130,7 @@ def rounding_noise(model: Any, draws: list[tuple[torch.Tensor, ...]], u: float,
                                   dtype=t.dtype)
         return t * (1 + scale * xi.to(t.device))
 
-    noise = [[0.0] * len(exact_runs[0]) for _ in draws]
+    noise: list[list[Any]] = [[0.0] * len(exact_runs[0]) for _ in draws]
     for _ in range(TRIALS):
         shaken = copy.deepcopy(twin)
         with torch.no_grad():
@@ -139,15 +146,23 @@ def rounding_noise(model: Any, draws: list[tuple[torch.Tensor, ...]], u: float,
     return noise
 
 
-def _accumulate(noise: list[float], got: list[torch.Tensor], exact: list[torch.Tensor]) -> None:
+def _accumulate(noise: list[Any], got: list[torch.Tensor], exact: list[torch.Tensor]) -> None:
+    """Elementwise max over trials of ``|ỹ - y|`` (float64 tensors; 0.0 until the first)."""
     for i, (g, e) in enumerate(zip(got, exact, strict=True)):
         if g.is_floating_point() and g.numel():
-            d = (g.double() - e.double()).abs().nan_to_num(0, 0, 0)
-            noise[i] = max(noise[i], float(d.max()))
+            d = (torch.as_tensor(g).double() - torch.as_tensor(e).double()).abs()
+            d = d.nan_to_num(0, 0, 0)
+            prev = noise[i]
+            noise[i] = d if not isinstance(prev, torch.Tensor) else torch.maximum(prev, d)
+
+
+def _maxima(noise: list[list[Any]]) -> list[list[float]]:
+    return [[float(t.max()) if isinstance(t, torch.Tensor) and t.numel() else 0.0 for t in row]
+            for row in noise]
 
 
 def _onnx_noise(model: Any, draws: list[tuple[torch.Tensor, ...]],
-                scale: float) -> list[list[float]]:
+                scale: float) -> list[list[Any]]:
     """The same measurement for an ONNX model A, through onnx's reference evaluator; refused
     (``ValueError``) for graphs with roundings that perturbing weights and inputs misses."""
     import numpy as np
@@ -159,7 +174,7 @@ def _onnx_noise(model: Any, draws: list[tuple[torch.Tensor, ...]],
                          "activation products) whose rounding is not modelled for ONNX")
     gen = np.random.default_rng(0)
     exact_runs = [model.run(x, "reference").outputs for x in draws]
-    noise = [[0.0] * len(exact_runs[0]) for _ in draws]
+    noise: list[list[Any]] = [[0.0] * len(exact_runs[0]) for _ in draws]
     for _ in range(TRIALS):
         for k, (x, exact) in enumerate(zip(draws, exact_runs, strict=True)):
             _accumulate(noise[k], onnx_backend.run_shaken(model.onnx_model, x, scale, gen), exact)

@@ -42,6 +42,10 @@ class OutputStats:
     b_error: float = 0.0  # max |b - float64 reference|
     bound: float = 0.0  # the largest elementwise bound (|a-b| allowed) over the output
     nan_mismatch: int = 0
+    nan_a: int = 0  # NaN / Inf counts in each model's output, summed over the draws
+    inf_a: int = 0
+    nan_b: int = 0
+    inf_b: int = 0
     scale: float = 0.0  # max |float64 reference| over the output: the output's magnitude
     sample: int | None = None  # the draw holding the worst absolute difference
 
@@ -98,8 +102,12 @@ class Report:
             lines.append(f"Output {o.name!r} ({'x'.join(map(str, o.shape))}, {o.dtype}):")
             pct = 100.0 * o.mismatched / max(o.total, 1)
             lines.append(f"  Mismatched elements: {o.mismatched} / {o.total} ({pct:.1f}%)")
+            if o.nan_a or o.inf_a or o.nan_b or o.inf_b:
+                lines.append(f"  Non-finite values: A {o.nan_a} NaN, {o.inf_a} Inf; "
+                             f"B {o.nan_b} NaN, {o.inf_b} Inf")
             if o.nan_mismatch:
-                lines.append(f"  NaN/Inf in one model only: {o.nan_mismatch} elements")
+                lines.append(f"  NaN/Inf in one model only (or different): {o.nan_mismatch} "
+                             "elements")
             where = f" (draw {o.sample})" if o.sample is not None else ""
             lines.append(
                 f"  Greatest absolute difference: {_g(o.max_abs_error)} at index "

@@ -19,7 +19,7 @@ step() {  # step NAME SECONDS CMD...
   echo "   rc=$rc in $((SECONDS - t0))s"; tail -n 40 "$OUT/$name.log"
 }
 python3 -c "import sys, torch; print(sys.version.split()[0], torch.__version__, torch.cuda.get_device_name())"
-step pytest 170 python3 -m pytest -q -n 12 -p no:cacheprovider -x
-step overhead_tf32_on 110 python3 bench/converted_overhead.py --device cuda --tf32 on
-step overhead_tf32_off 110 python3 bench/converted_overhead.py --device cuda --tf32 off
-step dense_cuda 80 python3 bench/dense_throughput.py --device cuda --size 2048 --tile 1024 --repeats 3 --no-sliding
+step pytest 180 python3 -m pytest -q -n 10 -p no:cacheprovider
+step overhead_tf32_on 100 python3 bench/converted_overhead.py --device cuda --tf32 on
+step overhead_tf32_off 100 python3 bench/converted_overhead.py --device cuda --tf32 off
+step dense_cuda 70 python3 bench/dense_throughput.py --device cuda --size 2048 --tile 1024 --repeats 3 --no-sliding

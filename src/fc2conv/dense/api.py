@@ -8,6 +8,7 @@ untiled ``fcn(image)``; see the plan's docstring for the argument.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -114,6 +115,12 @@ def dense_map(model: Any, image: Any, *, input_shape: Sequence[int] | None = Non
     if input_shape is not None and int(input_shape[0]) != shape[0]:
         raise Fc2ConvError(f"the image has {shape[0]} channels; input_shape {tuple(input_shape)}"
                            f" expects {input_shape[0]}")
+    on = _module_device(model)
+    if on is not None and on.type != "cpu":
+        # geometry is traced on the CPU; work on a CPU copy (the caller's module stays put) and
+        # run the tiles where the model was, unless device says otherwise
+        device = device or str(on)
+        model = copy.deepcopy(model).cpu()  # type: ignore[union-attr]  # a Module here
     trace = tuple(input_shape) if input_shape is not None else (
         shape[0], *(min(n, 256 if dims == 2 else 64) for n in shape[1:]))
     fcn = dmodel.fully_convolutional(model, trace, convert=input_shape is not None)
@@ -279,3 +286,14 @@ def _eager(plan: TilePlan, source: Any, net: Any, mean: Any, std: Any, dev: str,
         return None
     blocks = {i: results[i] for i, _ in plan.blocks()}
     return da.asarray(_assemble(plan, blocks, classes))
+
+
+def _module_device(model: Any) -> Any:
+    """The device of ``model``'s first parameter or buffer (``None`` when it has none)."""
+    import torch
+
+    if not isinstance(model, torch.nn.Module):
+        return None
+    for t in (*model.parameters(), *model.buffers()):
+        return t.device
+    return None

@@ -42,6 +42,7 @@ from fc2conv.pytorch.ops import (
     new_module_name,
     tensor_shape,
 )
+from fc2conv.pytorch.quantized import quantized_layers, why_unconverted
 from fc2conv.pytorch.selfcheck import reference_copy, self_check
 from fc2conv.pytorch.trace import (
     as_inputs,
@@ -107,7 +108,13 @@ def to_conv(model: nn.Module | torch.export.ExportedProgram, example_inputs: Any
         raise Fc2ConvError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     conv_class(dims)
     inputs = as_inputs(example_inputs)
-    original = reference_copy(model, inplace, verify)
+    quantized = quantized_layers(model) if isinstance(model, nn.Module) else []
+    for qname, qdesc in quantized:
+        log.warning(why_unconverted(qname, qdesc))
+    if quantized and verify:
+        log.warning("the result is not self-checked: compare's float64 reference cannot run "
+                    "quantized layers (%s)", ", ".join(repr(n) for n, _ in quantized))
+    original = reference_copy(model, inplace, verify and not quantized)
     gm = to_graph(model, inputs, inplace=inplace)
     record_shapes(gm, inputs)
     seq_last = layout != "height"

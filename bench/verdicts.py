@@ -35,7 +35,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "zoo"))
 
-from zoo_models import ZOO, ZooModel  # noqa: E402
+from zoo_models import ZOO, ZooModel, logits  # noqa: E402
 
 import fc2conv  # noqa: E402
 
@@ -73,16 +73,6 @@ def draw(name: str, seed: int) -> tuple[torch.Tensor, ...]:
     return tuple(z.draw(seed, batch=2).values())
 
 
-def first_tensor(out: Any) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, dict):
-        return next(v for v in out.values() if isinstance(v, torch.Tensor))
-    if isinstance(out, tuple | list):
-        return first_tensor(out[0])
-    return first_tensor(out.to_tuple())
-
-
 def planted_layer(model: nn.Module) -> tuple[str, nn.Linear] | None:
     """A Linear in the middle of the model, square with a bias when there is one."""
     lins = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
@@ -117,9 +107,9 @@ def errors(a: nn.Module, a64: nn.Module, b: nn.Module,
            x: tuple[torch.Tensor, ...]) -> tuple[float, float]:
     """(A's error, B's error) against A's float64 twin, A's floored at u x scale."""
     with torch.no_grad():
-        r = first_tensor(a64(*[t.double() if t.is_floating_point() else t for t in x])).double()
-        ya = first_tensor(a(*x)).double()
-        yb = first_tensor(b(*x)).double().reshape(ya.shape)
+        r = logits(a64(*[t.double() if t.is_floating_point() else t for t in x])).double()
+        ya = logits(a(*x)).double()
+        yb = logits(b(*x)).double().reshape(ya.shape)
     u = torch.finfo(torch.float32).eps / 2
     ea = max(float((ya - r).abs().max()), u * float(r.abs().max()))
     return ea, float((yb - r).abs().max())

@@ -252,6 +252,8 @@ def logits(out: Any) -> torch.Tensor:
         return next(v for v in out.values() if isinstance(v, torch.Tensor))
     if isinstance(out, tuple | list):
         return logits(out[0])
+    if hasattr(out, "to_tuple"):  # a ModelOutput that is not a dict subclass
+        return logits(out.to_tuple())
     raise TypeError(f"no tensor in {type(out).__name__}")
 
 

@@ -175,8 +175,10 @@ def run(proto: Any, inputs: tuple[torch.Tensor, ...], mode: str, capture: bool) 
         import onnxruntime as ort
 
         model = _with_layer_outputs(proto, extra) if extra else proto
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3  # errors only: its warnings would add lines to our one
         try:
-            sess = ort.InferenceSession(model.SerializeToString(),
+            sess = ort.InferenceSession(model.SerializeToString(), opts,
                                         providers=["CPUExecutionProvider"])
             names = out_names + [n for n in extra if n not in out_names]
             values = sess.run(names, feeds)

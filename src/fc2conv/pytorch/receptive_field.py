@@ -170,7 +170,9 @@ def _through(gm: fx.GraphModule, node: fx.Node, operands: list[fx.Node],
     lin = linear_of(gm, node)
     if lin is not None or isinstance(mod, nn.Flatten) or (
             node.op in ("call_function", "call_method")
-            and getattr(node.target, "__name__", node.target) in ("flatten", "view", "reshape")):
+            # aten overloads read "flatten.using_ints", "view.default": the op is the first part
+            and str(getattr(node.target, "__name__", node.target)).split(".")[0]
+            in ("flatten", "view", "reshape", "_unsafe_view")):
         raise NotConvolutional(
             f"{name!r} flattens or mixes all positions, so the model is not fully "
             f"convolutional; run fc2conv.convolutionalize(model, input_shape) first"

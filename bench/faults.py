@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import shutil
 import signal
 import subprocess
@@ -29,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "faults")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import numpy as np  # noqa: E402
-from builders import big_onnx, hostile_onnx, mlp_onnx, small_pt2  # noqa: E402
-from fuzz import mutate_onnx, mutate_pt2, pickle_bomb, run_api, run_cli  # noqa: E402
+from builders import big_onnx, hostile_onnx, mlp_onnx  # noqa: E402
+from fuzz import campaign, pickle_bomb, run_cli  # noqa: E402
 from harness import (  # noqa: E402
     clean_outputs,
     command,
@@ -91,45 +92,12 @@ def signal_rows(folder: Path, moments: int, megabytes: int) -> list[tuple[str, i
 
 
 def fuzz_rows(folder: Path, files: int) -> list[tuple[str, int, str]]:
-    import fc2conv
-    from fc2conv.onnx import convert_file
-
-    inputs, outputs = folder / "in", folder / "out"
-    inputs.mkdir(), outputs.mkdir()
-    good = mlp_onnx(np.random.default_rng(0))
-    ref = folder / "good.onnx"
-    ref.write_bytes(good.SerializeToString())
-    results = []
-    for seed in range(files):
-        kind, data = mutate_onnx(good, seed)
-        f = inputs / f"m{seed}.onnx"
-        f.write_bytes(data)
-        out = outputs / f"o{seed}.onnx"
-        results.append(run_cli(["convert", str(f), str(out), "--to", "conv"], "onnx convert",
-                               kind, inputs))
-        results.append(run_cli(["convert", str(f), str(out), "--to", "conv", "--no-check"],
-                               "onnx convert --no-check", kind, inputs))
-        results.append(run_cli(["compare", str(ref), str(f), "--samples", "2"], "onnx compare",
-                               kind, inputs))
-        results.append(run_api(lambda f=f, out=out: convert_file(f, out, "conv", check=False),
-                               "onnx api convert_file", kind, inputs))
-        f.unlink()
-    pt2 = small_pt2(folder / "good.pt2")
+    (folder / "onnx").mkdir(), (folder / "pt2").mkdir()
     marker = folder / "PWNED"
-    for seed in range(files):
-        kind, data = mutate_pt2(pt2.read_bytes(), seed, marker)
-        f = inputs / f"m{seed}.pt2"
-        f.write_bytes(data)
-        out = outputs / f"o{seed}.pt2"
-        results.append(run_cli(["convert", str(f), str(out), "--to", "conv", "--no-check"],
-                               "pt2 convert", kind, inputs))
-        results.append(run_cli(["compare", str(pt2), str(f), "--samples", "2"], "pt2 compare",
-                               kind, inputs))
-        results.append(run_cli(["convolutionalize", str(f), str(out), "--input-shape", "3,8,8",
-                                "--no-check"], "pt2 convolutionalize", kind, inputs))
-        results.append(run_api(lambda f=f: fc2conv.compare(pt2, f, samples=2, layers=False),
-                               "pt2 api compare", kind, inputs))
-        f.unlink()
+    results = [dataclasses.replace(r, entry=f"onnx {r.entry}")
+               for r in campaign("onnx", folder / "onnx", files, every_entry=True)]
+    results += [dataclasses.replace(r, entry=f"pt2 {r.entry}")
+                for r in campaign("pt2", folder / "pt2", files, every_entry=True, marker=marker)]
     rows = []
     by_entry: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
     for r in results:

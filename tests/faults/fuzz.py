@@ -266,3 +266,82 @@ def _damage_json(doc: object, rng: random.Random, keys: bool) -> None:
             parent[f"{k}_x"] = value
         return
     parent[k] = rng.choice([None, -1, 0, 10**12, "x", [], {}, 1.5, True])
+
+
+# -- campaigns: one loop for the test tier and for bench/faults.py ------------------------------
+
+def _onnx_entries(reference: Path) -> list[tuple[str, Callable[[Path, Path, str, Path], Exercise]]]:
+    import fc2conv
+    from fc2conv.onnx import convert_file
+
+    return [
+        ("convert", lambda f, out, kind, w: run_cli(
+            ["convert", str(f), str(out), "--to", "conv"], "convert", kind, w)),
+        ("convert --no-check", lambda f, out, kind, w: run_cli(
+            ["convert", str(f), str(out), "--to", "conv", "--no-check"],
+            "convert --no-check", kind, w)),
+        ("compare", lambda f, out, kind, w: run_cli(
+            ["compare", str(reference), str(f), "--samples", "2"], "compare", kind, w)),
+        ("api convert_file", lambda f, out, kind, w: run_api(
+            lambda: convert_file(f, out, "conv", check=False), "api convert_file", kind, w)),
+        ("api compare", lambda f, out, kind, w: run_api(
+            lambda: fc2conv.compare(reference, f, samples=2, layers=False),
+            "api compare", kind, w)),
+    ]
+
+
+def _pt2_entries(reference: Path) -> list[tuple[str, Callable[[Path, Path, str, Path], Exercise]]]:
+    import fc2conv
+
+    return [
+        ("convert", lambda f, out, kind, w: run_cli(
+            ["convert", str(f), str(out), "--to", "conv", "--no-check"], "convert", kind, w)),
+        ("compare", lambda f, out, kind, w: run_cli(
+            ["compare", str(reference), str(f), "--samples", "2"], "compare", kind, w)),
+        ("convolutionalize", lambda f, out, kind, w: run_cli(
+            ["convolutionalize", str(f), str(out), "--input-shape", "3,8,8", "--no-check"],
+            "convolutionalize", kind, w)),
+        ("api compare", lambda f, out, kind, w: run_api(
+            lambda: fc2conv.compare(reference, f, samples=2, layers=False),
+            "api compare", kind, w)),
+    ]
+
+
+def campaign(fmt: str, folder: Path, files: int, *, every_entry: bool,
+             marker: Path | None = None) -> list[Exercise]:
+    """``files`` mutants of a good ``fmt`` file ("onnx" or "pt2") through the entry points.
+
+    ``every_entry``: each mutant goes through every entry (the benchmark's tally); otherwise
+    mutant ``seed`` goes through entry ``seed mod n`` (the test tier's budget; the ONNX API
+    entries share one slot). ``marker``: the file a pickle bomb would create (pt2 only).
+    """
+    import numpy as np
+    from builders import mlp_onnx, small_pt2  # the test tier's builders, beside this module
+
+    inputs, outputs = folder / "in", folder / "out"
+    inputs.mkdir(), outputs.mkdir()
+    if fmt == "onnx":
+        good_model = mlp_onnx(np.random.default_rng(0))
+        reference = folder / "good.onnx"
+        reference.write_bytes(good_model.SerializeToString())
+        entries = _onnx_entries(reference)
+        slots = [[0], [1], [2], [3, 4]]
+    else:
+        reference = small_pt2(folder / "good.pt2")
+        good_bytes = reference.read_bytes()
+        entries = _pt2_entries(reference)
+        slots = [[i] for i in range(len(entries))]
+    results: list[Exercise] = []
+    for seed in range(files):
+        if fmt == "onnx":
+            kind, data = mutate_onnx(good_model, seed)
+        else:
+            kind, data = mutate_pt2(good_bytes, seed, marker or folder / "PWNED")
+        f = inputs / f"m{seed}.{fmt}"
+        f.write_bytes(data)
+        out = outputs / f"o{seed}.{fmt}"
+        chosen = range(len(entries)) if every_entry else slots[seed % len(slots)]
+        for i in chosen:
+            results.append(entries[i][1](f, out, kind, inputs))
+        f.unlink()
+    return results

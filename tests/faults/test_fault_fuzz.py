@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import collections
 
-import numpy as np
 import pytest
-from builders import mlp_onnx, small_pt2
-from fuzz import mutate_onnx, mutate_pt2, run_api, run_cli
+from fuzz import campaign
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(600)]
 
@@ -37,39 +35,8 @@ def _check(results, marker=None):
 
 
 def test_mutated_onnx_files_end_in_a_sentence_never_a_traceback(tmp_path):
-    inputs, outputs = tmp_path / "in", tmp_path / "out"
-    inputs.mkdir(), outputs.mkdir()
-    good = mlp_onnx(np.random.default_rng(0))
-    reference = tmp_path / "good.onnx"
-    reference.write_bytes(good.SerializeToString())
-    import fc2conv
-    from fc2conv.onnx import convert_file
-
-    results = []
-    for seed in range(FILES):
-        kind, data = mutate_onnx(good, seed)
-        f = inputs / f"m{seed}.onnx"
-        f.write_bytes(data)
-        out = outputs / f"o{seed}.onnx"
-        entry = seed % 4
-        if entry == 0:
-            results.append(run_cli(["convert", str(f), str(out), "--to", "conv"],
-                                   "convert", kind, inputs))
-        elif entry == 1:
-            results.append(run_cli(["convert", str(f), str(out), "--to", "conv", "--no-check"],
-                                   "convert --no-check", kind, inputs))
-        elif entry == 2:
-            results.append(run_cli(["compare", str(reference), str(f), "--samples", "2"],
-                                   "compare", kind, inputs))
-        else:
-            results.append(run_api(lambda f=f, out=out: convert_file(f, out, "conv",
-                                                                      check=False),
-                                   "api convert_file", kind, inputs))
-            results.append(run_api(lambda f=f: fc2conv.compare(reference, f, samples=2,
-                                                               layers=False),
-                                   "api compare", kind, inputs))
-        f.unlink()
-        assert not any(p.name.startswith(".") for p in outputs.iterdir())
+    results = campaign("onnx", tmp_path, FILES, every_entry=False)
+    assert not any(p.name.startswith(".") for p in (tmp_path / "out").iterdir())
     table = _check(results)
     assert len({r.kind for r in results}) >= 10
     # the fuzzer reaches past loading: some mutants load and convert, some are refused
@@ -78,33 +45,7 @@ def test_mutated_onnx_files_end_in_a_sentence_never_a_traceback(tmp_path):
 
 
 def test_mutated_pt2_files_end_in_a_sentence_and_pickles_are_never_loaded(tmp_path):
-    inputs, outputs = tmp_path / "in", tmp_path / "out"
-    inputs.mkdir(), outputs.mkdir()
-    reference = small_pt2(tmp_path / "good.pt2")
-    good = reference.read_bytes()
     marker = tmp_path / "PWNED"
-    import fc2conv
-
-    results = []
-    for seed in range(FILES):
-        kind, data = mutate_pt2(good, seed, marker)
-        f = inputs / f"m{seed}.pt2"
-        f.write_bytes(data)
-        out = outputs / f"o{seed}.pt2"
-        entry = seed % 4
-        if entry == 0:
-            results.append(run_cli(["convert", str(f), str(out), "--to", "conv", "--no-check"],
-                                   "convert", kind, inputs))
-        elif entry == 1:
-            results.append(run_cli(["compare", str(reference), str(f), "--samples", "2"],
-                                   "compare", kind, inputs))
-        elif entry == 2:
-            results.append(run_cli(["convolutionalize", str(f), str(out), "--input-shape",
-                                    "3,8,8", "--no-check"], "convolutionalize", kind, inputs))
-        else:
-            results.append(run_api(lambda f=f: fc2conv.compare(reference, f, samples=2,
-                                                               layers=False),
-                                   "api compare", kind, inputs))
-        f.unlink()
+    results = campaign("pt2", tmp_path, FILES, every_entry=False, marker=marker)
     _check(results, marker)
     assert len({r.kind for r in results}) >= 10

@@ -134,14 +134,16 @@ def normalize_matmuls(gm: fx.GraphModule) -> int:
                        f"tensor is not a per-position linear map fc2conv recognizes")
             continue
         x, w, bias, extra = found
+        if attr_of(gm, x) is not None or _transposed_attr(gm, x) is not None:
+            if not (_stored_2d(gm, w) or _transposed_attr(gm, w) is not None):
+                _stays(node, "the stored weight multiplies from the left (W @ x), which "
+                       "contracts the input's second-to-last axis, not its features")
+            continue  # a product of two stored tensors is weight algebra, not a layer
         w_plain = _stored_2d(gm, w)
         w_t = _transposed_attr(gm, w)
         if not w_plain and w_t is None:
             stored = attr_of(gm, w)
-            if _stored_2d(gm, x) or _transposed_attr(gm, x) is not None:
-                _stays(node, "the stored weight multiplies from the left (W @ x), which "
-                       "contracts the input's second-to-last axis, not its features")
-            elif stored is not None:
+            if stored is not None:
                 _stays(node, f"its stored weight has {stored.dim()} axes, not 2")
             continue
         if any(extra.get(k, 1) != 1 for k in ("alpha", "beta")):

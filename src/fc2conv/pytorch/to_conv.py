@@ -95,8 +95,13 @@ def _layer_norm_of(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, nn.Modul
 def to_conv(model: nn.Module | torch.export.ExportedProgram, example_inputs: Any, *,
             dims: int = 2, layout: str = "auto", inplace: bool = False,
             only: Collection[str] | None = None, verify: bool = True) -> fx.GraphModule:
-    """Return a copy of ``model`` in which every ``nn.Linear`` (and ``F.linear`` of stored
-    weights) is a 1x1 ``nn.Conv{dims}d``, with the same input and output shapes.
+    """Return a copy of ``model`` in which every ``nn.Linear`` and every product with a stored
+    weight (``F.linear``, ``x @ W``, ``x @ W.T``, ``mm``, ``addmm``: weights stored ``(out,
+    in)`` or ``(in, out)`` as GPT-2's ``Conv1D``; see :mod:`fc2conv.pytorch.matmuls`) is a 1x1
+    ``nn.Conv{dims}d``, with the same input and output shapes. A product that stays is named
+    in a warning with its reason. Weights keep their contract (:mod:`fc2conv.pytorch.weights`):
+    a tied weight stays one parameter, unchanged modules keep their names and types, and each
+    converted layer loads the state-dict entry of the layer it replaced.
 
     ``example_inputs`` (a tensor, a tuple, or a dict of keyword inputs such as a tokenizer's
     output) fixes the ranks of the activations; any batch size or sequence length the original

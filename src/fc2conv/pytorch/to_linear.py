@@ -162,7 +162,11 @@ def to_linear(model: nn.Module | torch.export.ExportedProgram, example_inputs: A
     padding, any groups) is an ``nn.Linear`` applied to a channels-last view; other convs stay.
 
     Same input/output shapes as ``model``; converted layers keep their names and record their
-    origin. ``example_inputs`` (a tensor or tuple) fixes the activation ranks. ``only``: convert
+    origin, and load the state-dict entry of the conv they replace (``(O, C, 1, ...)``); a conv
+    ``to_conv`` made from a weight stored ``(in, out)`` comes back as a
+    :class:`~fc2conv.pytorch.ops.TransposedLinear`, and one whose weight is tied comes back
+    holding that very parameter, so ``to_linear(to_conv(m))`` loads ``m.state_dict()``.
+    ``example_inputs`` (a tensor or tuple) fixes the activation ranks. ``only``: convert
     just the layers with these names. ``verify``: check the result against ``model`` with
     :func:`fc2conv.compare` on the example inputs and a fresh draw (``Fc2ConvError`` naming the
     first diverging layer when different; ``False`` skips it).

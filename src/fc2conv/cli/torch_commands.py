@@ -21,8 +21,13 @@ def _verify(original: Any, converted: Any, inputs: tuple[Any, ...]) -> tuple[boo
     """``fc2conv.compare`` of ``converted`` against ``original`` on ``inputs`` (plus its own
     random draws): ``(not different, the report's text)``. Outputs that differ only by
     singleton axes (``(N, K)`` vs ``(N, K, 1, 1)``) are aligned by compare."""
+    from fc2conv.pytorch.selfcheck import positional
     from fc2conv.verify import compare
 
+    if getattr(inputs, "kwargs", None):  # a program called with keywords
+        (original, tensors), (converted, _) = positional(original, inputs), \
+            positional(converted, inputs)
+        inputs = tensors
     report = compare(original, converted, inputs=inputs, layers=False)
     return report.verdict != "different", str(report)
 

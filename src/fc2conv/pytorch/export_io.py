@@ -19,13 +19,16 @@ from torch import nn
 
 from fc2conv.errors import Fc2ConvError, load_or_explain
 from fc2conv.files import atomic_output
+from fc2conv.pytorch.load import register_pytree_types
 
 log = logging.getLogger(__name__)
 
 
 def load(path: str | os.PathLike[str]) -> torch.export.ExportedProgram:
     """Load a ``.pt2`` program; a file that is not one is reported as a sentence (torch's
-    own logged traceback for a bad archive is silenced)."""
+    own logged traceback for a bad archive is silenced). A program whose inputs or outputs
+    are a library's classes (a Hugging Face ``ModelOutput``) loads when that library is
+    installed (:func:`fc2conv.pytorch.load.register_pytree_types`), else one sentence names it."""
     if not os.path.exists(path):
         raise FileNotFoundError(2, "No such file or directory", str(path))
     if os.path.isdir(path):
@@ -35,6 +38,8 @@ def load(path: str | os.PathLike[str]) -> torch.export.ExportedProgram:
             f"{path} is ONNX, not a torch.export program (.pt2); rename it to .onnx and use "
             f"the ONNX path (fc2conv convert IN.onnx OUT.onnx --to conv [--dynamic-spatial])"
         )
+    register_pytree_types(path)  # a ModelOutput class: import its installed module first
+
     def _load() -> torch.export.ExportedProgram:
         with quiet():
             program = torch.export.load(path)
@@ -132,6 +137,11 @@ def export(model: nn.Module, example_inputs: tuple[Any, ...], *, dynamic_batch: 
     static shapes (with a log message) if torch cannot export the dynamic version."""
     from torch.export import Dim
 
+    kwargs = getattr(example_inputs, "kwargs", None)
+    if kwargs:  # keyword inputs (a Hugging Face model): every axis dynamic where it can be
+        from fc2conv.pytorch.trace import export_dynamic
+
+        return export_dynamic(model, example_inputs)  # type: ignore[arg-type]
     first = example_inputs[0]
     if dynamic_batch and isinstance(first, torch.Tensor) and first.shape[0] == 1:
         # export specializes size-1 axes; a batch of 2 keeps the batch axis symbolic
@@ -174,9 +184,16 @@ def save(program: torch.export.ExportedProgram, path: str | os.PathLike[str]) ->
         torch.export.save(program, tmp)
 
 
-def example_input_of(program: torch.export.ExportedProgram) -> tuple[torch.Tensor, ...]:
-    """Random inputs of the shapes and dtypes the program was exported with."""
-    inputs = []
+def example_input_of(program: torch.export.ExportedProgram) -> tuple[Any, ...]:
+    """Random inputs of the shapes and dtypes the program was exported with: a tuple, or, for
+    a program called with keywords (a Hugging Face model's ``input_ids=...``), an
+    :class:`~fc2conv.pytorch.trace.Inputs` carrying them (integer inputs are zeros -- valid
+    token ids -- and ones for masks)."""
+    from torch.utils._pytree import tree_unflatten
+
+    from fc2conv.pytorch.trace import Inputs
+
+    inputs: list[Any] = []
     for node in program.graph.nodes:
         if node.op != "placeholder" or node.name in program.graph_signature.inputs_to_parameters \
                 or node.name in program.graph_signature.inputs_to_buffers \
@@ -186,6 +203,14 @@ def example_input_of(program: torch.export.ExportedProgram) -> tuple[torch.Tenso
         if not isinstance(val, torch.Tensor):
             raise Fc2ConvError("the program takes a non-tensor input; fc2conv needs tensor inputs")
         shape = [int(s) if isinstance(s, int) else int(s.node.hint or 2) for s in val.shape]
-        inputs.append(torch.randn(shape, dtype=val.dtype) if val.is_floating_point()
-                      else torch.zeros(shape, dtype=val.dtype))
+        if val.is_floating_point():
+            inputs.append(torch.randn(shape, dtype=val.dtype))
+        else:
+            fill = torch.ones if "mask" in node.name else torch.zeros
+            inputs.append(fill(shape, dtype=val.dtype))
+    spec = program.call_spec.in_spec
+    if spec is not None and spec.num_leaves == len(inputs):
+        args, kwargs = tree_unflatten(inputs, spec)
+        if kwargs:
+            return Inputs(tuple(args), dict(kwargs))
     return tuple(inputs)

@@ -108,36 +108,79 @@ def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
     return node.kwargs.get(name, default)
 
 
+def linear_in_out(x: torch.Tensor, weight: torch.Tensor,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight + bias`` for a weight stored ``(in, out)`` (GPT-2's ``Conv1D``): the
+    Linear of ``weight.T`` over the last axis of ``x``."""
+    return F.linear(x, weight.t(), bias)
+
+
+class TransposedLinear(nn.Module):
+    """A Linear whose weight is stored ``(in, out)``, as GPT-2's ``Conv1D``:
+    ``y = x @ weight + bias`` over the last axis of ``x``. ``to_linear`` gives one back for a
+    conv that ``to_conv`` made from such a layer, so the result loads the original state dict."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = int(weight.shape[0]), int(weight.shape[1])
+        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(),
+                                                           requires_grad=bias.requires_grad)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear_in_out(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, weight stored (in, out)")
+
+
 @dataclass
 class LinearOp:
     """A node computing ``x @ W.T + b``: its input node, a Linear sharing W and b, and the
-    user's name of the layer (module path, or the weight's path without ``.weight``)."""
+    user's name of the layer (module path, or the weight's path without ``.weight``).
+    ``transposed``: the stored weight is ``(in, out)`` (``linear.weight`` is its ``.T``)."""
 
     input: fx.Node
     linear: nn.Linear
     name: str
     weight_target: str | None  # the get_attr target of W for function forms
+    transposed: bool = False
 
 
 def linear_of(gm: fx.GraphModule, node: fx.Node) -> LinearOp | None:
-    """Recognize ``nn.Linear`` modules, ``F.linear`` and ``aten.linear`` with stored weights."""
+    """Recognize ``nn.Linear`` and :class:`TransposedLinear` modules, ``F.linear``,
+    ``aten.linear`` and :func:`linear_in_out` with stored weights."""
     mod = module_of(gm, node)
     if isinstance(mod, nn.Linear) and node.args:
         return LinearOp(node.args[0], mod, str(node.target), None)  # type: ignore[arg-type]
-    if node.op != "call_function" or node.target not in (F.linear, aten.linear.default):
+    if isinstance(mod, TransposedLinear) and node.args:
+        lin = _linear_view(mod.weight.t(), mod.bias)
+        return LinearOp(node.args[0], lin, str(node.target), None, True)  # type: ignore[arg-type]
+    transposed = node.op == "call_function" and node.target is linear_in_out
+    if node.op != "call_function" or not (transposed or node.target in (F.linear,
+                                                                        aten.linear.default)):
         return None
     x, w_node, b_node = _arg(node, 0, "input"), _arg(node, 1, "weight"), _arg(node, 2, "bias")
+    if transposed and x is None:
+        x = node.kwargs.get("x")
     weight = attr_of(gm, w_node)
     bias = attr_of(gm, b_node) if b_node is not None else None
     if weight is None or weight.dim() != 2 or (b_node is not None and bias is None):
         return None
+    target = str(w_node.target)
+    lin = _linear_view(weight.t() if transposed else weight, bias)
+    return LinearOp(x, lin, layer_name(target), target, transposed)
+
+
+def _linear_view(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """An ``nn.Linear`` whose parameters share ``weight`` (``(out, in)``) and ``bias``."""
     lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None,
                     device=weight.device, dtype=weight.dtype)
     lin.weight = nn.Parameter(weight.detach(), requires_grad=weight.requires_grad)
     if bias is not None:
         lin.bias = nn.Parameter(bias.detach(), requires_grad=bias.requires_grad)
-    target = str(w_node.target)
-    return LinearOp(x, lin, layer_name(target), target)
+    return lin
 
 
 def layer_name(weight_target: str) -> str:

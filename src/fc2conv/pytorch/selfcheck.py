@@ -51,6 +51,13 @@ class _Positional(nn.Module):
         return self.model(*args, **kwargs)
 
 
+def positional(model: Any, inputs: Any) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """``model`` and ``inputs`` (a tuple or keyword :class:`Inputs`) as ``compare`` takes
+    them: a module called with the tensors positionally, and those tensors."""
+    ins = inputs if isinstance(inputs, Inputs) else Inputs(tuple(inputs))
+    return _Positional(model, ins), tuple(t for _, t in ins.tensors())
+
+
 def fresh_draw(inputs: Inputs, seed: int = 0) -> Inputs:
     """Inputs like ``inputs`` with new random values (see the module docstring)."""
     g = torch.Generator().manual_seed(seed)

@@ -14,7 +14,6 @@ spatial axes: ``(B, S, C) -> (B, C, 1, S)`` for ``dims=2`` (Apple's ANE layout; 
 from __future__ import annotations
 
 import logging
-import operator
 from collections.abc import Callable, Collection
 from typing import Any
 
@@ -34,6 +33,7 @@ from fc2conv.pytorch.layout import (
     last_to_channels,
     relayout,
 )
+from fc2conv.pytorch.matmuls import normalize_matmuls
 from fc2conv.pytorch.ops import (
     attr_of,
     is_pointwise,
@@ -41,6 +41,7 @@ from fc2conv.pytorch.ops import (
     module_of,
     new_module_name,
     tensor_shape,
+    user_name,
 )
 from fc2conv.pytorch.quantized import quantized_layers, why_unconverted
 from fc2conv.pytorch.selfcheck import reference_copy, self_check
@@ -51,6 +52,12 @@ from fc2conv.pytorch.trace import (
     record_shapes,
     to_graph,
     unique_name,
+)
+from fc2conv.pytorch.weights import (
+    accept_source_layout,
+    restore_modules,
+    retarget_aliases,
+    share_storage,
 )
 
 log = logging.getLogger(__name__)
@@ -88,8 +95,13 @@ def _layer_norm_of(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, nn.Modul
 def to_conv(model: nn.Module | torch.export.ExportedProgram, example_inputs: Any, *,
             dims: int = 2, layout: str = "auto", inplace: bool = False,
             only: Collection[str] | None = None, verify: bool = True) -> fx.GraphModule:
-    """Return a copy of ``model`` in which every ``nn.Linear`` (and ``F.linear`` of stored
-    weights) is a 1x1 ``nn.Conv{dims}d``, with the same input and output shapes.
+    """Return a copy of ``model`` in which every ``nn.Linear`` and every product with a stored
+    weight (``F.linear``, ``x @ W``, ``x @ W.T``, ``mm``, ``addmm``: weights stored ``(out,
+    in)`` or ``(in, out)`` as GPT-2's ``Conv1D``; see :mod:`fc2conv.pytorch.matmuls`) is a 1x1
+    ``nn.Conv{dims}d``, with the same input and output shapes. A product that stays is named
+    in a warning with its reason. Weights keep their contract (:mod:`fc2conv.pytorch.weights`):
+    a tied weight stays one parameter, unchanged modules keep their names and types, and each
+    converted layer loads the state-dict entry of the layer it replaced.
 
     ``example_inputs`` (a tensor, a tuple, or a dict of keyword inputs such as a tokenizer's
     output) fixes the ranks of the activations; any batch size or sequence length the original
@@ -117,12 +129,16 @@ def to_conv(model: nn.Module | torch.export.ExportedProgram, example_inputs: Any
     original = reference_copy(model, inplace, verify and not quantized)
     gm = to_graph(model, inputs, inplace=inplace)
     record_shapes(gm, inputs)
+    retarget_aliases(gm)
+    if normalize_matmuls(gm):
+        record_shapes(gm, inputs)
     seq_last = layout != "height"
     # recognized before any rewrite: once a shared layer's module is replaced by its conv, a
     # later call of it no longer looks like a Linear, yet it must be converted too
     ops = {n: op for n in gm.graph.nodes if (op := linear_of(gm, n)) is not None}
     converted: dict[str, nn.Module] = {}
     names: dict[str, str] = {}
+    made: list[tuple[nn.Module, torch.Tensor]] = []  # (new layer, the weight it came from)
 
     def rewrite(node: fx.Node, is_moved: Callable[[fx.Node], bool]
                 ) -> tuple[nn.Module, str, fx.Node] | None:
@@ -134,6 +150,10 @@ def to_conv(model: nn.Module | torch.export.ExportedProgram, example_inputs: Any
                     conv = linear_to_conv(op.linear, dims, source=op.name)
                 except Fc2ConvError as err:
                     raise wrap(f"Cannot convert {op.name!r} ({describe(op.linear)})", err) from None
+                if op.transposed:  # to_linear gives back a weight stored (in, out)
+                    conv.fc2conv_transposed = True  # type: ignore[assignment]
+                accept_source_layout(conv)
+                made.append((conv, op.linear.weight))
                 converted[key] = conv
                 names[key] = (op.name if op.weight_target is None
                               or replaceable(gm, op.name, {n for n, o in ops.items()
@@ -148,8 +168,9 @@ def to_conv(model: nn.Module | torch.export.ExportedProgram, example_inputs: Any
                 is_moved(ln[0]) or (node.users and all(u in ops for u in node.users))):
             source, new, name = ln
             mark(new, name, f"LayerNorm {new.channels}")  # type: ignore[attr-defined]
-            target = name if node.op == "call_module" and _calls_only_moved(gm, node) \
-                else unique_name(gm, f"{name}_channels")
+            keeps_name = (_calls_only_moved(gm, node) if node.op == "call_module"
+                          else replaceable(gm, name, {node}))
+            target = name if keeps_name else unique_name(gm, f"{name}_channels")
             return new, target, source
         return None
 
@@ -180,6 +201,8 @@ def to_conv(model: nn.Module | torch.export.ExportedProgram, example_inputs: Any
                for a in n.all_input_nodes if a.op == "get_attr"}
     drop_dead_attrs(gm, weights)
     gm = finish(gm)
+    share_storage(gm, made)
+    restore_modules(gm, model)
     for name, conv in converted.items():
         log.info("%s -> %s", name, describe(conv))
     self_check(original, gm, inputs, "to_conv result")
@@ -191,13 +214,8 @@ def _warn_opaque(gm: fx.GraphModule) -> None:
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in (
                 F.linear, torch.ops.aten.linear.default) and linear_of(gm, node) is None:
-            log.warning("%r computes its Linear weight in the graph (not a stored parameter), "
-                        "so it stays a Linear", node.name)
-        weight = _matmul_weight(gm, node)
-        if weight is not None:
-            log.warning("%r multiplies by the stored tensor %r (x @ W), which stays a matmul: "
-                        "fc2conv converts nn.Linear and F.linear(x, W, b); write it as "
-                        "F.linear(x, W.T) to convert it", node.name, weight)
+            log.warning("%r (%s) computes its Linear weight in the graph (not a stored "
+                        "parameter), so it stays a Linear", user_name(node), node.name)
         mod = module_of(gm, node)
         if mod is None or isinstance(mod, nn.Linear):
             continue
@@ -207,24 +225,6 @@ def _warn_opaque(gm: fx.GraphModule) -> None:
                 "%r (%s) is traced as one op, so its Linear layers (%s) stay Linear; "
                 "its weights are used by its own forward", str(node.target),
                 type(mod).__name__, ", ".join(inner))
-
-
-_MATMULS = {operator.matmul, torch.matmul, torch.mm, torch.ops.aten.matmul.default,
-            torch.ops.aten.mm.default}
-
-
-def _matmul_weight(gm: fx.GraphModule, node: fx.Node) -> str | None:
-    """The stored tensor (a ``get_attr`` path) that ``node`` multiplies by, when it is a
-    matmul ``x @ W`` with a 2-D stored ``W``."""
-    is_matmul = (node.op == "call_function" and node.target in _MATMULS) or (
-        node.op == "call_method" and node.target in ("matmul", "mm", "__matmul__"))
-    if not is_matmul:
-        return None
-    for arg in node.args[:2]:
-        tensor = attr_of(gm, arg)
-        if tensor is not None and tensor.dim() == 2:
-            return str(arg.target)  # type: ignore[union-attr]
-    return None
 
 
 def replaceable(gm: fx.GraphModule, name: str, owners: set[fx.Node]) -> bool:

@@ -31,6 +31,7 @@ from fc2conv.pytorch.layout import (
     relayout,
 )
 from fc2conv.pytorch.ops import (
+    TransposedLinear,
     attr_of,
     is_pointwise,
     layer_name,
@@ -47,6 +48,12 @@ from fc2conv.pytorch.trace import (
     record_shapes,
     to_graph,
     unique_name,
+)
+from fc2conv.pytorch.weights import (
+    accept_source_layout,
+    restore_modules,
+    retarget_aliases,
+    share_storage,
 )
 
 log = logging.getLogger(__name__)
@@ -93,6 +100,16 @@ def _pointwise_conv(gm: fx.GraphModule, node: fx.Node) -> tuple[nn.Module, fx.No
                                          or any(p != 0 for p in conv.padding))):
         return None
     return conv, x, name, wt  # type: ignore[return-value]
+
+
+def transposed_back(lin: nn.Linear) -> TransposedLinear:
+    """The :class:`~fc2conv.pytorch.ops.TransposedLinear` (weight stored ``(in, out)``) of a
+    Linear whose conv ``to_conv`` made from such a layer (GPT-2's ``Conv1D``): ``W_stored =
+    W.T``, so the result loads the original state dict."""
+    new = TransposedLinear(lin.weight.t(), lin.bias)
+    new.train(lin.training)
+    return mark(new, source_of(lin), f"Linear {lin.in_features}->{lin.out_features}, "  # type: ignore[return-value]
+                "weight stored (in, out)")
 
 
 def _region_args(gm: fx.GraphModule, member: Callable[[fx.Node], bool]
@@ -145,7 +162,11 @@ def to_linear(model: nn.Module | torch.export.ExportedProgram, example_inputs: A
     padding, any groups) is an ``nn.Linear`` applied to a channels-last view; other convs stay.
 
     Same input/output shapes as ``model``; converted layers keep their names and record their
-    origin. ``example_inputs`` (a tensor or tuple) fixes the activation ranks. ``only``: convert
+    origin, and load the state-dict entry of the conv they replace (``(O, C, 1, ...)``); a conv
+    ``to_conv`` made from a weight stored ``(in, out)`` comes back as a
+    :class:`~fc2conv.pytorch.ops.TransposedLinear`, and one whose weight is tied comes back
+    holding that very parameter, so ``to_linear(to_conv(m))`` loads ``m.state_dict()``.
+    ``example_inputs`` (a tensor or tuple) fixes the activation ranks. ``only``: convert
     just the layers with these names. ``verify``: check the result against ``model`` with
     :func:`fc2conv.compare` on the example inputs and a fresh draw (``Fc2ConvError`` naming the
     first diverging layer when different; ``False`` skips it).
@@ -154,10 +175,12 @@ def to_linear(model: nn.Module | torch.export.ExportedProgram, example_inputs: A
     original = reference_copy(model, inplace, verify)
     gm = to_graph(model, inputs, inplace=inplace)
     record_shapes(gm, inputs)
+    retarget_aliases(gm)
     # recognized before any rewrite: once a shared conv is replaced by its Linear, a later
     # call of it no longer looks like a conv, yet it must be converted too
     convs = {n: f for n in gm.graph.nodes if (f := _pointwise_conv(gm, n)) is not None}
     converted: dict[str, tuple[nn.Module, str]] = {}
+    made: list[tuple[nn.Module, torch.Tensor]] = []  # (new layer, the weight it came from)
 
     def rewrite(node: fx.Node, is_moved: Callable[[fx.Node], bool]
                 ) -> tuple[nn.Module, str, fx.Node] | None:
@@ -166,7 +189,12 @@ def to_linear(model: nn.Module | torch.export.ExportedProgram, example_inputs: A
             conv, x, name, wt = found
             key = wt or name
             if key not in converted:
-                lin = conv_to_linear(conv, source=source_of(conv) or name)  # type: ignore[arg-type]
+                lin: nn.Module = conv_to_linear(conv, source=source_of(conv) or name)  # type: ignore[arg-type]
+                if getattr(conv, "fc2conv_transposed", False) and conv.groups == 1:
+                    lin = transposed_back(lin)  # type: ignore[arg-type]
+                else:
+                    accept_source_layout(lin)
+                made.append((lin, conv.weight))  # type: ignore[arg-type]
                 owners = {n for n, f in convs.items() if (f[3] or f[2]) == key}
                 target = name if wt is None or replaceable(gm, name, owners) \
                     else unique_name(gm, new_module_name(name, wt, "linear"))
@@ -205,6 +233,8 @@ def to_linear(model: nn.Module | torch.export.ExportedProgram, example_inputs: A
     for _, (lin, target) in converted.items():
         log.info("%s -> %s", target, describe(lin))
     gm = finish(gm)
+    share_storage(gm, made)
+    restore_modules(gm, model)
     self_check(original, gm, inputs, "to_linear result")
     return gm
 

@@ -9,9 +9,11 @@ untiled ``fcn(image)``; see the plan's docstring for the argument.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import os
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -42,9 +44,9 @@ def _per_channel(value: float | Sequence[float] | None, channels: int, name: str
     return arr
 
 
-def _block(source: Any, window: tuple[slice, ...], net: Any, crop: tuple[tuple[int, int], ...],
-           mean: np.ndarray | None, std: np.ndarray | None, device: str,
-           store: MapStore | None = None, index: tuple[int, ...] = (),
+def _block(source: Any, window: tuple[slice, ...], *, net: Any,
+           crop: tuple[tuple[int, int], ...], mean: np.ndarray | None, std: np.ndarray | None,
+           device: str, store: MapStore | None = None, index: tuple[int, ...] = (),
            origin: tuple[int, ...] = (), threads: int | None = None) -> Any:
     """One Dask task: read the tile, run the net (with ``threads`` torch threads, restored
     afterwards), crop; write and commit it when ``store``."""
@@ -210,7 +212,14 @@ def _tasks(plan: TilePlan, source: Any, net: Any, mean: Any, std: Any, dev: str,
            ) -> list[tuple[tuple[int, ...], Any]]:
     import dask
 
-    token = dask.base.tokenize(id(net), id(source), plan, os.getpid())
+    token = uuid.uuid4().hex  # keys unique to this call (tasks are not pure: they write)
+    # what every task shares rides in a partial, not in the task's arguments, which Dask
+    # walks one by one looking for collections; a scattered net (a Future) must stay one
+    shared = functools.partial(_block, mean=mean, std=std, device=dev, store=store,
+                               threads=per_task)
+    local = type(net).__name__ != "Future"
+    if local:
+        shared = functools.partial(shared, net=net)
     tasks = []
     for index, chunks in plan.blocks():
         if store is not None and store.is_done(index):
@@ -220,8 +229,9 @@ def _tasks(plan: TilePlan, source: Any, net: Any, mean: Any, std: Any, dev: str,
         origin = tuple(c.i0 for c in chunks)
         src, win = _tile_source(source, window)
         name = f"fc2conv-tile-{token}-{'-'.join(map(str, index))}"
-        task = dask.delayed(_block, pure=False)(src, win, net, crop, mean, std, dev, store,
-                                                index, origin, per_task, dask_key_name=name)
+        extra = {} if local else {"net": net}
+        task = dask.delayed(shared, pure=False)(src, win, crop=crop, index=index, origin=origin,
+                                                dask_key_name=name, **extra)
         tasks.append((index, task))
     return tasks
 
@@ -239,14 +249,15 @@ def _assemble(plan: TilePlan, blocks: dict[tuple[int, ...], Any], classes: int) 
                                    dtype=np.float32)
         return [nest((*prefix, k)) for k in range(plan.grid[len(prefix)])]
 
+    if len(plan) == 1:  # one chunk: the array is that task
+        return nest((0,) * len(plan.grid))
     return da.block(nest(()))
 
 
 def _lazy(plan: TilePlan, source: Any, net: Any, mean: Any, std: Any, dev: str, classes: int,
           per_task: int) -> Any:
     blocks = dict(_tasks(plan, source, net, mean, std, dev, None, per_task))
-    result = _assemble(plan, blocks, classes)
-    return result.rechunk(result.chunks)  # a plain dask array over the chunk tasks
+    return _assemble(plan, blocks, classes)
 
 
 def _eager(plan: TilePlan, source: Any, net: Any, mean: Any, std: Any, dev: str,

@@ -8,7 +8,6 @@ untiled ``fcn(image)``; see the plan's docstring for the argument.
 
 from __future__ import annotations
 
-import copy
 import functools
 import json
 import logging
@@ -121,20 +120,19 @@ def dense_map(model: Any, image: Any, *, input_shape: Sequence[int] | None = Non
         raise Fc2ConvError(f"the image has {shape[0]} channels; input_shape {tuple(input_shape)}"
                            f" expects {input_shape[0]}")
     on = _module_device(model)
-    if on is not None and on.type != "cpu":
-        # geometry is traced on the CPU; work on a CPU copy (the caller's module stays put) and
-        # run the tiles where the model was, unless device says otherwise
-        device = device or str(on)
-        model = copy.deepcopy(model).cpu()  # type: ignore[union-attr]  # a Module here
-    trace = tuple(input_shape) if input_shape is not None else (
-        shape[0], *(min(n, 256 if dims == 2 else 64) for n in shape[1:]))
-    fcn, geo = dmodel.prepare(model, trace, shape, convert=input_shape is not None)
+    if device is None and on is not None and on.type != "cpu":
+        device = str(on)  # run the tiles where the model is, unless device says otherwise
     dev = str(device or "cpu")
     if dev.startswith("cuda") and not torch.cuda.is_available():
         raise Fc2ConvError("device cuda was asked for, but torch sees no CUDA device")
     workers = dmodel.gpu_workers(dev, workers, scheduler,
                                  torch.cuda.device_count() if dev.startswith("cuda") else 0)
     distributed = scheduler is not None or workers is not None
+    trace = tuple(input_shape) if input_shape is not None else (
+        shape[0], *(min(n, 256 if dims == 2 else 64) for n in shape[1:]))
+    # the net on the device its tiles run on (on the CPU when workers load it as a program)
+    fcn, geo = dmodel.prepare(model, trace, shape, convert=input_shape is not None,
+                              device="cpu" if distributed else dev)
     n_threads = max(1, threads or os.cpu_count() or 1)
     tile_px = _spatial(tile, dims) if tile is not None else _auto_tile(
         geo, dev, 1 if distributed else n_threads)
@@ -152,7 +150,7 @@ def dense_map(model: Any, image: Any, *, input_shape: Sequence[int] | None = Non
              geo.classes, geo.map_size, len(plan), cells, plan.max_tile())
 
     if out is None and not distributed and progress is None:
-        return _lazy(plan, source, fcn.to(dev), mean_a, std_a, dev, geo.classes, per_task)
+        return _lazy(plan, source, fcn, mean_a, std_a, dev, geo.classes, per_task)
 
     store = None
     if out is not None:
@@ -192,7 +190,7 @@ def dense_map(model: Any, image: Any, *, input_shape: Sequence[int] | None = Non
             elif close is not None:
                 close.close()
     else:
-        result = _eager(plan, source, fcn.to(dev), mean_a, std_a, dev, store, skipped, progress,
+        result = _eager(plan, source, fcn, mean_a, std_a, dev, store, skipped, progress,
                         None, geo.classes, n_threads, per_task)
     if store is not None:
         store.finish()

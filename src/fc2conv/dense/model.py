@@ -12,6 +12,7 @@ pickle), loaded once per worker process and cached by its SHA-256.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import logging
@@ -194,10 +195,14 @@ _CACHE: weakref.WeakKeyDictionary[Any, dict[Any, Any]] = weakref.WeakKeyDictiona
 
 
 def prepare(model: Any, trace_shape: Sequence[int], image_shape: Sequence[int],
-            convert: bool) -> tuple[nn.Module, Geometry]:
-    """``(dense net, its Geometry on image_shape)``, cached per model object while its
-    structure and weights are unchanged (tracing costs more than mapping a small image)."""
-    key = (tuple(trace_shape), tuple(image_shape), convert, _token(model))
+            convert: bool, device: str = "cpu") -> tuple[nn.Module, Geometry]:
+    """``(dense net on device, its Geometry on image_shape)``, cached per model object while
+    its structure and weights are unchanged (tracing costs more than mapping a small image).
+
+    The geometry is traced on the CPU (a CPU copy of a model that lives elsewhere); the
+    caller's module is never changed or moved: a net that must change (a pool made a
+    :class:`~fc2conv.dense.pools.BoxMean`) or move to ``device`` is a copy."""
+    key = (tuple(trace_shape), tuple(image_shape), convert, str(device), _token(model))
     try:
         per_model = _CACHE.setdefault(model, {})
     except TypeError:  # not weak-referenceable
@@ -205,9 +210,16 @@ def prepare(model: Any, trace_shape: Sequence[int], image_shape: Sequence[int],
     hit = per_model.get(key)
     if hit is not None:  # the model itself is not kept in its own entry (a weak key)
         return (model if hit[0] is None else hit[0]), hit[1]
-    fcn, rf = _fully_convolutional(model, trace_shape, convert)
-    fcn = fast_pools(eval_mode(fcn), owned=fcn is not _as_module(model))
+    source = _as_module(model)
+    on = next((t.device for t in (*source.parameters(), *source.buffers())), None)
+    if on is not None and on.type != "cpu":
+        source = copy.deepcopy(source).cpu()
+    fcn, rf = _fully_convolutional(source, trace_shape, convert)
+    fcn = fast_pools(eval_mode(fcn), owned=fcn is not model)
     geo = _geometry(fcn, rf, trace_shape, image_shape)
+    if fcn is model and torch.device(device) != (on or torch.device("cpu")):
+        fcn = copy.deepcopy(fcn)
+    fcn = fcn.to(device)
     per_model.clear()  # one entry per model: the newest
     per_model[key] = (None if fcn is model else fcn, geo)
     return fcn, geo

@@ -45,7 +45,8 @@ def write_image(path: Path, side: int, fmt: str) -> None:
     import tifffile
 
     def tiles():  # row-major 1024x1024 tiles, channels last (BigTIFF, tiled, uncompressed)
-        for _ in range(-(-side // 1024) ** 2):
+        per_side = -(-side // 1024)
+        for _ in range(per_side * per_side):
             yield rng.integers(0, 256, (1024, 1024, 3), dtype=np.uint8)
 
     tifffile.imwrite(path, tiles(), shape=(side, side, 3), dtype="uint8", tile=(1024, 1024),

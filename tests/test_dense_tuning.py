@@ -182,3 +182,37 @@ def test_stitch_check_passes_rounding_and_catches_a_wrong_cell():
     wrong[1, 5, 7] += 0.01 * np.abs(ref).max()  # a cell from the wrong window is off by more
     verdict = check_stitched(wrong, untiled, ref)
     assert not verdict.equal and verdict.failing == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_tiles_equal_the_untiled_cuda_run_by_compares_rule():
+    """On CUDA (TF32 convolutions allowed, cuDNN picking per-shape algorithms) the stitched
+    map is judged against the untiled CUDA map with a float64 reference, not a fixed bound."""
+    torch.manual_seed(12)
+    net = nn.Sequential(nn.Conv2d(3, 16, 5, padding=2), nn.ReLU(), nn.MaxPool2d(3, 2),
+                        nn.Conv2d(16, 16, 3, dilation=2, padding=2), nn.ReLU(),
+                        nn.Conv2d(16, 5, 4)).eval()
+    image = np.random.default_rng(13).standard_normal((3, 301, 257)).astype(np.float32)
+    ref = _ref64(net, image)
+    gpu = copy.deepcopy(net).cuda()
+    with torch.no_grad():
+        untiled = gpu(torch.from_numpy(image)[None].cuda())[0].float().cpu().numpy()
+    for tile in (None, 70, 129):
+        verdict = check_stitched(np.asarray(dense_map(gpu, image, tile=tile)), untiled, ref,
+                                 "cuda")
+        assert verdict.equal, (tile, verdict)
+    assert next(gpu.parameters()).is_cuda and next(net.parameters()).device.type == "cpu"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.uint8])
+def test_normalization_never_writes_the_callers_pixels(dtype):
+    torch.manual_seed(14)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 3, stride=2)).eval()
+    image = np.random.default_rng(15).integers(0, 256, (3, 41, 37)).astype(dtype)
+    before = image.copy()
+    mean, std = np.array([100.0, 120.0, 90.0]), np.array([50.0, 60.0, 55.0])
+    for tile in (None, 20):
+        got = dense_map(net, image, tile=tile, mean=mean, std=std)
+        norm = (image.astype(np.float64) - mean[:, None, None]) / std[:, None, None]
+        _close(got, _ref64(net, norm))
+        np.testing.assert_array_equal(image, before)

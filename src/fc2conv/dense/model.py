@@ -374,14 +374,33 @@ def run_tile(net: Any, tile: np.ndarray, crop: tuple[tuple[int, int], ...],
         return _run(net, tile, crop, mean, std, device)
 
 
+def _input(tile: np.ndarray, mean: np.ndarray | None, std: np.ndarray | None, device: str
+           ) -> torch.Tensor:
+    """The ``(C, *tile)`` float32 input on ``device``: the pixels travel in their own dtype
+    (uint8 moves 4x fewer bytes to a GPU), are cast there, and normalized in place once they
+    are a copy (the caller's array is never written)."""
+    try:
+        raw = torch.from_numpy(np.ascontiguousarray(tile))
+    except TypeError:  # a dtype torch has no tensor for
+        raw = torch.from_numpy(np.asarray(tile, dtype=np.float32))
+    x = raw.to(device)
+    if x.dtype != torch.float32:
+        x = x.to(torch.float32)
+    owned = x.data_ptr() != raw.data_ptr()
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    if mean is not None:
+        m = torch.from_numpy(mean).to(x.device).view(shape)
+        x = x.sub_(m) if owned else x - m
+        owned = True
+    if std is not None:
+        d = torch.from_numpy(std).to(x.device).view(shape)
+        x = x.div_(d) if owned else x / d
+    return x
+
+
 def _run(net: Any, tile: np.ndarray, crop: tuple[tuple[int, int], ...],
          mean: np.ndarray | None, std: np.ndarray | None, device: str) -> np.ndarray:
-    x = np.asarray(tile, dtype=np.float32)
-    if mean is not None:
-        x = x - mean.reshape((-1,) + (1,) * (x.ndim - 1))
-    if std is not None:
-        x = x / std.reshape((-1,) + (1,) * (x.ndim - 1))
-    out = net(torch.from_numpy(np.ascontiguousarray(x))[None].to(device))[0]
+    out = net(_input(tile, mean, std, device)[None])[0]
     index = (slice(None),) + tuple(slice(j0, j1) for j0, j1 in crop)
     block = out[index].float().cpu().numpy()
     want = tuple(j1 - j0 for j0, j1 in crop)

@@ -84,8 +84,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", action="store_true", help="also 2 vs 1 worker processes")
     parser.add_argument("--no-sliding", action="store_true")
-    parser.add_argument("--no-monai", action="store_true")
+    parser.add_argument("--batch", type=int, default=256, help="sliding_window's crops per call")
     args = parser.parse_args()
+    began = time.perf_counter()
     dev = args.device
     image = np.random.default_rng(0).standard_normal((3, args.size, args.size)).astype(np.float32)
     x = torch.from_numpy(image)[None].to(dev)
@@ -136,8 +137,8 @@ def main() -> None:
             crops = x[0]
 
             def slide(net: nn.Module = net) -> None:
-                sliding_window(net, crops, rf.window_size, rf.stride, batch_size=256,
-                               progress=False)
+                sliding_window(net, crops, rf.window_size, rf.stride,
+                               batch_size=args.batch, progress=False)
                 sync()
 
             def dense() -> None:
@@ -168,6 +169,7 @@ def main() -> None:
         print(f"\nvgg-style on a LocalCluster: 1 worker {times[1]:.2f} s, 2 workers "
               f"{times[2]:.2f} s, speedup {times[1] / times[2]:.2f}x, efficiency "
               f"{times[1] / times[2] / 2:.0%}")
+    print(f"\n(whole run {time.perf_counter() - began:.0f} s)")
 
 
 if __name__ == "__main__":

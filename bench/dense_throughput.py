@@ -1,20 +1,22 @@
 """dense_map throughput, side by side in one run (best of --repeats, interleaved):
 
-1. tiled (dense_map) vs untiled (one fcn(image) call), per net: the ratio untiled/tiled time;
-2. dense (untiled) vs sliding_window (every crop classified) against the FLOP ratio
+1. tiled (dense_map, default tile and --tiles) vs untiled (one call of the same net): the
+   ratio untiled/tiled time, and whether the stitched map equals the untiled one by
+   compare's rule against a float64 run (fc2conv.dense.check; TF32 allowed for on CUDA);
+2. dense_map vs sliding_window (every crop classified) against the FLOP ratio
    (torch.utils.flop_counter): "of FLOP" is speedup / FLOP ratio;
-3. MONAI sliding_window_inference vs dense_map on the same net and image: time and max abs
-   difference to the full-image map;
-4. dense_map on a LocalCluster of 2 worker processes vs 1 (with --workers).
+3. dense_map on a LocalCluster of 2 worker processes vs 1 (with --workers).
+MONAI's sliding_window_inference is compared in bench/dense_monai.py.
 
     PYTHONPATH=src python bench/dense_throughput.py                    # CPU, 384 px
-    PYTHONPATH=src python bench/dense_throughput.py --device cuda --size 2048 --tile 1024
+    PYTHONPATH=src python bench/dense_throughput.py --device cuda --size 2048 --tiles auto 1024
 """
 
 # ruff: noqa: B023  (closures are timed inside the loop iteration that made them)
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 from pathlib import Path
@@ -29,6 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import archs  # noqa: E402
 
 from fc2conv import convolutionalize, dense_map, receptive_field, sliding_window  # noqa: E402
+from fc2conv.dense import model as dmodel  # noqa: E402
+from fc2conv.dense.check import check_stitched  # noqa: E402
+from fc2conv.dense.pools import fast_pools  # noqa: E402
 
 
 def best_of(fns: list, repeats: int) -> list[float]:
@@ -47,53 +52,46 @@ def flops(fn) -> int:
     return counter.get_total_flops()
 
 
-def gap_fcn(width: int = 8) -> tuple[nn.Module, nn.Module, tuple[int, ...]]:
-    """ResNetStyle and its convolutionalized form (stride-1 average pool, 1x1 conv head)."""
-    net = archs.ResNetStyle(width=width).eval()
-    head = nn.Conv2d(2 * width, 10, 1)
-    head.weight.data = net.fc.weight.data[:, :, None, None].clone()
-    head.bias.data = net.fc.bias.data.clone()
-
-    class Fcn(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net, self.pool, self.head = net, nn.AvgPool2d(16, 1), head
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            n = self.net
-            x = n.layer2(n.layer1(torch.relu(n.bn1(n.conv1(x)))))
-            return self.head(self.pool(x))
-
-    return net, Fcn().eval(), net.INPUT_SHAPE
-
-
 def nets() -> dict[str, tuple[nn.Module, nn.Module, tuple[int, ...]]]:
+    """(classifier, its convolutionalized net, training input shape) per reference net; the
+    GAP net goes through convolutionalize(global_pool="dense"): a stride-1 16x16 average pool
+    that dense_map runs as a box filter (fc2conv.dense.pools)."""
     torch.manual_seed(0)
     out = {}
     for name, net in (("alexnet-valid", archs.AlexNetStyle()), ("alexnet-padded",
                                                                  archs.AlexNetStyle(True)),
-                      ("vgg-style", archs.VGGStyle())):
+                      ("vgg-style", archs.VGGStyle()), ("resnet-gap", archs.ResNetStyle())):
         net.eval()
         out[name] = (net, convolutionalize(net, net.INPUT_SHAPE), net.INPUT_SHAPE)
-    out["resnet-gap"] = gap_fcn()
     return out
+
+
+def reference64(fcn: nn.Module, image: np.ndarray) -> np.ndarray:
+    """The float64 CPU run of ``fcn`` (the judge's reference)."""
+    with torch.inference_mode():
+        net = copy.deepcopy(fcn).cpu().double()
+        return net(torch.from_numpy(image).double()[None])[0].numpy()
 
 
 @torch.inference_mode()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=384)
-    parser.add_argument("--tile", type=int, default=256)
+    parser.add_argument("--tiles", nargs="+", default=["auto", "256"],
+                        help="tile sides to time ('auto': dense_map's default)")
+    parser.add_argument("--tile", type=int, default=256, help="tile of the MONAI/worker parts")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", action="store_true", help="also 2 vs 1 worker processes")
     parser.add_argument("--no-sliding", action="store_true")
+    parser.add_argument("--batch", type=int, default=256, help="sliding_window's crops per call")
     args = parser.parse_args()
+    began = time.perf_counter()
     dev = args.device
     image = np.random.default_rng(0).standard_normal((3, args.size, args.size)).astype(np.float32)
     x = torch.from_numpy(image)[None].to(dev)
     print(f"torch {torch.__version__}, device {dev}, {torch.get_num_threads()} threads, image "
-          f"{args.size}^2, tile {args.tile}")
+          f"{args.size}^2")
     sync = torch.cuda.synchronize if dev.startswith("cuda") else (lambda: None)
 
     def untiled(fcn: nn.Module) -> np.ndarray:
@@ -101,68 +99,61 @@ def main() -> None:
         sync()
         return out
 
-    print(f"\n{'net':15} {'untiled s':>10} {'tiled s':>9} {'tiled/untiled speed':>20} "
-          f"{'max |tiled-full|':>17} {'tiles/s':>8}")
+    print("\n1. tiled (dense_map) vs untiled (one call of the same net): speed ratio = untiled "
+          "s / tiled s; 'first s' includes tracing the net's geometry (cached afterwards);\n"
+          "   exact: compare's rule vs a float64 run (fc2conv.dense.check)")
+    print(f"{'net':15} {'tile':>6} {'chunks':>6} {'untiled s':>10} {'tiled s':>9} "
+          f"{'first s':>8} {'tiled/untiled':>14} {'tiles/s':>8}  exact")
     models = nets()
     for name, (_, fcn, _) in models.items():
+        fast = fast_pools(fcn, owned=False).to(dev)  # the net dense_map runs
         fcn = fcn.to(dev)
-        full = untiled(fcn)
-        got = np.asarray(dense_map(fcn, image, tile=args.tile, device=dev))
-        tiles = int(np.prod([-(-n // c) for n, c in zip(got.shape[1:], dense_map(
-            fcn, image, tile=args.tile, device=dev).chunksize[1:], strict=True)]))
-        t_full, t_tiled = best_of([lambda: untiled(fcn), lambda: np.asarray(
-            dense_map(fcn, image, tile=args.tile, device=dev))], args.repeats)
-        print(f"{name:15} {t_full:>10.3f} {t_tiled:>9.3f} {t_full / t_tiled:>20.2f}x "
-              f"{float(np.abs(got - full).max()):>17.2e} {tiles / t_tiled:>8.1f}")
+        full = untiled(fast)
+        ref = reference64(fast, image)
+        for spec in args.tiles:
+            tile = None if spec == "auto" else int(spec)
+            dmodel._CACHE.clear()  # a cold first call
+            start = time.perf_counter()
+            lazy = dense_map(fcn, image, tile=tile, device=dev)
+            got = np.asarray(lazy)
+            first = time.perf_counter() - start
+            chunks = int(np.prod(lazy.numblocks[1:]))
+            t_full, t_tiled = best_of([lambda: untiled(fast), lambda: np.asarray(
+                dense_map(fcn, image, tile=tile, device=dev))], args.repeats)
+            verdict = check_stitched(got, full, ref, dev)
+            print(f"{name:15} {spec:>6} {chunks:>6} {t_full:>10.3f} {t_tiled:>9.3f} "
+                  f"{first:>8.3f} {t_full / t_tiled:>13.2f}x {chunks / t_tiled:>8.1f}  {verdict}")
 
     if not args.no_sliding:
-        print(f"\n{'net':15} {'dense s':>9} {'sliding s':>10} {'speedup':>8} {'FLOP ratio':>11} "
+        print("\n2. dense_map (default tile) vs sliding_window (every crop classified) against "
+              "the FLOP ratio (conv/matmul FLOPs); 'of FLOP' = speedup / FLOP ratio")
+        print(f"{'net':15} {'dense s':>9} {'sliding s':>10} {'speedup':>8} {'FLOP ratio':>11} "
               f"{'of FLOP':>8}")
         for name, (net, fcn, shape) in models.items():
             net, fcn = net.to(dev), fcn.to(dev)
             rf = receptive_field(fcn.cpu(), shape)
             fcn = fcn.to(dev)
+            fast = fast_pools(fcn, owned=False)
             crops = x[0]
 
             def slide(net: nn.Module = net) -> None:
-                sliding_window(net, crops, rf.window_size, rf.stride, batch_size=256,
-                               progress=False)
+                sliding_window(net, crops, rf.window_size, rf.stride,
+                               batch_size=args.batch, progress=False)
                 sync()
 
-            f_dense, f_slide = flops(lambda: untiled(fcn)), flops(slide)
-            t_dense, t_slide = best_of([lambda: untiled(fcn), slide], max(1, args.repeats - 1))
-            ratio = f_slide / f_dense
-            print(f"{name:15} {t_dense:>9.3f} {t_slide:>10.3f} {t_slide / t_dense:>7.1f}x "
-                  f"{ratio:>10.1f}x {t_slide / t_dense / ratio:>7.0%}")
+            def dense() -> None:
+                np.asarray(dense_map(fcn, image, device=dev))
 
-    try:
-        from monai.inferers import sliding_window_inference
-    except ImportError:
-        print("\nMONAI not installed: skipping the comparison")
-    else:
-        print(f"\n{'net':15} {'tool':32} {'seconds':>8} {'max |x - full|':>15} {'shape':>14}")
-        for name, (_, fcn, _) in models.items():
-            fcn = fcn.to(dev)
-            full = untiled(fcn)
-            rows = [("dense_map", lambda: np.asarray(dense_map(fcn, image, tile=args.tile,
-                                                               device=dev)))]
-            for overlap, mode in ((0.0, "constant"), (0.5, "gaussian")):
-                def monai(overlap: float = overlap, mode: str = mode) -> np.ndarray:
-                    out = sliding_window_inference(x, (args.tile, args.tile), 4, fcn,
-                                                   overlap=overlap, mode=mode)
-                    sync()
-                    return out[0].float().cpu().numpy()
-                rows.append((f"MONAI overlap {overlap} {mode}", monai))
-            for tool, fn in rows:
-                try:
-                    got = fn()
-                    (t,) = best_of([fn], args.repeats)
-                except Exception as exc:  # noqa: BLE001 - MONAI may refuse a shape; say so
-                    print(f"{name:15} {tool:32} failed: {type(exc).__name__}: {exc}"[:150])
-                    continue
-                diff = (f"{float(np.abs(got - full).max()):.2e}" if got.shape == full.shape
-                        else "shape differs")
-                print(f"{name:15} {tool:32} {t:>8.3f} {diff:>15} {str(got.shape):>14}")
+            rows = [("dense_map", dense)]
+            if fast is not fcn:  # the pool as torch's AvgPool, for comparison
+                rows.append(("(AvgPool2d, untiled)", lambda: untiled(fcn)))
+            f_dense, f_slide = flops(lambda: untiled(fast)), flops(slide)
+            ratio = f_slide / f_dense
+            times = best_of([fn for _, fn in rows] + [slide], max(1, args.repeats - 1))
+            t_slide = times[-1]
+            for (label, _), t_dense in zip(rows, times, strict=False):
+                print(f"{name:15} {t_dense:>9.3f} {t_slide:>10.3f} {t_slide / t_dense:>7.1f}x "
+                      f"{ratio:>10.1f}x {t_slide / t_dense / ratio:>7.0%}  {label}")
 
     if args.workers:
         from distributed import Client, LocalCluster
@@ -178,6 +169,7 @@ def main() -> None:
         print(f"\nvgg-style on a LocalCluster: 1 worker {times[1]:.2f} s, 2 workers "
               f"{times[2]:.2f} s, speedup {times[1] / times[2]:.2f}x, efficiency "
               f"{times[1] / times[2] / 2:.0%}")
+    print(f"\n(whole run {time.perf_counter() - began:.0f} s)")
 
 
 if __name__ == "__main__":

@@ -134,6 +134,25 @@ def test_zarr_output_geometry_argmax_resume_and_commit(fcn, pixels, tmp_path):
     assert calls[0] == (total - 2, total) and calls[-1] == (total, total)
     _close(result, ref)
     assert _digest(src) == before
+    # a worker SIGKILLed while committing chunk (0, 1) left its temporary (fc2conv.files'
+    # naming: hidden, the dead writer's pid): the rerun reclaims it and commits the chunk
+    dead = 2**22 + 12345
+    while True:
+        try:
+            os.kill(dead, 0)
+            dead += 1
+        except ProcessLookupError:
+            break
+        except PermissionError:
+            dead += 1
+    (done / "0.1").unlink()
+    stale = done / f".0.1.fc2conv-{dead}-0a1b2c3d.tmp"
+    stale.mkdir()
+    (stale / "0.1").write_text("half")
+    result = dense_map(fcn, str(src), tile=30, out=out, argmax=True)
+    _close(result, ref)
+    assert (done / "0.1").read_text() == "done\n"
+    assert not [p.name for p in done.iterdir() if p.name.startswith(".")]
 
 
 def test_output_refusals(fcn, pixels, tmp_path):

@@ -8,17 +8,18 @@ untiled ``fcn(image)``; see the plan's docstring for the argument.
 
 from __future__ import annotations
 
-import copy
+import functools
 import json
 import logging
 import os
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
 from fc2conv.dense import model as dmodel
-from fc2conv.dense.plan import TilePlan, cells_per_tile, plan_tiles
+from fc2conv.dense.plan import TilePlan, cells_per_tile, default_tile, plan_tiles
 from fc2conv.dense.readers import Reader, open_image
 from fc2conv.dense.writer import MapStore
 from fc2conv.errors import Fc2ConvError
@@ -42,13 +43,14 @@ def _per_channel(value: float | Sequence[float] | None, channels: int, name: str
     return arr
 
 
-def _block(source: Any, window: tuple[slice, ...], net: Any, crop: tuple[tuple[int, int], ...],
-           mean: np.ndarray | None, std: np.ndarray | None, device: str,
-           store: MapStore | None = None, index: tuple[int, ...] = (),
-           origin: tuple[int, ...] = ()) -> Any:
-    """One Dask task: read the tile, run the net, crop; write and commit it when ``store``."""
+def _block(source: Any, window: tuple[slice, ...], *, net: Any,
+           crop: tuple[tuple[int, int], ...], mean: np.ndarray | None, std: np.ndarray | None,
+           device: str, store: MapStore | None = None, index: tuple[int, ...] = (),
+           origin: tuple[int, ...] = (), threads: int | None = None) -> Any:
+    """One Dask task: read the tile, run the net (with ``threads`` torch threads, restored
+    afterwards), crop; write and commit it when ``store``."""
     tile = source.read(window) if isinstance(source, Reader) else source
-    block = dmodel.run_tile(net, tile, crop, mean, std, device)
+    block = dmodel.run_tile(net, tile, crop, mean, std, device, threads)
     if store is None:
         return block
     return store.write(index, origin, block)
@@ -92,8 +94,10 @@ def dense_map(model: Any, image: Any, *, input_shape: Sequence[int] | None = Non
     channel when ``input_shape`` says how many axes), a zarr path, a TIFF / OME-TIFF (pyramid
     ``level``), PNG / JPEG, or an OpenSlide file. Pixels are cast to float32 unchanged, then
     ``(x - mean) / std`` per channel when given.
-    ``tile``: input pixels per tile side (default 1024 in 2-D, 128 in 3-D); each output chunk
-    is the cells that fit in it. ``out``: a zarr group written chunk by chunk (``scores``,
+    ``tile``: input pixels per tile side; each output chunk is the cells that fit in it. By
+    default it comes from memory and the receptive field (:func:`_auto_tile`): the whole image
+    in one model call when its activations fit, else the largest tiles that do.
+    ``out``: a zarr group written chunk by chunk (``scores``,
     ``labels`` when ``argmax``); re-running resumes. ``scheduler``: None (Dask's threads),
     a scheduler address, or a ``distributed.Client``; ``workers=N`` starts a LocalCluster.
     ``progress(done, total)`` is called as chunks finish (first with the chunks skipped).
@@ -116,33 +120,37 @@ def dense_map(model: Any, image: Any, *, input_shape: Sequence[int] | None = Non
         raise Fc2ConvError(f"the image has {shape[0]} channels; input_shape {tuple(input_shape)}"
                            f" expects {input_shape[0]}")
     on = _module_device(model)
-    if on is not None and on.type != "cpu":
-        # geometry is traced on the CPU; work on a CPU copy (the caller's module stays put) and
-        # run the tiles where the model was, unless device says otherwise
-        device = device or str(on)
-        model = copy.deepcopy(model).cpu()  # type: ignore[union-attr]  # a Module here
-    trace = tuple(input_shape) if input_shape is not None else (
-        shape[0], *(min(n, 256 if dims == 2 else 64) for n in shape[1:]))
-    fcn = dmodel.fully_convolutional(model, trace, convert=input_shape is not None)
-    fcn = dmodel.eval_mode(fcn)
-    geo = dmodel.geometry(fcn, trace, shape)
-    tile_px = _spatial(tile if tile is not None else (1024 if dims == 2 else 128), dims)
-    cells = tuple(cells_per_tile(t, s, j) for t, s, j in zip(tile_px, geo.size, geo.stride,
-                                                            strict=True))
-    plan = plan_tiles(geo.image_size, geo.map_size, geo.size, geo.stride, geo.start, cells)
-    mean_a = _per_channel(mean, shape[0], "mean")
-    std_a = _per_channel(std, shape[0], "std")
+    if device is None and on is not None and on.type != "cpu":
+        device = str(on)  # run the tiles where the model is, unless device says otherwise
     dev = str(device or "cpu")
     if dev.startswith("cuda") and not torch.cuda.is_available():
         raise Fc2ConvError("device cuda was asked for, but torch sees no CUDA device")
+    workers = dmodel.gpu_workers(dev, workers, scheduler,
+                                 torch.cuda.device_count() if dev.startswith("cuda") else 0)
+    distributed = scheduler is not None or workers is not None
+    trace = tuple(input_shape) if input_shape is not None else (
+        shape[0], *(min(n, 256 if dims == 2 else 64) for n in shape[1:]))
+    # the net on the device its tiles run on (on the CPU when workers load it as a program)
+    fcn, geo = dmodel.prepare(model, trace, shape, convert=input_shape is not None,
+                              device="cpu" if distributed else dev)
+    n_threads = max(1, threads or os.cpu_count() or 1)
+    tile_px = _spatial(tile, dims) if tile is not None else _auto_tile(
+        geo, dev, 1 if distributed else n_threads)
+    # a tile spanning an axis is the whole axis: all its cells, border padding's included
+    cells = tuple(m if t >= n else cells_per_tile(t, s, j) for t, s, j, n, m in zip(
+        tile_px, geo.size, geo.stride, geo.image_size, geo.map_size, strict=True))
+    plan = plan_tiles(geo.image_size, geo.map_size, geo.size, geo.stride, geo.start, cells)
+    mean_a = _per_channel(mean, shape[0], "mean")
+    std_a = _per_channel(std, shape[0], "std")
+    # Dask threads: no more than there are chunks; torch's threads share the cores among them
+    # (set inside each task and restored, never process-wide)
+    n_threads = min(n_threads, len(plan))
+    per_task = max(1, (os.cpu_count() or 1) // n_threads)
     log.info("dense map %s -> (%d, %s) in %d chunks of %s cells (tiles up to %s px)", shape,
              geo.classes, geo.map_size, len(plan), cells, plan.max_tile())
 
-    distributed = scheduler is not None or workers is not None
     if out is None and not distributed and progress is None:
-        threads = threads or os.cpu_count() or 1
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // threads))
-        return _lazy(plan, source, fcn.to(dev), mean_a, std_a, dev, geo.classes, threads)
+        return _lazy(plan, source, fcn, mean_a, std_a, dev, geo.classes, per_task)
 
     store = None
     if out is not None:
@@ -182,10 +190,8 @@ def dense_map(model: Any, image: Any, *, input_shape: Sequence[int] | None = Non
             elif close is not None:
                 close.close()
     else:
-        threads = threads or os.cpu_count() or 1
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // threads))
-        result = _eager(plan, source, fcn.to(dev), mean_a, std_a, dev, store, skipped, progress,
-                        None, geo.classes, threads)
+        result = _eager(plan, source, fcn, mean_a, std_a, dev, store, skipped, progress,
+                        None, geo.classes, n_threads, per_task)
     if store is not None:
         store.finish()
         return store.scores()
@@ -200,10 +206,18 @@ def _tile_source(source: Any, window: tuple[slice, ...]) -> tuple[Any, tuple[sli
 
 
 def _tasks(plan: TilePlan, source: Any, net: Any, mean: Any, std: Any, dev: str,
-           store: MapStore | None) -> list[tuple[tuple[int, ...], Any]]:
+           store: MapStore | None, per_task: int | None = None
+           ) -> list[tuple[tuple[int, ...], Any]]:
     import dask
 
-    token = dask.base.tokenize(id(net), id(source), plan, os.getpid())
+    token = uuid.uuid4().hex  # keys unique to this call (tasks are not pure: they write)
+    # what every task shares rides in a partial, not in the task's arguments, which Dask
+    # walks one by one looking for collections; a scattered net (a Future) must stay one
+    shared = functools.partial(_block, mean=mean, std=std, device=dev, store=store,
+                               threads=per_task)
+    local = type(net).__name__ != "Future"
+    if local:
+        shared = functools.partial(shared, net=net)
     tasks = []
     for index, chunks in plan.blocks():
         if store is not None and store.is_done(index):
@@ -213,8 +227,9 @@ def _tasks(plan: TilePlan, source: Any, net: Any, mean: Any, std: Any, dev: str,
         origin = tuple(c.i0 for c in chunks)
         src, win = _tile_source(source, window)
         name = f"fc2conv-tile-{token}-{'-'.join(map(str, index))}"
-        task = dask.delayed(_block, pure=False)(src, win, net, crop, mean, std, dev, store,
-                                                index, origin, dask_key_name=name)
+        extra = {} if local else {"net": net}
+        task = dask.delayed(shared, pure=False)(src, win, crop=crop, index=index, origin=origin,
+                                                dask_key_name=name, **extra)
         tasks.append((index, task))
     return tasks
 
@@ -232,25 +247,25 @@ def _assemble(plan: TilePlan, blocks: dict[tuple[int, ...], Any], classes: int) 
                                    dtype=np.float32)
         return [nest((*prefix, k)) for k in range(plan.grid[len(prefix)])]
 
+    if len(plan) == 1:  # one chunk: the array is that task
+        return nest((0,) * len(plan.grid))
     return da.block(nest(()))
 
 
 def _lazy(plan: TilePlan, source: Any, net: Any, mean: Any, std: Any, dev: str, classes: int,
-          threads: int) -> Any:
-
-    blocks = dict(_tasks(plan, source, net, mean, std, dev, None))
-    result = _assemble(plan, blocks, classes)
-    return result.rechunk(result.chunks)  # a plain dask array over the chunk tasks
+          per_task: int) -> Any:
+    blocks = dict(_tasks(plan, source, net, mean, std, dev, None, per_task))
+    return _assemble(plan, blocks, classes)
 
 
 def _eager(plan: TilePlan, source: Any, net: Any, mean: Any, std: Any, dev: str,
            store: MapStore | None, skipped: int, progress: Progress | None, client: Any,
-           classes: int, threads: int = 1) -> Any:
+           classes: int, threads: int = 1, per_task: int | None = None) -> Any:
     """Compute every pending chunk now (writing it when ``store``), reporting progress."""
     import dask
     import dask.array as da
 
-    tasks = _tasks(plan, source, net, mean, std, dev, store)
+    tasks = _tasks(plan, source, net, mean, std, dev, store, per_task)
     total = len(plan)
     done = skipped
     results: dict[tuple[int, ...], Any] = {}
@@ -286,6 +301,36 @@ def _eager(plan: TilePlan, source: Any, net: Any, mean: Any, std: Any, dev: str,
         return None
     blocks = {i: results[i] for i, _ in plan.blocks()}
     return da.asarray(_assemble(plan, blocks, classes))
+
+
+def _memory(dev: str) -> float:
+    """Bytes this process may give the net's activations: on a GPU an eighth of its free
+    memory, on the CPU an eighth of the available RAM, at most 1 GiB (peak RSS stays low on a
+    shared machine; tiles past ~10^7 pixels gain nothing)."""
+    if dev.startswith("cuda"):
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(torch.device(dev))
+        return free / 8
+    try:
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        avail = 8 * 2**30
+    return float(min(2**30, avail / 8))
+
+
+def _auto_tile(geo: dmodel.Geometry, dev: str, tasks_at_once: int) -> tuple[int, ...]:
+    """The default tile (:func:`fc2conv.dense.plan.default_tile`): the whole image when its
+    activations fit in :func:`_memory`, else tiles of that memory shared by the tasks that
+    run at once. A tile's memory is taken as 6x the net's largest tensor (the float input,
+    a layer's input and output, pool indices, workspace: measured 3.4-5.8x on VGG-style
+    nets on the CPU)."""
+    budget = _memory(dev)
+    tile = default_tile(geo.image_size, geo.size, 6 * geo.bytes_per_pixel, budget,
+                        budget / max(1, tasks_at_once))
+    log.info("default tile %s px (largest activation ~%.0f bytes per input pixel, %.0f MiB "
+             "for activations)", tile, geo.bytes_per_pixel, budget / 2**20)
+    return tile
 
 
 def _module_device(model: Any) -> Any:

@@ -112,3 +112,30 @@ def plan_tiles(image_size: Sequence[int], map_size: Sequence[int], field_size: S
         image_size, map_size, field_size, stride, start, cells, strict=True))
     return TilePlan(tuple(image_size), tuple(map_size), tuple(field_size), tuple(stride),
                     tuple(start), axes)
+
+
+def default_tile(image_size: Sequence[int], field_size: Sequence[int], bytes_per_pixel: float,
+                 whole: float, per_task: float) -> tuple[int, ...]:
+    """Input pixels per tile side when the caller gives none, from memory and the field.
+
+    ``bytes_per_pixel``: the net's largest activation per input pixel. When the whole image's
+    largest activation fits in ``whole`` bytes the tile is the image (one model call: the
+    untiled run, no halo recomputed). Otherwise each tile gets ``per_task`` bytes, shared out
+    over the axes from the shortest up (an axis shorter than its share is taken whole and
+    leaves more to the others), and never less than two fields per axis, so that the halo
+    (``field - stride`` pixels a tile shares with its neighbour) stays a small part of it."""
+    dims = len(image_size)
+    if len(field_size) != dims or min(image_size) < 1:
+        raise Fc2ConvError("image and field sizes must have one positive entry per axis")
+    bpp = max(float(bytes_per_pixel), 1e-12)
+    if math.prod(image_size) * bpp <= whole:
+        return tuple(int(n) for n in image_size)
+    pixels = max(1.0, per_task / bpp)
+    tile = [0] * dims
+    order = sorted(range(dims), key=lambda a: image_size[a])
+    for k, axis in enumerate(order):
+        share = pixels ** (1 / (dims - k))
+        t = int(min(image_size[axis], max(share, 2 * field_size[axis])))
+        tile[axis] = t
+        pixels = max(1.0, pixels / t)
+    return tuple(tile)

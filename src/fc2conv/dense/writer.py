@@ -6,15 +6,15 @@ stride, offset, window size, the model's digest) lives in the group's attributes
 ``i`` maps back to its input window ``[offset + i * stride, offset + i * stride + window)``.
 
 A chunk counts as done only when its marker ``.fc2conv-done/<i.j>`` exists; the marker is
-written (to a temporary name, then renamed) after the chunk's data, so a task killed mid-write
-leaves no marker and its chunk is recomputed: every chunk is whole or not there. Re-running
-with the same ``out`` skips the finished chunks.
+written through :func:`fc2conv.files.atomic_output` (a temporary beside it, then
+``os.replace``; one left by a killed worker is reclaimed) after the chunk's data, so a task
+killed mid-write leaves no marker and its chunk is recomputed: every chunk is whole or not
+there. Re-running with the same ``out`` skips the finished chunks.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from fc2conv.errors import Fc2ConvError
+from fc2conv.files import atomic_output
 
 DONE = ".fc2conv-done"
 
@@ -86,10 +87,8 @@ class MapStore:
         group["scores"][(slice(None), *window)] = block
         if self.labels:
             group["labels"][window] = block.argmax(axis=0).astype(np.int32)
-        marker = Path(self.path) / DONE / _key(index)
-        tmp = marker.with_name(f".{marker.name}.{os.getpid()}.tmp")
-        tmp.write_text("done\n")
-        os.replace(tmp, marker)
+        with atomic_output(Path(self.path) / DONE / _key(index)) as tmp:
+            tmp.write_text("done\n")
         return 1
 
     def finish(self) -> None:

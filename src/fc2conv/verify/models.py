@@ -53,6 +53,7 @@ class Layer:
 class Run:
     outputs: list[torch.Tensor]
     layers: list[Layer] = field(default_factory=list)
+    engine: str = ""  # ONNX: what ran it ("onnxruntime (float64)", "onnx reference evaluator")
 
 
 @dataclass
@@ -74,6 +75,7 @@ class Model:
     exported: bool = False
     pristine: nn.Module | None = None  # the user's module, when ``module`` is a working copy
     _twins: dict[str, nn.Module] = field(default_factory=dict, repr=False)
+    _sessions: dict[Any, Any] = field(default_factory=dict, repr=False)  # ONNX, by mode/outputs
 
     # -- properties ---------------------------------------------------------------------------
     @property
@@ -110,7 +112,7 @@ class Model:
         if self.kind == "onnx":
             from fc2conv.verify import onnx_backend
 
-            return onnx_backend.run(self.onnx_model, inputs, mode, capture)
+            return onnx_backend.run(self.onnx_model, inputs, mode, capture, self._sessions)
         assert self.module is not None
         if mode != "native" and mode not in self._twins:
             self._twins[mode] = _twin(self.module, mode)

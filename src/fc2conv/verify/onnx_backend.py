@@ -1,9 +1,11 @@
-"""Running ONNX models for ``compare``: onnxruntime natively, onnx's reference evaluator in
-float64. Imported only when an ONNX model is compared (``import fc2conv`` stays onnx-free).
+"""Running ONNX models for ``compare``: onnxruntime natively, and a float64 copy.
+Imported only when an ONNX model is compared (``import fc2conv`` stays onnx-free).
 
 - ``native``: onnxruntime on CPU (all optimizations on, as users deploy it).
 - ``reference``: a copy whose float tensors, value types and ``Cast``-to-float nodes are
-  float64, run by ``onnx.reference.ReferenceEvaluator`` (plain numpy, exact up to float64).
+  float64, run by onnxruntime where it has float64 kernels for every op, else by onnx's
+  reference evaluator (exact up to float64), else by onnxruntime with the ops that lack a
+  float64 kernel in float32 (:mod:`fc2conv.verify.onnx_float64`; the report names the engine).
 - ``magnitude``: the float64 copy with every float initializer replaced by ``|value|``
   (``BatchNormalization`` means by ``-|mean|``, variances kept) on ``|x|``.
 
@@ -166,22 +168,27 @@ def _feeds(proto: Any, inputs: tuple[torch.Tensor, ...], mode: str) -> dict[str,
     return feeds
 
 
-def run(proto: Any, inputs: tuple[torch.Tensor, ...], mode: str, capture: bool) -> Run:
+def run(proto: Any, inputs: tuple[torch.Tensor, ...], mode: str, capture: bool,
+        cache: dict[Any, Any] | None = None) -> Run:
+    """Run ``proto`` on ``inputs`` in ``mode`` (``native``: onnxruntime as deployed; else a
+    float64 copy run by :class:`~fc2conv.verify.onnx_float64.Float64Runner`). Sessions and
+    float64 copies are kept in ``cache`` (one per model) and reused across draws."""
+    cache = {} if cache is None else cache
     feeds = _feeds(proto, inputs, mode)
     out_names = [o.name for o in proto.graph.output]
     layer_nodes = _layer_nodes(proto) if capture else []
     extra = [n for _, _, n in layer_nodes]
+    names = out_names + [n for n in dict.fromkeys(extra) if n not in out_names]
+    key = (mode, tuple(names))
+    engine = "onnxruntime"
     if mode == "native":
-        import onnxruntime as ort
-
-        model = _with_layer_outputs(proto, extra) if extra else proto
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3  # errors only: its warnings would add lines to our one
         try:
-            sess = ort.InferenceSession(model.SerializeToString(), opts,
-                                        providers=["CPUExecutionProvider"])
-            names = out_names + [n for n in extra if n not in out_names]
-            values = sess.run(names, feeds)
+            if key not in cache:
+                from fc2conv.verify.onnx_float64 import ort_session
+
+                cache[key] = ort_session(_with_layer_outputs(proto, extra) if extra else proto,
+                                         optimize=True)
+            values = cache[key].run(names, feeds)
         except Exception as err:
             wants = "; ".join(f"'{sp.name}' of shape "
                               + "x".join("?" if d is None else str(d) for d in sp.shape)
@@ -191,20 +198,22 @@ def run(proto: Any, inputs: tuple[torch.Tensor, ...], mode: str, capture: bool) 
             raise Fc2ConvError(f"onnxruntime could not run the model: it takes {wants}, was "
                                f"given {given} ({detail})") from None
     else:
-        from onnx.reference import ReferenceEvaluator
+        from fc2conv.verify.onnx_float64 import Float64Runner
 
-        model = _float64_copy(proto, magnitude=(mode == "magnitude"))
-        names = out_names + [n for n in extra if n not in out_names]
+        if key not in cache:
+            cache[key] = Float64Runner(_float64_copy(proto, magnitude=(mode == "magnitude")),
+                                       names)
+        runner = cache[key]
         try:
-            values = ReferenceEvaluator(model).run(names, feeds)
+            values = runner.run(feeds)
         except Exception as err:
-            raise Fc2ConvError(f"onnx's reference evaluator could not run the model in "
-                               f"float64: {err}") from None
+            raise Fc2ConvError(f"no float64 engine could run the model ({err})") from None
+        engine = runner.engine
     result = dict(zip(names, values, strict=True))
     outputs = [torch.from_numpy(np.asarray(result[n])) for n in out_names]
     layers = [Layer(name=user, kind=op, output=torch.from_numpy(np.asarray(result[out])))
               for user, op, out in layer_nodes]
-    return Run(outputs, layers)
+    return Run(outputs, layers, engine=engine)
 
 
 def count_ops(proto: Any) -> tuple[int, int]:
@@ -263,7 +272,7 @@ def run_shaken(proto: Any, inputs: tuple[torch.Tensor, ...], scale: float,
                gen: np.random.Generator) -> list[torch.Tensor]:
     """Outputs of the float64 copy of ``proto`` with every float initializer and input
     multiplied by ``1 + scale (ξ + ξ_row)`` (see :mod:`fc2conv.verify.noise`)."""
-    from onnx.reference import ReferenceEvaluator
+    from fc2conv.verify.onnx_float64 import Float64Runner
 
     def shake(arr: np.ndarray) -> np.ndarray:
         xi = gen.standard_normal(arr.shape)
@@ -278,5 +287,5 @@ def run_shaken(proto: Any, inputs: tuple[torch.Tensor, ...], scale: float,
     feeds = {k: shake(v) if v.dtype == np.float64 else v
              for k, v in _feeds(proto, inputs, "reference").items()}
     names = [o.name for o in proto.graph.output]
-    values = ReferenceEvaluator(model).run(names, feeds)
+    values = Float64Runner(model, names).run(feeds)
     return [torch.from_numpy(np.asarray(v)) for v in values]

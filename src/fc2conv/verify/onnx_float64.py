@@ -1,0 +1,239 @@
+"""Running an ONNX graph in float64 — the engine behind ``compare``'s reference for ONNX models.
+
+The graph given here is already a float64 copy (see :mod:`fc2conv.verify.onnx_backend`). Three
+engines, tried in this order; the first that runs the graph is kept, and the report names it:
+
+1. ``onnxruntime (float64)``: onnxruntime on the float64 copy. Its CPU kernels cover MatMul,
+   Gemm, Add/Mul, LayerNormalization, Softmax, Tanh, ... in float64 (not Conv, Erf,
+   AveragePool): fast, and it holds each weight once.
+2. ``onnx reference evaluator``: ``onnx.reference.ReferenceEvaluator`` (numpy, exact up to
+   float64 rounding) with two kernels replaced: ``GatherElements`` by ``np.take_along_axis``
+   (the evaluator's own reshapes ``indices``-sized results wrongly when ``indices`` is smaller
+   than ``data`` off the gather axis, as with BERT's token-type ids: "cannot reshape array of
+   size 1 into shape (1,16)") and ``Conv`` by torch's float64 convolution (the same sums,
+   ``y[n,o] = b[o] + sum_{c,k} W[o,c,k] x[n,c,s*i+d*k-p]``, without the evaluator's im2col).
+3. ``onnxruntime (float64, OP in float32)``: onnxruntime with each op that has no float64
+   kernel computed in float32 between two Casts. The reference is then exact only up to
+   float32 rounding at those ops; the report says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+log = logging.getLogger(__name__)
+
+Engine = Callable[[list[str], dict[str, np.ndarray]], list[np.ndarray]]
+_MISSING_KERNEL = re.compile(r"implementation for (\w+)\(\d+\) node with name '([^']*)'")
+MAX_FLOAT32_WRAPS = 16
+
+
+def ort_session(model: Any, *, optimize: bool = False) -> Any:
+    """An onnxruntime CPU session on ``model`` (a ModelProto), errors only in its log; all
+    graph optimizations with ``optimize`` (as users deploy), else the basic ones (fusions into
+    float32-only kernels would refuse a float64 graph). Graphs over protobuf's 2 GB are passed
+    through a temporary file with external data."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    # errors only when deployed-like (its warnings would add lines to our one); none for the
+    # float64 engines, whose failures are tried past, not shown
+    opts.log_severity_level = 3 if optimize else 4
+    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                     else ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
+    if model.ByteSize() < (1 << 31) - (1 << 24):
+        return ort.InferenceSession(model.SerializeToString(), opts,
+                                    providers=["CPUExecutionProvider"])
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory(prefix="fc2conv-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        onnx.save_model(model, str(path), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location="weights.bin")
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+class Float64Runner:
+    """Runs a float64 ONNX graph with the first engine that can (see module docstring);
+    ``engine`` names the one in use. Sessions are built once and reused across draws."""
+
+    def __init__(self, model: Any, outputs: list[str]) -> None:
+        self.model = model
+        self.outputs = outputs
+        self.engine = ""
+        self._run: Engine | None = None
+        self._tried: list[str] = []
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        if self._run is not None:
+            return self._run(self.outputs, feeds)
+        errors = []
+        for name, make in (("onnxruntime (float64)", self._ort),
+                           ("onnx reference evaluator", self._evaluator),
+                           ("onnxruntime (float64)", self._ort_mixed)):
+            try:
+                run, label = make()
+                values = run(self.outputs, feeds)
+            except Exception as err:
+                errors.append(f"{name}: {' '.join(str(err).split())[:200]}")
+                log.debug("float64 engine %s failed: %s", name, err)
+                continue
+            self._run, self.engine = run, label
+            return values
+        raise RuntimeError("; ".join(errors))
+
+    # -- engines ------------------------------------------------------------------------------
+    def _ort(self) -> tuple[Engine, str]:
+        sess = ort_session(_with_outputs(self.model, self.outputs))
+        return (lambda names, feeds: sess.run(names, feeds)), "onnxruntime (float64)"
+
+    def _evaluator(self) -> tuple[Engine, str]:
+        from onnx.reference import ReferenceEvaluator
+
+        ev = ReferenceEvaluator(self.model, new_ops=_replaced_ops())
+
+        def run(names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+            with np.errstate(all="ignore"):  # inf - inf in a magnitude twin is not news
+                return list(ev.run(names, feeds))
+
+        return run, "onnx reference evaluator"
+
+    def _ort_mixed(self) -> tuple[Engine, str]:
+        model = _with_outputs(self.model, self.outputs)
+        wrapped: list[str] = []
+        for _ in range(MAX_FLOAT32_WRAPS):
+            try:
+                sess = ort_session(model)
+                break
+            except Exception as err:
+                found = _MISSING_KERNEL.search(str(err))
+                if not found:
+                    raise
+                op, node_name = found.groups()
+                model, ops = _in_float32(model, node_name, op)
+                if not ops:
+                    raise
+                wrapped += ops
+        else:
+            raise RuntimeError(f"more than {MAX_FLOAT32_WRAPS} ops lack a float64 kernel")
+        islands = ", ".join(sorted(set(wrapped)))
+        label = (f"onnxruntime (float64, {islands} in float32)" if islands
+                 else "onnxruntime (float64)")
+        return (lambda names, feeds: sess.run(names, feeds)), label
+
+
+def _with_outputs(model: Any, names: list[str]) -> Any:
+    """``model`` with ``names`` among its graph outputs (a shallow rebuild when needed)."""
+    existing = {o.name for o in model.graph.output}
+    missing = [n for n in dict.fromkeys(names) if n not in existing]
+    if not missing:
+        return model
+    for name in missing:
+        model.graph.output.append(helper.ValueInfoProto(name=name))
+    return model
+
+
+def _in_float32(model: Any, node_name: str, op: str) -> tuple[Any, list[str]]:
+    """Wrap the node named ``node_name`` (else every ``op`` node; else, when ``op`` came from
+    expanding a custom-domain op's function body, every such op) in Casts: float64 inputs to
+    float32, float32 outputs back to float64. Returns the model and the op types wrapped."""
+    g = model.graph
+    nodes = list(g.node)
+    picks = [n for n in nodes if node_name and n.name == node_name and not _wrapped(n)]
+    picks = picks or [n for n in nodes if n.op_type == op and not _wrapped(n)]
+    picks = picks or [n for n in nodes if n.domain not in ("", "ai.onnx") and not _wrapped(n)]
+    chosen = {id(n) for n in picks}
+    del g.node[:]
+    for k, node in enumerate(nodes):
+        if id(node) not in chosen:
+            g.node.append(node)
+            continue
+        tag = f"__f32_{k}"
+        for i, name in enumerate(node.input):
+            if name:
+                cast_in = f"{name}{tag}_in{i}"
+                g.node.append(helper.make_node("Cast", [name], [cast_in], to=TensorProto.FLOAT))
+                node.input[i] = cast_in
+        outs = list(node.output)
+        for i, name in enumerate(outs):
+            if name:
+                node.output[i] = f"{name}{tag}_out{i}"
+        g.node.append(node)
+        for i, name in enumerate(outs):
+            if name:
+                g.node.append(helper.make_node("Cast", [node.output[i]], [name],
+                                               to=TensorProto.DOUBLE))
+    return model, [n.op_type for n in picks]
+
+
+def _wrapped(node: Any) -> bool:
+    return any("__f32_" in o for o in node.output)
+
+
+def _replaced_ops() -> list[type]:
+    from onnx.reference.op_run import OpRun
+
+    class GatherElements(OpRun):  # type: ignore[misc]
+        """``out[i][j][k] = data[index[i][j][k]][j][k]`` (axis 0), negative indices wrap."""
+
+        def _run(self, data: np.ndarray, indices: np.ndarray,
+                 axis: int | None = None) -> tuple[np.ndarray]:
+            ax = int(axis or 0) % max(data.ndim, 1)
+            idx = indices.astype(np.int64)
+            idx = np.where(idx < 0, idx + data.shape[ax], idx)
+            return (np.take_along_axis(data, idx, axis=ax),)
+
+    class Conv(OpRun):  # type: ignore[misc]
+        """ONNX Conv through torch's convolution, in the inputs' dtype (float64 here)."""
+
+        def _run(self, X: np.ndarray, W: np.ndarray, B: np.ndarray | None = None,
+                 auto_pad: str | None = None, dilations: Any = None, group: int | None = None,
+                 kernel_shape: Any = None, pads: Any = None,
+                 strides: Any = None) -> tuple[np.ndarray]:
+            return (_torch_conv(X, W, B, auto_pad, dilations, group, pads, strides),)
+
+    return [GatherElements, Conv]
+
+
+def _torch_conv(X: np.ndarray, W: np.ndarray, B: np.ndarray | None, auto_pad: Any,
+                dilations: Any, group: Any, pads: Any, strides: Any) -> np.ndarray:
+    import torch
+    import torch.nn.functional as F
+
+    nd = W.ndim - 2
+    if nd not in (1, 2, 3):
+        raise ValueError(f"Conv with {nd} spatial dimensions")
+    dil = list(dilations or [1] * nd)
+    st = list(strides or [1] * nd)
+    ap = auto_pad.decode() if isinstance(auto_pad, bytes) else (auto_pad or "NOTSET")
+    if ap in ("SAME_UPPER", "SAME_LOWER"):
+        pads = []
+        for i in range(nd):
+            size = X.shape[2 + i]
+            out = -(-size // st[i])
+            total = max(0, (out - 1) * st[i] + (W.shape[2 + i] - 1) * dil[i] + 1 - size)
+            pads.append(total // 2 if ap == "SAME_UPPER" else total - total // 2)
+        pads = pads + [
+            (max(0, (-(-X.shape[2 + i] // st[i]) - 1) * st[i] + (W.shape[2 + i] - 1) * dil[i]
+                 + 1 - X.shape[2 + i])) - pads[i] for i in range(nd)]
+    elif ap == "VALID" or pads is None:
+        pads = [0] * (2 * nd)
+    x = torch.from_numpy(np.require(X, requirements=['C', 'W']))
+    pad = []
+    for i in reversed(range(nd)):  # F.pad: last dimension first, (begin, end)
+        pad += [int(pads[i]), int(pads[i + nd])]
+    if any(pad):
+        x = F.pad(x, pad)
+    conv = (F.conv1d, F.conv2d, F.conv3d)[nd - 1]
+    w = torch.from_numpy(np.require(W, requirements=['C', 'W']))
+    b = None if B is None else torch.from_numpy(np.require(B, requirements=['C', 'W']))
+    y = conv(x, w, b, stride=st, dilation=dil, groups=int(group or 1))
+    return y.numpy()

@@ -34,6 +34,7 @@ import torch
 from fc2conv.core.rounding import ulp_distance
 from fc2conv.errors import Fc2ConvError
 from fc2conv.verify import bound as bnd
+from fc2conv.verify import budget
 from fc2conv.verify.inputs import as_draws, draw, resolve_specs
 from fc2conv.verify.judge import Judge, exact_equal, nonfinite_counts
 from fc2conv.verify.match import align
@@ -90,6 +91,7 @@ def compare(a: Any, b: Any, inputs: Any = None, *,
     input_shape = _parse_shape(input_shape)
     ma = load(a, "A", trust_pickle=trust_pickle)
     mb = load(b, "B", trust_pickle=trust_pickle)
+    budget.check(ma, mb)  # refuse before starting, not be killed half way
     if inputs is not None:
         draws = as_draws(inputs, ma)
         shown = ", ".join(f"{tuple(x.shape)} {str(x.dtype).replace('torch.', '')}"

@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,7 +76,20 @@ class Model:
     exported: bool = False
     pristine: nn.Module | None = None  # the user's module, when ``module`` is a working copy
     _twins: dict[str, nn.Module] = field(default_factory=dict, repr=False)
-    _sessions: dict[Any, Any] = field(default_factory=dict, repr=False)  # ONNX, by mode/outputs
+    # ONNX: the weights read once, the float64 twins, sessions by mode and outputs
+    cache: dict[Any, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.kind == "onnx" and self.onnx_model is not None:
+            from fc2conv.verify import onnx_backend
+
+            onnx_backend.register(self.onnx_model, self.cache)
+
+    def __del__(self) -> None:
+        if self.kind == "onnx" and self.onnx_model is not None:
+            backend = sys.modules.get("fc2conv.verify.onnx_backend")
+            if backend is not None:
+                backend.forget(self.onnx_model, self.cache)
 
     # -- properties ---------------------------------------------------------------------------
     @property
@@ -112,7 +126,7 @@ class Model:
         if self.kind == "onnx":
             from fc2conv.verify import onnx_backend
 
-            return onnx_backend.run(self.onnx_model, inputs, mode, capture, self._sessions)
+            return onnx_backend.run(self.onnx_model, inputs, mode, capture, self.cache)
         assert self.module is not None
         if mode != "native" and mode not in self._twins:
             self._twins[mode] = _twin(self.module, mode)

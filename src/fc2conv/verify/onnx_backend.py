@@ -23,17 +23,17 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, numpy_helper
 
 from fc2conv.core.provenance import SOURCE_KEY
 from fc2conv.errors import Fc2ConvError
+from fc2conv.verify import onnx_weights as ow
 from fc2conv.verify.models import InputSpec, Layer, Run
 
 LAYOUT_OPS = {
     "Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Constant", "Shape",
     "Gather", "Concat", "Cast", "Slice", "ConstantOfShape", "Expand", "Range", "Size",
 }
-_MAGNITUDE_IDENTITY = {"Tanh", "Softsign", "Elu", "Celu", "LeakyRelu", "PRelu", "HardTanh", "Clip"}
 _AFFINE_OPS = {"MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum"}
 _FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
 _TORCH_DTYPE = {
@@ -42,6 +42,20 @@ _TORCH_DTYPE = {
     TensorProto.INT64: torch.int64, TensorProto.INT32: torch.int32, TensorProto.BOOL: torch.bool,
     TensorProto.INT8: torch.int8, TensorProto.UINT8: torch.uint8,
 }
+
+
+# the cache of each loaded Model, by id of its ModelProto (protos take no weak references):
+# lets run_shaken, called with the proto alone, reuse the weights read once
+_CACHES: dict[int, dict[Any, Any]] = {}
+
+
+def register(proto: Any, cache: dict[Any, Any]) -> None:
+    _CACHES[id(proto)] = cache
+
+
+def forget(proto: Any, cache: dict[Any, Any]) -> None:
+    if _CACHES.get(id(proto)) is cache:
+        del _CACHES[id(proto)]
 
 
 def load(path: Path) -> Any:
@@ -107,49 +121,6 @@ def _layer_nodes(proto: Any) -> list[tuple[str, str, str]]:
     return out
 
 
-def _float64_copy(proto: Any, magnitude: bool) -> Any:
-    model = onnx.ModelProto()
-    model.CopyFrom(proto)
-    g = model.graph
-    bn_means = {n.input[3] for n in g.node if n.op_type == "BatchNormalization"}
-    bn_vars = {n.input[4] for n in g.node if n.op_type == "BatchNormalization"}
-    for init in g.initializer:
-        if init.data_type in _FLOAT_TYPES:
-            arr = numpy_helper.to_array(init).astype(np.float64)
-            if magnitude and init.name in bn_means:
-                arr = -np.abs(arr)
-            elif magnitude and init.name not in bn_vars:
-                arr = np.abs(arr)
-            init.CopyFrom(numpy_helper.from_array(arr, init.name))
-    for vi in [*g.input, *g.output, *g.value_info]:
-        if vi.type.tensor_type.elem_type in _FLOAT_TYPES:
-            vi.type.tensor_type.elem_type = TensorProto.DOUBLE
-    for node in g.node:
-        if magnitude and node.op_type in _MAGNITUDE_IDENTITY:
-            # 1-Lipschitz with |f(x)| <= |x|: the magnitude passes through unchanged (tanh(M)
-            # would shrink it below the error it must carry)
-            node.op_type = "Identity"
-            del node.attribute[:]
-            del node.input[1:]
-        for attr in node.attribute:
-            if node.op_type == "Cast" and attr.name == "to" and attr.i in _FLOAT_TYPES:
-                attr.i = TensorProto.DOUBLE
-            if attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type in _FLOAT_TYPES:
-                arr = numpy_helper.to_array(attr.t).astype(np.float64)
-                attr.t.CopyFrom(numpy_helper.from_array(np.abs(arr) if magnitude else arr))
-    return model
-
-
-def _with_layer_outputs(proto: Any, names: list[str]) -> Any:
-    model = onnx.ModelProto()
-    model.CopyFrom(proto)
-    existing = {o.name for o in model.graph.output}
-    for name in names:
-        if name not in existing:
-            model.graph.output.append(helper.ValueInfoProto(name=name))
-    return model
-
-
 def _feeds(proto: Any, inputs: tuple[torch.Tensor, ...], mode: str) -> dict[str, np.ndarray]:
     sp = specs(proto)
     if len(sp) != len(inputs):
@@ -181,13 +152,18 @@ def run(proto: Any, inputs: tuple[torch.Tensor, ...], mode: str, capture: bool,
     names = out_names + [n for n in dict.fromkeys(extra) if n not in out_names]
     key = (mode, tuple(names))
     engine = "onnxruntime"
+    if "split" not in cache:
+        cache["split"] = ow.split(proto)
+    skel, arrays = cache["split"]
     if mode == "native":
         try:
             if key not in cache:
-                from fc2conv.verify.onnx_float64 import ort_session
+                from fc2conv.verify.onnx_float64 import _with_outputs, ort_session
 
-                cache[key] = ort_session(_with_layer_outputs(proto, extra) if extra else proto,
-                                         optimize=True)
+                # the deployed model as onnxruntime loads it (constant weights); the layer
+                # captures beside it get the same arrays fed, not another copy
+                cache[key] = ort_session(_with_outputs(skel, extra), arrays, optimize=True,
+                                         fed=bool(extra))
             values = cache[key].run(names, feeds)
         except Exception as err:
             wants = "; ".join(f"'{sp.name}' of shape "
@@ -201,8 +177,12 @@ def run(proto: Any, inputs: tuple[torch.Tensor, ...], mode: str, capture: bool,
         from fc2conv.verify.onnx_float64 import Float64Runner
 
         if key not in cache:
-            cache[key] = Float64Runner(_float64_copy(proto, magnitude=(mode == "magnitude")),
-                                       names)
+            twin = ("twin", mode)
+            if twin not in cache:
+                magnitude = mode == "magnitude"
+                cache[twin] = (ow.float64_skeleton(skel, magnitude),
+                               ow.float64_weights(skel, arrays, magnitude))
+            cache[key] = Float64Runner(cache[twin][0], names, cache[twin][1])
         runner = cache[key]
         try:
             values = runner.run(feeds)
@@ -216,8 +196,15 @@ def run(proto: Any, inputs: tuple[torch.Tensor, ...], mode: str, capture: bool,
     return Run(outputs, layers, engine=engine)
 
 
-def count_ops(proto: Any) -> tuple[int, int]:
-    """(number of MatMul/Gemm/Conv nodes, longest reduction length) from initializer shapes."""
+def count_ops(proto: Any, cache: dict[Any, Any] | None = None) -> tuple[int, int]:
+    """(number of MatMul/Gemm/Conv nodes, longest reduction length) from initializer shapes;
+    with ``cache`` (a model's), counted once, shapes inferred on the weightless skeleton."""
+    if cache is not None:
+        if "counts" not in cache:
+            if "split" not in cache:
+                cache["split"] = ow.split(proto)
+            cache["counts"] = count_ops(cache["split"][0])
+        return cache["counts"]  # type: ignore[no-any-return]
     inits = {i.name: tuple(i.dims) for i in proto.graph.initializer}
     try:
         inferred = onnx.shape_inference.infer_shapes(proto)
@@ -275,17 +262,31 @@ def run_shaken(proto: Any, inputs: tuple[torch.Tensor, ...], scale: float,
     from fc2conv.verify.onnx_float64 import Float64Runner
 
     def shake(arr: np.ndarray) -> np.ndarray:
-        xi = gen.standard_normal(arr.shape)
-        if arr.ndim >= 1:
-            xi = xi + gen.standard_normal((arr.shape[0],) + (1,) * (arr.ndim - 1))
-        return arr * (1 + scale * xi)
+        out = np.empty(arr.shape, dtype=np.float64)
+        flat_in, flat_out = arr.reshape(arr.shape[0] if arr.ndim else 1, -1), \
+            out.reshape(arr.shape[0] if arr.ndim else 1, -1)
+        step = max(1, (1 << 22) // max(1, flat_in.shape[1]))  # ~32 MB of noise at a time
+        for i in range(0, flat_in.shape[0], step):
+            rows = flat_in[i:i + step].astype(np.float64)
+            xi = gen.standard_normal(rows.shape)
+            if arr.ndim >= 1:
+                xi += gen.standard_normal((rows.shape[0], 1))
+            flat_out[i:i + step] = rows * (1 + scale * xi)
+        return out
 
-    model = _float64_copy(proto, magnitude=False)
+    cache = _CACHES.get(id(proto), {})
+    if "split" not in cache:
+        cache["split"] = ow.split(proto)
+    skel, arrays = cache["split"]
+    twin = cache.get(("twin", "reference"))
+    model = ow.float64_skeleton(skel, magnitude=False)
+    weights = {k: shake(v) if v.dtype.kind == "f" or v.dtype.name == "bfloat16" else v
+               for k, v in (twin[1] if twin else arrays).items()}
     for init in model.graph.initializer:
-        if init.data_type == TensorProto.DOUBLE:
+        if init.data_type == TensorProto.DOUBLE and init.data_location != TensorProto.EXTERNAL:
             init.CopyFrom(numpy_helper.from_array(shake(numpy_helper.to_array(init)), init.name))
     feeds = {k: shake(v) if v.dtype == np.float64 else v
              for k, v in _feeds(proto, inputs, "reference").items()}
     names = [o.name for o in proto.graph.output]
-    values = Float64Runner(model, names).run(feeds)
+    values = Float64Runner(model, names, weights).run(feeds)
     return [torch.from_numpy(np.asarray(v)) for v in values]

@@ -35,12 +35,29 @@ _MISSING_KERNEL = re.compile(r"implementation for (\w+)\(\d+\) node with name '(
 MAX_FLOAT32_WRAPS = 16
 
 
-def ort_session(model: Any, *, optimize: bool = False) -> Any:
-    """An onnxruntime CPU session on ``model`` (a ModelProto), errors only in its log; all
-    graph optimizations with ``optimize`` (as users deploy), else the basic ones (fusions into
-    float32-only kernels would refuse a float64 graph). Graphs over protobuf's 2 GB are passed
-    through a temporary file with external data."""
+class Session:
+    """An onnxruntime session whose stubbed weights are either fed on every run (``fed``: the
+    caller's arrays, not copied) or handed over once as external initializers (onnxruntime
+    copies them, and treats them as constants, as a deployed model)."""
+
+    def __init__(self, sess: Any, fed: dict[str, np.ndarray]) -> None:
+        self.sess, self.fed = sess, fed
+
+    def run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return list(self.sess.run(names, {**feeds, **self.fed}))
+
+
+def ort_session(model: Any, weights: dict[str, np.ndarray] | None = None, *,
+                optimize: bool = False, fed: bool = True) -> Session:
+    """An onnxruntime CPU session on ``model`` (a ModelProto, or a skeleton whose stubs are
+    filled from ``weights``); all graph optimizations with ``optimize`` (as users deploy), else
+    the basic ones (fusions into float32-only kernels would refuse a float64 graph).
+    ``fed=True`` feeds the weights as inputs on every run (no copy: for float64 twins and side
+    runs, whose results do not depend on weights being constants), else onnxruntime gets them
+    as constant initializers (it copies and packs them: the deployed model)."""
     import onnxruntime as ort
+
+    from fc2conv.verify.onnx_weights import as_inputs
 
     opts = ort.SessionOptions()
     # errors only when deployed-like (its warnings would add lines to our one); none for the
@@ -48,26 +65,27 @@ def ort_session(model: Any, *, optimize: bool = False) -> Any:
     opts.log_severity_level = 3 if optimize else 4
     opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                      else ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
-    if model.ByteSize() < (1 << 31) - (1 << 24):
-        return ort.InferenceSession(model.SerializeToString(), opts,
-                                    providers=["CPUExecutionProvider"])
-    import tempfile
-    from pathlib import Path
-
-    with tempfile.TemporaryDirectory(prefix="fc2conv-") as tmp:
-        path = Path(tmp) / "model.onnx"
-        onnx.save_model(model, str(path), save_as_external_data=True,
-                        all_tensors_to_one_file=True, location="weights.bin")
-        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    weights = weights or {}
+    if weights and fed:
+        model = as_inputs(model)
+    elif weights:
+        names = list(weights)
+        opts.add_external_initializers(
+            names, [ort.OrtValue.ortvalue_from_numpy(weights[n]) for n in names])
+    sess = ort.InferenceSession(model.SerializeToString(), opts,
+                                providers=["CPUExecutionProvider"])
+    return Session(sess, weights if fed else {})
 
 
 class Float64Runner:
     """Runs a float64 ONNX graph with the first engine that can (see module docstring);
     ``engine`` names the one in use. Sessions are built once and reused across draws."""
 
-    def __init__(self, model: Any, outputs: list[str]) -> None:
+    def __init__(self, model: Any, outputs: list[str],
+                 weights: dict[str, np.ndarray] | None = None) -> None:
         self.model = model
         self.outputs = outputs
+        self.weights = weights or {}
         self.engine = ""
         self._run: Engine | None = None
         self._tried: list[str] = []
@@ -92,17 +110,20 @@ class Float64Runner:
 
     # -- engines ------------------------------------------------------------------------------
     def _ort(self) -> tuple[Engine, str]:
-        sess = ort_session(_with_outputs(self.model, self.outputs))
-        return (lambda names, feeds: sess.run(names, feeds)), "onnxruntime (float64)"
+        sess = ort_session(_with_outputs(self.model, self.outputs), self.weights)
+        return sess.run, "onnxruntime (float64)"
 
     def _evaluator(self) -> tuple[Engine, str]:
         from onnx.reference import ReferenceEvaluator
 
-        ev = ReferenceEvaluator(self.model, new_ops=_replaced_ops())
+        from fc2conv.verify.onnx_weights import as_inputs
+
+        ev = ReferenceEvaluator(as_inputs(self.model), new_ops=_replaced_ops())
+        weights = self.weights
 
         def run(names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
             with np.errstate(all="ignore"):  # inf - inf in a magnitude twin is not news
-                return list(ev.run(names, feeds))
+                return list(ev.run(names, {**feeds, **weights}))
 
         return run, "onnx reference evaluator"
 
@@ -111,7 +132,7 @@ class Float64Runner:
         wrapped: list[str] = []
         for _ in range(MAX_FLOAT32_WRAPS):
             try:
-                sess = ort_session(model)
+                sess = ort_session(model, self.weights)
                 break
             except Exception as err:
                 found = _MISSING_KERNEL.search(str(err))
@@ -127,18 +148,20 @@ class Float64Runner:
         islands = ", ".join(sorted(set(wrapped)))
         label = (f"onnxruntime (float64, {islands} in float32)" if islands
                  else "onnxruntime (float64)")
-        return (lambda names, feeds: sess.run(names, feeds)), label
+        return sess.run, label
 
 
 def _with_outputs(model: Any, names: list[str]) -> Any:
-    """``model`` with ``names`` among its graph outputs (a shallow rebuild when needed)."""
+    """A copy of ``model`` (a skeleton: cheap) with ``names`` among its graph outputs."""
     existing = {o.name for o in model.graph.output}
     missing = [n for n in dict.fromkeys(names) if n not in existing]
     if not missing:
         return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
     for name in missing:
-        model.graph.output.append(helper.ValueInfoProto(name=name))
-    return model
+        out.graph.output.append(helper.ValueInfoProto(name=name))
+    return out
 
 
 def _in_float32(model: Any, node_name: str, op: str) -> tuple[Any, list[str]]:

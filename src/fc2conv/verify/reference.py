@@ -75,7 +75,7 @@ def reference(ma: Model, x: tuple[torch.Tensor, ...], ra: bnd.Rounding, rb: bnd.
 
         ref_run = ma.run(x, "reference", capture=capture)
         stats = bnd.OpStats()
-        stats.reductions, stats.longest = onnx_backend.count_ops(ma.onnx_model)
+        stats.reductions, stats.longest = onnx_backend.count_ops(ma.onnx_model, ma.cache)
     mag = ma.run(x, "magnitude", capture=capture)
     ca, cb = bnd.coefficient(ra, stats), bnd.coefficient(rb, stats)
     ba = [bnd.elementwise_bound(m, ca, ra, stats) for m in mag.outputs]

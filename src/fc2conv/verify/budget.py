@@ -1,0 +1,93 @@
+"""Will a comparison fit in memory? Estimated from the weights before anything runs.
+
+``compare`` holds, per ONNX model, its ModelProto (``W`` bytes of weights), the weights read
+once as arrays (``W``), onnxruntime's copy and packed copy of the deployed session (``2 W``;
+the float64 twins and layer captures are fed the arrays, not copied); for model ``a`` also the
+float64 and magnitude twins (``2 x T``, ``T`` the weights in float64) and, while the rounding
+noise is measured, one shaken twin (``T``). A PyTorch model: the module (``W``) and, for
+``a``, its two float64 twins. Plus a fixed ~1.5 GB for torch and onnxruntime themselves, and
+the activations of the draws (small beside the weights for the models this bounds). So::
+
+    need = FIXED + 4 W_a + 3 T_a + 4 W_b          (ONNX)
+    need = FIXED + W_a + 2 T_a + W_b              (PyTorch)
+
+which stays under the issue's budget ``3 x (T_a + T_b) + FIXED`` for float32 models
+(``T = 2 W``). When ``need`` exceeds the
+memory available (``MemAvailable``, or the cgroup's limit when lower), compare refuses before
+starting, in one sentence, instead of being killed half way.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from fc2conv.errors import Fc2ConvError
+
+log = logging.getLogger(__name__)
+
+FIXED = int(1.5 * 2**30)
+GB = 1e9
+
+
+def weight_bytes(model: Any) -> tuple[int, int]:
+    """``(W, T)``: bytes of the model's weights as stored, and as float64."""
+    if model.kind == "onnx":
+        import numpy as np
+        import onnx
+
+        w = t = 0
+        for init in model.onnx_model.graph.initializer:
+            n = int(np.prod(init.dims)) if init.dims else 1
+            size = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize
+            w += n * size
+            t += n * 8 if init.data_type in (1, 10, 11, 16) else n * size
+        return w, t
+    if model.module is None:
+        return 0, 0
+    w = t = 0
+    for p in [*model.module.parameters(), *model.module.buffers()]:
+        w += p.numel() * p.element_size()
+        t += p.numel() * (8 if p.is_floating_point() else p.element_size())
+    return w, t
+
+
+def needed(ma: Any, mb: Any) -> int:
+    """Estimated peak bytes of comparing ``ma`` with ``mb`` (see module docstring)."""
+    wa, ta = weight_bytes(ma)
+    wb, _ = weight_bytes(mb)
+    need_a = 4 * wa + 3 * ta if ma.kind == "onnx" else wa + 2 * ta
+    need_b = 4 * wb if mb.kind == "onnx" else wb
+    return FIXED + need_a + need_b
+
+
+def available() -> int:
+    """Bytes this process may still allocate: MemAvailable, capped by a cgroup v2 limit."""
+    avail = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+    except OSError:
+        return 1 << 62  # no way to tell: do not refuse
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
+        if limit != "max":
+            room = int(limit) - used
+            avail = room if avail is None else min(avail, room)
+    except (OSError, ValueError):
+        pass
+    return avail if avail is not None else 1 << 62
+
+
+def check(ma: Any, mb: Any) -> None:
+    """Raise :class:`Fc2ConvError` when the comparison cannot fit in memory."""
+    need, have = needed(ma, mb), available()
+    log.debug("compare needs about %.2f GB, %.2f GB available", need / GB, have / GB)
+    if need > have:
+        raise Fc2ConvError(
+            f"comparing these models needs about {need / GB:.1f} GB of memory (their weights, "
+            f"model A's float64 twins and the runtimes) and this machine has {have / GB:.1f} "
+            "GB available: free memory or compare on a larger machine")

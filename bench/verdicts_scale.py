@@ -97,9 +97,9 @@ def sizes(widths: list[int], samples: int, check_free: float) -> None:
         fixed = run_child(a, b, samples)["peak"]
         print(f"fixed RSS (torch + onnxruntime + a tiny compare): {fixed / 2**30:.2f} GiB")
         print(f"{'hidden':>7} {'weights A+B':>12} {'peak RSS':>9} {'(peak-fixed)/weights':>21} "
-              f"{'time s':>7}  verdict")
+              f"{'budget':>8} {'time s':>7}  verdict")
         for h in widths:
-            need = 2 * 2 * h * h * 4 * 6 / 2**30
+            budget = 3 * (2 * 2 * h * h * 8) / 2**30 + 1.5  # 3x both float64 twins + 1.5 GB
             if check_free and _available_gib() < check_free:
                 print(f"{h:>7} skipped: less than {check_free} GiB available")
                 continue
@@ -107,7 +107,7 @@ def sizes(widths: list[int], samples: int, check_free: float) -> None:
             r = run_child(a, b, samples)
             ratio = (r["peak"] - fixed) / weights
             print(f"{h:>7} {weights / 2**30:>10.2f}G {r['peak'] / 2**30:>8.2f}G {ratio:>21.2f} "
-                  f"{r['time']:>7.1f}  {r['verdict'][:90]}  (budget ~{need:.1f} GiB)")
+                  f"{budget:>7.1f}G {r['time']:>7.1f}  {r['verdict'][:100]}", flush=True)
             for p in folder.glob(f"mlp{h}*"):
                 p.unlink()
 

@@ -174,7 +174,7 @@ def _compare_loaded(ma: Model, mb: Model, draws: list[tuple[torch.Tensor, ...]],
     judge = Judge(ra, rb, method=method, stats=runs[0][2].stats)
     notes: list[str] = []
     unsupported = set().union(*(ref.unsupported for _, _, ref in runs))
-    notes += reference_notes(runs)
+    notes += reference_notes(runs, ma)
     if unsupported:
         notes.append("the running bound has no rule for " + ", ".join(sorted(unsupported))
                      + "; the magnitude bound is used")
@@ -241,15 +241,17 @@ def _compare_loaded(ma: Model, mb: Model, draws: list[tuple[torch.Tensor, ...]],
     return report
 
 
-def reference_notes(runs: list[Any]) -> list[str]:
-    """Which engine ran model A's float64 twin, when it is an ONNX graph (the report says it)."""
+def reference_notes(runs: list[Any], ma: Model) -> list[str]:
+    """Which engine ran model A's float64 twin, when it is an ONNX graph (the report says it),
+    and how memory was saved when it had to be (:mod:`fc2conv.verify.budget`)."""
+    saved = [ma.cache["budget_note"]] if "budget_note" in ma.cache else []
     engines = list(dict.fromkeys(ref.engine for _, _, ref in runs if ref.engine))
     if not engines:
-        return []
+        return saved
     text = f"float64 reference: model A run by {' and '.join(engines)}"
     if any("in float32" in e for e in engines):
         text += " (exact only up to float32 rounding at those ops: they have no float64 kernel)"
-    return [text]
+    return [text, *saved]
 
 
 def _noise_note(ma: Model, draws: list[tuple[torch.Tensor, ...]], runs: list[Any],

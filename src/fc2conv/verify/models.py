@@ -256,9 +256,14 @@ def _load_path(path: Path, trust_pickle: bool) -> Model:
 
         from fc2conv.verify import onnx_backend
 
-        proto = load_or_explain(path, "onnx", lambda: onnx.load(str(path)))  # as convert says
+        # external data stays on disk: compare maps it (np.memmap) instead of reading it
+        proto = load_or_explain(path, "onnx",  # as convert says
+                                lambda: onnx.load(str(path), load_external_data=False))
         proto = onnx_backend.load(path) if not proto.graph.node else proto
-        return Model(label=label, kind="onnx", onnx_model=proto, specs=onnx_backend.specs(proto))
+        model = Model(label=label, kind="onnx", onnx_model=proto,
+                      specs=onnx_backend.specs(proto))
+        model.cache["base_dir"] = path.resolve().parent
+        return model
     if suffix == ".pt2":
         def _load_pt2() -> torch.export.ExportedProgram:
             with quiet():

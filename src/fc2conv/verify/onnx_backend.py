@@ -153,7 +153,7 @@ def run(proto: Any, inputs: tuple[torch.Tensor, ...], mode: str, capture: bool,
     key = (mode, tuple(names))
     engine = "onnxruntime"
     if "split" not in cache:
-        cache["split"] = ow.split(proto)
+        cache["split"] = ow.split(proto, cache.get("base_dir"))
     skel, arrays = cache["split"]
     if mode == "native":
         try:
@@ -163,7 +163,7 @@ def run(proto: Any, inputs: tuple[torch.Tensor, ...], mode: str, capture: bool,
                 # the deployed model as onnxruntime loads it (constant weights); the layer
                 # captures beside it get the same arrays fed, not another copy
                 cache[key] = ort_session(_with_outputs(skel, extra), arrays, optimize=True,
-                                         fed=bool(extra))
+                                         fed=bool(extra) or bool(cache.get("lean")))
             values = cache[key].run(names, feeds)
         except Exception as err:
             wants = "; ".join(f"'{sp.name}' of shape "
@@ -202,7 +202,7 @@ def count_ops(proto: Any, cache: dict[Any, Any] | None = None) -> tuple[int, int
     if cache is not None:
         if "counts" not in cache:
             if "split" not in cache:
-                cache["split"] = ow.split(proto)
+                cache["split"] = ow.split(proto, cache.get("base_dir"))
             cache["counts"] = count_ops(cache["split"][0])
         return cache["counts"]  # type: ignore[no-any-return]
     inits = {i.name: tuple(i.dims) for i in proto.graph.initializer}
@@ -276,7 +276,11 @@ def run_shaken(proto: Any, inputs: tuple[torch.Tensor, ...], scale: float,
 
     cache = _CACHES.get(id(proto), {})
     if "split" not in cache:
-        cache["split"] = ow.split(proto)
+        cache["split"] = ow.split(proto, cache.get("base_dir"))
+    if cache.get("lean"):  # room for the shaken twin: the magnitude twin is rebuilt if needed
+        for key in [k for k in cache if isinstance(k, tuple) and k[0] in ("magnitude", "twin")
+                    and "magnitude" in k]:
+            del cache[key]
     skel, arrays = cache["split"]
     twin = cache.get(("twin", "reference"))
     model = ow.float64_skeleton(skel, magnitude=False)

@@ -14,16 +14,21 @@ with the number of runs. Instead:
   and the magnitude twin (``W -> |W|``, batch-norm means ``-|mean|``, variances kept) from those
   arrays, each cast once per model.
 
-Small initializers (shape constants, biases under 64 KiB) stay inline in the skeleton.
+Small initializers (shape constants, biases under 64 KiB) stay inline in the skeleton. Data
+kept outside the ``.onnx`` file (external data) is memory-mapped, not read: file pages the
+kernel can drop, not memory of this process's own.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
+
+from fc2conv.errors import Fc2ConvError
 
 SMALL_BYTES = 1 << 16
 STUB_FILE = "fc2conv-in-memory.bin"
@@ -59,20 +64,37 @@ def _shell(proto: Any) -> Any:
     return model
 
 
-def split(proto: Any) -> tuple[Any, dict[str, np.ndarray]]:
+def split(proto: Any, base_dir: Path | None = None) -> tuple[Any, dict[str, np.ndarray]]:
     """``(skeleton, arrays)``: large initializers read once into ``arrays`` and left in the
-    skeleton as stubs; small ones copied inline."""
+    skeleton as stubs; small ones copied inline. Tensors whose data is external (in a file
+    beside the model in ``base_dir``) are mapped read-only, not read."""
     skel = _shell(proto)
     arrays: dict[str, np.ndarray] = {}
     for init in proto.graph.initializer:
-        size = init.ByteSize()
-        if size < SMALL_BYTES and init.data_location != TensorProto.EXTERNAL:
+        external = init.data_location == TensorProto.EXTERNAL
+        if not external and init.ByteSize() < SMALL_BYTES:
             skel.graph.initializer.add().CopyFrom(init)
             continue
-        arr = np.ascontiguousarray(numpy_helper.to_array(init))
+        arr = _mapped(init, base_dir) if external else \
+            np.ascontiguousarray(numpy_helper.to_array(init))
         arrays[init.name] = arr
         skel.graph.initializer.append(_stub(init.name, init.data_type, init.dims, arr.nbytes))
     return skel, arrays
+
+
+def _mapped(init: Any, base_dir: Path | None) -> np.ndarray:
+    """The external data of ``init``, memory-mapped read-only (no copy in this process)."""
+    info = {e.key: e.value for e in init.external_data}
+    path = (base_dir or Path.cwd()) / info["location"]
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type))
+    shape = tuple(int(d) for d in init.dims)
+    if not path.is_file():
+        raise Fc2ConvError(f"initializer '{init.name}' keeps its data in {path}, which does "
+                           "not exist (keep the model's external data file beside it)")
+    if dtype.kind not in "fiub" or int(np.prod(shape)) == 0:
+        return np.ascontiguousarray(numpy_helper.to_array(init, base_dir=str(path.parent)))
+    return np.memmap(path, dtype=dtype, mode="r", offset=int(info.get("offset", 0)),
+                     shape=shape)
 
 
 def _bn_inputs(graph: Any) -> tuple[set[str], set[str]]:

@@ -35,7 +35,14 @@ from fc2conv.core.rounding import ulp_distance
 from fc2conv.errors import Fc2ConvError
 from fc2conv.verify import bound as bnd
 from fc2conv.verify import budget
-from fc2conv.verify.inputs import as_draws, draw, resolve_specs
+from fc2conv.verify.inputs import (
+    as_draws,
+    draw,
+    feedable,
+    id_ranges,
+    resolve_specs,
+    with_id_ranges,
+)
 from fc2conv.verify.judge import Judge, exact_equal, nonfinite_counts
 from fc2conv.verify.match import align
 from fc2conv.verify.models import Model, load
@@ -99,14 +106,15 @@ def compare(a: Any, b: Any, inputs: Any = None, *,
         input_text = f"the given inputs: {shown}" + (
             f" ({len(draws)} draws)" if len(draws) > 1 else "")
     else:
-        specs = resolve_specs(ma, mb, input_shape)
         if seed is None:
             seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+        specs = feedable(with_id_ranges(resolve_specs(ma, mb, input_shape), ma, mb), ma, seed)
         draws = draw(specs, samples, ma.dtype, seed)
         shapes = ", ".join(str(tuple(x.shape)) for x in draws[0])
+        ids = id_ranges(specs)
         input_text = (f"{len(draws)} random normal draws of shape {shapes}"
                       + (", the last scaled to large magnitude" if len(draws) > 1 else "")
-                      + f" (seed {seed})")
+                      + f" (seed {seed})" + (f"; {ids}" if ids else ""))
     return _compare_loaded(ma, mb, draws, layers, input_text)
 
 

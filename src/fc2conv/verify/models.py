@@ -62,6 +62,7 @@ class InputSpec:
     name: str
     shape: tuple[int | None, ...]
     dtype: torch.dtype
+    high: int | None = None  # integer inputs: ids are drawn in [0, high) (a table's rows)
 
 
 @dataclass

@@ -9,8 +9,10 @@ Two parts, each printing ratios measured in this run:
    ratio ``(peak - fixed) / weights`` (fixed: the RSS of a process that imported torch and
    onnxruntime and compared two tiny models), wall time, and the exit status. The issue's
    budget: peak <= 3 x weights x 2 (float64 twins) + ~1.5 GB.
-2. ``--per-draw``: compare's time per draw over the time of the two float32 forward passes
-   (A and B natively), on an ONNX BERT export (hidden 256, 4 layers, batch 4, length 128) and a
+2. ``--per-draw``: compare's time per draw (``compare(samples=1+S)`` minus ``compare(samples=
+   1)``, over ``S``: the cost of one more draw; the once-per-compare cost, loading and building
+   sessions, is printed apart as "fixed") over the time of the two float32 forward passes (A
+   and B natively), on an ONNX BERT export (hidden 256, 4 layers, batch 4, length 128) and a
    small CNN, both against their ``to_conv`` conversions; interleaved repeats, median ratio.
    The issue's budget: at most 10x.
 
@@ -135,13 +137,14 @@ def per_draw(repeats: int, samples: int) -> None:
         import onnx
 
         pairs = {k: (onnx.load(str(p)), to_conv(onnx.load(str(p)))) for k, p in cases.items()}
-    print(f"{'model':<24} {'compare/draw s':>15} {'2 fwd f32 s':>12} {'ratio':>7}")
+    print(f"{'model':<24} {'compare/draw s':>15} {'2 fwd f32 s':>12} {'ratio':>7} "
+          f"{'fixed s':>9}")
     for name, (a, b) in pairs.items():
         ma, mb = load(a, "A"), load(b, "B")
         from fc2conv.verify.inputs import draw, resolve_specs
 
         x = draw(resolve_specs(ma, mb, None), 1, torch.float32, 0)[0]
-        ratios, cmp_t, fwd_t = [], [], []
+        ratios, cmp_t, fwd_t, fixed_t = [], [], [], []
         ma.run(x), mb.run(x)  # sessions built once, as compare builds them once
         for _ in range(repeats):
             t = time.perf_counter()
@@ -149,13 +152,17 @@ def per_draw(repeats: int, samples: int) -> None:
             mb.run(x)
             fwd = time.perf_counter() - t
             t = time.perf_counter()
-            compare(a, b, samples=samples, layers=False, seed=1)
-            c = (time.perf_counter() - t) / samples
+            compare(a, b, samples=1, layers=False, seed=1)
+            one = time.perf_counter() - t
+            t = time.perf_counter()
+            compare(a, b, samples=1 + samples, layers=False, seed=1)
+            c = (time.perf_counter() - t - one) / samples  # the cost of one more draw
             ratios.append(c / fwd)
             cmp_t.append(c)
             fwd_t.append(fwd)
+            fixed_t.append(one - c)
         print(f"{name:<24} {statistics.median(cmp_t):>15.3f} {statistics.median(fwd_t):>12.4f} "
-              f"{statistics.median(ratios):>7.1f}")
+              f"{statistics.median(ratios):>7.1f} {statistics.median(fixed_t):>9.2f}")
 
 
 def _bert_onnx(folder: Path) -> Path:

@@ -7,7 +7,9 @@ engines, tried in this order; the first that runs the graph is kept, and the rep
    Gemm, Add/Mul, LayerNormalization, Softmax, Tanh, ... in float64 (not Conv, Erf,
    AveragePool): fast, and it holds each weight once.
 2. ``onnx reference evaluator``: ``onnx.reference.ReferenceEvaluator`` (numpy, exact up to
-   float64 rounding) with two kernels replaced: ``GatherElements`` by ``np.take_along_axis``
+   float64 rounding) with kernels replaced: ``MatMul`` and ``Erf`` by torch's float64 ones
+   (numpy's stacked matmul skips BLAS, its erf is ``math.erf`` in a Python loop: 90% of a
+   BERT draw), ``GatherElements`` by ``np.take_along_axis``
    (the evaluator's own reshapes ``indices``-sized results wrongly when ``indices`` is smaller
    than ``data`` off the gather axis, as with BERT's token-type ids: "cannot reshape array of
    size 1 into shape (1,16)") and ``Conv`` by torch's float64 convolution (the same sums,
@@ -20,6 +22,7 @@ engines, tried in this order; the first that runs the graph is kept, and the rep
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Callable
 from typing import Any
@@ -223,7 +226,31 @@ def _replaced_ops() -> list[type]:
                  strides: Any = None) -> tuple[np.ndarray]:
             return (_torch_conv(X, W, B, auto_pad, dilations, group, pads, strides),)
 
-    return [GatherElements, Conv]
+    class MatMul(OpRun):  # type: ignore[misc]
+        """``A @ B`` (numpy broadcasting) through torch: numpy's stacked matmul skips BLAS."""
+
+        def _run(self, A: np.ndarray, B: np.ndarray) -> tuple[np.ndarray]:
+            if A.dtype != B.dtype or A.dtype.kind != "f":
+                return (np.matmul(A, B),)
+            return (torch_op("matmul", A, B),)
+
+    class Erf(OpRun):  # type: ignore[misc]
+        """``erf(x)`` through torch (the evaluator vectorizes ``math.erf`` in Python)."""
+
+        def _run(self, x: np.ndarray) -> tuple[np.ndarray]:
+            if x.dtype.kind != "f":
+                return (np.vectorize(math.erf)(x).astype(x.dtype),)
+            return (torch_op("erf", x),)
+
+    return [GatherElements, Conv, MatMul, Erf]
+
+
+def torch_op(name: str, *arrays: np.ndarray) -> np.ndarray:
+    """``torch.<name>(*arrays)`` on numpy arrays, in their dtype (float64 here)."""
+    import torch
+
+    tensors = [torch.from_numpy(np.require(a, requirements=["C", "W"])) for a in arrays]
+    return getattr(torch, name)(*tensors).numpy()  # type: ignore[no-any-return]
 
 
 def _torch_conv(X: np.ndarray, W: np.ndarray, B: np.ndarray | None, auto_pad: Any,

@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -122,52 +123,64 @@ def _available_gib() -> float:
     return 0.0
 
 
-def per_draw(repeats: int, samples: int) -> None:
+def per_draw(repeats: int, samples: int, paths: list[str]) -> None:
     import torch
 
-    sys.path.insert(0, str(HERE.parent / "tests" / "zoo"))
     from fc2conv.onnx import to_conv
     from fc2conv.verify import compare
     from fc2conv.verify.models import load
 
-    cases = {}
-    with tempfile.TemporaryDirectory(prefix="fc2conv-bench-") as tmp:
-        cases["bert h256 L4 b4 n128"] = _bert_onnx(Path(tmp))
-        cases["small cnn b8 32x32"] = _cnn_onnx(Path(tmp))
-        import onnx
+    pairs: dict[str, tuple[Any, Any, tuple[Any, ...]]] = {}
+    if "onnx" in paths:
+        with tempfile.TemporaryDirectory(prefix="fc2conv-bench-") as tmp:
+            import onnx
 
-        pairs = {k: (onnx.load(str(p)), to_conv(onnx.load(str(p)))) for k, p in cases.items()}
-    print(f"{'model':<24} {'compare/draw s':>15} {'2 fwd f32 s':>12} {'ratio':>7} "
+            for k, (path, x) in {"onnx bert h256 L4 b4 n128": _bert_onnx(Path(tmp)),
+                                 "onnx small cnn b8 32x32": _cnn_onnx(Path(tmp))}.items():
+                pairs[k] = (onnx.load(str(path)), to_conv(onnx.load(str(path))), x)
+    if "torch" in paths:
+        import fc2conv
+
+        for k, (module, x) in {"torch bert h256 L4 b4 n128": _bert_torch(),
+                               "torch small cnn b8 32x32": _cnn_torch()}.items():
+            pairs[k] = (module, fc2conv.to_conv(module, x), x)
+    print(f"{'model':<26} {'compare/draw s':>15} {'2 fwd f32 s':>12} {'ratio':>7} "
           f"{'fixed s':>9}")
-    for name, (a, b) in pairs.items():
-        ma, mb = load(a, "A"), load(b, "B")
-        from fc2conv.verify.inputs import draw, resolve_specs
+    gen = torch.Generator().manual_seed(0)
 
-        x = draw(resolve_specs(ma, mb, None), 1, torch.float32, 0)[0]
+    def fresh(x: tuple[Any, ...]) -> tuple[Any, ...]:
+        """A new draw like ``x``: floats redrawn, integers (ids, masks) shuffled."""
+        return tuple(torch.randn(t.shape, generator=gen) if t.is_floating_point() else
+                     t.reshape(-1)[torch.randperm(t.numel(), generator=gen)].reshape(t.shape)
+                     for t in x)
+
+    for name, (a, b, x) in pairs.items():
+        ma, mb = load(a, "A"), load(b, "B")
         ratios, cmp_t, fwd_t, fixed_t = [], [], [], []
         ma.run(x), mb.run(x)  # sessions built once, as compare builds them once
         for _ in range(repeats):
             t = time.perf_counter()
-            ma.run(x)
-            mb.run(x)
+            with torch.no_grad():
+                ma.run(x)
+                mb.run(x)
             fwd = time.perf_counter() - t
+            draws = [fresh(x) for _ in range(1 + samples)]
             t = time.perf_counter()
-            compare(a, b, samples=1, layers=False, seed=1)
+            compare(a, b, inputs=draws[:1], layers=False)
             one = time.perf_counter() - t
             t = time.perf_counter()
-            compare(a, b, samples=1 + samples, layers=False, seed=1)
+            compare(a, b, inputs=draws, layers=False)
             c = (time.perf_counter() - t - one) / samples  # the cost of one more draw
             ratios.append(c / fwd)
             cmp_t.append(c)
             fwd_t.append(fwd)
             fixed_t.append(one - c)
-        print(f"{name:<24} {statistics.median(cmp_t):>15.3f} {statistics.median(fwd_t):>12.4f} "
-              f"{statistics.median(ratios):>7.1f} {statistics.median(fixed_t):>9.2f}")
+        print(f"{name:<26} {statistics.median(cmp_t):>15.3f} {statistics.median(fwd_t):>12.4f} "
+              f"{statistics.median(ratios):>7.1f} {statistics.median(fixed_t):>9.2f}",
+              flush=True)
 
 
-def _bert_onnx(folder: Path) -> Path:
-    import warnings
-
+def _bert_torch() -> tuple[Any, tuple[Any, ...]]:
     import torch
     import transformers
 
@@ -186,16 +199,24 @@ def _bert_onnx(folder: Path) -> Path:
             return self.m(input_ids=ids, attention_mask=mask).last_hidden_state
 
     ids = torch.randint(0, 1000, (4, 128))
+    return Wrap().eval(), (ids, torch.ones_like(ids))
+
+
+def _bert_onnx(folder: Path) -> tuple[Path, tuple[Any, ...]]:
+    import warnings
+
+    import torch
+
+    model, x = _bert_torch()
     path = folder / "bert.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(Wrap(), (ids, torch.ones_like(ids)), str(path),
-                          input_names=["input_ids", "attention_mask"], dynamo=False,
-                          opset_version=17)
-    return path
+        torch.onnx.export(model, x, str(path), input_names=["input_ids", "attention_mask"],
+                          dynamo=False, opset_version=17)
+    return path, x
 
 
-def _cnn_onnx(folder: Path) -> Path:
+def _cnn_torch() -> tuple[Any, tuple[Any, ...]]:
     import torch
     from torch import nn
 
@@ -204,10 +225,21 @@ def _cnn_onnx(folder: Path) -> Path:
                           nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
                           nn.Flatten(), nn.Linear(32 * 8 * 8, 64), nn.ReLU(),
                           nn.Linear(64, 10)).eval()
+    return model, (torch.randn(8, 3, 32, 32),)
+
+
+def _cnn_onnx(folder: Path) -> tuple[Path, tuple[Any, ...]]:
+    import warnings
+
+    import torch
+
+    model, x = _cnn_torch()
     path = folder / "cnn.onnx"
-    torch.onnx.export(model, (torch.randn(8, 3, 32, 32),), str(path), input_names=["x"],
-                      dynamo=False, opset_version=17)
-    return path
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, x, str(path), input_names=["x"], dynamo=False,
+                          opset_version=17)
+    return path, x
 
 
 def main() -> None:
@@ -215,6 +247,7 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="*", default=None,
                     help="hidden widths of the MLP pairs (4096: 64 MB per matrix)")
     ap.add_argument("--per-draw", action="store_true")
+    ap.add_argument("--paths", default="onnx,torch", help="per-draw cases: onnx, torch")
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--check-free", type=float, default=0.0,
@@ -225,7 +258,7 @@ def main() -> None:
     if args.sizes:
         sizes(args.sizes, args.samples, args.check_free)
     if args.per_draw:
-        per_draw(args.repeats, args.samples)
+        per_draw(args.repeats, args.samples, args.paths.split(","))
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ def weight_bytes(model: Any) -> tuple[int, int, int]:
         w = t = m = 0
         for init in model.onnx_model.graph.initializer:
             n = int(np.prod(init.dims)) if init.dims else 1
-            size = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize
+            size = itemsize(init.data_type)
             w += n * size
             t += n * 8 if init.data_type in (1, 10, 11, 16) else n * size
             if init.data_location != onnx.TensorProto.EXTERNAL:
@@ -60,6 +60,18 @@ def weight_bytes(model: Any) -> tuple[int, int, int]:
         w += p.numel() * p.element_size()
         t += p.numel() * (8 if p.is_floating_point() else p.element_size())
     return w, t, w
+
+
+def itemsize(data_type: int) -> int:
+    """Bytes per element of an ONNX tensor type (4 for a type numpy does not know: the
+    estimate stays an estimate; running the model will say what is wrong with it)."""
+    import numpy as np
+    import onnx
+
+    try:
+        return int(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(data_type)).itemsize)
+    except (KeyError, TypeError, ValueError):
+        return 4
 
 
 def needed(ma: Any, mb: Any, *, lean: bool = False) -> int:

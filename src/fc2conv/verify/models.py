@@ -253,13 +253,13 @@ def _load_path(path: Path, trust_pickle: bool) -> Model:
     suffix = path.suffix.lower()
     label = path.name
     if suffix == ".onnx":
-        import onnx
 
-        from fc2conv.verify import onnx_backend
+        from fc2conv.verify import onnx_backend, onnx_weights
 
-        # external data stays on disk: compare maps it (np.memmap) instead of reading it
+        # external data stays on disk: compare maps it (np.memmap) instead of reading it,
+        # after onnx's checks of where it lives (no absolute paths, no '..', no symlinks)
         proto = load_or_explain(path, "onnx",  # as convert says
-                                lambda: onnx.load(str(path), load_external_data=False))
+                                lambda: onnx_weights.load_mapped(path))
         proto = onnx_backend.load(path) if not proto.graph.node else proto
         model = Model(label=label, kind="onnx", onnx_model=proto,
                       specs=onnx_backend.specs(proto))

@@ -82,19 +82,60 @@ def split(proto: Any, base_dir: Path | None = None) -> tuple[Any, dict[str, np.n
     return skel, arrays
 
 
+def _open_checked() -> Any:
+    """onnx's own opener of external data (refuses absolute paths, '..' and symlinks with the
+    checker's reason), or None in an onnx without it."""
+    from onnx import external_data_helper as edh
+
+    return getattr(edh, "_open_external_data_fd", None)
+
+
+def load_mapped(path: Path) -> Any:
+    """``onnx.load(path)`` leaving external data on disk, each location checked by onnx the
+    way ``onnx.load`` checks it; with an onnx that cannot check, the data is loaded."""
+    import os
+
+    from onnx import external_data_helper as edh
+
+    opener = _open_checked()
+    if opener is None:
+        return onnx.load(str(path))
+    proto = onnx.load(str(path), load_external_data=False)
+    for tensor in edh._get_all_tensors(proto):
+        if edh.uses_external_data(tensor):
+            info = edh.ExternalDataInfo(tensor)
+            os.close(opener(str(path.parent), info.location, tensor.name, True))
+    return proto
+
+
 def _mapped(init: Any, base_dir: Path | None) -> np.ndarray:
     """The external data of ``init``, memory-mapped read-only (no copy in this process)."""
-    info = {e.key: e.value for e in init.external_data}
-    path = (base_dir or Path.cwd()) / info["location"]
+    import os
+
+    from onnx import external_data_helper as edh
+
+    info = edh.ExternalDataInfo(init)
+    folder = str(base_dir or Path.cwd())
     dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type))
     shape = tuple(int(d) for d in init.dims)
-    if not path.is_file():
-        raise Fc2ConvError(f"initializer '{init.name}' keeps its data in {path}, which does "
-                           "not exist (keep the model's external data file beside it)")
-    if dtype.kind not in "fiub" or int(np.prod(shape)) == 0:
-        return np.ascontiguousarray(numpy_helper.to_array(init, base_dir=str(path.parent)))
-    return np.memmap(path, dtype=dtype, mode="r", offset=int(info.get("offset", 0)),
-                     shape=shape)
+    opener = _open_checked()
+    try:
+        fd = opener(folder, info.location, init.name, True) if opener else \
+            os.open(Path(folder) / info.location, os.O_RDONLY)
+    except FileNotFoundError:
+        raise Fc2ConvError(f"initializer '{init.name}' keeps its data in {info.location}, "
+                           f"which does not exist in {folder} (keep the model's external data "
+                           "file beside it)") from None
+    with os.fdopen(fd, "rb") as f:
+        offset = int(info.offset or 0)
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        if os.fstat(f.fileno()).st_size < offset + nbytes:
+            raise Fc2ConvError(f"initializer '{init.name}' needs {nbytes} bytes at offset "
+                               f"{offset} of {info.location}, which is shorter")
+        if dtype.kind not in "fiub" or nbytes == 0:
+            f.seek(offset)
+            return np.frombuffer(f.read(nbytes), dtype=dtype).reshape(shape).copy()
+        return np.memmap(f, dtype=dtype, mode="r", offset=offset, shape=shape)
 
 
 def _bn_inputs(graph: Any) -> tuple[set[str], set[str]]:
@@ -169,12 +210,3 @@ def as_inputs(model: Any) -> Any:
     for t in stubs:
         g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
     return out
-
-
-def weight_bytes(proto: Any) -> int:
-    """Bytes of ``proto``'s initializers (from their shapes; no data is read)."""
-    total = 0
-    for init in proto.graph.initializer:
-        count = int(np.prod(init.dims)) if init.dims else 1
-        total += count * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize
-    return total

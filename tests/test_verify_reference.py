@@ -159,3 +159,34 @@ def test_convert_says_when_the_check_cannot_run(tmp_path: Path, capsys, monkeypa
     assert dst.exists() and onnx.load(str(dst)).graph.node
     line = next(ln for ln in out.splitlines() if ln.startswith("check"))
     assert re.match(r"check \(onnxruntime\): not run, so m_conv.onnx is written unchecked", line)
+
+
+@pytest.mark.parametrize(("pool", "gemm"), [
+    (dict(kernel_shape=[3, 2], strides=[2, 1], pads=[1, 0, 1, 1]), dict(transB=1)),
+    (dict(kernel_shape=[2, 2], dilations=[2, 1]), dict(transA=1, alpha=0.5, beta=2.0)),
+    (dict(kernel_shape=[2, 2], ceil_mode=1, strides=[2, 2]), dict()),
+])
+def test_maxpool_and_gemm_replacements_match_onnx_evaluator(pool: dict, gemm: dict) -> None:
+    """The evaluator's MaxPool (Python loops) and Gemm run through torch: same float64 values as
+    onnx's own kernels (a max rounds nothing; the products to float64 rounding)."""
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((2, 3, 9, 8)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "K"], ["c"]),
+             helper.make_node("MaxPool", ["c"], ["p"], **pool),
+             helper.make_node("Flatten", ["p"], ["f"]),
+             helper.make_node("Relu", ["f"], ["r"])]
+    probe = model(nodes, [vinfo("x", [2, 3, 9, 8])], [vinfo("r", [2, None])],
+                  [init(rng, "K", 4, 3, 1, 1)])
+    width = reference64(probe, {"x": x})[0].shape[1]
+    a_in = "rT" if gemm.get("transA") else "r"
+    nodes += ([helper.make_node("Transpose", ["r"], ["rT"])] if gemm.get("transA") else [])
+    w_shape = (5, width) if gemm.get("transB") else (width, 5)
+    nodes.append(helper.make_node("Gemm", [a_in, "W", "bias"], ["y"], **gemm))
+    m = model(nodes, [vinfo("x", [2, 3, 9, 8])], [vinfo("y", [None, 5])],
+              [init(rng, "K", 4, 3, 1, 1), init(rng, "W", *w_shape), init(rng, "bias", 5)])
+    out = run(m, (torch.from_numpy(x),), "reference", False)
+    assert out.engine == "onnx reference evaluator"
+    ref = reference64(m, {"x": x})[0]
+    assert out.outputs[0].shape == ref.shape
+    np.testing.assert_allclose(out.outputs[0].numpy(), ref, rtol=0,
+                               atol=64 * F64_EPS * np.abs(ref).max())

@@ -7,7 +7,8 @@ engines, tried in this order; the first that runs the graph is kept, and the rep
    Gemm, Add/Mul, LayerNormalization, Softmax, Tanh, ... in float64 (not Conv, Erf,
    AveragePool): fast, and it holds each weight once.
 2. ``onnx reference evaluator``: ``onnx.reference.ReferenceEvaluator`` (numpy, exact up to
-   float64 rounding) with kernels replaced: ``MatMul`` and ``Erf`` by torch's float64 ones
+   float64 rounding) with kernels replaced: ``MatMul``, ``Gemm``, ``Erf`` and ``MaxPool`` by
+   torch's float64 ones
    (numpy's stacked matmul skips BLAS, its erf is ``math.erf`` in a Python loop: 90% of a
    BERT draw), ``GatherElements`` by ``np.take_along_axis``
    (the evaluator's own reshapes ``indices``-sized results wrongly when ``indices`` is smaller
@@ -242,7 +243,58 @@ def _replaced_ops() -> list[type]:
                 return (np.vectorize(math.erf)(x).astype(x.dtype),)
             return (torch_op("erf", x),)
 
-    return [GatherElements, Conv, MatMul, Erf]
+    class Gemm(OpRun):  # type: ignore[misc]
+        """``alpha A' B' + beta C`` with the product through torch."""
+
+        def _run(self, a: np.ndarray, b: np.ndarray, c: np.ndarray | None = None,
+                 alpha: float | None = None, beta: float | None = None,
+                 transA: int | None = None, transB: int | None = None) -> tuple[np.ndarray]:
+            a2, b2 = (a.T if transA else a), (b.T if transB else b)
+            out = torch_op("matmul", a2, b2) if a2.dtype == b2.dtype and a2.dtype.kind == "f" \
+                else np.dot(a2, b2)
+            out = out * (1.0 if alpha is None else alpha)
+            if c is not None and beta != 0:
+                out = out + c * (1.0 if beta is None else beta)
+            return (out.astype(a.dtype),)
+
+    from onnx.reference.ops.op_max_pool import MaxPool as _MaxPool
+
+    class MaxPool(_MaxPool):  # type: ignore[misc]
+        """Max pooling through torch (exact: a max rounds nothing); the evaluator's own Python
+        loops for what torch does not do the same way (indices, ceil mode, auto_pad)."""
+
+        def _run(self, x: np.ndarray, auto_pad: Any = None,  # type: ignore[override]
+                 ceil_mode: Any = None,
+                 dilations: Any = None, kernel_shape: Any = None, pads: Any = None,
+                 storage_order: Any = None, strides: Any = None) -> Any:
+            ap = auto_pad.decode() if isinstance(auto_pad, bytes) else (auto_pad or "NOTSET")
+            nd = x.ndim - 2
+            if (len(self.onnx_node.output) > 1 or ceil_mode or ap not in ("NOTSET", "VALID")
+                    or nd not in (1, 2, 3) or x.dtype.kind != "f"):
+                return super()._run(x, auto_pad, ceil_mode, dilations, kernel_shape, pads,
+                                    storage_order, strides)
+            return (_torch_max_pool(x, list(kernel_shape), list(strides or [1] * nd),
+                                    list(dilations or [1] * nd),
+                                    list(pads or [0] * (2 * nd)) if ap == "NOTSET"
+                                    else [0] * (2 * nd)),)
+
+    return [GatherElements, Conv, MatMul, Erf, Gemm, MaxPool]
+
+
+def _torch_max_pool(x: np.ndarray, kernel: list[int], strides: list[int], dilations: list[int],
+                    pads: list[int]) -> np.ndarray:
+    import torch
+    import torch.nn.functional as F
+
+    nd = len(kernel)
+    t = torch.from_numpy(np.require(x, requirements=["C", "W"]))
+    pad = []
+    for i in reversed(range(nd)):
+        pad += [int(pads[i]), int(pads[i + nd])]
+    if any(pad):
+        t = F.pad(t, pad, value=-math.inf)
+    pool = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[nd - 1]
+    return pool(t, kernel, stride=strides, dilation=dilations).numpy()  # type: ignore[no-any-return]
 
 
 def torch_op(name: str, *arrays: np.ndarray) -> np.ndarray:

@@ -54,7 +54,11 @@ print(json.dumps({"verdict": verdict, "peak": peak, "time": time.perf_counter() 
 
 
 def mlp(hidden: int, folder: Path, batch: int = 4) -> tuple[Path, Path, int]:
-    """Write the MLP pair for width ``hidden``; returns (A, B, weight bytes of both)."""
+    """Write the MLP pair for width ``hidden``; returns (A, B, weight bytes of both). Pairs
+    over 1 GB are streamed: A's weights written row block by row block as external data, B
+    made by ``fc2conv convert --no-check`` (which streams external data too)."""
+    if 2 * hidden * hidden * 4 > 1 << 30:
+        return _mlp_streamed(hidden, folder, batch)
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -79,6 +83,41 @@ def mlp(hidden: int, folder: Path, batch: int = 4) -> tuple[Path, Path, int]:
     conv = to_conv(model)
     del model
     onnx.save_model(conv, str(b), **({**save, "location": b.name + ".data"} if big else {}))
+    return a, b, 2 * 2 * hidden * hidden * 4
+
+
+def _mlp_streamed(hidden: int, folder: Path, batch: int) -> tuple[Path, Path, int]:
+    import onnx
+    from onnx import TensorProto, helper
+
+    a, b = folder / f"mlp{hidden}.onnx", folder / f"mlp{hidden}_conv.onnx"
+    data = folder / f"mlp{hidden}.bin"
+    rng = np.random.default_rng(hidden)
+    inits = []
+    with open(data, "wb") as f:
+        for name in ("W1", "W2"):
+            offset = f.tell()
+            for start in range(0, hidden, 1024):
+                rows = min(1024, hidden - start)
+                block = rng.standard_normal((rows, hidden), dtype=np.float32)
+                f.write((block / np.float32(np.sqrt(hidden))).tobytes())
+            t = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=[hidden, hidden],
+                            data_location=TensorProto.EXTERNAL)
+            for key, value in (("location", data.name), ("offset", str(offset)),
+                               ("length", str(hidden * hidden * 4))):
+                entry = t.external_data.add()
+                entry.key, entry.value = key, value
+            inits.append(t)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("MatMul", ["r", "W2"], ["y"])], "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, hidden])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, hidden])], inits)
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+                    str(a))
+    env = dict(os.environ, PYTHONPATH=str(HERE.parent / "src"))
+    subprocess.run([sys.executable, "-m", "fc2conv", "convert", str(a), str(b), "--to", "conv",
+                    "--no-check"], check=True, env=env, capture_output=True)
     return a, b, 2 * 2 * hidden * hidden * 4
 
 
@@ -111,7 +150,7 @@ def sizes(widths: list[int], samples: int, check_free: float) -> None:
             ratio = (r["peak"] - fixed) / weights
             print(f"{h:>7} {weights / 2**30:>10.2f}G {r['peak'] / 2**30:>8.2f}G {ratio:>21.2f} "
                   f"{budget:>7.1f}G {r['time']:>7.1f}  {r['verdict'][:100]}", flush=True)
-            for p in folder.glob(f"mlp{h}*"):
+            for p in folder.glob("*"):
                 p.unlink()
 
 

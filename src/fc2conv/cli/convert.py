@@ -153,7 +153,13 @@ def _convert_onnx(
     from fc2conv.verify import compare
 
     with console.status("Comparing both models in onnxruntime against a float64 reference"):
-        verdict = compare(in_path, dst, layers=False)
+        try:
+            verdict = compare(in_path, dst, layers=False)
+        except Exception as err:  # the conversion stands; only its check could not run
+            reason = " ".join(str(err).split()) or type(err).__name__
+            console.print(f"check (onnxruntime): not run, so {dst.name} is written unchecked "
+                          f"({reason})", markup=False, highlight=False)
+            return 0
     console.print("check (onnxruntime): ", end="")
     console.print(str(verdict), markup=False, highlight=False)
     return 0 if verdict.verdict != "different" else 1

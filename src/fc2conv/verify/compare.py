@@ -34,7 +34,15 @@ import torch
 from fc2conv.core.rounding import ulp_distance
 from fc2conv.errors import Fc2ConvError
 from fc2conv.verify import bound as bnd
-from fc2conv.verify.inputs import as_draws, draw, resolve_specs
+from fc2conv.verify import budget
+from fc2conv.verify.inputs import (
+    as_draws,
+    draw,
+    feedable,
+    id_ranges,
+    resolve_specs,
+    with_id_ranges,
+)
 from fc2conv.verify.judge import Judge, exact_equal, nonfinite_counts
 from fc2conv.verify.match import align
 from fc2conv.verify.models import Model, load
@@ -90,6 +98,7 @@ def compare(a: Any, b: Any, inputs: Any = None, *,
     input_shape = _parse_shape(input_shape)
     ma = load(a, "A", trust_pickle=trust_pickle)
     mb = load(b, "B", trust_pickle=trust_pickle)
+    budget.check(ma, mb)  # refuse before starting, not be killed half way
     if inputs is not None:
         draws = as_draws(inputs, ma)
         shown = ", ".join(f"{tuple(x.shape)} {str(x.dtype).replace('torch.', '')}"
@@ -97,14 +106,15 @@ def compare(a: Any, b: Any, inputs: Any = None, *,
         input_text = f"the given inputs: {shown}" + (
             f" ({len(draws)} draws)" if len(draws) > 1 else "")
     else:
-        specs = resolve_specs(ma, mb, input_shape)
         if seed is None:
             seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+        specs = feedable(with_id_ranges(resolve_specs(ma, mb, input_shape), ma, mb), ma, seed)
         draws = draw(specs, samples, ma.dtype, seed)
         shapes = ", ".join(str(tuple(x.shape)) for x in draws[0])
+        ids = id_ranges(specs)
         input_text = (f"{len(draws)} random normal draws of shape {shapes}"
                       + (", the last scaled to large magnitude" if len(draws) > 1 else "")
-                      + f" (seed {seed})")
+                      + f" (seed {seed})" + (f"; {ids}" if ids else ""))
     return _compare_loaded(ma, mb, draws, layers, input_text)
 
 
@@ -172,6 +182,7 @@ def _compare_loaded(ma: Model, mb: Model, draws: list[tuple[torch.Tensor, ...]],
     judge = Judge(ra, rb, method=method, stats=runs[0][2].stats)
     notes: list[str] = []
     unsupported = set().union(*(ref.unsupported for _, _, ref in runs))
+    notes += reference_notes(runs, ma)
     if unsupported:
         notes.append("the running bound has no rule for " + ", ".join(sorted(unsupported))
                      + "; the magnitude bound is used")
@@ -236,6 +247,19 @@ def _compare_loaded(ma: Model, mb: Model, draws: list[tuple[torch.Tensor, ...]],
 
         localize(report, ma, mb, draws, judge, with_table=layers, suspect=suspect)
     return report
+
+
+def reference_notes(runs: list[Any], ma: Model) -> list[str]:
+    """Which engine ran model A's float64 twin, when it is an ONNX graph (the report says it),
+    and how memory was saved when it had to be (:mod:`fc2conv.verify.budget`)."""
+    saved = [ma.cache["budget_note"]] if "budget_note" in ma.cache else []
+    engines = list(dict.fromkeys(ref.engine for _, _, ref in runs if ref.engine))
+    if not engines:
+        return saved
+    text = f"float64 reference: model A run by {' and '.join(engines)}"
+    if any("in float32" in e for e in engines):
+        text += " (exact only up to float32 rounding at those ops: they have no float64 kernel)"
+    return [text, *saved]
 
 
 def _noise_note(ma: Model, draws: list[tuple[torch.Tensor, ...]], runs: list[Any],

@@ -9,8 +9,10 @@ dimensions without a value become 2 for the first (batch) axis and 8 elsewhere.
 
 Draws: ``samples`` fresh standard-normal draws (never zeros or ones: structured inputs hide
 permutation and bias bugs), the last of them scaled to a large magnitude (1e3; 16 for float16,
-whose range ends at 65504) to expose errors that scale with the input. Integer inputs: random
-integers in [0, 8); bool: random.
+whose range ends at 65504) to expose errors that scale with the input. Integer inputs: ids in
+``[0, V)`` where ``V`` is the number of rows of the table they index (an ONNX ``Gather`` on an
+initializer; a PyTorch model's first ``nn.Embedding`` when random floats cannot feed it), else
+``[0, 8)``; the report says which. bool: random.
 """
 
 from __future__ import annotations
@@ -42,6 +44,77 @@ def as_tensors(inputs: Any) -> tuple[torch.Tensor, ...]:
     return tuple(out)
 
 
+def id_ranges(specs: Sequence[InputSpec]) -> str:
+    """The report's sentence on integer draws: "drew integer ids in [0, 99) for input
+    'input_ids'" (empty when no input is an integer)."""
+    parts = [f"[0, {s.high or 8}) for input '{s.name}'" for s in specs
+             if not s.dtype.is_floating_point and s.dtype != torch.bool]
+    return ("drew integer ids in " + ", ".join(parts)) if parts else ""
+
+
+def _table_rows(model: Model) -> dict[str, int]:
+    """ONNX: rows of the table each integer graph input indexes (``Gather(table, ids)`` with
+    ``table`` an initializer, through Cast/Unsqueeze/Reshape/Flatten/Identity/Squeeze)."""
+    if model.kind != "onnx" or model.onnx_model is None:
+        return {}
+    g = model.onnx_model.graph
+    tables = {i.name: tuple(i.dims) for i in g.initializer}
+    origin = {i.name: i.name for i in g.input}
+    rows: dict[str, int] = {}
+    for node in g.node:
+        if node.op_type in ("Cast", "Unsqueeze", "Reshape", "Flatten", "Identity", "Squeeze") \
+                and node.input and node.input[0] in origin:
+            origin[node.output[0]] = origin[node.input[0]]
+        elif node.op_type == "Gather" and len(node.input) > 1 and node.input[1] in origin \
+                and node.input[0] in tables:
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+            dims = tables[node.input[0]]
+            if dims:
+                name = origin[node.input[1]]
+                rows[name] = min(rows.get(name, 1 << 62), int(dims[axis % len(dims)]))
+    return rows
+
+
+def with_id_ranges(specs: list[InputSpec], a: Model, b: Model) -> list[InputSpec]:
+    """``specs`` with the id range of each integer input that indexes a table of A or B."""
+    rows = {**_table_rows(b), **_table_rows(a)}
+    for spec in specs:
+        if not spec.dtype.is_floating_point and spec.name in rows:
+            spec.high = rows[spec.name]
+    return specs
+
+
+def feedable(specs: list[InputSpec], a: Model, seed: int) -> list[InputSpec]:
+    """``specs`` that model ``a`` accepts: a PyTorch model that raises on random floats and
+    holds an ``nn.Embedding`` gets ids in ``[0, num_embeddings)`` of its first one; if it
+    still raises, one sentence says to pass inputs."""
+    if a.kind != "torch" or a.module is None or a.specs:
+        return specs
+    trial = draw(specs, 1, a.dtype, seed)[0]
+    first = _failure(a, trial)
+    if first is None:
+        return specs
+    emb = next((m for m in a.module.modules() if isinstance(m, torch.nn.Embedding)), None)
+    if emb is not None and all(s.dtype.is_floating_point for s in specs):
+        ids = [InputSpec(s.name, s.shape, torch.int64, int(emb.num_embeddings)) for s in specs]
+        if _failure(a, draw(ids, 1, a.dtype, seed)[0]) is None:
+            return ids
+    shapes = ", ".join("x".join(map(str, x.shape)) for x in trial)
+    raise Fc2ConvError(
+        f"{a.label} cannot run on random inputs of shape {shapes} ({first}): pass inputs it "
+        "accepts, inputs= (API) or --inputs FILE.npz (CLI)")
+
+
+def _failure(model: Model, x: tuple[torch.Tensor, ...]) -> str | None:
+    try:
+        with torch.no_grad():
+            model.run(x)
+    except Exception as err:  # the model's own complaint, shortened to one line
+        text = " ".join(str(err).split())
+        return (text[:160] + "...") if len(text) > 160 else (text or type(err).__name__)
+    return None
+
+
 def _fill(shape: Sequence[int | None]) -> tuple[int, ...]:
     return tuple((2 if i == 0 else 8) if d is None or d <= 0 else int(d)
                  for i, d in enumerate(shape))
@@ -54,6 +127,9 @@ def resolve_specs(a: Model, b: Model, input_shape: Sequence[int] | None) -> list
         shape = tuple(int(d) for d in input_shape)
         if any(d <= 0 for d in shape):
             raise Fc2ConvError(f"input_shape {shape} has a dimension <= 0")
+        if len(specs) > 1 and all(len(sp.shape) == len(shape) for sp in specs):
+            # token ids, attention mask, token types: one shape for all (batch, length)
+            return [InputSpec(sp.name, shape, sp.dtype) for sp in specs]
         if len(specs) > 1:
             raise Fc2ConvError(
                 f"the models take {len(specs)} inputs; input_shape describes one — pass inputs="
@@ -99,7 +175,8 @@ def draw(specs: Sequence[InputSpec], samples: int, dtype: torch.dtype,
             else:
                 # small non-negative integers: valid token ids / class indices for any model
                 # with a vocabulary of at least 8
-                tensors.append(torch.randint(0, 8, shape, dtype=spec.dtype, generator=gen))
+                tensors.append(torch.randint(0, spec.high or 8, shape, dtype=spec.dtype,
+                                             generator=gen))
         draws.append(tuple(tensors))
     return draws
 

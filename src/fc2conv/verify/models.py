@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,7 @@ class Layer:
 class Run:
     outputs: list[torch.Tensor]
     layers: list[Layer] = field(default_factory=list)
+    engine: str = ""  # ONNX: what ran it ("onnxruntime (float64)", "onnx reference evaluator")
 
 
 @dataclass
@@ -60,6 +62,7 @@ class InputSpec:
     name: str
     shape: tuple[int | None, ...]
     dtype: torch.dtype
+    high: int | None = None  # integer inputs: ids are drawn in [0, high) (a table's rows)
 
 
 @dataclass
@@ -74,6 +77,20 @@ class Model:
     exported: bool = False
     pristine: nn.Module | None = None  # the user's module, when ``module`` is a working copy
     _twins: dict[str, nn.Module] = field(default_factory=dict, repr=False)
+    # ONNX: the weights read once, the float64 twins, sessions by mode and outputs
+    cache: dict[Any, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.kind == "onnx" and self.onnx_model is not None:
+            from fc2conv.verify import onnx_backend
+
+            onnx_backend.register(self.onnx_model, self.cache)
+
+    def __del__(self) -> None:
+        if self.kind == "onnx" and self.onnx_model is not None:
+            backend = sys.modules.get("fc2conv.verify.onnx_backend")
+            if backend is not None:
+                backend.forget(self.onnx_model, self.cache)
 
     # -- properties ---------------------------------------------------------------------------
     @property
@@ -110,7 +127,7 @@ class Model:
         if self.kind == "onnx":
             from fc2conv.verify import onnx_backend
 
-            return onnx_backend.run(self.onnx_model, inputs, mode, capture)
+            return onnx_backend.run(self.onnx_model, inputs, mode, capture, self.cache)
         assert self.module is not None
         if mode != "native" and mode not in self._twins:
             self._twins[mode] = _twin(self.module, mode)
@@ -236,13 +253,18 @@ def _load_path(path: Path, trust_pickle: bool) -> Model:
     suffix = path.suffix.lower()
     label = path.name
     if suffix == ".onnx":
-        import onnx
 
-        from fc2conv.verify import onnx_backend
+        from fc2conv.verify import onnx_backend, onnx_weights
 
-        proto = load_or_explain(path, "onnx", lambda: onnx.load(str(path)))  # as convert says
+        # external data stays on disk: compare maps it (np.memmap) instead of reading it,
+        # after onnx's checks of where it lives (no absolute paths, no '..', no symlinks)
+        proto = load_or_explain(path, "onnx",  # as convert says
+                                lambda: onnx_weights.load_mapped(path))
         proto = onnx_backend.load(path) if not proto.graph.node else proto
-        return Model(label=label, kind="onnx", onnx_model=proto, specs=onnx_backend.specs(proto))
+        model = Model(label=label, kind="onnx", onnx_model=proto,
+                      specs=onnx_backend.specs(proto))
+        model.cache["base_dir"] = path.resolve().parent
+        return model
     if suffix == ".pt2":
         def _load_pt2() -> torch.export.ExportedProgram:
             with quiet():

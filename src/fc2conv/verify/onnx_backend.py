@@ -1,9 +1,11 @@
-"""Running ONNX models for ``compare``: onnxruntime natively, onnx's reference evaluator in
-float64. Imported only when an ONNX model is compared (``import fc2conv`` stays onnx-free).
+"""Running ONNX models for ``compare``: onnxruntime natively, and a float64 copy.
+Imported only when an ONNX model is compared (``import fc2conv`` stays onnx-free).
 
 - ``native``: onnxruntime on CPU (all optimizations on, as users deploy it).
 - ``reference``: a copy whose float tensors, value types and ``Cast``-to-float nodes are
-  float64, run by ``onnx.reference.ReferenceEvaluator`` (plain numpy, exact up to float64).
+  float64, run by onnxruntime where it has float64 kernels for every op, else by onnx's
+  reference evaluator (exact up to float64), else by onnxruntime with the ops that lack a
+  float64 kernel in float32 (:mod:`fc2conv.verify.onnx_float64`; the report names the engine).
 - ``magnitude``: the float64 copy with every float initializer replaced by ``|value|``
   (``BatchNormalization`` means by ``-|mean|``, variances kept) on ``|x|``.
 
@@ -21,17 +23,17 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, numpy_helper
 
 from fc2conv.core.provenance import SOURCE_KEY
 from fc2conv.errors import Fc2ConvError
+from fc2conv.verify import onnx_weights as ow
 from fc2conv.verify.models import InputSpec, Layer, Run
 
 LAYOUT_OPS = {
     "Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Constant", "Shape",
     "Gather", "Concat", "Cast", "Slice", "ConstantOfShape", "Expand", "Range", "Size",
 }
-_MAGNITUDE_IDENTITY = {"Tanh", "Softsign", "Elu", "Celu", "LeakyRelu", "PRelu", "HardTanh", "Clip"}
 _AFFINE_OPS = {"MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum"}
 _FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
 _TORCH_DTYPE = {
@@ -40,6 +42,20 @@ _TORCH_DTYPE = {
     TensorProto.INT64: torch.int64, TensorProto.INT32: torch.int32, TensorProto.BOOL: torch.bool,
     TensorProto.INT8: torch.int8, TensorProto.UINT8: torch.uint8,
 }
+
+
+# the cache of each loaded Model, by id of its ModelProto (protos take no weak references):
+# lets run_shaken, called with the proto alone, reuse the weights read once
+_CACHES: dict[int, dict[Any, Any]] = {}
+
+
+def register(proto: Any, cache: dict[Any, Any]) -> None:
+    _CACHES[id(proto)] = cache
+
+
+def forget(proto: Any, cache: dict[Any, Any]) -> None:
+    if _CACHES.get(id(proto)) is cache:
+        del _CACHES[id(proto)]
 
 
 def load(path: Path) -> Any:
@@ -105,49 +121,6 @@ def _layer_nodes(proto: Any) -> list[tuple[str, str, str]]:
     return out
 
 
-def _float64_copy(proto: Any, magnitude: bool) -> Any:
-    model = onnx.ModelProto()
-    model.CopyFrom(proto)
-    g = model.graph
-    bn_means = {n.input[3] for n in g.node if n.op_type == "BatchNormalization"}
-    bn_vars = {n.input[4] for n in g.node if n.op_type == "BatchNormalization"}
-    for init in g.initializer:
-        if init.data_type in _FLOAT_TYPES:
-            arr = numpy_helper.to_array(init).astype(np.float64)
-            if magnitude and init.name in bn_means:
-                arr = -np.abs(arr)
-            elif magnitude and init.name not in bn_vars:
-                arr = np.abs(arr)
-            init.CopyFrom(numpy_helper.from_array(arr, init.name))
-    for vi in [*g.input, *g.output, *g.value_info]:
-        if vi.type.tensor_type.elem_type in _FLOAT_TYPES:
-            vi.type.tensor_type.elem_type = TensorProto.DOUBLE
-    for node in g.node:
-        if magnitude and node.op_type in _MAGNITUDE_IDENTITY:
-            # 1-Lipschitz with |f(x)| <= |x|: the magnitude passes through unchanged (tanh(M)
-            # would shrink it below the error it must carry)
-            node.op_type = "Identity"
-            del node.attribute[:]
-            del node.input[1:]
-        for attr in node.attribute:
-            if node.op_type == "Cast" and attr.name == "to" and attr.i in _FLOAT_TYPES:
-                attr.i = TensorProto.DOUBLE
-            if attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type in _FLOAT_TYPES:
-                arr = numpy_helper.to_array(attr.t).astype(np.float64)
-                attr.t.CopyFrom(numpy_helper.from_array(np.abs(arr) if magnitude else arr))
-    return model
-
-
-def _with_layer_outputs(proto: Any, names: list[str]) -> Any:
-    model = onnx.ModelProto()
-    model.CopyFrom(proto)
-    existing = {o.name for o in model.graph.output}
-    for name in names:
-        if name not in existing:
-            model.graph.output.append(helper.ValueInfoProto(name=name))
-    return model
-
-
 def _feeds(proto: Any, inputs: tuple[torch.Tensor, ...], mode: str) -> dict[str, np.ndarray]:
     sp = specs(proto)
     if len(sp) != len(inputs):
@@ -166,22 +139,32 @@ def _feeds(proto: Any, inputs: tuple[torch.Tensor, ...], mode: str) -> dict[str,
     return feeds
 
 
-def run(proto: Any, inputs: tuple[torch.Tensor, ...], mode: str, capture: bool) -> Run:
+def run(proto: Any, inputs: tuple[torch.Tensor, ...], mode: str, capture: bool,
+        cache: dict[Any, Any] | None = None) -> Run:
+    """Run ``proto`` on ``inputs`` in ``mode`` (``native``: onnxruntime as deployed; else a
+    float64 copy run by :class:`~fc2conv.verify.onnx_float64.Float64Runner`). Sessions and
+    float64 copies are kept in ``cache`` (one per model) and reused across draws."""
+    cache = {} if cache is None else cache
     feeds = _feeds(proto, inputs, mode)
     out_names = [o.name for o in proto.graph.output]
     layer_nodes = _layer_nodes(proto) if capture else []
     extra = [n for _, _, n in layer_nodes]
+    names = out_names + [n for n in dict.fromkeys(extra) if n not in out_names]
+    key = (mode, tuple(names))
+    engine = "onnxruntime"
+    if "split" not in cache:
+        cache["split"] = ow.split(proto, cache.get("base_dir"))
+    skel, arrays = cache["split"]
     if mode == "native":
-        import onnxruntime as ort
-
-        model = _with_layer_outputs(proto, extra) if extra else proto
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3  # errors only: its warnings would add lines to our one
         try:
-            sess = ort.InferenceSession(model.SerializeToString(), opts,
-                                        providers=["CPUExecutionProvider"])
-            names = out_names + [n for n in extra if n not in out_names]
-            values = sess.run(names, feeds)
+            if key not in cache:
+                from fc2conv.verify.onnx_float64 import _with_outputs, ort_session
+
+                # the deployed model as onnxruntime loads it (constant weights); the layer
+                # captures beside it get the same arrays fed, not another copy
+                cache[key] = ort_session(_with_outputs(skel, extra), arrays, optimize=True,
+                                         fed=bool(extra) or bool(cache.get("lean")))
+            values = cache[key].run(names, feeds)
         except Exception as err:
             wants = "; ".join(f"'{sp.name}' of shape "
                               + "x".join("?" if d is None else str(d) for d in sp.shape)
@@ -191,24 +174,37 @@ def run(proto: Any, inputs: tuple[torch.Tensor, ...], mode: str, capture: bool) 
             raise Fc2ConvError(f"onnxruntime could not run the model: it takes {wants}, was "
                                f"given {given} ({detail})") from None
     else:
-        from onnx.reference import ReferenceEvaluator
+        from fc2conv.verify.onnx_float64 import Float64Runner
 
-        model = _float64_copy(proto, magnitude=(mode == "magnitude"))
-        names = out_names + [n for n in extra if n not in out_names]
+        if key not in cache:
+            twin = ("twin", mode)
+            if twin not in cache:
+                magnitude = mode == "magnitude"
+                cache[twin] = (ow.float64_skeleton(skel, magnitude),
+                               ow.float64_weights(skel, arrays, magnitude))
+            cache[key] = Float64Runner(cache[twin][0], names, cache[twin][1])
+        runner = cache[key]
         try:
-            values = ReferenceEvaluator(model).run(names, feeds)
+            values = runner.run(feeds)
         except Exception as err:
-            raise Fc2ConvError(f"onnx's reference evaluator could not run the model in "
-                               f"float64: {err}") from None
+            raise Fc2ConvError(f"no float64 engine could run the model ({err})") from None
+        engine = runner.engine
     result = dict(zip(names, values, strict=True))
     outputs = [torch.from_numpy(np.asarray(result[n])) for n in out_names]
     layers = [Layer(name=user, kind=op, output=torch.from_numpy(np.asarray(result[out])))
               for user, op, out in layer_nodes]
-    return Run(outputs, layers)
+    return Run(outputs, layers, engine=engine)
 
 
-def count_ops(proto: Any) -> tuple[int, int]:
-    """(number of MatMul/Gemm/Conv nodes, longest reduction length) from initializer shapes."""
+def count_ops(proto: Any, cache: dict[Any, Any] | None = None) -> tuple[int, int]:
+    """(number of MatMul/Gemm/Conv nodes, longest reduction length) from initializer shapes;
+    with ``cache`` (a model's), counted once, shapes inferred on the weightless skeleton."""
+    if cache is not None:
+        if "counts" not in cache:
+            if "split" not in cache:
+                cache["split"] = ow.split(proto, cache.get("base_dir"))
+            cache["counts"] = count_ops(cache["split"][0])
+        return cache["counts"]  # type: ignore[no-any-return]
     inits = {i.name: tuple(i.dims) for i in proto.graph.initializer}
     try:
         inferred = onnx.shape_inference.infer_shapes(proto)
@@ -263,20 +259,38 @@ def run_shaken(proto: Any, inputs: tuple[torch.Tensor, ...], scale: float,
                gen: np.random.Generator) -> list[torch.Tensor]:
     """Outputs of the float64 copy of ``proto`` with every float initializer and input
     multiplied by ``1 + scale (ξ + ξ_row)`` (see :mod:`fc2conv.verify.noise`)."""
-    from onnx.reference import ReferenceEvaluator
+    from fc2conv.verify.onnx_float64 import Float64Runner
 
     def shake(arr: np.ndarray) -> np.ndarray:
-        xi = gen.standard_normal(arr.shape)
-        if arr.ndim >= 1:
-            xi = xi + gen.standard_normal((arr.shape[0],) + (1,) * (arr.ndim - 1))
-        return arr * (1 + scale * xi)
+        out = np.empty(arr.shape, dtype=np.float64)
+        flat_in, flat_out = arr.reshape(arr.shape[0] if arr.ndim else 1, -1), \
+            out.reshape(arr.shape[0] if arr.ndim else 1, -1)
+        step = max(1, (1 << 22) // max(1, flat_in.shape[1]))  # ~32 MB of noise at a time
+        for i in range(0, flat_in.shape[0], step):
+            rows = flat_in[i:i + step].astype(np.float64)
+            xi = gen.standard_normal(rows.shape)
+            if arr.ndim >= 1:
+                xi += gen.standard_normal((rows.shape[0], 1))
+            flat_out[i:i + step] = rows * (1 + scale * xi)
+        return out
 
-    model = _float64_copy(proto, magnitude=False)
+    cache = _CACHES.get(id(proto), {})
+    if "split" not in cache:
+        cache["split"] = ow.split(proto, cache.get("base_dir"))
+    if cache.get("lean"):  # room for the shaken twin: the magnitude twin is rebuilt if needed
+        for key in [k for k in cache if isinstance(k, tuple) and k[0] in ("magnitude", "twin")
+                    and "magnitude" in k]:
+            del cache[key]
+    skel, arrays = cache["split"]
+    twin = cache.get(("twin", "reference"))
+    model = ow.float64_skeleton(skel, magnitude=False)
+    weights = {k: shake(v) if v.dtype.kind == "f" or v.dtype.name == "bfloat16" else v
+               for k, v in (twin[1] if twin else arrays).items()}
     for init in model.graph.initializer:
-        if init.data_type == TensorProto.DOUBLE:
+        if init.data_type == TensorProto.DOUBLE and init.data_location != TensorProto.EXTERNAL:
             init.CopyFrom(numpy_helper.from_array(shake(numpy_helper.to_array(init)), init.name))
     feeds = {k: shake(v) if v.dtype == np.float64 else v
              for k, v in _feeds(proto, inputs, "reference").items()}
     names = [o.name for o in proto.graph.output]
-    values = ReferenceEvaluator(model).run(names, feeds)
+    values = Float64Runner(model, names, weights).run(feeds)
     return [torch.from_numpy(np.asarray(v)) for v in values]

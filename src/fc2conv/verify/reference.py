@@ -34,6 +34,7 @@ class Reference:
     layer_bound_a: list[torch.Tensor] = field(default_factory=list)  # per captured layer
     layer_bound_b: list[torch.Tensor] = field(default_factory=list)
     unsupported: set[str] = field(default_factory=set)
+    engine: str = ""  # what ran the float64 twin (ONNX: onnxruntime or the reference evaluator)
 
 
 def _floor(r: bnd.Rounding, stats: bnd.OpStats) -> float:
@@ -74,7 +75,7 @@ def reference(ma: Model, x: tuple[torch.Tensor, ...], ra: bnd.Rounding, rb: bnd.
 
         ref_run = ma.run(x, "reference", capture=capture)
         stats = bnd.OpStats()
-        stats.reductions, stats.longest = onnx_backend.count_ops(ma.onnx_model)
+        stats.reductions, stats.longest = onnx_backend.count_ops(ma.onnx_model, ma.cache)
     mag = ma.run(x, "magnitude", capture=capture)
     ca, cb = bnd.coefficient(ra, stats), bnd.coefficient(rb, stats)
     ba = [bnd.elementwise_bound(m, ca, ra, stats) for m in mag.outputs]
@@ -85,7 +86,7 @@ def reference(ma: Model, x: tuple[torch.Tensor, ...], ra: bnd.Rounding, rb: bnd.
         lbb = [bnd.elementwise_bound(m.output, cb, rb, stats) for m in mag.layers]
     return Reference(outputs=ref_run.outputs, bound_a=ba, bound_b=bb, method="magnitude",
                      stats=stats, layers=ref_run.layers, layer_bound_a=lba, layer_bound_b=lbb,
-                     unsupported=unsupported)
+                     unsupported=unsupported, engine=ref_run.engine)
 
 
 def _zero_if_exact(e: torch.Tensor, t: torch.Tensor, r: bnd.Rounding) -> torch.Tensor:

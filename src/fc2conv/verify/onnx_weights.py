@@ -1,0 +1,212 @@
+"""An ONNX model's weights held once, as numpy arrays, beside a graph *skeleton* without them.
+
+``compare`` runs each ONNX model several ways (natively, its float64 twin, its magnitude twin,
+with layer outputs captured, with shaken weights). Copying the ModelProto for each (and
+serializing it for onnxruntime, which also stops at protobuf's 2 GB) made memory and time grow
+with the number of runs. Instead:
+
+- :func:`split` reads every large initializer once into a numpy array and returns a skeleton
+  in which those initializers are external-data stubs (name, type, shape, no bytes);
+- onnxruntime sessions get the arrays through ``SessionOptions.add_external_initializers``
+  (shared, not copied: several sessions on one model hold its weights once); onnx's evaluator
+  gets them as extra inputs;
+- :func:`float64_skeleton` / :func:`float64_weights` make the float64 twin (``W -> float64(W)``)
+  and the magnitude twin (``W -> |W|``, batch-norm means ``-|mean|``, variances kept) from those
+  arrays, each cast once per model.
+
+Small initializers (shape constants, biases under 64 KiB) stay inline in the skeleton. Data
+kept outside the ``.onnx`` file (external data) is memory-mapped, not read: file pages the
+kernel can drop, not memory of this process's own.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+
+from fc2conv.errors import Fc2ConvError
+
+SMALL_BYTES = 1 << 16
+STUB_FILE = "fc2conv-in-memory.bin"
+FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
+# 1-Lipschitz with |f(x)| <= |x|: in the magnitude twin the magnitude passes through unchanged
+# (tanh(M) would shrink it below the error it must carry)
+MAGNITUDE_IDENTITY = {"Tanh", "Softsign", "Elu", "Celu", "LeakyRelu", "PRelu", "HardTanh",
+                      "Clip"}
+
+
+def _stub(name: str, data_type: int, dims: Any, nbytes: int) -> Any:
+    t = TensorProto(name=name, data_type=data_type, dims=list(dims),
+                    data_location=TensorProto.EXTERNAL)
+    for key, value in (("location", STUB_FILE), ("offset", "0"), ("length", str(nbytes))):
+        entry = t.external_data.add()
+        entry.key, entry.value = key, value
+    return t
+
+
+def _shell(proto: Any) -> Any:
+    """A copy of ``proto`` without its initializers (the only part that is large)."""
+    model = onnx.ModelProto()
+    for src, dst in ((proto, model), (proto.graph, model.graph)):
+        for desc, value in src.ListFields():
+            if desc.name in ("graph", "initializer"):
+                continue
+            if hasattr(value, "extend") and not isinstance(value, str | bytes):
+                getattr(dst, desc.name).extend(value)
+            elif desc.message_type:
+                getattr(dst, desc.name).CopyFrom(value)
+            else:
+                setattr(dst, desc.name, value)
+    return model
+
+
+def split(proto: Any, base_dir: Path | None = None) -> tuple[Any, dict[str, np.ndarray]]:
+    """``(skeleton, arrays)``: large initializers read once into ``arrays`` and left in the
+    skeleton as stubs; small ones copied inline. Tensors whose data is external (in a file
+    beside the model in ``base_dir``) are mapped read-only, not read."""
+    skel = _shell(proto)
+    arrays: dict[str, np.ndarray] = {}
+    for init in proto.graph.initializer:
+        external = init.data_location == TensorProto.EXTERNAL
+        if not external and init.ByteSize() < SMALL_BYTES:
+            skel.graph.initializer.add().CopyFrom(init)
+            continue
+        arr = _mapped(init, base_dir) if external else \
+            np.ascontiguousarray(numpy_helper.to_array(init))
+        arrays[init.name] = arr
+        skel.graph.initializer.append(_stub(init.name, init.data_type, init.dims, arr.nbytes))
+    return skel, arrays
+
+
+def _open_checked() -> Any:
+    """onnx's own opener of external data (refuses absolute paths, '..' and symlinks with the
+    checker's reason), or None in an onnx without it."""
+    from onnx import external_data_helper as edh
+
+    return getattr(edh, "_open_external_data_fd", None)
+
+
+def load_mapped(path: Path) -> Any:
+    """``onnx.load(path)`` leaving external data on disk, each location checked by onnx the
+    way ``onnx.load`` checks it; with an onnx that cannot check, the data is loaded."""
+    import os
+
+    from onnx import external_data_helper as edh
+
+    opener = _open_checked()
+    if opener is None:
+        return onnx.load(str(path))
+    proto = onnx.load(str(path), load_external_data=False)
+    for tensor in edh._get_all_tensors(proto):
+        if edh.uses_external_data(tensor):
+            info = edh.ExternalDataInfo(tensor)
+            os.close(opener(str(path.parent), info.location, tensor.name, True))
+    return proto
+
+
+def _mapped(init: Any, base_dir: Path | None) -> np.ndarray:
+    """The external data of ``init``, memory-mapped read-only (no copy in this process)."""
+    import os
+
+    from onnx import external_data_helper as edh
+
+    info = edh.ExternalDataInfo(init)
+    folder = str(base_dir or Path.cwd())
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(init.data_type))
+    shape = tuple(int(d) for d in init.dims)
+    opener = _open_checked()
+    try:
+        fd = opener(folder, info.location, init.name, True) if opener else \
+            os.open(Path(folder) / info.location, os.O_RDONLY)
+    except FileNotFoundError:
+        raise Fc2ConvError(f"initializer '{init.name}' keeps its data in {info.location}, "
+                           f"which does not exist in {folder} (keep the model's external data "
+                           "file beside it)") from None
+    with os.fdopen(fd, "rb") as f:
+        offset = int(info.offset or 0)
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        if os.fstat(f.fileno()).st_size < offset + nbytes:
+            raise Fc2ConvError(f"initializer '{init.name}' needs {nbytes} bytes at offset "
+                               f"{offset} of {info.location}, which is shorter")
+        if dtype.kind not in "fiub" or nbytes == 0:
+            f.seek(offset)
+            return np.frombuffer(f.read(nbytes), dtype=dtype).reshape(shape).copy()
+        return np.memmap(f, dtype=dtype, mode="r", offset=offset, shape=shape)
+
+
+def _bn_inputs(graph: Any) -> tuple[set[str], set[str]]:
+    bn = [n for n in graph.node if n.op_type == "BatchNormalization" and len(n.input) >= 5]
+    return {n.input[3] for n in bn}, {n.input[4] for n in bn}
+
+
+def _twin_value(arr: np.ndarray, name: str, magnitude: bool, means: set[str],
+                variances: set[str]) -> np.ndarray:
+    arr = arr.astype(np.float64)
+    if magnitude and name in means:
+        return -np.abs(arr)  # BN: (x - mean) -> x + |mean|
+    if magnitude and name not in variances:
+        return np.abs(arr)
+    return arr
+
+
+def float64_skeleton(skel: Any, magnitude: bool) -> Any:
+    """The float64 (or magnitude) twin of a skeleton: float stubs typed double, small float
+    initializers and Constant tensors cast (``|.|`` for magnitude), value types and
+    ``Cast``-to-float targets double; for magnitude, 1-Lipschitz activations become Identity."""
+    model = onnx.ModelProto()
+    model.CopyFrom(skel)  # cheap: the skeleton holds no large tensor
+    g = model.graph
+    means, variances = _bn_inputs(g)
+    for init in g.initializer:
+        if init.data_type not in FLOAT_TYPES:
+            continue
+        if init.data_location == TensorProto.EXTERNAL:
+            count = int(np.prod(init.dims)) if init.dims else 1
+            init.CopyFrom(_stub(init.name, TensorProto.DOUBLE, init.dims, 8 * count))
+        else:
+            arr = _twin_value(numpy_helper.to_array(init), init.name, magnitude, means,
+                              variances)
+            init.CopyFrom(numpy_helper.from_array(arr, init.name))
+    for vi in [*g.input, *g.output, *g.value_info]:
+        if vi.type.tensor_type.elem_type in FLOAT_TYPES:
+            vi.type.tensor_type.elem_type = TensorProto.DOUBLE
+    for node in g.node:
+        if magnitude and node.op_type in MAGNITUDE_IDENTITY:
+            node.op_type = "Identity"
+            del node.attribute[:]
+            del node.input[1:]
+        for attr in node.attribute:
+            if node.op_type == "Cast" and attr.name == "to" and attr.i in FLOAT_TYPES:
+                attr.i = TensorProto.DOUBLE
+            if attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type in FLOAT_TYPES:
+                arr = numpy_helper.to_array(attr.t).astype(np.float64)
+                attr.t.CopyFrom(numpy_helper.from_array(np.abs(arr) if magnitude else arr))
+    return model
+
+
+def float64_weights(skel: Any, arrays: dict[str, np.ndarray],
+                    magnitude: bool) -> dict[str, np.ndarray]:
+    """The stubbed arrays of the float64 (or magnitude) twin; integer arrays are shared."""
+    means, variances = _bn_inputs(skel.graph)
+    return {name: _twin_value(arr, name, magnitude, means, variances)
+            if arr.dtype.kind == "f" or arr.dtype.name == "bfloat16" else arr
+            for name, arr in arrays.items()}
+
+
+def as_inputs(model: Any) -> Any:
+    """``model`` with its stubs turned into graph inputs (for onnx's evaluator, which takes the
+    arrays as feeds)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    g = out.graph
+    stubs = [t for t in g.initializer if t.data_location == TensorProto.EXTERNAL]
+    keep = [t for t in g.initializer if t.data_location != TensorProto.EXTERNAL]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    for t in stubs:
+        g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return out

@@ -1,0 +1,157 @@
+"""compare's memory grows like the models, and a comparison that cannot fit is refused first.
+
+The peak is measured in a fresh process (ru_maxrss) on a pair of ONNX MLPs, against a fresh
+process that compared two tiny models (torch, onnxruntime and compare's own fixed cost); the
+difference must stay within 3x the float64 twins of both models (the issue's budget).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from fc2conv.errors import Fc2ConvError
+from fc2conv.onnx import to_conv
+from fc2conv.verify import budget, compare
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+CHILD = r"""
+import json, resource, sys
+from fc2conv.verify import compare
+rep = compare(sys.argv[1], sys.argv[2], samples=3, seed=0)
+print(json.dumps({"verdict": rep.verdict,
+                  "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+def mlp(hidden: int, seed: int = 0, batch: int = 4) -> onnx.ModelProto:
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(
+        (rng.standard_normal((hidden, hidden)) / np.sqrt(hidden)).astype(np.float32), name)
+        for name in ("W1", "W2")]
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("MatMul", ["r", "W2"], ["y"])], "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, hidden])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, hidden])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _peak(a: Path, b: Path) -> tuple[str, int]:
+    env = dict(os.environ, PYTHONPATH=SRC)
+    out = subprocess.run([sys.executable, "-c", CHILD, str(a), str(b)], capture_output=True,
+                         text=True, env=env, check=True, timeout=300)
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    return got["verdict"], int(got["peak"])
+
+
+def test_peak_memory_stays_within_three_float64_twins(tmp_path: Path) -> None:
+    pairs = {}
+    for hidden in (16, 2048):
+        m = mlp(hidden)
+        a, b = tmp_path / f"a{hidden}.onnx", tmp_path / f"b{hidden}.onnx"
+        onnx.save(m, str(a))
+        onnx.save(to_conv(m), str(b))
+        pairs[hidden] = (a, b)
+    _, fixed = _peak(*pairs[16])
+    verdict, peak = _peak(*pairs[2048])
+    assert verdict in ("identical", "equivalent")
+    twins = 2 * (2 * 2048 * 2048 * 8)  # float64 copies of A's and B's weights
+    assert peak - fixed <= 3 * twins, (
+        f"compare took {(peak - fixed) / 2**20:.0f} MiB beyond the fixed cost for "
+        f"{twins / 2**20:.0f} MiB of float64 twins")
+
+
+def test_refuses_before_starting_when_it_cannot_fit(tmp_path: Path, monkeypatch) -> None:
+    m = mlp(256)
+    conv = to_conv(m)
+    need = budget.needed(_loaded(m, "A"), _loaded(conv, "B"))
+    lean = budget.needed(_loaded(m, "A"), _loaded(conv, "B"), lean=True)
+    assert lean > budget.FIXED + 2 * (2 * 256 * 256 * 4)  # at least both float64 twins of A
+    assert lean < need
+    monkeypatch.setattr(budget, "available", lambda: lean - 1)
+    with pytest.raises(Fc2ConvError, match=r"needs about .* GB of memory .* has .* GB"):
+        compare(m, conv, samples=2, seed=0)
+    monkeypatch.setattr(budget, "available", lambda: need + 1)
+    rep = compare(m, conv, samples=2, seed=0, layers=False)
+    assert rep.verdict in ("identical", "equivalent")
+    assert not any("to fit in memory" in n for n in rep.notes)
+
+
+def test_lean_plan_when_only_it_fits(monkeypatch) -> None:
+    """Between the lean and the deployed estimate: weights fed to onnxruntime, the report says
+    so, and the verdicts are unchanged (a clean pair passes, one changed weight is caught)."""
+    m = mlp(256)
+    conv = to_conv(m)
+    lean = budget.needed(_loaded(m, "A"), _loaded(conv, "B"), lean=True)
+    monkeypatch.setattr(budget, "available", lambda: lean + 1)
+    rep = compare(m, conv, samples=3, seed=1)
+    assert rep.verdict in ("identical", "equivalent"), str(rep)
+    assert any("to fit in memory" in n for n in rep.notes), rep.notes
+    bad = onnx.ModelProto()
+    bad.CopyFrom(m)
+    w = numpy_helper.to_array(bad.graph.initializer[0]).copy()
+    w[5, 7] += 0.5
+    bad.graph.initializer[0].CopyFrom(numpy_helper.from_array(w, "W1"))
+    assert compare(m, bad, samples=3, seed=1, layers=False).verdict == "different"
+
+
+def test_external_data_is_mapped_not_read(tmp_path: Path) -> None:
+    """A model saved with external data compares (its weights memory-mapped beside it)."""
+    m = mlp(256, seed=3)
+    conv = to_conv(m)  # before saving: saving as external data rewrites the proto
+    a, b = tmp_path / "a.onnx", tmp_path / "sub" / "b.onnx"
+    b.parent.mkdir()
+    onnx.save_model(m, str(a), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="a.bin", size_threshold=1024)
+    onnx.save_model(conv, str(b), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="b.bin", size_threshold=1024)
+    assert (tmp_path / "a.bin").stat().st_size >= 2 * 256 * 256 * 4
+    assert budget.weight_bytes(_loaded_path(a))[2] < 4096  # nothing of size held in memory
+    rep = compare(str(a), str(b), samples=2, seed=0)
+    assert rep.verdict in ("identical", "equivalent"), str(rep)
+    (tmp_path / "a.bin").rename(tmp_path / "gone.bin")
+    with pytest.raises(Fc2ConvError, match=r"a\.bin"):  # the checker names the missing file
+        compare(str(a), str(b), samples=2, seed=0)
+
+
+def test_cli_refusal_is_one_line_exit_2(tmp_path: Path, monkeypatch, capsys) -> None:
+    from fc2conv.cli.main import main
+
+    m = mlp(64)
+    a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    onnx.save(m, str(a))
+    onnx.save(to_conv(m), str(b))
+    monkeypatch.setattr(budget, "available", lambda: 10**8)  # below the fixed cost alone
+    with pytest.raises(SystemExit) as exc:
+        main(["compare", str(a), str(b)])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2
+    assert len(err.splitlines()) == 1 and "needs about" in err, err
+
+
+def _loaded(m: onnx.ModelProto, label: str):  # type: ignore[no-untyped-def]
+    from fc2conv.verify.models import load
+
+    return load(m, label)
+
+
+def _loaded_path(path: Path):  # type: ignore[no-untyped-def]
+    from fc2conv.verify.models import load
+
+    return load(str(path), "A")
+
+
+def test_estimate_grows_with_the_weights() -> None:
+    """Four times the weights (twice the width): four times the memory beyond the fixed cost."""
+    small, big = _loaded(mlp(128), "A"), _loaded(mlp(256), "A")
+    assert budget.needed(big, big) - budget.FIXED == pytest.approx(
+        4 * (budget.needed(small, small) - budget.FIXED), rel=0.01)

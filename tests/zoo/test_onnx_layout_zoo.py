@@ -24,6 +24,7 @@ BOUNDS = {
     "vit": 1,  # the patch conv's (B, C, N) is taken as it is: no move in at all
     "whisper_encoder": 1,  # as ViT: the conv front end's own permute is undone
     "t5_encoder": 3,  # + T5's relative position bias permute (a bias table, not an activation)
+    "llama": 2,  # rotary cos/sin applied along C, grouped K/V expanded in the conv layout
 }
 
 
@@ -82,15 +83,3 @@ def test_transposes_left_and_equivalence(name: str) -> None:
                    for n in conv.graph.node)  # every projection is a Conv
     assert any(len(t.dims) == 4 and t.dims[2:] == [1, 1] for t in conv.graph.initializer)
     _check_equivalent(m, conv, name, names)
-
-
-def test_llama_names_what_forces_the_moves() -> None:
-    """Llama's grouped K/V heads (Unsqueeze + Expand to rank 5, repeat_kv) and the rotary
-    cos/sin tables (computed in (B, S, D)) are read in (B, H, S, D): the report names them as
-    the readers of the moves left; the graph stays equivalent."""
-    m, names = _export("llama")
-    conv, report = convert(m, "conv", layout="ane")
-    assert report.transposes_after <= 14, "\n".join(report.layout_changes)
-    text = "\n".join(report.layout_changes)
-    assert "-> Expand" in text and "rotary_emb" in text
-    _check_equivalent(m, conv, "llama", names)

@@ -99,13 +99,48 @@ def _inverse(p: Sequence[int]) -> tuple[int, ...]:
     return tuple(inv)
 
 
-def _const_array(v: ir.Value | None) -> np.ndarray | None:
+_FOLD = {"Cos": np.cos, "Sin": np.sin, "Neg": np.negative, "Add": np.add, "Sub": np.subtract,
+         "Mul": np.multiply, "Div": np.divide, "Equal": np.equal, "Where": np.where}
+
+
+def _const_array(v: ir.Value | None, depth: int = 8) -> np.ndarray | None:
+    """The value of ``v`` when it is a constant, or computed from constants by a few cheap ops
+    (an exporter's rotary cos/sin tables of a traced length: ``Unsqueeze(Cast(Cos(c) * k))``)."""
     if v is None or v.is_graph_input():
         return None
     try:
         return constant(v, "operand").numpy()
     except Refused:
+        pass
+    p = v.producer()
+    if depth == 0 or p is None or p.domain != "" or len(p.outputs) != 1 \
+            or p.op_type not in {*_FOLD, "Cast", "Unsqueeze", "ConstantOfShape", "Where"}:
         return None
+    if p.op_type == "ConstantOfShape":
+        shape = _const_array(p.inputs[0], depth - 1)
+        fill = p.attributes["value"].as_tensor().numpy().reshape(-1) \
+            if "value" in p.attributes else np.zeros(1, np.float32)
+        if shape is None or int(np.prod(shape)) > 1 << 20:
+            return None
+        return np.full([int(d) for d in shape.reshape(-1)], fill[0], dtype=fill.dtype)
+    args = [_const_array(u, depth - 1) for u in p.inputs]
+    if any(a is None for a in args) or not args or max(a.size for a in args) > 1 << 20:  # type: ignore[union-attr]
+        return None
+    if p.op_type == "Cast":
+        return args[0].astype(ir.DataType(int(p.attributes["to"].value)).numpy())  # type: ignore[union-attr]
+    if p.op_type == "Unsqueeze":
+        axes = [int(a) for a in (args[1].reshape(-1) if len(args) > 1  # type: ignore[union-attr]
+                                 else p.attributes["axes"].value)]
+        out = args[0]
+        rank = out.ndim + len(axes)  # type: ignore[union-attr]
+        for a in sorted(a % rank for a in axes):
+            out = np.expand_dims(out, a)  # type: ignore[arg-type]
+        return out
+    with np.errstate(all="ignore"):
+        result = _FOLD[p.op_type](*args)
+    if p.op_type == "Equal":
+        return np.asarray(result)
+    return np.asarray(result, dtype=np.result_type(*args[-2:]))  # Where: its two branches
 
 
 class AnePass:
@@ -149,8 +184,8 @@ class AnePass:
         return self._add(op, [x], {**attrs, "axes": list(axes)}, name, tag)
 
     def _const(self, array: np.ndarray, like: ir.Value, name: str) -> ir.Value:
-        dtype = like.dtype if like.dtype is not None else ir.DataType.FLOAT
         arr = np.ascontiguousarray(array)
+        dtype = ir.DataType.from_numpy(arr.dtype)
         value = ir.Value(name=self.ctx.unique(name), shape=ir.Shape(arr.shape),
                          type=ir.TensorType(dtype), const_value=ir.tensor(arr))
         self.graph.register_initializer(value)
@@ -166,9 +201,9 @@ class AnePass:
         shape = _shape(x)
         base = x.name or "x"
         if perm is not None:
-            if shape is None or len(shape) != 4:
+            if shape is None or len(shape) != len(perm):
                 return None
-            out = x if perm == IDENTITY else self._add(
+            out = x if list(perm) == sorted(perm) else self._add(
                 "Transpose", [x], {"perm": list(_inverse(perm))}, f"{base}_to_ane", "enter:ane")
         else:
             if shape is None or len(shape) != 3:
@@ -236,7 +271,7 @@ class AnePass:
         """The original layout back from a twin (the one move out)."""
         base = like.name or "y"
         if twin.perm is not None:
-            if twin.perm == IDENTITY:
+            if list(twin.perm) == sorted(twin.perm):
                 return twin.value
             return self._add("Transpose", [twin.value], {"perm": list(twin.perm)},
                              f"{base}_from_ane", "exit:ane")
@@ -379,9 +414,9 @@ class AnePass:
                 return None
             c = c.reshape((1,) * (3 - c.ndim) + c.shape)
             return c.transpose(0, 2, 1)[:, :, None, :]
-        if c.ndim > 4:
+        if c.ndim > len(perm):
             return None
-        c = c.reshape((1,) * (4 - c.ndim) + c.shape)
+        c = c.reshape((1,) * (len(perm) - c.ndim) + c.shape)
         return c.transpose(_inverse(perm))
 
     def _on_binary(self, node: ir.Node) -> None:
@@ -406,7 +441,7 @@ class AnePass:
                 ins.append(v if c.ndim == 0 else self._const(moved, v, f"{v.name}_ane"))
                 continue
             shape = _shape(v)
-            rank = 3 if perm is None else 4
+            rank = 3 if perm is None else len(perm)
             if shape is None or len(shape) != rank:
                 return
             entered = self.enter(v, perm)
@@ -471,7 +506,7 @@ class AnePass:
         if t is None or self.ctx.opset < 13:
             return
         axis = int(node.attributes["axis"].value) if "axis" in node.attributes else -1
-        rank = 3 if t.perm is None else 4
+        rank = 3 if t.perm is None else len(t.perm)
         axis %= rank
         new_axis = (1 if axis == 2 else None) if t.perm is None else t.perm[axis]
         if new_axis is None:
@@ -504,6 +539,74 @@ class AnePass:
             y = self._add("Reshape", [t.value, self._ints([0, c, 1, -1], "fc2conv_shape")], {},
                           node.name or "merge")
             self._set(node, Twin(y))
+        elif t.perm is not None:
+            self._merge(node, t, sx, so)
+
+    def _on_Unsqueeze(self, node: ir.Node) -> None:  # noqa: N802
+        """One new unit axis ``a`` of a permuted twin: stored right after axis ``a - 1``."""
+        t = self._twin(node.inputs[0])
+        if t is None or t.perm is None:
+            return
+        arr = _const_array(node.inputs[1]) if len(node.inputs) > 1 else None
+        axes = arr.reshape(-1).tolist() if arr is not None else (
+            node.attributes["axes"].value if "axes" in node.attributes else None)
+        if axes is None or len(axes) != 1:
+            return
+        rank = len(t.perm) + 1
+        a = int(axes[0]) % rank
+        if a == 0:
+            return
+        ins = t.perm[a - 1] + 1
+        moved = [q + (q >= ins) for q in t.perm]
+        perm = (*moved[:a], ins, *moved[a:])
+        y = self._axes_op("Unsqueeze", t.value, [ins], node.name or "unsqueeze")
+        self._set(node, Twin(y, perm))
+
+    def _on_Expand(self, node: ir.Node) -> None:  # noqa: N802
+        t = self._twin(node.inputs[0])
+        out = _shape(node.outputs[0])
+        if out is None or not all(isinstance(d, int) for d in out):
+            given = _const_array(node.inputs[1])  # broadcasting is per axis: permute it
+            out = None if given is None else tuple(int(d) for d in given.reshape(-1))
+        if t is None or t.perm is None or out is None or len(out) != len(t.perm):
+            return
+        given_in = _shape(node.inputs[0])
+        if given_in is not None and all(isinstance(d, int) for d in given_in) and (
+                _shape(node.outputs[0]) is None
+                or not all(isinstance(d, int) for d in _shape(node.outputs[0]) or ())):
+            # what inference could not tell (the target came from a computed shape)
+            node.outputs[0].shape = ir.Shape(np.broadcast_shapes(given_in, out))  # type: ignore[arg-type]
+        phys = [0] * len(out)
+        for i, q in enumerate(t.perm):
+            phys[q] = out[i]  # type: ignore[call-overload]
+        y = self._add("Expand", [t.value, self._ints(phys, "fc2conv_shape")], {},
+                      node.name or "expand")
+        self._set(node, Twin(y, t.perm))
+
+    def _merge(self, node: ir.Node, t: Twin, sx: tuple, so: tuple) -> bool:
+        """Reshape of a permuted twin that merges logical axes ``a, a+1`` (stored next to
+        each other in that order), other dims unchanged: the same merge of the stored axes."""
+        assert t.perm is not None
+        if len(sx) != len(so) + 1 or len(sx) != len(t.perm):
+            return False
+        for a in range(len(so)):
+            if all(_same_dim(sx[i], so[i]) for i in range(a)) and all(
+                    _same_dim(sx[i + 1], so[i]) for i in range(a + 1, len(so))) \
+                    and isinstance(sx[a], int) and isinstance(sx[a + 1], int) \
+                    and so[a] == sx[a] * sx[a + 1] and t.perm[a + 1] == t.perm[a] + 1:
+                phys = [0] * len(sx)
+                for i, q in enumerate(t.perm):
+                    phys[q] = sx[i] if isinstance(sx[i], int) else -1
+                if phys.count(-1) > 1:
+                    return False
+                merged = t.perm[a]
+                shape = [*phys[:merged], so[a], *phys[merged + 2:]]
+                perm = [q - (q > merged) for i, q in enumerate(t.perm) if i != a + 1]
+                y = self._add("Reshape", [t.value, self._ints(shape, "fc2conv_shape")], {},
+                              node.name or "merge")
+                self._set(node, Twin(y, tuple(perm)))
+                return True
+        return False
 
     def _on_Transpose(self, node: ir.Node) -> None:  # noqa: N802
         x = node.inputs[0]
@@ -536,7 +639,7 @@ class AnePass:
         if all(t is None for t in twins):
             return
         perm = next(t for t in twins if t is not None).perm
-        rank = 3 if perm is None else 4
+        rank = 3 if perm is None else len(perm)
         axis = int(node.attributes["axis"].value) % rank
         ins = []
         for v, t in zip(node.inputs, twins, strict=True):
@@ -562,7 +665,7 @@ class AnePass:
         axes = _const_array(node.inputs[3])
         if axes is None or any(_const_array(v) is None for v in node.inputs[1:] if v is not None):
             return
-        new_axes = [t.perm[int(a) % 4] for a in axes.reshape(-1)]
+        new_axes = [t.perm[int(a) % len(t.perm)] for a in axes.reshape(-1)]
         y = self._add("Slice", [t.value, node.inputs[1], node.inputs[2],
                                 self._ints(new_axes, "fc2conv_axes"), *node.inputs[4:]], {},
                       node.name or "slice")

@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -99,8 +100,9 @@ def _inverse(p: Sequence[int]) -> tuple[int, ...]:
     return tuple(inv)
 
 
-_FOLD = {"Cos": np.cos, "Sin": np.sin, "Neg": np.negative, "Add": np.add, "Sub": np.subtract,
-         "Mul": np.multiply, "Div": np.divide, "Equal": np.equal, "Where": np.where}
+_FOLD: dict[str, Any] = {
+    "Cos": np.cos, "Sin": np.sin, "Neg": np.negative, "Add": np.add, "Sub": np.subtract,
+    "Mul": np.multiply, "Div": np.divide, "Equal": np.equal, "Where": np.where}
 
 
 def _const_array(v: ir.Value | None, depth: int = 8) -> np.ndarray | None:
@@ -578,7 +580,7 @@ class AnePass:
             node.outputs[0].shape = ir.Shape(np.broadcast_shapes(given_in, out))  # type: ignore[arg-type]
         phys = [0] * len(out)
         for i, q in enumerate(t.perm):
-            phys[q] = out[i]  # type: ignore[call-overload]
+            phys[q] = out[i]  # type: ignore[assignment]
         y = self._add("Expand", [t.value, self._ints(phys, "fc2conv_shape")], {},
                       node.name or "expand")
         self._set(node, Twin(y, t.perm))

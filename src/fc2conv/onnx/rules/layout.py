@@ -21,34 +21,14 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
+from fc2conv.core.positionwise import Channel, onnx_types
 from fc2conv.onnx.rules.base import LAYOUT_KEY, Context, Refused, int64_constant
 
 log = logging.getLogger(__name__)
 
-UNARY = {
-    "Relu",
-    "Gelu",
-    "Sigmoid",
-    "Tanh",
-    "Erf",
-    "LeakyRelu",
-    "Elu",
-    "Selu",
-    "HardSigmoid",
-    "HardSwish",
-    "Softplus",
-    "Softsign",
-    "Mish",
-    "Identity",
-    "Abs",
-    "Neg",
-    "Exp",
-    "Cast",
-    "Sqrt",
-    "ThresholdedRelu",
-    "Celu",
-}
 BINARY = {"Add", "Sub", "Mul", "Div"}
+# the unary elementwise ops of the table both front ends read (Pow takes two operands)
+UNARY = onnx_types(Channel.ELEMENTWISE) - BINARY - {"Pow"}
 
 
 def _perm_in(rank: int) -> list[int]:

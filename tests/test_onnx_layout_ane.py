@@ -107,3 +107,21 @@ def test_a_foreign_reader_gets_the_layout_back() -> None:
     assert any("TopK" in c for c in report.layout_changes)
     assert_matches_reference(m, conv, {"x": rng.standard_normal((B, S, C)).astype(np.float32)},
                              depth=2 * C)
+
+
+@pytest.mark.parametrize("layout", ["channels_first", "ane"])
+def test_a_models_own_transposes_cancel_against_the_convs_moves(layout: str) -> None:
+    """NCHW -> NHWC, a pointwise MatMul + bias, NHWC -> NCHW (a channels-last dense layer in
+    an NCHW model): the Conv reads the NCHW input directly, no Transpose is left."""
+    rng = np.random.default_rng(5)
+    n = helper.make_node
+    nodes = [n("Transpose", ["x"], ["t"], perm=[0, 2, 3, 1]), n("MatMul", ["t", "w"], ["a"]),
+             n("Add", ["a", "b"], ["c"]), n("Transpose", ["c"], ["y"], perm=[0, 3, 1, 2])]
+    m = model(nodes, [vinfo("x", [2, 6, 5, 4])], [vinfo("y", [2, 3, 5, 4])],
+              [init(rng, "w", 6, 3), init(rng, "b", 3)])
+    conv, report = convert(m, "conv", layout=layout)
+    assert op_counts(conv) == {"Conv": 1}, report.layout_changes
+    assert report.layout_changes == []
+    for seed in (6, 7):
+        x = np.random.default_rng(seed).standard_normal((2, 6, 5, 4)).astype(np.float32)
+        assert_matches_reference(m, conv, {"x": x}, depth=6)

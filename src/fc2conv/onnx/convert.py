@@ -19,7 +19,11 @@ from fc2conv.errors import Fc2ConvError
 from fc2conv.onnx.rules import TO_CONV, TO_LINEAR
 from fc2conv.onnx.rules.ane import ane_layout
 from fc2conv.onnx.rules.base import LAYOUT_KEY, Context, Refused
-from fc2conv.onnx.rules.layout import collapse_flat_round_trips, share_layout_changes
+from fc2conv.onnx.rules.layout import (
+    collapse_flat_round_trips,
+    fold_transpose_pairs,
+    share_layout_changes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +196,7 @@ def convert_model(
         missing = ", ".join(sorted(wanted - seen))
         raise Fc2ConvError(f"--only names no {'/'.join(sorted(anchors))} node called {missing}")
     report.layout_changes_shared = share_layout_changes(ctx) + collapse_flat_round_trips(ctx)
+    report.layout_changes_shared += fold_transpose_pairs(ctx)
     for value in ctx.shape_constants.values():
         if not value.uses() and value.name and value.name in graph.initializers:
             del graph.initializers[value.name]

@@ -112,6 +112,39 @@ def onnx_row(model: Any, inputs: tuple, rounds: int) -> str:
 
 
 @torch.no_grad()
+def variants(device: torch.device, batch: int, length: int, rounds: int,
+             sync: Callable[[], None]) -> None:
+    """The converted BERT-base-like model in the forms the pass could pick, each timed
+    interleaved against the original: Conv2d on (B, C, 1, S) as converted (channel_attention
+    einsums), the same with SDPA on head views instead (:func:`sdpa_pass`, moves around each
+    attention), Conv2d weights and inputs in channels_last, and Conv1d on (B, C, S) (dims=1)."""
+    from fc2conv.pytorch.attention import sdpa_pass
+
+    name, (model, inputs) = next(iter(realistic(device, batch, length).items()))
+    model = model.to(device).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        conv2d = to_conv(model, inputs).to(device)
+        conv1d = to_conv(model, inputs, dims=1).to(device)
+        sdpa = to_conv(model, inputs).to(device)
+    sdpa_pass(sdpa)
+    sdpa.graph.lint()
+    sdpa.recompile()
+    last = to_conv(model, inputs).to(device).to(memory_format=torch.channels_last)
+    forms = {"Conv2d (B,C,1,S), einsum attention": conv2d,
+             "Conv2d + SDPA on head views": sdpa,
+             "Conv2d, channels_last weights": last,
+             "Conv1d (B,C,S), dims=1": conv1d}
+    print(f"{name}: {'variant':38} {'moves':>5} {'original ms':>12} {'variant ms':>11} "
+          f"{'ratio':>6}")
+    for label, form in forms.items():
+        ta, tb = interleaved_ratio(lambda: model(*inputs), lambda f=form: f(*inputs), rounds,
+                                   sync)
+        print(f"{'':{len(name) + 2}}{label:38} {len(layout_changes(form)):>5} {ta * 1e3:>12.2f} "
+              f"{tb * 1e3:>11.2f} {tb / ta:>5.2f}x", flush=True)
+
+
+@torch.no_grad()
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -122,6 +155,9 @@ def main() -> None:
                         help="interleaved calls per model (default: 30 zoo, 10 realistic CPU)")
     parser.add_argument("--quick", action="store_true", help="zoo sizes and reference blocks only")
     parser.add_argument("--onnx", action="store_true", help="add onnxruntime ratios (CPU)")
+    parser.add_argument("--variants", action="store_true",
+                        help="only the BERT-base-like model: the converted graph's variants "
+                        "(Conv1d, channels_last, SDPA instead of channel_attention)")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = args.tf32 == "on"
@@ -129,6 +165,9 @@ def main() -> None:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads, "
           f"tf32 {args.tf32}")
+    if args.variants:
+        variants(device, args.batch, args.length, args.rounds or 10, sync)
+        return
     x = torch.randn(args.batch, args.length, 256, device=device)
     cases: dict[str, tuple[Any, tuple]] = {
         "mlp 256": (archs.MLP(dim=256, hidden=1024), (x,)),

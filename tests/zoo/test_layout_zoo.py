@@ -8,7 +8,7 @@ import pytest
 import torch
 import zoo_models
 
-from fc2conv import compare, to_conv
+from fc2conv import compare, to_conv, to_linear
 from fc2conv.pytorch.attention import channel_attention
 from fc2conv.pytorch.layout import layout_changes
 
@@ -52,4 +52,37 @@ def test_llama_names_what_forces_the_moves() -> None:
     # with dynamic axes (torch.export Dim.AUTO): 12 measured, the extra move not yet traced.
     assert len(moves) <= 12
     report = compare(model, conv, tuple(zoo.draw(1).values()), layers=False)
+    assert report.verdict in ("identical", "equivalent"), str(report)
+
+
+_MOVES = ("permute", "transpose", "movedim")
+_RESHAPES = ("view", "reshape", "_unsafe_view", "unflatten", "flatten")
+
+
+def _layout_ops(model: torch.nn.Module, inputs: tuple) -> tuple[int, int]:
+    """(transposes/permutes, reshapes) in the graph ``torch.export`` gives for ``model``."""
+    moves = reshapes = 0
+    for node in torch.export.export(model, inputs).graph.nodes:
+        name = getattr(node.target, "_opname", "") if node.op == "call_function" else ""
+        moves += name in _MOVES
+        reshapes += name in _RESHAPES
+    return moves, reshapes
+
+
+@pytest.mark.parametrize("name", ["distilbert", "vit"])  # bert, whisper_encoder: the same
+def test_round_trip_through_channel_attention(name: str) -> None:
+    """``to_linear(to_conv(m))``: each ``channel_attention`` is SDPA on (B, H, S, D) again, and
+    the graph has no more transposes/permutes and reshapes than ``m``."""
+    zoo = zoo_models.ZOO[name]
+    model = zoo.build()
+    inputs = tuple(zoo.draw(0).values())
+    conv = to_conv(model, inputs)
+    assert _attention_count(conv) == 2
+    back = to_linear(conv, inputs)
+    assert _attention_count(back) == 0
+    assert sum(n.target is torch.nn.functional.scaled_dot_product_attention
+               for n in back.graph.nodes) == 2
+    (moves, reshapes), (moves0, reshapes0) = _layout_ops(back, inputs), _layout_ops(model, inputs)
+    assert moves <= moves0 and reshapes <= reshapes0, ((moves, reshapes), (moves0, reshapes0))
+    report = compare(model, back, tuple(zoo.draw(1).values()), layers=False)
     assert report.verdict in ("identical", "equivalent"), str(report)

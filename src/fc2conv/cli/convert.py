@@ -24,6 +24,7 @@ PROGRESS_NODES = 200  # show progress bars on graphs with more candidate nodes t
     epilog="""\b
 Examples:
   fc2conv convert model.onnx model_conv.onnx --to conv
+  fc2conv convert bert.onnx bert_ane.onnx --to conv --layout ane
   fc2conv convert model.onnx model_fc1.onnx --to conv --only /blocks.0/fc1/MatMul
   fc2conv convert model_conv.onnx model_lin.onnx --to linear
   fc2conv convert big.onnx big.onnx --to conv --in-place --no-check
@@ -60,6 +61,14 @@ Examples:
     is_flag=True,
     help="ONNX --to conv: make Flatten+Gemm convs slide over larger images.",
 )
+@click.option(
+    "--layout",
+    type=click.Choice(["channels_first", "ane"]),
+    default="channels_first",
+    show_default=True,
+    help="ONNX --to conv: ane = Conv2d on (B, C, 1, S), activations kept there across norms, "
+    "residuals and attention (one layout change per input and output where the model allows).",
+)
 def convert(
     in_path: Path,
     out_path: Path,
@@ -68,6 +77,7 @@ def convert(
     only: tuple[str, ...],
     in_place: bool,
     dynamic_spatial: bool,
+    layout: str,
 ) -> None:
     """Rewrite fully connected layers of IN as convolutions (or back) and write OUT."""
     suffix = in_path.suffix.lower()
@@ -81,7 +91,17 @@ def convert(
         from fc2conv.cli.torch_commands import convert_pt2
 
         sys.exit(convert_pt2(in_path, out_path, to=to, check=check, only=only, in_place=in_place))
-    sys.exit(_convert_onnx(in_path, out_path, to, check, only, in_place, dynamic_spatial))
+    sys.exit(
+        _convert_onnx(in_path, out_path, to, check, only, in_place, dynamic_spatial, layout)
+    )
+
+
+def print_layout_changes(console, changes) -> None:  # type: ignore[no-untyped-def]
+    """``N layout changes in the converted graph:`` and one line per change, where it sits."""
+    console.print(f"{len(changes)} layout change{'s' if len(changes) != 1 else ''} "
+                  f"in the converted graph" + (":" if changes else ""))
+    for change in changes:
+        console.print(f"  {change}", markup=False, highlight=False)
 
 
 def check_same_format(in_path: Path, out_path: Path) -> None:
@@ -102,6 +122,7 @@ def _convert_onnx(
     only: tuple[str, ...],
     in_place: bool,
     dynamic_spatial: bool,
+    layout: str = "channels_first",
 ) -> int:
     from rich.console import Console
 
@@ -123,6 +144,7 @@ def _convert_onnx(
             only=only or None,
             dynamic_spatial=dynamic_spatial,
             on_node=lambda done, total: progress.update(task, completed=done, total=total),
+            layout=layout,
         )
         save_task = progress.add_task(f"Writing {dst.name}", total=None)
         assert report.context is not None
@@ -146,6 +168,7 @@ def _convert_onnx(
         f"{report.transposes_after} after ({report.layout_changes_shared} layout "
         f"change pairs shared between neighbouring layers)"
     )
+    print_layout_changes(console, report.layout_changes)
     if not check:
         return 0
     with console.status("Checking the output with onnx.checker"):

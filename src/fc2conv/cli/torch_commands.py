@@ -115,6 +115,11 @@ def convert_pt2(
         if not ok:
             return 1
     _summary(converted, f"{os.path.basename(in_path)} -> {to}")
+    if to == "conv":
+        from fc2conv.cli.convert import print_layout_changes
+        from fc2conv.pytorch.layout import layout_changes
+
+        print_layout_changes(Console(), [str(c) for c in layout_changes(converted)])
     first = inputs[0] if inputs else None
     if first is not None and first.dim() >= 3 and _has_spatial_layers(converted):
         _print_field(converted, tuple(first.shape[1:]))

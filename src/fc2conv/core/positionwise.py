@@ -59,9 +59,10 @@ OPS: dict[str, PerPosition] = {
         "hardswish": ("HardSwish",), "hardtanh": (), "softplus": ("Softplus",),
         "softsign": ("Softsign",), "mish": ("Mish",), "identity": ("Identity",),
         "dropout": (), "clone": (), "contiguous": (), "alias": (), "abs": ("Abs",),
-        "neg": ("Neg",), "exp": ("Exp",), "sqrt": ("Sqrt",), "rsqrt": (), "reciprocal": (),
-        "pow": (), "to": ("Cast",), "_to_copy": (), "type_as": (), "float": (),
-        "thresholded_relu": ("ThresholdedRelu",), "cos": (), "sin": (),
+        "neg": ("Neg",), "exp": ("Exp",), "sqrt": ("Sqrt",), "rsqrt": (),
+        "reciprocal": ("Reciprocal",),
+        "pow": ("Pow",), "to": ("Cast",), "_to_copy": (), "type_as": (), "float": (),
+        "thresholded_relu": ("ThresholdedRelu",), "cos": ("Cos",), "sin": ("Sin",),
     }.items()},
     # binary elementwise (broadcasting only along the channel axis or over all positions)
     **{name: PerPosition(_E, _SAME, onnx) for name, onnx in {

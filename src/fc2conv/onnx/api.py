@@ -36,6 +36,7 @@ def convert_file(
     dynamic_spatial: bool = False,
     in_place: bool = False,
     check: bool = True,
+    layout: str = "channels_first",
 ) -> ConversionReport:
     """Load ``in_path``, convert toward ``to``, write ``out_path`` atomically; return the report.
 
@@ -57,7 +58,7 @@ def convert_file(
                 f"the input {src}; choose another output name"
             )
     external = io.wants_external_data(model)
-    report = convert_model(model, to, only=only, dynamic_spatial=dynamic_spatial)
+    report = convert_model(model, to, only=only, dynamic_spatial=dynamic_spatial, layout=layout)
     assert report.context is not None
     io.save(model, dst, external=external, sources=report.context.sources)
     if check:
@@ -66,11 +67,13 @@ def convert_file(
 
 
 def _convert(
-    model: M, to: str, only: Collection[str] | None, dynamic_spatial: bool, inplace: bool
+    model: M, to: str, only: Collection[str] | None, dynamic_spatial: bool, inplace: bool,
+    layout: str = "channels_first",
 ) -> tuple[M, ConversionReport]:
     if isinstance(model, onnx.ModelProto):
         graph_ir = ir.serde.deserialize_model(model)
-        report = convert_model(graph_ir, to, only=only, dynamic_spatial=dynamic_spatial)
+        report = convert_model(graph_ir, to, only=only, dynamic_spatial=dynamic_spatial,
+                               layout=layout)
         proto = ir.serde.serialize_model(graph_ir)
         if inplace:
             model.CopyFrom(proto)
@@ -78,7 +81,8 @@ def _convert(
         return proto, report
     if isinstance(model, ir.Model):
         target = model if inplace else model.clone()
-        return target, convert_model(target, to, only=only, dynamic_spatial=dynamic_spatial)
+        return target, convert_model(target, to, only=only, dynamic_spatial=dynamic_spatial,
+                                     layout=layout)
     raise Fc2ConvError(
         f"expected an onnx.ModelProto, an onnx_ir.Model or a path, got {type(model).__name__}"
     )
@@ -92,6 +96,7 @@ def to_conv(
     only: Collection[str] | None = None,
     dynamic_spatial: bool = False,
     inplace: bool = False,
+    layout: str = "channels_first",
 ) -> M: ...
 @overload
 def to_conv(
@@ -101,15 +106,23 @@ def to_conv(
     only: Collection[str] | None = None,
     dynamic_spatial: bool = False,
     inplace: bool = False,
+    layout: str = "channels_first",
 ) -> Path: ...
-def to_conv(model, output=None, *, only=None, dynamic_spatial=False, inplace=False):  # type: ignore[no-untyped-def]
+def to_conv(model, output=None, *, only=None, dynamic_spatial=False, inplace=False,  # type: ignore[no-untyped-def]
+            layout="channels_first"):
     """Rewrite every convertible Gemm / MatMul(+Add) / Flatten+Gemm into a Conv.
 
     Exact: each new Conv computes the same numbers as the layer it replaces (up to float
     rounding of a different summation order). Layers that cannot be converted are left as they
     are; :func:`convert` returns the report that lists them and why.
+
+    ``layout="ane"``: rank-3 MatMuls become Conv2d on ``(B, C, 1, S)`` and activations stay in
+    that layout across residuals, LayerNorm (as a ReduceMean-based norm over axis 1), softmax,
+    elementwise ops and attention (Einsum on the heads' channel slices), so the graph changes
+    layout about once per input and once per output. The default ``"channels_first"`` keeps the
+    file's own ops (Conv1d on ``(B, C, S)`` between shared Transposes).
     """
-    return _dispatch(model, output, "conv", only, dynamic_spatial, inplace)
+    return _dispatch(model, output, "conv", only, dynamic_spatial, inplace, layout)
 
 
 @overload
@@ -133,12 +146,13 @@ def convert(
     only: Collection[str] | None = None,
     dynamic_spatial: bool = False,
     inplace: bool = False,
+    layout: str = "channels_first",
 ) -> tuple[M, ConversionReport]:
     """Like :func:`to_conv` / :func:`to_linear` for in-memory models, also returning the report."""
-    return _convert(model, to, only, dynamic_spatial, inplace)
+    return _convert(model, to, only, dynamic_spatial, inplace, layout)
 
 
-def _dispatch(model, output, to, only, dynamic_spatial, inplace):  # type: ignore[no-untyped-def]
+def _dispatch(model, output, to, only, dynamic_spatial, inplace, layout="channels_first"):  # type: ignore[no-untyped-def]
     if isinstance(model, str | os.PathLike):
         if output is None:
             raise Fc2ConvError(
@@ -146,9 +160,10 @@ def _dispatch(model, output, to, only, dynamic_spatial, inplace):  # type: ignor
                 f"to_{to}({str(model)!r}, 'out.onnx'); or pass onnx.load(...) to get a ModelProto"
             )
         convert_file(
-            model, output, to, only=only, dynamic_spatial=dynamic_spatial, in_place=inplace
+            model, output, to, only=only, dynamic_spatial=dynamic_spatial, in_place=inplace,
+            layout=layout,
         )
         return Path(output)
     if output is not None:
         raise Fc2ConvError("output= is only for path inputs; an in-memory model is returned")
-    return _convert(model, to, only, dynamic_spatial, inplace)[0]
+    return _convert(model, to, only, dynamic_spatial, inplace, layout)[0]

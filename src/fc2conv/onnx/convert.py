@@ -17,12 +17,18 @@ import onnx_ir.passes.common
 
 from fc2conv.errors import Fc2ConvError
 from fc2conv.onnx.rules import TO_CONV, TO_LINEAR
+from fc2conv.onnx.rules.ane import ane_layout
 from fc2conv.onnx.rules.base import LAYOUT_KEY, Context, Refused
-from fc2conv.onnx.rules.layout import collapse_flat_round_trips, share_layout_changes
+from fc2conv.onnx.rules.layout import (
+    collapse_flat_round_trips,
+    fold_transpose_pairs,
+    share_layout_changes,
+)
 
 log = logging.getLogger(__name__)
 
 DIRECTIONS = ("conv", "linear")
+LAYOUTS = ("channels_first", "ane")
 
 
 @dataclass
@@ -43,6 +49,9 @@ class ConversionReport:
     layout_changes_shared: int = 0
     transposes_before: int = 0
     transposes_after: int = 0
+    layout: str = "channels_first"
+    # every Transpose of the converted graph: "name: what it reads -> what reads it"
+    layout_changes: list[str] = field(default_factory=list)
     context: Context | None = field(default=None, repr=False)
 
     @property
@@ -65,6 +74,48 @@ def _count(graph: ir.Graph, op: str) -> int:
     return sum(1 for n in graph if n.op_type == op)
 
 
+_SEE_THROUGH = ("Squeeze", "Unsqueeze")  # rank-only companions of a layout change
+
+
+def _where(value: ir.Value | None) -> str:
+    if value is None:
+        return "?"
+    producer = value.producer()
+    if producer is not None and producer.op_type in _SEE_THROUGH:
+        return _where(producer.inputs[0])
+    if producer is None:
+        return f"input {value.name}"
+    return f"{producer.op_type} {producer.name or value.name}"
+
+
+def _readers(value: ir.Value) -> list[str]:
+    out = []
+    for use in value.uses():
+        if use.node.op_type in _SEE_THROUGH and use.idx == 0:
+            out += _readers(use.node.outputs[0])
+        else:
+            out.append(f"{use.node.op_type} {use.node.name}")
+    if value.is_graph_output():
+        out.append(f"output {value.name}")
+    return out
+
+
+def layout_changes(graph: ir.Graph) -> list[str]:
+    """Each Transpose of ``graph``, where it sits: ``"name [perm]: reads <op name> -> <op names
+    reading it>"`` (graph inputs and outputs named as such; a Squeeze/Unsqueeze next to it is
+    looked through)."""
+    out = []
+    for node in graph:
+        if node.op_type != "Transpose":
+            continue
+        perm = node.attributes.get("perm")
+        readers = _readers(node.outputs[0])
+        out.append(f"{node.name or node.outputs[0].name} "
+                   f"{list(perm.value) if perm is not None else 'reverse'}: "
+                   f"reads {_where(node.inputs[0])} -> {', '.join(readers) or 'nothing'}")
+    return out
+
+
 def convert_model(
     model: ir.Model,
     to: str,
@@ -72,15 +123,24 @@ def convert_model(
     only: Collection[str] | None = None,
     dynamic_spatial: bool = False,
     on_node: Callable[[int, int], None] | None = None,
+    layout: str = "channels_first",
 ) -> ConversionReport:
     """Rewrite ``model`` in place toward ``to`` ("conv" or "linear"); return the report.
 
     ``only``: node names (or output names) to convert; others are left and listed.
     ``dynamic_spatial`` (``to="conv"``): make the image dims symbolic and keep the score map.
     ``on_node(done, total)``: progress callback.
+    ``layout`` (``to="conv"``): ``"channels_first"`` turns a rank-3 MatMul into a Conv1d on
+    ``(B, C, S)`` with a Transpose on each side (shared between neighbours);
+    ``"ane"`` into a Conv2d on ``(B, C, 1, S)`` and keeps activations in that layout across
+    residuals, norms and attention (:mod:`fc2conv.onnx.rules.ane`).
     """
     if to not in DIRECTIONS:
         raise Fc2ConvError(f"unknown direction {to!r}; use 'conv' or 'linear'")
+    if layout not in LAYOUTS:
+        raise Fc2ConvError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if layout == "ane" and to != "conv":
+        raise Fc2ConvError("layout='ane' applies to the conv direction only")
     if dynamic_spatial and to != "conv":
         raise Fc2ConvError("dynamic_spatial applies to --to conv (Flatten+Gemm -> Conv) only")
     graph = model.graph
@@ -92,12 +152,19 @@ def convert_model(
         )
     _infer_shapes(model)
     ctx = Context(graph, opset, dynamic_spatial=dynamic_spatial)
-    report = ConversionReport(to, transposes_before=_count(graph, "Transpose"), context=ctx)
+    report = ConversionReport(to, transposes_before=_count(graph, "Transpose"), context=ctx,
+                              layout=layout)
     rules = TO_CONV if to == "conv" else TO_LINEAR
     anchors = {op for r in rules for op in r.op_types}
     wanted = set(only) if only else None
-    candidates = [n for n in graph if n.op_type in anchors and n.domain == ""]
     seen: set[str] = set()
+    if layout == "ane":
+        for node, detail in ane_layout(ctx, wanted).converted:
+            label = node.name or node.outputs[0].name or node.op_type
+            seen.update({label, node.outputs[0].name or ""} & (wanted or set()))
+            report.entries.append(Entry(label, node.op_type, "converted", detail))
+            log.info("%s (%s) -> %s", label, node.op_type, detail)
+    candidates = [n for n in graph if n.op_type in anchors and n.domain == ""]
     for i, node in enumerate(candidates):
         if on_node is not None:
             on_node(i, len(candidates))
@@ -129,6 +196,7 @@ def convert_model(
         missing = ", ".join(sorted(wanted - seen))
         raise Fc2ConvError(f"--only names no {'/'.join(sorted(anchors))} node called {missing}")
     report.layout_changes_shared = share_layout_changes(ctx) + collapse_flat_round_trips(ctx)
+    report.layout_changes_shared += fold_transpose_pairs(ctx)
     for value in ctx.shape_constants.values():
         if not value.uses() and value.name and value.name in graph.initializers:
             del graph.initializers[value.name]
@@ -137,6 +205,7 @@ def convert_model(
     graph.sort()
     _infer_shapes(model)
     report.transposes_after = _count(graph, "Transpose")
+    report.layout_changes = layout_changes(graph)
     if on_node is not None:
         on_node(len(candidates), len(candidates))
     return report

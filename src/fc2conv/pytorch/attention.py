@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from fc2conv.pytorch.layout import channels_to_last, is_move
+from fc2conv.pytorch.layout import channels_to_last, is_move, last_to_channels
 from fc2conv.pytorch.ops import tensor_shape
 
 log = logging.getLogger(__name__)
@@ -188,3 +188,40 @@ def _erase_unused(graph: fx.Graph, sdpa: fx.Node, merged: fx.Node) -> None:
         if not node.users:
             graph.erase_node(node)
 
+
+
+def _sdpa_heads(graph: fx.Graph, x: Any, heads: int) -> fx.Node:
+    """``(B, C, 1, S)`` -> ``(B, H, S, D)``: the move to ``(B, S, C)``, then the head split."""
+    last = graph.call_function(channels_to_last, (x, 1, True))
+    split = graph.call_method("unflatten", (last, -1, (heads, -1)))
+    return graph.call_method("transpose", (split, 1, 2))
+
+
+def sdpa_pass(gm: fx.GraphModule) -> int:
+    """The way back (``to_linear``): every :func:`channel_attention` becomes the sandwich it
+    replaced -- ``channels_to_last``, head split ``unflatten(-1, (H, D)).transpose(1, 2)``,
+    ``scaled_dot_product_attention`` (same mask, scale and causality: its masks broadcast
+    against ``(B, H, Sq, Sk)`` as they do against the einsum scores), head merge
+    ``transpose(1, 2).flatten(2)`` and ``last_to_channels`` -- so the moves cancel against the
+    Linears' layout and ``to_linear(to_conv(m))`` computes attention as ``m`` did; returns how
+    many. The caller lints and recompiles."""
+    graph = gm.graph
+    done = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not channel_attention:
+            continue
+        kw = dict(zip(("q", "k", "v", "heads", "mask", "scale", "is_causal"), node.args,
+                      strict=False)) | dict(node.kwargs)
+        q, k, v, heads = kw["q"], kw["k"], kw["v"], kw["heads"]
+        with graph.inserting_before(node):
+            qh, kh, vh = (_sdpa_heads(graph, t, int(heads)) for t in (q, k, v))  # type: ignore[call-overload]
+            att = graph.call_function(F.scaled_dot_product_attention, (qh, kh, vh), {
+                "attn_mask": kw.get("mask"), "scale": kw.get("scale"),
+                "is_causal": bool(kw.get("is_causal", False))})
+            merged = graph.call_method("flatten", (graph.call_method("transpose", (att, 1, 2)),
+                                                   2))
+            back = graph.call_function(last_to_channels, (merged, 1, True))
+        node.replace_all_uses_with(back)
+        graph.erase_node(node)
+        done += 1
+    return done

@@ -372,16 +372,39 @@ def cancel_inverse_moves(graph: fx.Graph) -> int:
     removed = 0
     for node in list(graph.nodes):
         src = node.args[0] if is_move(node) and node.args else None
-        if not isinstance(src, fx.Node) or not is_move(src):
+        chain: list[fx.Node] = []  # unary elementwise ops between the two moves (a dropout)
+        while isinstance(src, fx.Node) and not is_move(src) and len(src.users) == 1 \
+                and _unary_elementwise(graph, src):
+            chain.append(src)
+            src = _tensor_operands(src)[0]
+        if not isinstance(src, fx.Node) or not is_move(src) or (chain and len(src.users) != 1):
             continue
         undo: Any = INVERSE.get(src.target)  # type: ignore[arg-type]
         if undo is node.target and tuple(src.args[1:]) == tuple(node.args[1:]):
-            node.replace_all_uses_with(src.args[0])  # type: ignore[arg-type]
+            if chain:  # f(undo(do(x))) ... = f(x): elementwise ops commute with a move
+                chain[-1].replace_input_with(src, src.args[0])  # type: ignore[arg-type]
+                node.replace_all_uses_with(chain[0])
+            else:
+                node.replace_all_uses_with(src.args[0])  # type: ignore[arg-type]
             graph.erase_node(node)
             if not src.users:
                 graph.erase_node(src)
             removed += 1
     return removed
+
+
+def _unary_elementwise(graph: fx.Graph, node: fx.Node) -> bool:
+    """One tensor operand, and the table calls the op elementwise (a module by its class)."""
+    if len(_tensor_operands(node)) != 1:
+        return False
+    if node.op == "call_module":
+        gm = graph.owning_module
+        mod = gm.get_submodule(str(node.target)) if gm is not None else None
+        name = type(mod).__name__.lower()
+    else:
+        name = str(node.target) if node.op == "call_method" else \
+            getattr(node.target, "__name__", str(node.target))
+    return elementwise(name)
 
 
 def _tensor_operands(node: fx.Node) -> list[fx.Node]:

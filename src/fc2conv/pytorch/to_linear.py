@@ -22,6 +22,7 @@ from torch import fx, nn
 from fc2conv.core.describe import describe
 from fc2conv.core.layers import conv_to_linear
 from fc2conv.core.provenance import mark, source_of
+from fc2conv.pytorch.attention import sdpa_pass
 from fc2conv.pytorch.layout import (
     ChannelLayerNorm,
     Move,
@@ -174,6 +175,9 @@ def to_linear(model: nn.Module | torch.export.ExportedProgram, example_inputs: A
     inputs = as_inputs(example_inputs)
     original = reference_copy(model, inplace, verify)
     gm = to_graph(model, inputs, inplace=inplace)
+    if sdpa_pass(gm):  # channel_attention back to SDPA on (B, H, S, D)
+        gm.graph.lint()
+        gm.recompile()
     record_shapes(gm, inputs)
     retarget_aliases(gm)
     # recognized before any rewrite: once a shared conv is replaced by its Linear, a later

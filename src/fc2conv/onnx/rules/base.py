@@ -78,14 +78,17 @@ def constant(value: ir.Value | None, what: str) -> ir.TensorProtocol:
     if value.is_graph_input():
         raise Refused(f"{what} '{value.name}' is a graph input, so callers may replace it")
     tensor = value.const_value
-    if tensor is None:
-        producer = value.producer()
-        if (
-            producer is not None
-            and producer.op_type == "Constant"
-            and "value" in producer.attributes
-        ):
-            tensor = producer.attributes["value"].as_tensor()
+    producer = value.producer()
+    while tensor is None and producer is not None and producer.op_type == "Identity" \
+            and producer.inputs[0] is not None and not producer.inputs[0].is_graph_input():
+        value = producer.inputs[0]  # an exporter's Identity of a shared (deduplicated) weight
+        tensor, producer = value.const_value, value.producer()
+    if tensor is None and (
+        producer is not None
+        and producer.op_type == "Constant"
+        and "value" in producer.attributes
+    ):
+        tensor = producer.attributes["value"].as_tensor()
     if tensor is None:
         raise Refused(f"{what} '{value.name}' is not a constant initializer")
     return tensor

@@ -21,34 +21,14 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
+from fc2conv.core.positionwise import Channel, onnx_types
 from fc2conv.onnx.rules.base import LAYOUT_KEY, Context, Refused, int64_constant
 
 log = logging.getLogger(__name__)
 
-UNARY = {
-    "Relu",
-    "Gelu",
-    "Sigmoid",
-    "Tanh",
-    "Erf",
-    "LeakyRelu",
-    "Elu",
-    "Selu",
-    "HardSigmoid",
-    "HardSwish",
-    "Softplus",
-    "Softsign",
-    "Mish",
-    "Identity",
-    "Abs",
-    "Neg",
-    "Exp",
-    "Cast",
-    "Sqrt",
-    "ThresholdedRelu",
-    "Celu",
-}
 BINARY = {"Add", "Sub", "Mul", "Div"}
+# the unary elementwise ops of the table both front ends read (Pow takes two operands)
+UNARY = onnx_types(Channel.ELEMENTWISE) - BINARY - {"Pow"}
 
 
 def _perm_in(rank: int) -> list[int]:
@@ -287,5 +267,35 @@ def collapse_flat_round_trips(ctx: Context) -> int:
         ctx.graph.remove([flat_out, exit_l, enter_l, flat_in], safe=True)
         if chain[-1].outputs[0].is_graph_output():
             chain[-1].outputs[0].name = name
+        removed += 1
+    return removed
+
+
+def fold_transpose_pairs(ctx: Context) -> int:
+    """``Transpose(Transpose(x, p), q)`` with ``p[q[i]] == i`` is ``x``: remove such pairs where
+    fc2conv added at least one of the two (the model's own NHWC Transpose meeting a Conv's move
+    back to NCHW); returns how many."""
+    removed = 0
+    for second in list(ctx.graph):
+        first = second.inputs[0].producer() if second.inputs and second.inputs[0] else None
+        if second.graph is not ctx.graph or first is None or first.graph is not ctx.graph:
+            continue
+        p, q = _perm(first), _perm(second)
+        if p is None or q is None or len(p) != len(q) or any(p[j] != i for i, j in enumerate(q)):
+            continue
+        if not (first.metadata_props.get(LAYOUT_KEY) or second.metadata_props.get(LAYOUT_KEY)):
+            continue
+        x, y = first.inputs[0], second.outputs[0]
+        assert x is not None
+        if y.is_graph_output() and (x.is_graph_input() or x.is_graph_output()
+                                    or x.producer() is None):
+            continue
+        name = y.name
+        ir.convenience.replace_all_uses_with(y, x, replace_graph_outputs=True)
+        if x.is_graph_output() and y.name == name:
+            y.name, x.name = ctx.unique(f"{name}_unused"), name
+        ctx.graph.remove(second, safe=True)
+        if not first.outputs[0].uses() and not first.outputs[0].is_graph_output():
+            ctx.graph.remove(first, safe=True)
         removed += 1
     return removed

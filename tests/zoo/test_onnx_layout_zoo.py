@@ -1,0 +1,85 @@
+"""``fc2conv.onnx.to_conv(layout="ane")`` on the zoo's transformers exported with
+``torch.onnx.export``: the Transposes left in the converted graph (the count and the places the
+report names), and the converted graph against the float64 reference of the original."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import zoo_models
+from _onnx_helpers import F32_EPS, run_ort
+
+from fc2conv.onnx import convert
+
+# family -> most Transposes left, and why above one in + one out
+BOUNDS = {
+    "bert": 2,
+    "distilbert": 2,
+    "roberta": 2,
+    "vit": 1,  # the patch conv's (B, C, N) is taken as it is: no move in at all
+    "whisper_encoder": 1,  # as ViT: the conv front end's own permute is undone
+    "t5_encoder": 3,  # + T5's relative position bias permute (a bias table, not an activation)
+    "llama": 2,  # rotary cos/sin applied along C, grouped K/V expanded in the conv layout
+}
+
+
+class _Logits(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, names: list[str]) -> None:
+        super().__init__()
+        self.model, self.names = model, names
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        return zoo_models.logits(self.model(**dict(zip(self.names, args, strict=True))))
+
+
+def _export(name: str) -> tuple[onnx.ModelProto, list[str]]:
+    zoo = zoo_models.ZOO[name]
+    model = zoo.build()
+    if hasattr(model.config, "use_cache"):
+        model.config.use_cache = False
+    draw = zoo.draw(0)
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_Logits(model, list(draw)), tuple(draw.values()), buf, dynamo=False,
+                          input_names=list(draw))
+    return onnx.load_from_string(buf.getvalue()), list(draw)
+
+
+def _check_equivalent(m: onnx.ModelProto, conv: onnx.ModelProto, name: str,
+                      names: list[str]) -> None:
+    """ORT's output of the converted graph against the float64 PyTorch model (an independent
+    reference: onnx's reference evaluator cannot run these exports), within the float32
+    rounding bound of the deepest dot products; the original graph meets the same bound."""
+    zoo = zoo_models.ZOO[name]
+    model = _Logits(zoo.build(), names).double()
+    for seed in (1, 2):
+        draw = zoo.draw(seed)
+        with torch.no_grad():
+            ref = model(*(v.double() if v.is_floating_point() else v
+                          for v in draw.values())).numpy()
+        feeds = {k: v.numpy() for k, v in draw.items()}
+        depth = 4 * 37 * 2  # hidden width 32, MLP 37, two layers
+        tol = 8 * F32_EPS * depth * max(1.0, float(np.abs(ref).max()))
+        for graph in (m, conv):
+            out = run_ort(graph, feeds)[0].astype(np.float64)
+            assert out.shape == ref.shape
+            assert float(np.abs(out - ref).max()) <= tol
+
+
+@pytest.mark.parametrize("name", sorted(BOUNDS))
+def test_transposes_left_and_equivalence(name: str) -> None:
+    m, names = _export(name)
+    conv, report = convert(m, "conv", layout="ane")
+    transposes = sum(n.op_type == "Transpose" for n in conv.graph.node)
+    assert transposes == report.transposes_after == len(report.layout_changes)
+    assert transposes <= BOUNDS[name] < report.transposes_before, "\n".join(report.layout_changes)
+    assert not any(n.op_type == "MatMul" and n.input[1] in {t.name for t in conv.graph.initializer}
+                   for n in conv.graph.node)  # every projection is a Conv
+    assert any(len(t.dims) == 4 and t.dims[2:] == [1, 1] for t in conv.graph.initializer)
+    _check_equivalent(m, conv, name, names)

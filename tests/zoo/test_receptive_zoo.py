@@ -37,3 +37,19 @@ def test_efficientnet_squeeze_excitation_is_named() -> None:
     model = zoo_models.ZOO["monai_efficientnet3d"].build(0).eval()
     with pytest.raises(fc2conv.Fc2ConvError, match="'_blocks.0.0'.*squeeze-and-excitation"):
         fc2conv.receptive_field(model, (1, 32, 32, 32))
+
+
+def test_swiftformer_refusal_names_the_head_join_not_the_input() -> None:
+    """SwiftFormer averages two heads, ``(head(x) + dist_head(x)) / 2``, after
+    ``x.flatten(2).mean(-1)`` and returns a ModelOutput: the refusal names the join."""
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "SwiftFormerForImageClassification"):
+        pytest.skip("this transformers has no SwiftFormer")
+    cfg = transformers.SwiftFormerConfig(num_channels=3, depths=[1, 1, 1, 1],
+                                         embed_dims=[8, 8, 16, 16], mlp_ratio=2, num_labels=5)
+    torch.manual_seed(0)
+    model = transformers.SwiftFormerForImageClassification(cfg).eval()
+    with pytest.raises(fc2conv.Fc2ConvError) as err:
+        fc2conv.convolutionalize(model, (3, 32, 32))
+    msg = str(err.value)
+    assert "'head' and 'dist_head'" in msg and "pixel_values" not in msg

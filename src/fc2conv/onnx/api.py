@@ -10,10 +10,11 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Collection
 from pathlib import Path
-from typing import TypeVar, overload
+from typing import Any, TypeVar, overload
 
 import onnx
 import onnx_ir as ir
@@ -23,6 +24,7 @@ from fc2conv.files import check_output_path
 from fc2conv.onnx import io
 from fc2conv.onnx.convert import ConversionReport, convert_model
 
+log = logging.getLogger(__name__)
 PathLike = str | os.PathLike[str]
 M = TypeVar("M", onnx.ModelProto, ir.Model)
 
@@ -36,11 +38,13 @@ def convert_file(
     dynamic_spatial: bool = False,
     in_place: bool = False,
     check: bool = True,
+    verify: bool = False,
 ) -> ConversionReport:
     """Load ``in_path``, convert toward ``to``, write ``out_path`` atomically; return the report.
 
     Refuses ``out_path == in_path`` unless ``in_place`` and refuses an output whose external
     data file would overwrite the input's. ``check``: run the ONNX checker on input and output.
+    ``verify``: compare the written file with the input (:mod:`fc2conv.onnx.selfcheck`).
     """
     src = Path(in_path)
     dst = check_output_path(src, out_path, in_place=in_place)
@@ -62,12 +66,31 @@ def convert_file(
     io.save(model, dst, external=external, sources=report.context.sources)
     if check:
         io.check_file(dst)
+    if verify:
+        if os.path.exists(src) and not os.path.samefile(src, dst):
+            from fc2conv.onnx.selfcheck import self_check
+
+            self_check(src, dst, what=f"converted file {dst.name}")
+        else:
+            log.warning("%s was converted in place, so it is not checked against the original; "
+                        "run fc2conv compare on a copy", dst)
     return report
 
 
 def _convert(
-    model: M, to: str, only: Collection[str] | None, dynamic_spatial: bool, inplace: bool
+    model: M, to: str, only: Collection[str] | None, dynamic_spatial: bool, inplace: bool,
+    verify: bool = False,
 ) -> tuple[M, ConversionReport]:
+    if verify and isinstance(model, onnx.ModelProto | ir.Model):
+        from fc2conv.onnx.selfcheck import self_check
+
+        original: Any = model
+        if inplace:
+            original = (ir.serde.serialize_model(model) if isinstance(model, ir.Model)
+                        else onnx.ModelProto.FromString(model.SerializeToString()))
+        converted, report = _convert(model, to, only, dynamic_spatial, inplace)
+        self_check(original, converted, what=f"model converted to {to}")
+        return converted, report
     if isinstance(model, onnx.ModelProto):
         graph_ir = ir.serde.deserialize_model(model)
         report = convert_model(graph_ir, to, only=only, dynamic_spatial=dynamic_spatial)
@@ -92,6 +115,7 @@ def to_conv(
     only: Collection[str] | None = None,
     dynamic_spatial: bool = False,
     inplace: bool = False,
+    verify: bool = True,
 ) -> M: ...
 @overload
 def to_conv(
@@ -101,29 +125,35 @@ def to_conv(
     only: Collection[str] | None = None,
     dynamic_spatial: bool = False,
     inplace: bool = False,
+    verify: bool = True,
 ) -> Path: ...
-def to_conv(model, output=None, *, only=None, dynamic_spatial=False, inplace=False):  # type: ignore[no-untyped-def]
+def to_conv(model, output=None, *, only=None, dynamic_spatial=False, inplace=False, verify=True):  # type: ignore[no-untyped-def]
     """Rewrite every convertible Gemm / MatMul(+Add) / Flatten+Gemm into a Conv.
 
     Exact: each new Conv computes the same numbers as the layer it replaces (up to float
     rounding of a different summation order). Layers that cannot be converted are left as they
-    are; :func:`convert` returns the report that lists them and why.
+    are; :func:`convert` returns the report that lists them and why. ``verify``: run both
+    models on a fresh random draw with :func:`fc2conv.compare` and raise
+    :class:`~fc2conv.errors.Fc2ConvError` naming the first diverging node if the result is
+    "different" (``False`` skips it, for speed).
     """
-    return _dispatch(model, output, "conv", only, dynamic_spatial, inplace)
+    return _dispatch(model, output, "conv", only, dynamic_spatial, inplace, verify)
 
 
 @overload
 def to_linear(
-    model: M, output: None = None, *, only: Collection[str] | None = None, inplace: bool = False
+    model: M, output: None = None, *, only: Collection[str] | None = None,
+    inplace: bool = False, verify: bool = True,
 ) -> M: ...
 @overload
 def to_linear(
-    model: PathLike, output: PathLike, *, only: Collection[str] | None = None, inplace: bool = False
+    model: PathLike, output: PathLike, *, only: Collection[str] | None = None,
+    inplace: bool = False, verify: bool = True,
 ) -> Path: ...
-def to_linear(model, output=None, *, only=None, inplace=False):  # type: ignore[no-untyped-def]
+def to_linear(model, output=None, *, only=None, inplace=False, verify=True):  # type: ignore[no-untyped-def]
     """Rewrite every 1x1, stride-1, unpadded Conv (any groups) into MatMul(+Add) on a
-    channels-last view."""
-    return _dispatch(model, output, "linear", only, False, inplace)
+    channels-last view. ``verify``: the self-check of :func:`to_conv`."""
+    return _dispatch(model, output, "linear", only, False, inplace, verify)
 
 
 def convert(
@@ -133,12 +163,13 @@ def convert(
     only: Collection[str] | None = None,
     dynamic_spatial: bool = False,
     inplace: bool = False,
+    verify: bool = True,
 ) -> tuple[M, ConversionReport]:
     """Like :func:`to_conv` / :func:`to_linear` for in-memory models, also returning the report."""
-    return _convert(model, to, only, dynamic_spatial, inplace)
+    return _convert(model, to, only, dynamic_spatial, inplace, verify)
 
 
-def _dispatch(model, output, to, only, dynamic_spatial, inplace):  # type: ignore[no-untyped-def]
+def _dispatch(model, output, to, only, dynamic_spatial, inplace, verify):  # type: ignore[no-untyped-def]
     if isinstance(model, str | os.PathLike):
         if output is None:
             raise Fc2ConvError(
@@ -146,9 +177,10 @@ def _dispatch(model, output, to, only, dynamic_spatial, inplace):  # type: ignor
                 f"to_{to}({str(model)!r}, 'out.onnx'); or pass onnx.load(...) to get a ModelProto"
             )
         convert_file(
-            model, output, to, only=only, dynamic_spatial=dynamic_spatial, in_place=inplace
+            model, output, to, only=only, dynamic_spatial=dynamic_spatial, in_place=inplace,
+            verify=verify,
         )
         return Path(output)
     if output is not None:
         raise Fc2ConvError("output= is only for path inputs; an in-memory model is returned")
-    return _convert(model, to, only, dynamic_spatial, inplace)[0]
+    return _convert(model, to, only, dynamic_spatial, inplace, verify)[0]

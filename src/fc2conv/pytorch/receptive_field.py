@@ -45,6 +45,7 @@ from fc2conv.pytorch.ops import (
 from fc2conv.pytorch.receptive_ops import (
     computed_conv_of,
     last_axes_norm_of,
+    logits_node,
     pad_of,
     permutation_of,
     reduction_of,
@@ -105,9 +106,7 @@ def _field(model: nn.Module, input_shape: Sequence[int]) -> tuple[
             axes[node] = tuple(range(2, 2 + n_axes))
             continue
         if node.op == "output":
-            value = node.args[0]
-            while isinstance(value, (tuple, list)) and len(value) == 1:
-                value = value[0]
+            value = logits_node(node.args[0])
             out_node = value if isinstance(value, fx.Node) else None
             continue
         operands = [a for a in node.all_input_nodes if a in fields]
@@ -245,7 +244,8 @@ def _through(gm: fx.GraphModule, node: fx.Node, operands: list[fx.Node],
             return fields[reduced], new_axes
         if dims is not None and not set(src_axes) <= set(dims):
             raise _not_windowed(node, " (it reduces over some spatial axes, not all)")
-        if not keep and rank <= 2:  # the map collapsed to a vector: a classifier's pooling
+        if not keep and rank == 2 and src_axes == tuple(range(2, 2 + len(src_axes))):
+            # an (N, C, *S) map pooled to an (N, C) vector: a classifier's global pool
             raise NotConvolutional(
                 f"{name!r} pools over all positions into a vector, so the model is not fully "
                 f"convolutional; run fc2conv.convolutionalize(model, input_shape) first"

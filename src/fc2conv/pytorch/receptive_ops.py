@@ -225,3 +225,21 @@ def reduction_of(node: fx.Node) -> tuple[fx.Node, tuple[int, ...] | None, bool] 
     if not all(isinstance(d, int) for d in dims):
         return None
     return src, tuple(sorted(d % len(shape) for d in dims)), keep
+
+
+def logits_node(value: Any) -> Any:
+    """The logits in what the graph returns: the tensor itself, the one tensor of a
+    one-element tuple, or a ModelOutput-like dict's ``logits`` (or its only tensor)."""
+    while True:
+        if isinstance(value, (tuple, list)) and len(value) == 1:
+            value = value[0]
+        elif isinstance(value, dict):
+            nodes = [v for v in value.values() if isinstance(v, fx.Node)]
+            if isinstance(value.get("logits"), fx.Node):
+                value = value["logits"]
+            elif len(nodes) == 1:
+                value = nodes[0]
+            else:
+                return value
+        else:
+            return value

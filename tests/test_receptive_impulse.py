@@ -109,12 +109,17 @@ def _touched(model: nn.Module, x: torch.Tensor, cell: tuple[int, int], gen: torc
     return (int(rows.min()), int(rows.max()) + 1), (int(cols.min()), int(cols.max()) + 1)
 
 
-@pytest.mark.parametrize("seed", range(24))
-def test_field_matches_autograd_on_random_models(seed: int) -> None:
+@pytest.mark.parametrize(("seed", "capture"), [(s, "fx") for s in range(24)]
+                         + [(s, "export") for s in range(6)])
+def test_field_matches_autograd_on_random_models(seed: int, capture: str) -> None:
+    """``capture="export"``: the same walk over torch.export's aten ops (aten.pad,
+    aten.permute, aten.layer_norm, aten.linear, aten.conv_transpose2d, ...)."""
     model, constant = _random_model(seed)
     probe = 24
+    given = model if capture == "fx" else torch.export.export(
+        model, (torch.randn(1, 3, probe, probe + 2, dtype=torch.float64),))
     try:
-        rf = receptive_field(model, (3, probe, probe + 2))
+        rf = receptive_field(given, (3, probe, probe + 2))
     except Fc2ConvError:
         pytest.fail(f"seed {seed}: {model}")
     # an input large enough that some cells' fields lie wholly inside it, away from pixels that

@@ -189,3 +189,48 @@ def test_squeeze_excitation_gate_has_no_finite_field() -> None:
 
     with pytest.raises(Fc2ConvError, match="squeeze-and-excitation.*whole input"):
         receptive_field(SE().eval(), (2, 12, 12))
+
+
+class SameConv(nn.Conv2d):
+    """TF "same" padding computed from the input size in forward (HF EfficientNet, BiT's
+    DynamicPad2d): pad ``(ceil(n / s) - 1) s + k - n`` (``k >= s``), the smaller half low."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads: list[int] = []
+        for n, k, s in ((x.shape[3], self.kernel_size[1], self.stride[1]),
+                        (x.shape[2], self.kernel_size[0], self.stride[0])):
+            total = (-(-n // s) - 1) * s + k - n
+            pads += [total // 2, total - total // 2]
+        return F.conv2d(F.pad(x, pads), self.weight, self.bias, self.stride)
+
+
+def test_same_padding_computed_from_the_input_size() -> None:
+    """torch.export with dynamic H, W (and torch.fx): the pads are size arithmetic; the field
+    is the one
+    at the size asked for (odd 25 pads 1 low before the 3x3 stride 2 conv, even 26 pads 0)."""
+    model = nn.Sequential(SameConv(2, 2, 3, stride=2), SameConv(2, 2, 4, stride=1)).double()
+    auto = torch.export.Dim.AUTO
+    ep = torch.export.export(model.eval(), (torch.randn(1, 2, 24, 26, dtype=torch.float64),),
+                             dynamic_shapes=({2: auto, 3: auto},))
+    rf = receptive_field(ep, (2, 25, 26))
+    # 3/2 conv: (25 -> total 2: low 1), (26 -> total 1: low 0); 4/1 conv at jump 2: total 3, low 1
+    assert rf.size == (3 + 3 * 2, 3 + 3 * 2) and rf.stride == (2, 2)
+    assert rf.padding == (1 + 2, 0 + 2)
+    assert receptive_field(model, (2, 25, 26)) == rf  # torch.fx: x.shape arithmetic
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 2, 25, 26, dtype=torch.float64, generator=gen)
+    box = _touched(model, x, (5, 6), gen)  # an interior cell
+    assert box == ((-3 + 10, -3 + 10 + 9), (-2 + 12, -2 + 12 + 9))
+
+
+@pytest.mark.parametrize("norm", [nn.GroupNorm(2, 4), nn.InstanceNorm2d(4)])
+def test_group_and_instance_norm_have_no_finite_field(norm: nn.Module) -> None:
+    """BiT's GroupNorm: statistics over all positions; autograd agrees (a corner cell's
+    gradient reaches the far corner)."""
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), norm, nn.Conv2d(4, 4, 1)).double().eval()
+    with pytest.raises(Fc2ConvError, match="statistics over all positions.*no finite"):
+        receptive_field(model, (1, 12, 12))
+    gen = torch.Generator().manual_seed(0)
+    box = _touched(model, torch.randn(1, 1, 12, 12, dtype=torch.float64, generator=gen),
+                   (0, 0), gen)
+    assert box == ((0, 12), (0, 12))

@@ -43,7 +43,9 @@ from fc2conv.pytorch.ops import (
     window_of,
 )
 from fc2conv.pytorch.receptive_ops import (
+    INT_VALUE,
     computed_conv_of,
+    is_global_norm,
     last_axes_norm_of,
     logits_node,
     pad_of,
@@ -51,7 +53,7 @@ from fc2conv.pytorch.receptive_ops import (
     reduction_of,
     transposed_conv_of,
 )
-from fc2conv.pytorch.trace import check_model, record_shapes, to_graph
+from fc2conv.pytorch.trace import check_model, flat_inputs, record_shapes, to_graph
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +96,7 @@ def _field(model: nn.Module, input_shape: Sequence[int]) -> tuple[
         example = example.to(p.dtype if p.is_floating_point() else torch.float32)
         break
     gm = to_graph(model, (example,))
-    record_shapes(gm, (example,))
+    _record(gm, example)
     n_axes = len(shape) - 1
     fields: dict[fx.Node, tuple[AxisField, ...]] = {}
     axes: dict[fx.Node, _Axes] = {}
@@ -112,6 +114,12 @@ def _field(model: nn.Module, input_shape: Sequence[int]) -> tuple[
         operands = [a for a in node.all_input_nodes if a in fields]
         if not operands:
             continue  # constants, weights (also weights computed from parameters)
+        if is_global_norm(gm, node):
+            raise Fc2ConvError(
+                f"{user_name(node)!r} ({_op(node)}) normalizes with statistics over all "
+                f"positions of the map (GroupNorm/InstanceNorm), so each cell depends on the "
+                f"whole input and has no finite receptive field"
+            )
         if tensor_shape(node) is None:  # not a tensor: a shape query, or a tuple of results
             if _is_batch_norm(node) or (node.op == "call_function"
                                         and node.target is operator.getitem):
@@ -132,6 +140,27 @@ def _field(model: nn.Module, input_shape: Sequence[int]) -> tuple[
     assert out_shape is not None
     return (fields[out_node], shape[1:], tuple(out_shape[a] for a in axes[out_node]),
             reasons)
+
+
+class _IntRecorder(fx.Interpreter):
+    """Records the ints that size computations take (pads computed from ``x.shape``)."""
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        if isinstance(result, int | torch.SymInt) and not isinstance(result, bool):
+            n.meta[INT_VALUE] = int(result)
+        return result
+
+
+def _record(gm: fx.GraphModule, example: torch.Tensor) -> None:
+    """Shapes of every value (``record_shapes``), then the ints of size computations, when
+    the graph has any (a second run, only then)."""
+    record_shapes(gm, (example,))
+    if any(n.op == "call_function" and tensor_shape(n) is None and "sym_size" in _op(n)
+           or n.op == "call_method" and n.target == "size"
+           or n.op == "call_function" and n.target is getattr for n in gm.graph.nodes):
+        with torch.no_grad():
+            _IntRecorder(gm).run(*flat_inputs(gm, (example,)))
 
 
 def _is_batch_norm(node: fx.Node) -> bool:

@@ -87,10 +87,27 @@ def pad_of(gm: fx.GraphModule, node: fx.Node) -> PadOp | None:
     if node.op != "call_function" or node.target not in _PAD_FUNCS:
         return None
     pads = _arg(node, 1, "pad")
-    if not isinstance(pads, (list, tuple)) or not all(isinstance(p, int) for p in pads):
+    if not isinstance(pads, (list, tuple)):
+        return None
+    pads = [_concrete(p) for p in pads]
+    if not all(isinstance(p, int) for p in pads):
         return None
     mode = _PAD_FUNCS[node.target] or _arg(node, 2, "mode", "constant")
     return PadOp(_arg(node, 0, "input"), tuple(pads), str(mode), user_name(node))
+
+
+#: ``node.meta`` key of the int a size computation took in the walk's run (see
+#: :func:`fc2conv.pytorch.receptive_field._field`).
+INT_VALUE = "fc2conv_int"
+
+
+def _concrete(value: Any) -> Any:
+    """An int, or the int a size computation (``x.shape`` arithmetic, ``sym_size`` in a
+    torch.export graph: "same" padding computed from the input size) took on the run at the
+    size asked for; anything else unchanged."""
+    if isinstance(value, fx.Node):
+        return value.meta.get(INT_VALUE, value)
+    return value
 
 
 _CONV_FUNCS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3, aten.conv1d.default: 1,
@@ -188,6 +205,16 @@ def permutation_of(node: fx.Node) -> tuple[fx.Node, tuple[int, ...]] | None:
 
 _LN_FUNCS = {F.layer_norm, aten.layer_norm.default, aten.native_layer_norm.default}
 _RMS = tuple(c for c in (getattr(nn, "RMSNorm", None),) if c is not None)
+
+
+_GLOBAL_NORMS = (nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+
+
+def is_global_norm(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """GroupNorm / InstanceNorm: statistics over all positions of the map."""
+    if isinstance(module_of(gm, node), _GLOBAL_NORMS):
+        return True
+    return _fname(node) in ("group_norm", "native_group_norm", "instance_norm")
 
 
 def last_axes_norm_of(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, int] | None:

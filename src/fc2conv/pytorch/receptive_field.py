@@ -318,7 +318,7 @@ def _through(gm: fx.GraphModule, node: fx.Node, operands: list[fx.Node],
             elementwise = True
     if node.op == "call_function" and node.target in _CONCAT:
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-        elementwise = isinstance(dim, int) and dim % max(rank, 1) not in in_axes and dim != 0
+        elementwise = isinstance(dim, int) and dim % max(rank, 1) not in (0, *in_axes)
     if _op(node).split(".")[0] in _DROPOUT and same_layout:
         elementwise = True  # the identity in eval (in-place forms too)
     if not elementwise and same_layout and len(operands) > 1 and any(

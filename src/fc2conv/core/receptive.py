@@ -47,6 +47,35 @@ class AxisField:
             start=self.start - padding * self.jump,
         )
 
+    def padded(self, low: int) -> AxisField:
+        """The field after ``low`` pixels of explicit padding on the low side (negative:
+        cropping): cell 0 now starts ``low`` cells earlier, ``start - low * jump``."""
+        return AxisField(size=self.size, jump=self.jump, start=self.start - low * self.jump)
+
+    def through_transposed(self, kernel: int, stride: int = 1, padding: int = 0,
+                           dilation: int = 1) -> AxisField:
+        """The field after a transposed convolution, which computes ``out[o] += in[i] w[k]``
+        for ``o = i s - p + k d``.
+
+        With ``s = 1`` output cell ``o`` reads input cells ``o + p - d (k - 1) .. o + p``: the
+        convolution with padding ``d (k - 1) - p`` (negative: a crop), so the field is defined.
+        With ``s > 1`` output cells at different phases of the stride read different numbers
+        of input cells and step by ``1/s`` of an input cell: no single field describes them.
+        """
+        if kernel < 1 or stride < 1 or dilation < 1:
+            raise Fc2ConvError(
+                f"invalid transposed window: kernel {kernel}, stride {stride}, dilation {dilation}"
+            )
+        if stride != 1:
+            raise Fc2ConvError(
+                f"a transposed convolution with stride {stride} spreads each input cell over "
+                f"{stride} output cells whose windows differ in size and do not step by whole "
+                f"input pixels, so its output has no receptive field"
+            )
+        reach = dilation * (kernel - 1)
+        return AxisField(size=self.size + reach * self.jump, jump=self.jump,
+                         start=self.start + (padding - reach) * self.jump)
+
     def union(self, other: AxisField) -> AxisField:
         """The field of a value combining two aligned maps (residual add, concat).
 
@@ -139,16 +168,28 @@ class ReceptiveField:
         ends = tuple(a + w for a, w in zip(starts, self.window_size, strict=True))
         return starts + ends
 
+    def cells_inside(self, input_size: tuple[int, ...]) -> tuple[range, ...]:
+        """Per axis, the cell indices whose whole window lies inside an input of
+        ``input_size``: ``0 <= offset + i * stride`` and ``offset + i * stride + window <= n``.
+
+        With padding the offset is negative and the first cells' windows start before the
+        image (over padding), so the range need not start at 0; the last cells may reach past
+        the far edge, over pixels that the classifier ignores (valid nets) or padding replaces.
+        """
+        out = []
+        for n, w, s, o in zip(input_size, self.window_size, self.stride, self.window_offset,
+                              strict=True):
+            first = max(0, -(o // s)) if o < 0 else 0  # ceil(-o / s) for negative o
+            last = (n - w - o) // s  # floor
+            out.append(range(first, max(first, last + 1)))
+        return tuple(out)
+
     def windows_inside(self, input_size: tuple[int, ...]) -> tuple[int, ...]:
         """How many cells per axis have their whole window inside an input of ``input_size``
-        (the cells a sliding window with this window and stride visits). The dense map may
-        have more cells at the far edge: their windows reach past the input, over pixels
-        that the classifier ignores (valid nets) or that padding replaces."""
-        return tuple(
-            max(0, (n - w - o) // s + 1)
-            for n, w, s, o in zip(input_size, self.window_size, self.stride, self.window_offset,
-                                  strict=True)
-        )
+        (the cells a sliding window with this window and stride visits): the lengths of
+        :meth:`cells_inside`, which says where they start. Windows that start before the image
+        (negative offsets, from padding) or end past it are not counted."""
+        return tuple(len(r) for r in self.cells_inside(input_size))
 
     def __str__(self) -> str:
         def fmt(v: tuple[int, ...]) -> str:

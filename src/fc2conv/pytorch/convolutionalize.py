@@ -53,6 +53,7 @@ from fc2conv.pytorch.ops import (
     tensor_shape,
     user_name,
 )
+from fc2conv.pytorch.receptive_ops import logits_node
 from fc2conv.pytorch.selfcheck import reference_copy, self_check
 from fc2conv.pytorch.trace import (
     Inputs,
@@ -79,11 +80,33 @@ def _mean_pool_source(node: fx.Node) -> fx.Node | None:
     shape = tensor_shape(src)
     dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
     keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    if isinstance(dims, int):
+        dims = [dims]
+    if (isinstance(src, fx.Node) and shape is not None and len(shape) == 3 and not keep
+            and isinstance(dims, (list, tuple)) and [int(d) % 3 for d in dims] == [2]):
+        inner = flatten_of_positions(src)  # x.flatten(2).mean(-1): the positions, averaged
+        if inner is not None:
+            return inner
     if shape is None or len(shape) < 3 or keep or not isinstance(dims, (list, tuple)):
         return None
     rank = len(shape)
     spatial = list(range(2, rank))
     return src if sorted(int(d) % rank for d in dims) == spatial else None  # type: ignore[return-value]
+
+
+def flatten_of_positions(node: fx.Node) -> fx.Node | None:
+    """``x.flatten(2)`` of an ``(N, C, *spatial)`` map (all positions on one axis) -> ``x``."""
+    name = node.target if node.op == "call_method" else str(
+        getattr(node.target, "__name__", "")).split(".")[0]
+    if name != "flatten" or not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    src = node.args[0]
+    shape = tensor_shape(src)
+    start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+    end: Any = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+    if shape is None or len(shape) < 3 or start != 2 or int(end) % len(shape) != len(shape) - 1:
+        return None
+    return src
 
 
 _DROPOUTS = (torch.ops.aten.dropout.default, torch.ops.aten.dropout_.default,
@@ -114,12 +137,42 @@ def _token_pick(node: fx.Node) -> fx.Node | None:
     return src if picks else None
 
 
+def _is_head_op(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """What a classifier head may hold between the pooled vector and the logits (what
+    :func:`_convert_layer` and the LayerNorm swap convert)."""
+    from fc2conv.pytorch.to_conv import _layer_norm_of
+
+    return (linear_of(gm, node) is not None or is_pointwise(gm, node) or _eval_dropout(node)
+            or isinstance(module_of(gm, node), nn.BatchNorm1d | nn.Dropout | nn.Identity)
+            or softmax_dim(gm, node) is not None or _layer_norm_of(gm, node) is not None)
+
+
+def _branches(node: fx.Node) -> list[fx.Node]:
+    """The operands of ``node`` computed from the model's input (not weights or constants)."""
+    def from_input(n: fx.Node) -> bool:
+        seen, todo = set(), [n]
+        while todo:
+            m = todo.pop()
+            if m.op == "placeholder":
+                return True
+            if m in seen:
+                continue
+            seen.add(m)
+            todo.extend(m.all_input_nodes)
+        return False
+
+    return [a for a in node.all_input_nodes if from_input(a)]
+
+
 def _head(gm: fx.GraphModule) -> list[fx.Node]:
-    """The chain of nodes from the output back to (excluding) the flatten or global pool."""
+    """The chain of nodes from the output back to (excluding) the flatten or global pool.
+
+    Walking back from the logits, the first node that a head cannot hold is named with the
+    reason: a join of two branches (a distillation head ``(head(x) + dist_head(x)) / 2``) or
+    an op that is not Linear, activation, dropout, BatchNorm1d, LayerNorm or softmax (the
+    model has no flatten or global average pool before its classifier)."""
     out = next(n for n in gm.graph.nodes if n.op == "output")
-    value = out.args[0]
-    while isinstance(value, (tuple, list)) and len(value) == 1:
-        value = value[0]
+    value = logits_node(out.args[0])
     if not isinstance(value, fx.Node):
         raise Fc2ConvError("the model must return one tensor (the logits)")
     chain: list[fx.Node] = []
@@ -136,10 +189,24 @@ def _head(gm: fx.GraphModule) -> list[fx.Node]:
                 f"token (x[:, i], a CLS token) of a {shape_str(tensor_shape(token) or ())} "
                 f"sequence, not a pooled feature map, so its logits belong to no image window"
             )
-        if not isinstance(src, fx.Node) or tensor_shape(node) is None:
+        branches = _branches(node)
+        if len(branches) > 1:
+            names = " and ".join(repr(user_name(b)) for b in branches)
             raise Fc2ConvError(
-                f"found no flatten before the classifier head: {user_name(node)!r} is not "
-                f"part of a head of Linear, activation, dropout, BatchNorm1d and softmax layers"
+                f"Cannot convolutionalize the head at {user_name(node)!r} "
+                f"({getattr(node.target, '__name__', node.target)}): it joins {len(branches)} "
+                f"branches ({names}); only a single chain of Linear, activation, dropout, "
+                f"BatchNorm1d, LayerNorm and softmax layers after the pool is supported"
+            )
+        if not isinstance(src, fx.Node) or tensor_shape(node) is None or not _is_head_op(
+                gm, node):
+            read_by = f" (read by {user_name(chain[-1])!r})" if chain else ""
+            raise Fc2ConvError(
+                f"Cannot convolutionalize the head at {user_name(node)!r} "
+                f"({node.op} {getattr(node.target, '__name__', node.target)}, output "
+                f"{shape_str(tensor_shape(node) or ())}){read_by}: it is not a Linear, "
+                f"activation, dropout, BatchNorm1d, LayerNorm or softmax layer, and no flatten "
+                f"or global average pool comes before it"
             )
         chain.append(node)
         node = src

@@ -42,11 +42,24 @@ from fc2conv.pytorch.ops import (
     user_name,
     window_of,
 )
-from fc2conv.pytorch.trace import check_model, record_shapes, to_graph
+from fc2conv.pytorch.receptive_ops import (
+    INT_VALUE,
+    computed_conv_of,
+    is_global_norm,
+    last_axes_norm_of,
+    logits_node,
+    pad_of,
+    permutation_of,
+    reduction_of,
+    transposed_conv_of,
+)
+from fc2conv.pytorch.trace import check_model, flat_inputs, record_shapes, to_graph
 
 log = logging.getLogger(__name__)
 
 _PER_POSITION = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, ChannelLayerNorm, nn.Identity)
+_DROPOUT = {"dropout", "dropout_", "feature_dropout", "feature_dropout_", "alpha_dropout",
+            "alpha_dropout_", "dropout1d", "dropout2d", "dropout3d"}
 _CONCAT = {torch.cat, torch.concat, torch.ops.aten.cat.default}
 
 
@@ -67,6 +80,12 @@ def _dense(model: nn.Module, input_shape: Sequence[int]) -> nn.Module:
         return convolutionalize(model, input_shape)
 
 
+# A value's layout: the tensor axis holding each spatial axis (``(2, 3)`` for NCHW, ``(1, 2)``
+# for NHWC after a permute), so channels-last stretches (ConvNeXt's LayerNorm + Linear) and
+# their permutes pass through the walk.
+_Axes = tuple[int, ...]
+
+
 def _field(model: nn.Module, input_shape: Sequence[int]) -> tuple[
         tuple[AxisField, ...], tuple[int, ...], tuple[int, ...], list[str]]:
     """(field per axis of the output, input spatial size, output spatial size, inexact reasons)."""
@@ -77,28 +96,36 @@ def _field(model: nn.Module, input_shape: Sequence[int]) -> tuple[
         example = example.to(p.dtype if p.is_floating_point() else torch.float32)
         break
     gm = to_graph(model, (example,))
-    record_shapes(gm, (example,))
+    _record(gm, example)
     n_axes = len(shape) - 1
     fields: dict[fx.Node, tuple[AxisField, ...]] = {}
+    axes: dict[fx.Node, _Axes] = {}
     reasons: list[str] = []
     out_node: fx.Node | None = None
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             fields[node] = (AxisField(),) * n_axes
+            axes[node] = tuple(range(2, 2 + n_axes))
             continue
         if node.op == "output":
-            value = node.args[0]
-            while isinstance(value, (tuple, list)) and len(value) == 1:
-                value = value[0]
+            value = logits_node(node.args[0])
             out_node = value if isinstance(value, fx.Node) else None
             continue
         operands = [a for a in node.all_input_nodes if a in fields]
         if not operands:
-            continue  # constants, weights
+            continue  # constants, weights (also weights computed from parameters)
+        if is_global_norm(gm, node):
+            raise Fc2ConvError(
+                f"{user_name(node)!r} ({_op(node)}) normalizes with statistics over all "
+                f"positions of the map (GroupNorm/InstanceNorm), so each cell depends on the "
+                f"whole input and has no finite receptive field"
+            )
         if tensor_shape(node) is None:  # not a tensor: a shape query, or a tuple of results
             if _is_batch_norm(node) or (node.op == "call_function"
                                         and node.target is operator.getitem):
-                fields[node] = fields[operands[0]]
+                fields[node], axes[node] = fields[operands[0]], axes[operands[0]]
+            elif (norm := last_axes_norm_of(gm, node)) is not None:  # native_layer_norm
+                fields[node], axes[node] = _norm(node, norm, fields, axes)
             elif not _is_shape_query(node):
                 raise Fc2ConvError(
                     f"{user_name(node)!r} ({getattr(node.target, '__name__', node.target)}) "
@@ -106,12 +133,34 @@ def _field(model: nn.Module, input_shape: Sequence[int]) -> tuple[
                     f"which input window its cells see"
                 )
             continue
-        fields[node] = _through(gm, node, operands, fields, reasons, n_axes)
+        fields[node], axes[node] = _through(gm, node, operands, fields, axes, reasons)
     if out_node is None or out_node not in fields:
         raise Fc2ConvError("the model must return one tensor computed from its input")
     out_shape = tensor_shape(out_node)
     assert out_shape is not None
-    return fields[out_node], shape[1:], out_shape[2:], reasons
+    return (fields[out_node], shape[1:], tuple(out_shape[a] for a in axes[out_node]),
+            reasons)
+
+
+class _IntRecorder(fx.Interpreter):
+    """Records the ints that size computations take (pads computed from ``x.shape``)."""
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        if isinstance(result, int | torch.SymInt) and not isinstance(result, bool):
+            n.meta[INT_VALUE] = int(result)
+        return result
+
+
+def _record(gm: fx.GraphModule, example: torch.Tensor) -> None:
+    """Shapes of every value (``record_shapes``), then the ints of size computations, when
+    the graph has any (a second run, only then)."""
+    record_shapes(gm, (example,))
+    if any(n.op == "call_function" and tensor_shape(n) is None and "sym_size" in _op(n)
+           or n.op == "call_method" and n.target == "size"
+           or n.op == "call_function" and n.target is getattr for n in gm.graph.nodes):
+        with torch.no_grad():
+            _IntRecorder(gm).run(*flat_inputs(gm, (example,)))
 
 
 def _is_batch_norm(node: fx.Node) -> bool:
@@ -124,13 +173,40 @@ def _is_shape_query(node: fx.Node) -> bool:
     return name in ("size", "dim", "getattr", "sym_size", "sym_size.int", "numel")
 
 
+def _op(node: fx.Node) -> str:
+    return str(getattr(node.target, "__name__", node.target))
+
+
+def _not_windowed(node: fx.Node, why: str = "") -> Fc2ConvError:
+    return Fc2ConvError(
+        f"{user_name(node)!r} ({_op(node)}) is not a convolution, pooling or per-position op"
+        f"{why}, so fc2conv cannot say which input window its cells see"
+    )
+
+
+def _norm(node: fx.Node, norm: tuple[fx.Node, int], fields: dict[fx.Node, Any],
+          axes: dict[fx.Node, _Axes]) -> tuple[tuple[AxisField, ...], _Axes]:
+    """A LayerNorm over the last ``L`` axes is per position when no spatial axis is among them
+    (channels-last LayerNorm); over a spatial axis it mixes positions."""
+    src, n_last = norm
+    rank = len(tensor_shape(src) or ())
+    if any(a >= rank - n_last for a in axes[src]):
+        raise _not_windowed(node, " (it normalizes over a spatial axis)")
+    return fields[src], axes[src]
+
+
 def _through(gm: fx.GraphModule, node: fx.Node, operands: list[fx.Node],
-             fields: dict[fx.Node, tuple[AxisField, ...]], reasons: list[str],
-             n_axes: int) -> tuple[AxisField, ...]:
+             fields: dict[fx.Node, tuple[AxisField, ...]], axes: dict[fx.Node, _Axes],
+             reasons: list[str]) -> tuple[tuple[AxisField, ...], _Axes]:
     name = user_name(node)
-    win = window_of(gm, node)
+    out_shape = tensor_shape(node) or ()
+    rank = len(out_shape)
+    standard = tuple(range(2, rank))
+    win = window_of(gm, node) or computed_conv_of(node)
     if win is not None:
-        src = fields[win.input]
+        win_field = fields[win.input]
+        if axes[win.input] != standard:
+            raise _not_windowed(node, " over channels-first axes (its input was permuted)")
         in_shape = tensor_shape(win.input) or ()
         if any(p for p in win.padding):
             reasons.append(f"{name!r} pads by {shape_str(win.padding)}")
@@ -139,11 +215,45 @@ def _through(gm: fx.GraphModule, node: fx.Node, operands: list[fx.Node],
                 zip(in_shape[2:], win.kernel, win.stride, win.padding, win.dilation, strict=True)):
             reasons.append(f"{name!r} (ceil_mode) has a partial last window at the training size")
         return tuple(f.through(k, s, p, d) for f, k, s, p, d in
-                     zip(src, win.kernel, win.stride, win.padding, win.dilation, strict=True))
+                     zip(win_field, win.kernel, win.stride, win.padding, win.dilation,
+                         strict=True)), standard
+    tconv = transposed_conv_of(gm, node)
+    if tconv is not None:
+        if axes[tconv.input] != standard:
+            raise _not_windowed(node, " over channels-first axes (its input was permuted)")
+        try:
+            out = tuple(f.through_transposed(k, s, p, d) for f, k, s, p, d in zip(
+                fields[tconv.input], tconv.kernel, tconv.stride, tconv.padding, tconv.dilation,
+                strict=True))
+        except Fc2ConvError as err:
+            raise Fc2ConvError(f"{name!r} (ConvTranspose): {err}") from None
+        if any(d * (k - 1) - p > 0 for k, p, d in zip(tconv.kernel, tconv.padding,
+                                                       tconv.dilation, strict=True)):
+            reasons.append(f"{name!r} (ConvTranspose) pads its input implicitly")
+        return out, standard
+    pad = pad_of(gm, node)
+    if pad is not None:
+        src_axes = axes[pad.input]
+        sides = pad.low_high(len(tensor_shape(pad.input) or ()))
+        lows_highs = [sides.get(a, (0, 0)) for a in src_axes]
+        if any(lo > 0 or hi > 0 for lo, hi in lows_highs):
+            reasons.append(f"{name!r} pads by {'x'.join(f'{lo}+{hi}' for lo, hi in lows_highs)}"
+                           f" ({pad.mode})")
+        return tuple(f.padded(lo) for f, (lo, _) in zip(fields[pad.input], lows_highs,
+                                                         strict=True)), src_axes
+    perm = permutation_of(node)
+    if perm is not None:
+        moved, order = perm
+        return fields[moved], tuple(order.index(a) for a in axes[moved])
+    norm = last_axes_norm_of(gm, node)
+    if norm is not None:
+        return _norm(node, norm, fields, axes)
     pool = adaptive_of(gm, node)
     if pool is not None:
+        if axes[pool.input] != standard:
+            raise _not_windowed(node, " over channels-first axes (its input was permuted)")
         in_hw = (tensor_shape(pool.input) or ())[2:]
-        out_hw = (tensor_shape(node) or ())[2:]
+        out_hw = out_shape[2:]
         kernels = [adaptive_as_fixed(i, o) for i, o in zip(in_hw, out_hw, strict=True)]
         if any(k is None for k in kernels):
             raise Fc2ConvError(
@@ -151,16 +261,29 @@ def _through(gm: fx.GraphModule, node: fx.Node, operands: list[fx.Node],
                 f"windows of varying size, so its output cells have no fixed receptive field"
             )
         return tuple(f.through(int(k), int(k)) for f, k in zip(fields[pool.input], kernels,  # type: ignore[arg-type]
-                                                               strict=True))
-    if node.op in ("call_method", "call_function") and getattr(
-            node.target, "__name__", node.target) in ("mean", "amax", "sum", "dim"):
-        out_sp = (tensor_shape(node) or ())[2:]
-        if all(s == 1 for s in out_sp) or len(tensor_shape(node) or ()) <= 2:
-            raise Fc2ConvError(
-                f"{name!r} pools over all positions (global pooling), so every output depends "
-                f"on the whole input and there is no per-cell window; convolutionalize with "
-                f"global_pool='drop' for a dense map"
+                                                               strict=True)), standard
+    red = reduction_of(node)
+    if red is not None:
+        reduced, dims, keep = red
+        src_axes = axes[reduced]
+        if dims is not None and not set(dims) & set(src_axes):
+            # over channels only (a hand-written channel LayerNorm's mean/var): per position
+            new_axes = src_axes if keep else tuple(a - sum(d < a for d in dims)
+                                                   for a in src_axes)
+            return fields[reduced], new_axes
+        if dims is not None and not set(src_axes) <= set(dims):
+            raise _not_windowed(node, " (it reduces over some spatial axes, not all)")
+        if not keep and rank == 2 and src_axes == tuple(range(2, 2 + len(src_axes))):
+            # an (N, C, *S) map pooled to an (N, C) vector: a classifier's global pool
+            raise NotConvolutional(
+                f"{name!r} pools over all positions into a vector, so the model is not fully "
+                f"convolutional; run fc2conv.convolutionalize(model, input_shape) first"
             )
+        raise Fc2ConvError(
+            f"{name!r} pools over all positions (global pooling), so every output depends "
+            f"on the whole input and there is no per-cell window; convolutionalize the "
+            f"classifier with global_pool='dense' (the default) or 'drop' for a dense map"
+        )
     if is_move(node):
         raise Fc2ConvError(
             "the model moves activations between the Linear and conv layouts (it came from "
@@ -168,40 +291,61 @@ def _through(gm: fx.GraphModule, node: fx.Node, operands: list[fx.Node],
         )
     mod = module_of(gm, node)
     lin = linear_of(gm, node)
+    in_axes = axes[operands[0]]
+    if lin is not None and (tensor_shape(lin.input) or ()) and rank == len(
+            tensor_shape(lin.input) or ()) and rank - 1 not in axes[lin.input]:
+        return fields[lin.input], axes[lin.input]  # a Linear over channels-last channels
     if lin is not None or isinstance(mod, nn.Flatten) or (
             node.op in ("call_function", "call_method")
             # aten overloads read "flatten.using_ints", "view.default": the op is the first part
-            and str(getattr(node.target, "__name__", node.target)).split(".")[0]
-            in ("flatten", "view", "reshape", "_unsafe_view")):
+            and _op(node).split(".")[0] in ("flatten", "view", "reshape", "_unsafe_view")):
         raise NotConvolutional(
             f"{name!r} flattens or mixes all positions, so the model is not fully "
             f"convolutional; run fc2conv.convolutionalize(model, input_shape) first"
         )
-    same_rank = all(len(tensor_shape(a) or ()) == len(tensor_shape(node) or ()) for a in operands)
+    same_layout = all(len(tensor_shape(a) or ()) == rank and axes[a] == in_axes
+                      for a in operands)
+    soft = softmax_dim(gm, node)
     elementwise = is_pointwise(gm, node) or isinstance(mod, _PER_POSITION) or _is_batch_norm(
-        node) or (
-        softmax_dim(gm, node) is not None and softmax_dim(gm, node)[0] == 1)  # type: ignore[index]
+        node) or (soft is not None and soft[0] % max(rank, 1) not in in_axes)
+    if isinstance(mod, _PER_POSITION) and not isinstance(mod, nn.Identity) or _is_batch_norm(node):
+        elementwise = elementwise and in_axes == standard  # they normalize axis 1
     if node.op == "call_function" and node.target in (operator.add, operator.mul, torch.add,
                                                       torch.ops.aten.add.Tensor,
-                                                      torch.ops.aten.mul.Tensor) and same_rank:
-        out_sp = (tensor_shape(node) or ())[2:]
-        if all((tensor_shape(a) or ())[2:] == out_sp for a in operands):
+                                                      torch.ops.aten.mul.Tensor) and same_layout:
+        out_sp = tuple(out_shape[a] for a in in_axes)
+        if all(tuple((tensor_shape(a) or ())[x] for x in in_axes) == out_sp for a in operands):
             elementwise = True
     if node.op == "call_function" and node.target in _CONCAT:
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-        elementwise = dim == 1
-    if not elementwise or not same_rank:
+        elementwise = isinstance(dim, int) and dim % max(rank, 1) not in (0, *in_axes)
+    if _op(node).split(".")[0] in _DROPOUT and same_layout:
+        elementwise = True  # the identity in eval (in-place forms too)
+    if not elementwise and same_layout and len(operands) > 1 and any(
+            all((tensor_shape(a) or ())[x] == 1 for x in in_axes) for a in operands) and any(
+            all(out_shape[x] > 1 for x in in_axes) for _ in (0,)):
         raise Fc2ConvError(
-            f"{name!r} ({getattr(node.target, '__name__', node.target)}) is not a convolution, "
-            f"pooling or per-position op, so fc2conv cannot say which input window its cells see"
+            f"{name!r} ({_op(node)}) scales every position by a value pooled from the whole "
+            f"map (a squeeze-and-excitation gate), so each cell depends on the whole input and "
+            f"has no finite receptive field"
         )
+    if not elementwise or not same_layout:
+        raise _not_windowed(node)
     result = fields[operands[0]]
     for other in operands[1:]:
         try:
             result = tuple(a.union(b) for a, b in zip(result, fields[other], strict=True))
         except Fc2ConvError as err:
             raise Fc2ConvError(f"Cannot compute the receptive field at {name!r}: {err}") from None
-    return result
+    return result, in_axes
+
+
+def _summary(reasons: list[str], shown: int = 3) -> str | None:
+    """The first ``shown`` reasons, then how many more (a DenseNet pads in 60 layers)."""
+    if not reasons:
+        return None
+    more = len(reasons) - shown
+    return "; ".join(reasons[:shown]) + (f"; and {more} more" if more > 0 else "")
 
 
 def receptive_field(model: nn.Module, input_shape: Sequence[int]) -> ReceptiveField:
@@ -229,7 +373,7 @@ def receptive_field(model: nn.Module, input_shape: Sequence[int]) -> ReceptiveFi
         window_size=in_size if one_cell else tuple(f.size for f in fields),
         window_offset=(0,) * len(fields) if one_cell else tuple(f.start for f in fields),
         exact=not reasons,
-        reason="; ".join(reasons) if reasons else None,
+        reason=_summary(reasons),
     )
 
 

@@ -19,7 +19,10 @@ step() {  # step NAME SECONDS CMD...
   echo "   rc=$rc in $((SECONDS - t0))s"; tail -n 40 "$OUT/$name.log"
 }
 python3 -c "import sys, torch; print(sys.version.split()[0], torch.__version__, torch.cuda.get_device_name())"
-step pytest 180 python3 -m pytest -q -n 10 -p no:cacheprovider
-step overhead_tf32_on 100 python3 bench/converted_overhead.py --device cuda --tf32 on
-step overhead_tf32_off 100 python3 bench/converted_overhead.py --device cuda --tf32 off
-step dense_cuda 70 python3 bench/dense_throughput.py --device cuda --size 2048 --tile 1024 --repeats 3 --no-sliding
+python3 -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.get_available_providers())" || true
+step pytest 150 python3 -m pytest -q -n 14 -p no:cacheprovider -m "not faults" --timeout 140
+step overhead_tf32_on 90 python3 bench/converted_overhead.py --device cuda --tf32 on
+step overhead_tf32_off 90 python3 bench/converted_overhead.py --device cuda --tf32 off
+step onnx_overhead 60 python3 bench/onnx_overhead.py --device cuda
+step dense_cuda 80 python3 bench/dense_throughput.py --device cuda --size 2048 --tiles auto 1024 --batch 1024 --repeats 2
+step dense_monai_cuda 50 python3 bench/dense_monai.py --device cuda --size 2048 --tile 512 --repeats 2

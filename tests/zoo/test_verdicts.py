@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 import zoo_models
+from _onnx_helpers import run_ort
 
 import fc2conv
 
@@ -82,3 +84,67 @@ def test_inputs_as_a_dict_and_a_list_of_draws(tmp_path) -> None:
     path = tmp_path / "draws.npz"
     np.savez(path, **{f"{k}:{n}": v.numpy() for k, d in enumerate([d0, d1]) for n, v in d.items()})
     assert [sorted(d) for d in read_npz(str(path))] == [sorted(d0), sorted(d1)]  # type: ignore
+
+
+def _export(name: str, tmp_path, seed: int = 0, change=None):
+    """The zoo model exported with the legacy torch exporter (module scopes in node names),
+    optionally with one weight changed first."""
+    import onnx
+
+    m = zoo_models.ZOO[name].build(0)
+    if change is not None:
+        with torch.no_grad():
+            change(m)
+    x = zoo_models.ZOO[name].draw(seed, batch=2, length=8)
+
+    class Logits(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.m = m
+
+        def forward(self, *args: torch.Tensor) -> torch.Tensor:
+            return zoo_models.logits(self.m(*args))
+
+    path = tmp_path / f"{name}.onnx"
+    torch.onnx.export(Logits(), tuple(x.values()), str(path), dynamo=False,
+                      input_names=list(x), opset_version=18)
+    return onnx.load(str(path))
+
+
+def _onnx_draw(name: str, seed: int) -> tuple:
+    return tuple(v.numpy() for v in zoo_models.ZOO[name].draw(seed, batch=2, length=8).values())
+
+
+def test_onnx_layers_pair_by_provenance_not_by_scope(tmp_path) -> None:
+    """DistilBERT's ONNX export has two Adds in each block's scope (residuals) next to the bias
+    Adds; fc2conv folds some biases into its Convs. Each A layer must pair with the B layer
+    computing the same value: on a clean conversion no pair strays (the residual Add used to
+    be paired with the other residual Add of its scope) and a changed q_lin weight is located
+    there."""
+    from fc2conv.onnx import to_conv
+
+    a = _export("distilbert", tmp_path)
+    b = to_conv(a)
+    report = fc2conv.compare(a, b, inputs=_onnx_draw("distilbert", 1), layers=True)
+    assert report.verdict in ("identical", "equivalent"), str(report)
+    assert report.layers and all(row.ok for row in report.layers), str(report)
+    assert not any("strays" in n for n in report.notes), report.notes
+    paired = {row.a_name for row in report.layers}
+    assert {"m.transformer.layer.0.attention.q_lin", "m.transformer.layer.1.ffn.lin2"} <= paired
+
+    def bump(m: torch.nn.Module) -> None:
+        m.transformer.layer[1].ffn.lin2.weight[0, 1] += 1e-3
+
+    bad = to_conv(_export("distilbert", tmp_path, change=bump))
+    a64 = zoo_models.ZOO["distilbert"].build(0).double()
+    for seed in range(2):
+        x = _onnx_draw("distilbert", seed)
+        feeds = dict(zip([i.name for i in a.graph.input], x, strict=True))
+        with torch.no_grad():  # the float64 reference: A's torch source in float64
+            ref = zoo_models.logits(a64(*(torch.from_numpy(t) for t in x))).numpy()
+        ea = max(float(np.abs(run_ort(a, feeds)[0] - ref).max()), 2**-24 * np.abs(ref).max())
+        assert float(np.abs(run_ort(bad, feeds)[0] - ref).max()) > RATIO * ea  # significant
+        report = fc2conv.compare(a, bad, inputs=x, layers=True)
+        assert report.verdict == "different", str(report)
+        assert report.first_divergence is not None
+        assert "layer.1.ffn.lin2" in report.first_divergence, str(report)

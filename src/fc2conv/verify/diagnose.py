@@ -33,7 +33,7 @@ from torch import nn
 
 from fc2conv.verify.bound import EMPIRICAL_FACTOR
 from fc2conv.verify.judge import Judge, exact_equal
-from fc2conv.verify.match import Pair, match_layers
+from fc2conv.verify.match import Pair, match_graphs, match_layers
 from fc2conv.verify.models import Layer, Model
 from fc2conv.verify.reference import reference
 from fc2conv.verify.report import LayerStats, Report
@@ -74,7 +74,7 @@ def localize(report: Report, ma: Model, mb: Model, draws: list[tuple[torch.Tenso
             if bad is not None and who not in nonfinite:
                 nonfinite[who] = bad
                 report.notes.append(f"NaN/Inf first appear in {who} at layer '{bad}' (draw {k})")
-        pairs = match_layers(la, lb)
+        pairs = pair_layers(ma, mb, la, lb)
         for pos, p in enumerate(pairs):
             entry = per_layer.get(id(p.a))
             if entry is None or entry[0].shape != p.a.output.shape:
@@ -127,6 +127,23 @@ def localize(report: Report, ma: Model, mb: Model, draws: list[tuple[torch.Tenso
         report.diagnosis = mode or ("no matched layer diverges beyond its bound; the difference "
                                     "arises in a layer without a counterpart in the other "
                                     "model, or in the final layout of the outputs")
+
+
+def pair_layers(ma: Model, mb: Model, la: list[Layer], lb: list[Layer]) -> list[Pair]:
+    """Corresponding layers of ``ma`` and ``mb``: two ONNX graphs by provenance and graph
+    structure (:func:`~fc2conv.verify.match.match_graphs`), else by names and order."""
+    if ma.kind == "onnx" and mb.kind == "onnx":
+        from fc2conv.verify import onnx_backend
+        from fc2conv.verify.structure import describe_layers
+
+        ca = onnx_backend._layer_nodes(ma.onnx_model)
+        cb = onnx_backend._layer_nodes(mb.onnx_model)
+        if [c[0] for c in ca] == [x.name for x in la] and [c[0] for c in cb] == [x.name
+                                                                          for x in lb]:
+            sa = describe_layers(ma.onnx_model, ca, onnx_backend.LAYOUT_OPS)
+            sb = describe_layers(mb.onnx_model, cb, onnx_backend.LAYOUT_OPS)
+            return match_graphs(la, lb, sa, sb)
+    return match_layers(la, lb)
 
 
 def _judge_layer(judge: Judge, ya: torch.Tensor, yb: torch.Tensor, r: torch.Tensor,

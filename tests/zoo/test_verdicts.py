@@ -148,3 +148,53 @@ def test_onnx_layers_pair_by_provenance_not_by_scope(tmp_path) -> None:
         assert report.verdict == "different", str(report)
         assert report.first_divergence is not None
         assert "layer.1.ffn.lin2" in report.first_divergence, str(report)
+
+
+def _onnx_errors(a, b, name: str, x: tuple, change=None) -> tuple[float, float]:
+    """A's and B's largest error (ONNX files run by onnxruntime) against the torch source of A
+    in float64, A's floored at one unit roundoff of the output's scale."""
+    feeds = dict(zip([i.name for i in a.graph.input], x, strict=True))
+    with torch.no_grad():
+        ref = zoo_models.logits(zoo_models.ZOO[name].build(0).double()(
+            *(torch.from_numpy(t) for t in x))).numpy()
+    ea = max(float(np.abs(run_ort(a, feeds)[0] - ref).max()), 2**-24 * float(np.abs(ref).max()))
+    return ea, float(np.abs(run_ort(b, feeds)[0] - ref).max())
+
+
+def test_onnx_noise_is_measured_for_attention_and_rmsnorm(tmp_path) -> None:
+    """T5's encoder (attention, softmax, RMSNorm as Pow/ReduceMean/Sqrt/Div) exported to ONNX:
+    the rounding noise is measured (it used to be refused as 'weightless reductions') and is
+    the size of real float32 errors, not a loose bound."""
+    from fc2conv.verify.models import load
+    from fc2conv.verify.noise import elementwise_noise
+
+    a = _export("t5_encoder", tmp_path)
+    x = _onnx_draw("t5_encoder", 3)
+    ((noise,),) = elementwise_noise(load(a, "A"), [tuple(torch.from_numpy(t) for t in x)],
+                                    2**-24, 64)
+    real, _ = _onnx_errors(a, a, "t5_encoder", x)
+    assert real <= float(noise.max()) <= 1e2 * real
+
+
+def test_onnx_t5_weight_bug_is_different_and_the_clean_conversion_is_not(tmp_path) -> None:
+    """+1e-3 on one weight of T5's encoder (ONNX, converted by fc2conv): "different" from the
+    outputs alone (layers=False) on every draw where B's error exceeds 10x A's; the clean
+    conversion is never "different"."""
+    from fc2conv.onnx import to_conv
+
+    a = _export("t5_encoder", tmp_path)
+
+    def bump(m: torch.nn.Module) -> None:
+        m.encoder.block[1].layer[1].DenseReluDense.wo.weight[0, 1] += 1e-3
+
+    clean, bad = to_conv(a), to_conv(_export("t5_encoder", tmp_path, change=bump))
+    significant = 0
+    for seed in range(3):
+        x = _onnx_draw("t5_encoder", seed)
+        assert fc2conv.compare(a, clean, inputs=x, layers=False).verdict != "different"
+        ea, eb = _onnx_errors(a, bad, "t5_encoder", x)
+        if eb > RATIO * ea:
+            significant += 1
+            report = fc2conv.compare(a, bad, inputs=x, layers=False)
+            assert report.verdict == "different", str(report)
+    assert significant

@@ -55,6 +55,11 @@ def localize(report: Report, ma: Model, mb: Model, draws: list[tuple[torch.Tenso
     chosen = [draws[0]] + ([draws[-1]] if len(draws) > 1 else [])
     table: dict[tuple[str, str], LayerStats] = {}
     first: tuple[int, Pair, torch.Tensor, int] | None = None
+    # the first pair where B's error exceeds 10x A's (the output rule's ratio alone): where
+    # the worst-case bound is too loose to single out any layer (the magnitude bound through a
+    # deep stack of batch norms can exceed the values themselves), it localizes a difference
+    # the outputs already decided
+    first_ratio: tuple[int, Pair, torch.Tensor, list[Layer]] | None = None
     prev_layers: list[Layer] = []
     nonfinite: dict[str, str] = {}
     for k, x in enumerate(chosen):
@@ -100,6 +105,10 @@ def localize(report: Report, ma: Model, mb: Model, draws: list[tuple[torch.Tenso
             if not ok and (first is None or pos < first[0]):
                 first = (pos, p, allowed, k)
                 prev_layers = la
+            gate = c.get("gate")
+            if (gate is not None and bool(gate.any()) and not exact_equal(p.a.output, p.b_aligned)
+                    and (first_ratio is None or pos < first_ratio[0])):
+                first_ratio = (pos, p, allowed, la)
     if with_table:
         report.layers = list(table.values())
     if not different and first is not None and suspect:
@@ -117,6 +126,9 @@ def localize(report: Report, ma: Model, mb: Model, draws: list[tuple[torch.Tenso
             "after it damp away does not change what the model computes)")
     if not different:
         return
+    if first is None and first_ratio is not None:
+        first = (first_ratio[0], first_ratio[1], first_ratio[2], 0)
+        prev_layers = first_ratio[3]
     mode = _mode_hypothesis(ma, mb, draws[0], judge)
     if first is not None:
         _, pair, allowed, _ = first

@@ -217,12 +217,19 @@ def model_pairs(name: str, paths: list[str]) -> tuple[Any, list[tuple[str, Any, 
     x0 = tuple(nd.values())
     a64 = copy.deepcopy(a).double()
     pairs: list[tuple[str, Any, Any, str | None]] = []
+
+    def add(path: str, a: Any, make_b: Any, planted: str | None = None) -> None:
+        try:
+            pairs.append((path, a, make_b(), planted))
+        except Exception as err:  # a conversion failure is reported, not fatal
+            print(f"{name}\t{path}\tnot built: {str(err).splitlines()[0][:150]}", flush=True)
+
     if "to_conv" in paths:
-        pairs.append(("to_conv", a, fc2conv.to_conv(a, x0), None))
+        add("to_conv", a, lambda: fc2conv.to_conv(a, x0))
     if "to_linear" in paths:
-        pairs.append(("to_linear", a, fc2conv.to_linear(fc2conv.to_conv(a, x0), x0), None))
+        add("to_linear", a, lambda: fc2conv.to_linear(fc2conv.to_conv(a, x0), x0))
     if "order" in paths:
-        pairs.append(("order", a, reordered(a), None))
+        add("order", a, lambda: reordered(a))
     onnx_paths = {"export", "onnx_to_conv", "onnx_to_linear", "onnx_bugs"} & set(paths)
     e = None
     if onnx_paths:
@@ -234,20 +241,23 @@ def model_pairs(name: str, paths: list[str]) -> tuple[Any, list[tuple[str, Any, 
         if "export" in paths:
             pairs.append(("export", a, e, None))
         if "onnx_to_conv" in paths:
-            pairs.append(("onnx_to_conv", e, fc2conv.onnx.to_conv(e), None))
+            add("onnx_to_conv", e, lambda: fc2conv.onnx.to_conv(e))
         if "onnx_to_linear" in paths:
-            ec = fc2conv.onnx.to_conv(e)
-            pairs.append(("onnx_to_linear", ec, fc2conv.onnx.to_linear(ec), None))
+            try:
+                ec = fc2conv.onnx.to_conv(e)
+                add("onnx_to_linear", ec, lambda: fc2conv.onnx.to_linear(ec))
+            except Exception as err:
+                print(f"{name}\tonnx_to_linear\tnot built: {str(err)[:150]}", flush=True)
     if ({"bugs", "onnx_bugs"} & set(paths)) and (pl := planted_layer(a)) is not None:
         lname, lin = pl
         for bug, change in bugs(name, lin).items():
             a_bug = copy.deepcopy(a)
             change(a_bug.get_submodule(lname))
             if "bugs" in paths:
-                pairs.append((f"bug: {bug}", a, fc2conv.to_conv(a_bug, x0), lname))
+                add(f"bug: {bug}", a, lambda ab=a_bug: fc2conv.to_conv(ab, x0), lname)
             if "onnx_bugs" in paths and e is not None:
-                pairs.append((f"onnx bug: {bug}", e,
-                              fc2conv.onnx.to_conv(export(a_bug, x0, list(nd))), lname))
+                add(f"onnx bug: {bug}", e, lambda ab=a_bug: fc2conv.onnx.to_conv(
+                    export(ab, x0, list(nd))), lname)
     return a64, pairs
 
 

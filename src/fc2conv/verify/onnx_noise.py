@@ -69,9 +69,10 @@ def _rounding_nodes(graph: Any) -> list[int]:
             if n.op_type not in _EXACT and n.output and n.output[0] and not n.domain]
 
 
-def _shapes(model64: Any, feeds: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
-    """The shape of every value the rounding nodes read or write, on these inputs; integer
-    results (shape arithmetic) are listed under ``"#int"`` as ``(k,)`` node-output markers."""
+def _shapes(model64: Any, feeds: dict[str, np.ndarray]) -> tuple[dict[str, tuple[int, ...]],
+                                                                  set[str]]:
+    """The shape of every value the rounding nodes read or write, on these inputs, and the
+    names of those that hold integers (shape arithmetic: exact)."""
     from onnx import helper
     from onnx.reference import ReferenceEvaluator
 
@@ -91,15 +92,13 @@ def _shapes(model64: Any, feeds: dict[str, np.ndarray]) -> dict[str, tuple[int, 
     out_names = [o.name for o in probe.graph.output]
     values = ReferenceEvaluator(probe).run(out_names, feeds)
     shapes = {n: tuple(np.shape(v)) for n, v in zip(out_names, values, strict=True)}
-    for n, v in zip(out_names, values, strict=True):
-        if np.asarray(v).dtype.kind != "f":
-            shapes[f"#int:{n}"] = ()
+    ints = {n for n, v in zip(out_names, values, strict=True) if np.asarray(v).dtype.kind != "f"}
     shapes.update(inits)
     shapes.update({k: tuple(v.shape) for k, v in feeds.items()})
-    return shapes
+    return shapes, ints
 
 
-def shaken_graph(model64: Any, shapes: dict[str, tuple[int, ...]], u: float,
+def shaken_graph(model64: Any, shapes: dict[str, tuple[int, ...]], ints: set[str], u: float,
                  rng: np.random.Generator) -> Any:
     """A copy of the float64 graph ``model64`` whose rounding ops' results are multiplied by
     ``1 + sqrt(n) u ξ`` and whose MatMul/Gemm/Conv weights by ``1 + sqrt(n) u ξ'``."""
@@ -114,7 +113,7 @@ def shaken_graph(model64: Any, shapes: dict[str, tuple[int, ...]], u: float,
     rounding = set(_rounding_nodes(g))
     for k, node in enumerate(g.node):
         new_nodes.append(node)
-        if k not in rounding or f"#int:{node.output[0]}" in shapes:
+        if k not in rounding or node.output[0] in ints:
             continue
         n = max(_length(node, shapes), 1)
         scale = math.sqrt(n) * u
@@ -157,14 +156,14 @@ def onnx_noise(model: Any, draws: list[tuple[torch.Tensor, ...]], u: float,
     rng = np.random.default_rng(0)
     exact_runs = [model.run(x, "reference").outputs for x in draws]
     noise: list[list[Any]] = [[0.0] * len(exact_runs[0]) for _ in draws]
-    shapes_of: dict[tuple[tuple[int, ...], ...], dict[str, tuple[int, ...]]] = {}
+    shapes_of: dict[tuple[tuple[int, ...], ...], Any] = {}
     for k, (x, exact) in enumerate(zip(draws, exact_runs, strict=True)):
         feeds = onnx_backend._feeds(proto, x, "reference")
         key = tuple(tuple(v.shape) for v in feeds.values())
         if key not in shapes_of:
             shapes_of[key] = _shapes(model64, feeds)
         for _ in range(trials):
-            sess = ReferenceEvaluator(shaken_graph(model64, shapes_of[key], u, rng))
+            sess = ReferenceEvaluator(shaken_graph(model64, *shapes_of[key], u, rng))
             got = [torch.from_numpy(np.asarray(v)) for v in sess.run(out_names, feeds)]
             _accumulate(noise[k], got, exact)
     return noise

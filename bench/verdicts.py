@@ -239,7 +239,7 @@ def model_pairs(name: str, paths: list[str]) -> tuple[Any, list[tuple[str, Any, 
             print(f"{name}\texport failed: {str(err).splitlines()[0][:120]}", flush=True)
     if e is not None:
         if "export" in paths:
-            pairs.append(("export", a, e, None))
+            pairs.append(("export", Logits(a).eval(), e, None))  # the exported output only
         if "onnx_to_conv" in paths:
             add("onnx_to_conv", e, lambda: fc2conv.onnx.to_conv(e))
         if "onnx_to_linear" in paths:

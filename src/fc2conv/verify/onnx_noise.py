@@ -156,14 +156,16 @@ def onnx_noise(model: Any, draws: list[tuple[torch.Tensor, ...]], u: float,
     rng = np.random.default_rng(0)
     exact_runs = [model.run(x, "reference").outputs for x in draws]
     noise: list[list[Any]] = [[0.0] * len(exact_runs[0]) for _ in draws]
-    shapes_of: dict[tuple[tuple[int, ...], ...], Any] = {}
+    shapes_of: dict[tuple[tuple[int, ...], ...],
+                    tuple[dict[str, tuple[int, ...]], set[str]]] = {}
     for k, (x, exact) in enumerate(zip(draws, exact_runs, strict=True)):
         feeds = onnx_backend._feeds(proto, x, "reference")
         key = tuple(tuple(v.shape) for v in feeds.values())
         if key not in shapes_of:
             shapes_of[key] = _shapes(model64, feeds)
         for _ in range(trials):
-            sess = ReferenceEvaluator(shaken_graph(model64, *shapes_of[key], u, rng))
+            shapes, ints = shapes_of[key]
+            sess = ReferenceEvaluator(shaken_graph(model64, shapes, ints, u, rng))
             got = [torch.from_numpy(np.asarray(v)) for v in sess.run(out_names, feeds)]
             _accumulate(noise[k], got, exact)
     return noise

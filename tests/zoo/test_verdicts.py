@@ -218,3 +218,21 @@ def test_resnet_classifier_bug_is_localized_though_the_worst_case_bound_is_loose
         assert report.verdict == "different", str(report)
         assert report.first_divergence == "classifier.1", str(report)
         assert "none of the tested causes" in (report.diagnosis or ""), report.diagnosis
+
+
+def test_vit_bug_is_blamed_on_its_layer_not_on_the_next_one_beyond_its_bound() -> None:
+    """One row of ViT's q_proj scaled by 1.01: q_proj's B error is ~1e4x A's but within its
+    (loose, attention) worst-case bound, while o_proj downstream is beyond its own; the first
+    divergence is q_proj (it was o_proj)."""
+    a = zoo_models.ZOO["vit"].build(0)
+    bad = copy.deepcopy(a)
+    planted = "vit.layers.1.attention.q_proj"
+    with torch.no_grad():
+        bad.get_submodule(planted).weight[0].mul_(1.01)
+    x = tuple(zoo_models.ZOO["vit"].draw(0, batch=2).values())
+    b = fc2conv.to_conv(bad, tuple(zoo_models.ZOO["vit"].draw(10_000, batch=2).values()))
+    ea, eb = _errors(a, b, x)
+    assert eb > RATIO * ea
+    report = fc2conv.compare(a, b, inputs=x, layers=True)
+    assert report.verdict == "different", str(report)
+    assert report.first_divergence == planted, str(report)

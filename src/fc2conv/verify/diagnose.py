@@ -56,9 +56,9 @@ def localize(report: Report, ma: Model, mb: Model, draws: list[tuple[torch.Tenso
     table: dict[tuple[str, str], LayerStats] = {}
     first: tuple[int, Pair, torch.Tensor, int] | None = None
     # the first pair where B's error exceeds 10x A's (the output rule's ratio alone): where
-    # the worst-case bound is too loose to single out any layer (the magnitude bound through a
-    # deep stack of batch norms can exceed the values themselves), it localizes a difference
-    # the outputs already decided
+    # the worst-case bound is too loose to single out a layer (the magnitude bound through a
+    # deep stack of batch norms or attention can exceed the values themselves), it localizes a
+    # difference the outputs already decided, when it comes first
     first_ratio: tuple[int, Pair, torch.Tensor, list[Layer]] | None = None
     prev_layers: list[Layer] = []
     nonfinite: dict[str, str] = {}
@@ -126,7 +126,8 @@ def localize(report: Report, ma: Model, mb: Model, draws: list[tuple[torch.Tenso
             "after it damp away does not change what the model computes)")
     if not different:
         return
-    if first is None and first_ratio is not None:
+    if first_ratio is not None and (first is None or first_ratio[0] < first[0]):
+        # an earlier layer whose B error exceeds 10x A's, within a bound too loose to judge it
         first = (first_ratio[0], first_ratio[1], first_ratio[2], 0)
         prev_layers = first_ratio[3]
     mode = _mode_hypothesis(ma, mb, draws[0], judge)

@@ -186,12 +186,10 @@ def test_the_check_catches_one_changed_weight(name: str) -> None:
 # Fixed by compare's output-decided judge: the six clean-pair false alarms, the CLI
 # disagreements and the skl_mlp_classifier miss listed here before.
 COMPARE_FALSE_ALARM: dict[str, str] = {}
-COMPARE_MISS = {
-    "tf_cnn_flatten": "compare says EQUIVALENT on +1e-3 in the last Dense weight although B's "
-                      "error vs float64 is ~67x A's (1.1e-5 vs 1.6e-7): the ONNX path's gate "
-                      "(worst-case bound or 16x measured noise) lets it through (issue 9: no "
-                      "misses)",
-}
+# Fixed: tf_cnn_flatten, +1e-3 in the first Dense weight (B's error ~67x A's) was called
+# equivalent: its noise, measured with the model's longest reduction for every weight and a 16x
+# limit, excused it; ONNX noise is now measured op by op (verify/onnx_noise.py, limit 4x).
+COMPARE_MISS: dict[str, str] = {}
 
 
 def _float_error(outs: list[np.ndarray], refs: list[np.ndarray]) -> float:
@@ -200,21 +198,29 @@ def _float_error(outs: list[np.ndarray], refs: list[np.ndarray]) -> float:
 
 
 def _verdicts(a: onnx.ModelProto, b: onnx.ModelProto, name: str) -> list[tuple[str, float, float]]:
-    """compare(a, b) on fresh draws of the saved shapes, given as ``inputs=`` and also drawn by
-    compare itself (``input_shape=``, ``seed=``; its own draws include a large-magnitude one):
-    (verdict, A's and B's float error vs the float64 reference of ``a`` on the given draw)."""
+    """compare(a, b) on fresh draws of the saved shapes: one draw given as ``inputs=``; a list
+    of two draws, the second of large magnitude (x 100); and draws compare makes itself
+    (``input_shape=``, ``seed=``). Each with (verdict, A's and B's float error vs the float64
+    reference of ``a``) on the draw where B's error is largest relative to A's; compare's own
+    draws are not seen here, so their errors are reported as (1, 0): never significant."""
     from fc2conv.verify.compare import compare
+
+    def errors(feeds: dict[str, np.ndarray]) -> tuple[float, float]:
+        ref = reference64(a, feeds)
+        return _float_error(run_ort(a, feeds), ref), _float_error(run_ort(b, feeds), ref)
 
     out = []
     for k, (ins, _) in enumerate(foreign_draws(name)[1:]):
         feeds = _fresh(ins, seed=2000 + k)
-        ref = reference64(a, feeds)
-        err_a = _float_error(run_ort(a, feeds), ref)
-        err_b = _float_error(run_ort(b, feeds), ref)
         x = next(iter(feeds.values()))
-        out.append((compare(a, b, inputs=x).verdict, err_a, err_b))
+        out.append((compare(a, b, inputs=x, layers=False).verdict, *errors(feeds)))
+        large = {n: v * np.float32(100) for n, v in _fresh(ins, seed=3000 + k).items()}
+        both = [errors(feeds), errors(large)]
+        worst = max(both, key=lambda e: e[1] / max(e[0], 1e-300))
+        pair = [(x,), (next(iter(large.values())),)]
+        out.append((compare(a, b, inputs=pair, layers=False).verdict, *worst))
         own = compare(a, b, input_shape=x.shape, samples=2, seed=k)
-        out.append((own.verdict, err_a, err_b))
+        out.append((own.verdict, 1.0, 0.0))
     return out
 
 

@@ -46,7 +46,7 @@ from fc2conv.verify.inputs import (
 from fc2conv.verify.judge import Judge, exact_equal, nonfinite_counts
 from fc2conv.verify.match import align
 from fc2conv.verify.models import Model, load
-from fc2conv.verify.noise import NOISE_FACTOR, elementwise_noise
+from fc2conv.verify.noise import elementwise_noise, noise_factor
 from fc2conv.verify.reference import reference
 from fc2conv.verify.report import OutputStats, Report
 
@@ -283,6 +283,7 @@ def _noise_note(ma: Model, draws: list[tuple[torch.Tensor, ...]], runs: list[Any
                       f"exceeds 10x A's; the rounding noise of A could not be measured to "
                       f"excuse it ({err})")
     worst_ratio = 0.0
+    limit = noise_factor(ma)
     for (k, i), gate in sorted(gated.items()):
         ya, yb, ref = runs[k]
         if i not in floating or not isinstance(noise[k][i], torch.Tensor):
@@ -292,12 +293,12 @@ def _noise_note(ma: Model, draws: list[tuple[torch.Tensor, ...]], runs: list[Any
         # the noise of each element, at least the output's mean noise (three trials can land
         # near zero at one element by chance) and four units in the last place of its scale
         nz = noise[k][i].reshape(d.shape)
-        level = nz.clamp_min(max(float(nz.mean()), 4 * u * scale / NOISE_FACTOR, 1e-300))
+        level = nz.clamp_min(max(float(nz.mean()), 4 * u * scale / limit, 1e-300))
         ratio = torch.where(gate.reshape(d.shape), d / level, torch.zeros_like(d))
         flat = int(torch.argmax(ratio))
         worst = float(ratio.reshape(-1)[flat])
         worst_ratio = max(worst_ratio, worst)
-        if worst > NOISE_FACTOR:
+        if worst > limit:
             at = _unravel(flat, d.shape)
             return True, (
                 f"{outputs[i].name}: on draw {k} at index {at} the models differ by "
@@ -305,11 +306,11 @@ def _noise_note(ma: Model, draws: list[tuple[torch.Tensor, ...]], runs: list[Any
                 f"and it is {worst:.3g}x the rounding noise measured on A there "
                 f"({float(level.reshape(-1)[flat]):.3g}: A's float64 twin with every weight, "
                 f"input and op result perturbed by ~sqrt(n)·u relative noise), above the "
-                f"limit of {NOISE_FACTOR:g}x: rounding does not explain it")
+                f"limit of {limit:g}x: rounding does not explain it")
     return False, (f"where B's error exceeds 10x A's, |A - B| is at most {worst_ratio:.2g}x the "
                    f"rounding noise measured on A there "
                    f"(its float64 twin with weights, inputs and op results perturbed by "
-                   f"~sqrt(n)·u; limit {NOISE_FACTOR:g}x)")
+                   f"~sqrt(n)·u; limit {limit:g}x)")
 
 
 def _output_stats(aligned_runs: list[Any],

@@ -33,7 +33,7 @@ from torch import nn
 
 from fc2conv.verify.bound import EMPIRICAL_FACTOR
 from fc2conv.verify.judge import Judge, exact_equal
-from fc2conv.verify.match import Pair, match_layers
+from fc2conv.verify.match import Pair, match_graphs, match_layers
 from fc2conv.verify.models import Layer, Model
 from fc2conv.verify.reference import reference
 from fc2conv.verify.report import LayerStats, Report
@@ -55,6 +55,11 @@ def localize(report: Report, ma: Model, mb: Model, draws: list[tuple[torch.Tenso
     chosen = [draws[0]] + ([draws[-1]] if len(draws) > 1 else [])
     table: dict[tuple[str, str], LayerStats] = {}
     first: tuple[int, Pair, torch.Tensor, int] | None = None
+    # the first pair where B's error exceeds 10x A's (the output rule's ratio alone): where
+    # the worst-case bound is too loose to single out a layer (the magnitude bound through a
+    # deep stack of batch norms or attention can exceed the values themselves), it localizes a
+    # difference the outputs already decided, when it comes first
+    first_ratio: tuple[int, Pair, torch.Tensor, list[Layer]] | None = None
     prev_layers: list[Layer] = []
     nonfinite: dict[str, str] = {}
     for k, x in enumerate(chosen):
@@ -74,7 +79,7 @@ def localize(report: Report, ma: Model, mb: Model, draws: list[tuple[torch.Tenso
             if bad is not None and who not in nonfinite:
                 nonfinite[who] = bad
                 report.notes.append(f"NaN/Inf first appear in {who} at layer '{bad}' (draw {k})")
-        pairs = match_layers(la, lb)
+        pairs = pair_layers(ma, mb, la, lb)
         for pos, p in enumerate(pairs):
             entry = per_layer.get(id(p.a))
             if entry is None or entry[0].shape != p.a.output.shape:
@@ -100,6 +105,10 @@ def localize(report: Report, ma: Model, mb: Model, draws: list[tuple[torch.Tenso
             if not ok and (first is None or pos < first[0]):
                 first = (pos, p, allowed, k)
                 prev_layers = la
+            gate = c.get("gate")
+            if (gate is not None and bool(gate.any()) and not exact_equal(p.a.output, p.b_aligned)
+                    and (first_ratio is None or pos < first_ratio[0])):
+                first_ratio = (pos, p, allowed, la)
     if with_table:
         report.layers = list(table.values())
     if not different and first is not None and suspect:
@@ -117,6 +126,10 @@ def localize(report: Report, ma: Model, mb: Model, draws: list[tuple[torch.Tenso
             "after it damp away does not change what the model computes)")
     if not different:
         return
+    if first_ratio is not None and (first is None or first_ratio[0] < first[0]):
+        # an earlier layer whose B error exceeds 10x A's, within a bound too loose to judge it
+        first = (first_ratio[0], first_ratio[1], first_ratio[2], 0)
+        prev_layers = first_ratio[3]
     mode = _mode_hypothesis(ma, mb, draws[0], judge)
     if first is not None:
         _, pair, allowed, _ = first
@@ -127,6 +140,23 @@ def localize(report: Report, ma: Model, mb: Model, draws: list[tuple[torch.Tenso
         report.diagnosis = mode or ("no matched layer diverges beyond its bound; the difference "
                                     "arises in a layer without a counterpart in the other "
                                     "model, or in the final layout of the outputs")
+
+
+def pair_layers(ma: Model, mb: Model, la: list[Layer], lb: list[Layer]) -> list[Pair]:
+    """Corresponding layers of ``ma`` and ``mb``: two ONNX graphs by provenance and graph
+    structure (:func:`~fc2conv.verify.match.match_graphs`), else by names and order."""
+    if ma.kind == "onnx" and mb.kind == "onnx":
+        from fc2conv.verify import onnx_backend
+        from fc2conv.verify.structure import describe_layers
+
+        ca = onnx_backend._layer_nodes(ma.onnx_model)
+        cb = onnx_backend._layer_nodes(mb.onnx_model)
+        if [c[0] for c in ca] == [x.name for x in la] and [c[0] for c in cb] == [x.name
+                                                                          for x in lb]:
+            sa = describe_layers(ma.onnx_model, ca, onnx_backend.LAYOUT_OPS)
+            sb = describe_layers(mb.onnx_model, cb, onnx_backend.LAYOUT_OPS)
+            return match_graphs(la, lb, sa, sb)
+    return match_layers(la, lb)
 
 
 def _judge_layer(judge: Judge, ya: torch.Tensor, yb: torch.Tensor, r: torch.Tensor,

@@ -7,8 +7,11 @@
   :data:`B_ERROR_RATIO` (10) times A's largest error on that tensor (at least one unit roundoff
   of the tensor's scale; :func:`judge_relative`) *and* rounding cannot explain it: B is beyond
   its worst-case bound there, or (decided in ``compare``) ``|A - B|`` is beyond 16x the rounding
-  noise measured on A. The ratio is a necessary condition, so an element whose worst-case bound
-  happens to be ~0 raises no false alarm; the bound and the noise keep a B that merely sums in
+  noise measured on A (4x for ONNX, measured op by op: :mod:`fc2conv.verify.onnx_noise`). In
+  the layer table, the first layer beyond both is the first divergence; where the worst-case
+  bound singles out no layer, the first where B's error exceeds 10x A's. The ratio is a
+  necessary condition, so an element whose worst-case bound happens to be ~0 raises no false
+  alarm; the bound and the noise keep a B that merely sums in
   another, less accurate order (bfloat16 partial sums) equivalent. A bug whose effect on B
   exceeds 10x A's error is caught unless rounding could produce it.
 - different precisions (float32 vs float16, TF32 vs not): :func:`check_elements` — each model

@@ -1,0 +1,171 @@
+"""The rounding noise of an ONNX model, measured op by op (see :mod:`fc2conv.verify.noise`).
+
+Model A's weights and inputs are exact (its float64 twin uses the very same values); what
+rounds are its ops. So the float64 copy of the graph is run with every rounding op's result
+``y`` replaced by ``y (1 + sqrt(n) u ξ)``, ``ξ ~ N(0, 1)`` per element, where ``n`` is the
+number of terms that op sums per output element (its own reduction length, read from the
+shapes of its inputs on the draw: ``K`` of a MatMul/Gemm, ``C·kh·kw`` of a Conv, the reduced
+extent of a Reduce*/Softmax/LayerNormalization/pooling, 1 for a pointwise op such as ``Add``,
+``Exp`` or ``Div``). Ops that compute exactly (layout, selection, comparisons, ReLU, max
+pooling) are left alone. The constant weight of a MatMul/Gemm/Conv is also perturbed by
+``sqrt(n) u ξ`` per element: a dot product whose terms cancel rounds in proportion to
+``‖w ⊙ x‖``, not to ``|y|`` (Higham & Mary 2019, the probabilistic bound ``~sqrt(n) u``).
+
+This covers the ops the weight-and-input perturbation misses (attention scores, softmax,
+LayerNorm and RMSNorm statistics, residual adds), with each op's own ``n`` rather than the
+model's longest reduction.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+_EXACT = {
+    "Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Constant", "Shape",
+    "Gather", "GatherElements", "GatherND", "Concat", "Slice", "ConstantOfShape", "Expand",
+    "Range", "Size", "Split", "Tile", "Pad", "Relu", "MaxPool", "GlobalMaxPool", "Max", "Min",
+    "ReduceMax", "ReduceMin", "ArgMax", "ArgMin", "Where", "Neg", "Abs", "Equal", "Less",
+    "Greater", "LessOrEqual", "GreaterOrEqual", "Not", "And", "Or", "Xor", "Sign", "Clip",
+    "Floor", "Ceil", "Round", "Dropout", "ScatterND", "ScatterElements", "Trilu", "NonZero",
+    "TopK", "Resize", "DepthToSpace", "SpaceToDepth", "CumSum", "OneHot", "If", "Loop", "Scan",
+    "IsNaN", "IsInf", "Mod", "BitShift", "Cast", "CastLike",
+}
+_WEIGHTED = {"MatMul", "Gemm", "Conv", "ConvTranspose"}
+
+
+def _length(node: Any, shapes: dict[str, tuple[int, ...]]) -> int:
+    """Terms summed per output element by ``node`` (1 for a pointwise op)."""
+    op = node.op_type
+    ins = [shapes.get(name, ()) for name in node.input]
+    out = shapes.get(node.output[0], ()) if node.output else ()
+    attrs = {a.name: a for a in node.attribute}
+    first = ins[0] if ins else ()
+    if op == "MatMul" and first:
+        return int(first[-1])
+    if op == "Gemm" and len(first) == 2:
+        trans = "transA" in attrs and attrs["transA"].i
+        return int(first[0] if trans else first[1]) + (len(node.input) > 2)
+    if op in ("Conv", "ConvTranspose") and len(ins) > 1 and len(ins[1]) >= 2:
+        return int(math.prod(ins[1][1:])) + (len(node.input) > 2)
+    if op in ("Softmax", "LogSoftmax") and first:
+        axis = attrs["axis"].i if "axis" in attrs else -1
+        return int(first[axis])
+    if op == "LayerNormalization" and first:
+        axis = attrs["axis"].i if "axis" in attrs else -1
+        return int(math.prod(first[axis:]))
+    if first and out and 0 < math.prod(out) < math.prod(first):
+        return int(math.prod(first) // math.prod(out))  # reductions, pooling, normalizations
+    if op == "Einsum" and first:
+        return int(max(first))
+    return 1
+
+
+def _rounding_nodes(graph: Any) -> list[int]:
+    return [k for k, n in enumerate(graph.node)
+            if n.op_type not in _EXACT and n.output and n.output[0] and not n.domain]
+
+
+def _shapes(model64: Any, feeds: dict[str, np.ndarray]) -> tuple[dict[str, tuple[int, ...]],
+                                                                  set[str]]:
+    """The shape of every value the rounding nodes read or write, on these inputs, and the
+    names of those that hold integers (shape arithmetic: exact)."""
+    from onnx import helper
+    from onnx.reference import ReferenceEvaluator
+
+    g = model64.graph
+    names = {o.name for o in g.output}
+    wanted: list[str] = []
+    for k in _rounding_nodes(g):
+        for name in [*g.node[k].input, g.node[k].output[0]]:
+            if name and name not in wanted:
+                wanted.append(name)
+    inits = {i.name: tuple(i.dims) for i in g.initializer}
+    probe = type(model64)()
+    probe.CopyFrom(model64)
+    for name in wanted:
+        if name not in names and name not in inits and name not in feeds:
+            probe.graph.output.append(helper.ValueInfoProto(name=name))
+    out_names = [o.name for o in probe.graph.output]
+    values = ReferenceEvaluator(probe).run(out_names, feeds)
+    shapes = {n: tuple(np.shape(v)) for n, v in zip(out_names, values, strict=True)}
+    ints = {n for n, v in zip(out_names, values, strict=True) if np.asarray(v).dtype.kind != "f"}
+    shapes.update(inits)
+    shapes.update({k: tuple(v.shape) for k, v in feeds.items()})
+    return shapes, ints
+
+
+def shaken_graph(model64: Any, shapes: dict[str, tuple[int, ...]], ints: set[str], u: float,
+                 rng: np.random.Generator) -> Any:
+    """A copy of the float64 graph ``model64`` whose rounding ops' results are multiplied by
+    ``1 + sqrt(n) u ξ`` and whose MatMul/Gemm/Conv weights by ``1 + sqrt(n) u ξ'``."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    shaken = type(model64)()
+    shaken.CopyFrom(model64)
+    g = shaken.graph
+    inits = {i.name: i for i in g.initializer}
+    new_nodes: list[Any] = []
+    done_weights: set[str] = set()
+    rounding = set(_rounding_nodes(g))
+    for k, node in enumerate(g.node):
+        new_nodes.append(node)
+        if k not in rounding or node.output[0] in ints:
+            continue
+        n = max(_length(node, shapes), 1)
+        scale = math.sqrt(n) * u
+        if node.op_type in _WEIGHTED and len(node.input) > 1 and node.input[1] in inits \
+                and node.input[1] not in done_weights:
+            init = inits[node.input[1]]
+            if init.data_type == TensorProto.DOUBLE:
+                w = numpy_helper.to_array(init)
+                w = w * (1 + scale * rng.standard_normal(w.shape))
+                init.CopyFrom(numpy_helper.from_array(w, init.name))
+                done_weights.add(init.name)
+        y = node.output[0]
+        raw, noise, delta = f"{y}__raw", f"{y}__xi", f"{y}__delta"
+        node.output[0] = raw
+        seed = float(rng.integers(1, 2**31 - 1))
+        new_nodes += [
+            helper.make_node("RandomNormalLike", [raw], [noise], mean=0.0, scale=scale,
+                             seed=seed),
+            helper.make_node("Mul", [raw, noise], [delta]),
+            helper.make_node("Add", [raw, delta], [y]),
+        ]
+    del g.node[:]
+    g.node.extend(new_nodes)
+    return shaken
+
+
+def onnx_noise(model: Any, draws: list[tuple[torch.Tensor, ...]], u: float,
+               trials: int) -> list[list[Any]]:
+    """Per draw, per output: the elementwise max over ``trials`` of ``|ỹ - y|`` (float64
+    tensors; ``0.0`` for integer outputs), ``ỹ`` the op-by-op perturbed float64 run of the
+    ONNX model A (a :class:`~fc2conv.verify.models.Model`) and ``y`` its float64 reference."""
+    from onnx.reference import ReferenceEvaluator
+
+    from fc2conv.verify import onnx_backend
+    from fc2conv.verify.noise import _accumulate
+
+    proto = model.onnx_model
+    model64 = onnx_backend._float64_copy(proto, magnitude=False)
+    out_names = [o.name for o in proto.graph.output]
+    rng = np.random.default_rng(0)
+    exact_runs = [model.run(x, "reference").outputs for x in draws]
+    noise: list[list[Any]] = [[0.0] * len(exact_runs[0]) for _ in draws]
+    shapes_of: dict[tuple[tuple[int, ...], ...],
+                    tuple[dict[str, tuple[int, ...]], set[str]]] = {}
+    for k, (x, exact) in enumerate(zip(draws, exact_runs, strict=True)):
+        feeds = onnx_backend._feeds(proto, x, "reference")
+        key = tuple(tuple(v.shape) for v in feeds.values())
+        if key not in shapes_of:
+            shapes_of[key] = _shapes(model64, feeds)
+        for _ in range(trials):
+            shapes, ints = shapes_of[key]
+            sess = ReferenceEvaluator(shaken_graph(model64, shapes, ints, u, rng))
+            got = [torch.from_numpy(np.asarray(v)) for v in sess.run(out_names, feeds)]
+            _accumulate(noise[k], got, exact)
+    return noise

@@ -74,7 +74,8 @@ def _shapes(model64: Any, feeds: dict[str, np.ndarray]) -> tuple[dict[str, tuple
     """The shape of every value the rounding nodes read or write, on these inputs, and the
     names of those that hold integers (shape arithmetic: exact)."""
     from onnx import helper
-    from onnx.reference import ReferenceEvaluator
+
+    from fc2conv.verify.onnx_float64 import Float64Runner
 
     g = model64.graph
     names = {o.name for o in g.output}
@@ -90,7 +91,7 @@ def _shapes(model64: Any, feeds: dict[str, np.ndarray]) -> tuple[dict[str, tuple
         if name not in names and name not in inits and name not in feeds:
             probe.graph.output.append(helper.ValueInfoProto(name=name))
     out_names = [o.name for o in probe.graph.output]
-    values = ReferenceEvaluator(probe).run(out_names, feeds)
+    values = Float64Runner(probe, out_names).run(feeds)
     shapes = {n: tuple(np.shape(v)) for n, v in zip(out_names, values, strict=True)}
     ints = {n for n, v in zip(out_names, values, strict=True) if np.asarray(v).dtype.kind != "f"}
     shapes.update(inits)
@@ -140,18 +141,33 @@ def shaken_graph(model64: Any, shapes: dict[str, tuple[int, ...]], ints: set[str
     return shaken
 
 
+def _float64_twin(proto: Any) -> Any:
+    """The float64 twin of ``proto`` with every weight inline (the perturbation below reads
+    weights as initializers): :mod:`fc2conv.verify.onnx_weights`' skeleton and arrays, joined."""
+    from onnx import TensorProto, numpy_helper
+
+    from fc2conv.verify import onnx_weights as ow
+
+    skel, arrays = ow.split(proto)
+    model = ow.float64_skeleton(skel, magnitude=False)
+    weights = ow.float64_weights(skel, arrays, magnitude=False)
+    for init in model.graph.initializer:
+        if init.data_location == TensorProto.EXTERNAL and init.name in weights:
+            init.CopyFrom(numpy_helper.from_array(weights[init.name], init.name))
+    return model
+
+
 def onnx_noise(model: Any, draws: list[tuple[torch.Tensor, ...]], u: float,
                trials: int) -> list[list[Any]]:
     """Per draw, per output: the elementwise max over ``trials`` of ``|ỹ - y|`` (float64
     tensors; ``0.0`` for integer outputs), ``ỹ`` the op-by-op perturbed float64 run of the
     ONNX model A (a :class:`~fc2conv.verify.models.Model`) and ``y`` its float64 reference."""
-    from onnx.reference import ReferenceEvaluator
-
     from fc2conv.verify import onnx_backend
     from fc2conv.verify.noise import _accumulate
+    from fc2conv.verify.onnx_float64 import Float64Runner
 
     proto = model.onnx_model
-    model64 = onnx_backend._float64_copy(proto, magnitude=False)
+    model64 = _float64_twin(proto)
     out_names = [o.name for o in proto.graph.output]
     rng = np.random.default_rng(0)
     exact_runs = [model.run(x, "reference").outputs for x in draws]
@@ -165,7 +181,7 @@ def onnx_noise(model: Any, draws: list[tuple[torch.Tensor, ...]], u: float,
             shapes_of[key] = _shapes(model64, feeds)
         for _ in range(trials):
             shapes, ints = shapes_of[key]
-            sess = ReferenceEvaluator(shaken_graph(model64, shapes, ints, u, rng))
-            got = [torch.from_numpy(np.asarray(v)) for v in sess.run(out_names, feeds)]
+            runner = Float64Runner(shaken_graph(model64, shapes, ints, u, rng), out_names)
+            got = [torch.from_numpy(np.asarray(v)) for v in runner.run(feeds)]
             _accumulate(noise[k], got, exact)
     return noise

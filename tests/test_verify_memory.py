@@ -42,7 +42,9 @@ def mlp(hidden: int, seed: int = 0, batch: int = 4) -> onnx.ModelProto:
          helper.make_node("MatMul", ["r", "W2"], ["y"])], "mlp",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, hidden])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, hidden])], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8  # loadable by older onnxruntime releases too (the GPU machine's)
+    return m
 
 
 def _peak(a: Path, b: Path) -> tuple[str, int]:
@@ -155,3 +157,23 @@ def test_estimate_grows_with_the_weights() -> None:
     small, big = _loaded(mlp(128), "A"), _loaded(mlp(256), "A")
     assert budget.needed(big, big) - budget.FIXED == pytest.approx(
         4 * (budget.needed(small, small) - budget.FIXED), rel=0.01)
+
+
+def test_a_model_onnxruntime_cannot_load_is_named_as_such_not_as_an_input_mismatch(tmp_path):
+    """An IR version newer than the installed onnxruntime reads: 'could not load the model (IR
+    version N ...)', not 'it takes x of shape 4x16, was given 4x16' (the GPU machine's older
+    onnxruntime met exactly this)."""
+    import fc2conv
+    from fc2conv.errors import Fc2ConvError
+
+    a = mlp(16)
+    b = mlp(16)
+    b.ir_version = 99
+    pa, pb = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    onnx.save(a, pa)
+    pb.write_bytes(b.SerializeToString())
+    with pytest.raises(Fc2ConvError) as err:
+        fc2conv.compare(pa, pb, samples=1, layers=False)
+    text = str(err.value)
+    assert "could not load the model" in text or "IR version" in text, text
+    assert "was given" not in text, text

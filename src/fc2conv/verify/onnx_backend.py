@@ -166,6 +166,16 @@ def run(proto: Any, inputs: tuple[torch.Tensor, ...], mode: str, capture: bool,
                                          fed=bool(extra) or bool(cache.get("lean")))
             values = cache[key].run(names, feeds)
         except Exception as err:
+            if key not in cache:  # the session itself could not be built: not the inputs
+                import onnxruntime
+
+                detail = " ".join(str(err).split())[:300]
+                raise Fc2ConvError(
+                    f"onnxruntime {onnxruntime.__version__} could not load the model (IR "
+                    f"version {proto.ir_version}, opsets "
+                    + ", ".join(f"{o.domain or 'ai.onnx'} {o.version}"
+                                for o in proto.opset_import)
+                    + f"): {detail}") from None
             wants = "; ".join(f"'{sp.name}' of shape "
                               + "x".join("?" if d is None else str(d) for d in sp.shape)
                               for sp in specs(proto))

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,6 +38,9 @@ import archs  # noqa: E402
 from fc2conv import convolutionalize, dense_map, receptive_field, sliding_window  # noqa: E402
 from fc2conv.dense.check import check_stitched  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dense_throughput import best_of  # noqa: E402  (one timing loop for the dense benches)
+
 
 def seg_net(dims: int, classes: int = 4, width: int = 16) -> nn.Module:
     """Stride 1, 'same' padding: the map has the image's grid (field 35 per axis)."""
@@ -50,16 +52,6 @@ def seg_net(dims: int, classes: int = 4, width: int = 16) -> nn.Module:
         cin = width
     layers.append(conv(width, classes, 1))
     return nn.Sequential(*layers).eval()
-
-
-def best_of(fns: list[Callable[[], object]], repeats: int) -> list[float]:
-    best = [float("inf")] * len(fns)
-    for _ in range(repeats):
-        for k, fn in enumerate(fns):
-            start = time.perf_counter()
-            fn()
-            best[k] = min(best[k], time.perf_counter() - start)
-    return best
 
 
 @torch.inference_mode()

@@ -79,8 +79,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=0,
                         help="interleaved runs per model (default: 30 zoo, 10 realistic)")
     args = parser.parse_args()
-    providers = (["CUDAExecutionProvider", "CPUExecutionProvider"] if args.device == "cuda"
-                 else ["CPUExecutionProvider"])
+    providers = ["CPUExecutionProvider"]
+    if args.device == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise SystemExit(f"onnxruntime {ort.__version__} here has no CUDAExecutionProvider "
+                             f"(available: {', '.join(ort.get_available_providers())}); "
+                             "install onnxruntime-gpu or run without --device cuda")
+        providers.insert(0, "CUDAExecutionProvider")
     print(f"onnxruntime {ort.__version__}, providers {providers[0]}, "
           f"{torch.get_num_threads()} CPU threads")
     print(f"{'model':26} {'layout':15} {'Transpose':>10} {'original ms':>12} "

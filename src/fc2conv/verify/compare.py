@@ -284,6 +284,10 @@ def _noise_note(ma: Model, draws: list[tuple[torch.Tensor, ...]], runs: list[Any
                       f"excuse it ({err})")
     worst_ratio = 0.0
     limit = noise_factor(ma)
+    # what the noise twin perturbs: ONNX graphs op by op (verify/onnx_noise.py) leave the
+    # inputs as they are; PyTorch models perturb them too (verify/noise.py)
+    shaken = ("every weight and op result" if ma.kind == "onnx"
+              else "every weight, input and op result")
     for (k, i), gate in sorted(gated.items()):
         ya, yb, ref = runs[k]
         if i not in floating or not isinstance(noise[k][i], torch.Tensor):
@@ -304,13 +308,13 @@ def _noise_note(ma: Model, draws: list[tuple[torch.Tensor, ...]], runs: list[Any
                 f"{outputs[i].name}: on draw {k} at index {at} the models differ by "
                 f"{float(d.reshape(-1)[flat]):.3g}, B's error there exceeds 10x A's largest, "
                 f"and it is {worst:.3g}x the rounding noise measured on A there "
-                f"({float(level.reshape(-1)[flat]):.3g}: A's float64 twin with every weight, "
-                f"input and op result perturbed by ~sqrt(n)·u relative noise), above the "
+                f"({float(level.reshape(-1)[flat]):.3g}: A's float64 twin with {shaken} "
+                f"perturbed by ~sqrt(n)·u relative noise), above the "
                 f"limit of {limit:g}x: rounding does not explain it")
     return False, (f"where B's error exceeds 10x A's, |A - B| is at most {worst_ratio:.2g}x the "
                    f"rounding noise measured on A there "
-                   f"(its float64 twin with weights, inputs and op results perturbed by "
-                   f"~sqrt(n)·u; limit {limit:g}x)")
+                   f"(its float64 twin with {shaken} perturbed by ~sqrt(n)·u; "
+                   f"limit {limit:g}x)")
 
 
 def _output_stats(aligned_runs: list[Any],

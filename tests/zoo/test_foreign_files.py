@@ -41,10 +41,6 @@ DENSE = ("MatMul", "Gemm")
 # Files fc2conv does not fully convert today (the converted graph is still exact, see
 # test_to_conv_matches_float64_reference); the other engineers fix these in src/.
 NOT_ALL_CONVERTED = {
-    "hand_matmul_transposed_weight": (
-        "to_conv leaves MatMul(x, Transpose(W)) with W an initializer: \"MatMul weight 'W1t' is "
-        "not a constant initializer\" (the constant Transpose is not folded)"
-    ),
     "hand_gemm_transA": (
         "to_conv leaves Gemm(transA=1): 'transA=1 reads the input transposed, which is not one "
         "Linear per row' (a Transpose before a 1x1 Conv would be exact)"

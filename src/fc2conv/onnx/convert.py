@@ -18,7 +18,7 @@ import onnx_ir.passes.common
 from fc2conv.errors import Fc2ConvError
 from fc2conv.onnx.rules import TO_CONV, TO_LINEAR
 from fc2conv.onnx.rules.ane import ane_layout
-from fc2conv.onnx.rules.base import LAYOUT_KEY, Context, Refused
+from fc2conv.onnx.rules.base import LAYOUT_KEY, Context, Refused, drop_dead_constant_moves
 from fc2conv.onnx.rules.layout import (
     collapse_flat_round_trips,
     fold_transpose_pairs,
@@ -197,6 +197,7 @@ def convert_model(
         raise Fc2ConvError(f"--only names no {'/'.join(sorted(anchors))} node called {missing}")
     report.layout_changes_shared = share_layout_changes(ctx) + collapse_flat_round_trips(ctx)
     report.layout_changes_shared += fold_transpose_pairs(ctx)
+    drop_dead_constant_moves(graph)
     for value in ctx.shape_constants.values():
         if not value.uses() and value.name and value.name in graph.initializers:
             del graph.initializers[value.name]

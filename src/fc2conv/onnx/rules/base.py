@@ -89,9 +89,52 @@ def constant(value: ir.Value | None, what: str) -> ir.TensorProtocol:
         and "value" in producer.attributes
     ):
         tensor = producer.attributes["value"].as_tensor()
+    if tensor is None and producer is not None and producer.op_type == "Transpose" \
+            and producer.domain == "" and producer.inputs[0] is not None \
+            and not producer.inputs[0].is_graph_input():
+        # W stored transposed and read through a Transpose (MatMul(x, Transpose(W))): the
+        # weight is Wᵀ, a constant too; the Transpose is left without readers and dropped by
+        # drop_dead_constant_moves
+        inner = constant(producer.inputs[0], what)
+        perm_attr = producer.attributes.get("perm")
+        arr = inner.numpy()
+        perm = list(perm_attr.as_ints()) if perm_attr is not None else None
+        return ir.Tensor(np.ascontiguousarray(np.transpose(arr, perm)), name=value.name)
     if tensor is None:
         raise Refused(f"{what} '{value.name}' is not a constant initializer")
     return tensor
+
+
+def drop_dead_constant_moves(graph: ir.Graph) -> int:
+    """Remove Transpose / Identity nodes of constants that no node or graph output reads any
+    more (left behind when a rule folded them into a weight), and initializers they alone read.
+    Returns how many nodes went."""
+    outputs = set(graph.outputs)
+    removed = 0
+    changed = True
+    while changed:
+        changed = False
+        for node in list(graph):
+            if node.op_type not in ("Transpose", "Identity") or node.domain != "":
+                continue
+            out = node.outputs[0]
+            if out.uses() or out in outputs:
+                continue
+            src = node.inputs[0]
+            if src is None or src.is_graph_input() or (
+                    src.const_value is None and src.producer() is None):
+                continue
+            maker = src.producer()
+            if src.const_value is None and maker is not None \
+                    and maker.op_type not in ("Transpose", "Identity", "Constant"):
+                continue  # an activation's move: not ours to drop
+            graph.remove(node, safe=True)
+            removed += 1
+            changed = True
+            if src.name and src.name in graph.initializers and not src.uses() \
+                    and src not in outputs:
+                del graph.initializers[src.name]
+    return removed
 
 
 def dims(tensor: ir.TensorProtocol) -> tuple[int, ...]:

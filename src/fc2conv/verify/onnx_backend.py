@@ -101,9 +101,23 @@ def _user_name(node: Any) -> str:
             pass
     if node.name.startswith("/"):
         parts = [p for p in node.name.split("/")[1:-1] if p]
-        if parts:  # legacy exporter: "/features/features.0/Conv" or "/0/Gemm"
-            return parts[-1] if "." in parts[-1] else ".".join(parts)
+        if parts:  # legacy exporter: "/features/features.0/Conv", "/0/Gemm", or
+            # "/m/transformer/layer.0/Add" (a ModuleList child under its owner's scope)
+            return _qualified(parts)
     return node.name or node.output[0]
+
+
+def _qualified(parts: list[str]) -> str:
+    """The module's qualified name from the legacy exporter's scope parts: a part that extends
+    the one before it ("features" then "features.0") replaces it; the others are joined
+    ("m", "transformer", "layer.0" -> "m.transformer.layer.0", not "layer.0")."""
+    out: list[str] = []
+    for part in parts:
+        if out and part.startswith(out[-1] + "."):
+            out[-1] = part
+        else:
+            out.append(part)
+    return ".".join(out)
 
 
 def _layer_nodes(proto: Any) -> list[tuple[str, str, str]]:

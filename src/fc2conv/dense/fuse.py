@@ -1,0 +1,94 @@
+"""Eval-mode BatchNorm folded into the convolution before it, in the net dense_map runs.
+
+In eval mode ``BatchNorm(y) = (y - mu) * g / sqrt(var + eps) + beta`` per channel ``c``, an
+affine map of the conv's output; with ``s_c = g_c / sqrt(var_c + eps)`` the conv
+``y = W * x + b`` followed by it is the single conv
+
+    W'_c = s_c W_c,        b'_c = (b_c - mu_c) s_c + beta_c
+
+(the same function in real arithmetic). ``s``, ``W'`` and ``b'`` are computed in float64 and
+rounded once to the conv's dtype, so the folded net differs from the unfolded one by rounding
+only (one relative unit per weight). A BatchNorm is folded only when its input is a
+``Conv{1,2,3}d``'s output used by nothing else, it keeps running statistics and the net is in
+eval mode; the net is a copy (an fx ``GraphModule``), the caller's module is never changed.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+log = logging.getLogger(__name__)
+
+_PAIRS = ((nn.Conv1d, nn.BatchNorm1d), (nn.Conv2d, nn.BatchNorm2d), (nn.Conv3d, nn.BatchNorm3d))
+
+
+def _foldable(conv: Any, bn: Any) -> bool:
+    return (any(isinstance(conv, c) and isinstance(bn, b) for c, b in _PAIRS)
+            and not bn.training and bn.running_mean is not None
+            and bn.running_var is not None and conv.weight.is_floating_point())
+
+
+def folded(conv: Any, bn: Any) -> nn.Module:
+    """A new conv equal to ``bn(conv(x))`` (eval mode), its weights computed in float64."""
+    dtype = conv.weight.dtype
+    w = conv.weight.detach().double()
+    mean, var = bn.running_mean.double(), bn.running_var.double()
+    gamma = bn.weight.detach().double() if bn.weight is not None else torch.ones_like(mean)
+    beta = bn.bias.detach().double() if bn.bias is not None else torch.zeros_like(mean)
+    bias = conv.bias.detach().double() if conv.bias is not None else torch.zeros_like(mean)
+    scale = gamma / torch.sqrt(var + bn.eps)
+    out = copy.deepcopy(conv)
+    out.weight = nn.Parameter((w * scale.reshape(-1, *[1] * (w.dim() - 1))).to(dtype),
+                              requires_grad=False)
+    out.bias = nn.Parameter(((bias - mean) * scale + beta).to(dtype), requires_grad=False)
+    return out
+
+
+def fold_batchnorm(net: nn.Module, *, owned: bool) -> nn.Module:
+    """``net`` with every eval-mode BatchNorm that follows a conv folded into it (see module).
+
+    ``owned``: ``net`` may be changed in place; otherwise a copy is changed. Returns ``net``
+    itself when nothing is folded (training mode, no such pair, or a net fx cannot trace)."""
+    if net.training:
+        log.info("dense map: the net is in training mode; BatchNorm is not folded")
+        return net
+    try:
+        gm = net if isinstance(net, fx.GraphModule) else fx.symbolic_trace(net)
+    except Exception as err:  # noqa: BLE001 - any net fx cannot trace runs as it is
+        log.info("dense map: BatchNorm not folded (fx cannot trace the net: %s)",
+                 str(err).splitlines()[0] if str(err) else type(err).__name__)
+        return net
+    modules = dict(gm.named_modules())
+    pairs = []
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+            continue
+        prev = node.args[0]
+        if (isinstance(prev, fx.Node) and prev.op == "call_module" and len(prev.users) == 1
+                and _foldable(modules[prev.target], modules[node.target])):
+            pairs.append((prev, node))
+    if not pairs:
+        log.info("dense map: no BatchNorm after a conv to fold; the net runs unfused")
+        return net
+    if gm is net and not owned:
+        gm = copy.deepcopy(gm)
+        by_name = {n.name: n for n in gm.graph.nodes}
+        pairs = [(by_name[c.name], by_name[b.name]) for c, b in pairs]
+    for conv_node, bn_node in pairs:
+        fused = folded(gm.get_submodule(str(conv_node.target)),
+                       gm.get_submodule(str(bn_node.target)))
+        parent, _, attr = str(conv_node.target).rpartition(".")
+        setattr(gm.get_submodule(parent) if parent else gm, attr, fused)
+        bn_node.replace_all_uses_with(conv_node)
+        gm.graph.erase_node(bn_node)
+    gm.delete_all_unused_submodules()
+    gm.graph.lint()
+    gm.recompile()
+    log.info("dense map: formulation 'conv+BN folded': %d eval-mode BatchNorm(s) folded into "
+             "the conv before them (weights rescaled in float64)", len(pairs))
+    return gm

@@ -43,7 +43,8 @@ def _bn_count(net):
 
 
 class _Shared(nn.Module):
-    """A conv whose output feeds its BatchNorm and a residual sum: not foldable."""
+    """A conv whose output feeds its BatchNorm, a ReLU and a residual sum: nothing may be
+    folded nor overwritten in place."""
 
     def __init__(self):
         super().__init__()
@@ -51,7 +52,7 @@ class _Shared(nn.Module):
 
     def forward(self, x):
         y = self.conv(x)
-        return self.bn(y) + y
+        return self.bn(y) + torch.relu(y) - y
 
 
 @pytest.mark.parametrize("dims", [1, 2, 3])

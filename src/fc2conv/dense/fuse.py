@@ -11,12 +11,15 @@ rounded once to the conv's dtype, so the folded net differs from the unfolded on
 only (one relative unit per weight). A BatchNorm is folded only when its input is a
 ``Conv{1,2,3}d``'s output used by nothing else, it keeps running statistics and the net is in
 eval mode; the net is a copy (an fx ``GraphModule``), the caller's module is never changed.
+A ReLU whose input is such a fresh conv / BatchNorm / sum output, used by nothing else, runs in
+place (``relu_``: the same values, one tensor less to write).
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import operator
 from typing import Any
 
 import torch
@@ -50,7 +53,8 @@ def folded(conv: Any, bn: Any) -> nn.Module:
 
 
 def fold_batchnorm(net: nn.Module, *, owned: bool) -> nn.Module:
-    """``net`` with every eval-mode BatchNorm that follows a conv folded into it (see module).
+    """``net`` with every eval-mode BatchNorm that follows a conv folded into it and ReLUs of
+    fresh tensors in place (see module).
 
     ``owned``: ``net`` may be changed in place; otherwise a copy is changed. Returns ``net``
     itself when nothing is folded (training mode, no such pair, or a net fx cannot trace)."""
@@ -72,13 +76,15 @@ def fold_batchnorm(net: nn.Module, *, owned: bool) -> nn.Module:
         if (isinstance(prev, fx.Node) and prev.op == "call_module" and len(prev.users) == 1
                 and _foldable(modules[prev.target], modules[node.target])):
             pairs.append((prev, node))
-    if not pairs:
+    relus = [n for n in gm.graph.nodes if _inplace_relu(n, modules)]
+    if not pairs and not relus:
         log.info("dense map: no BatchNorm after a conv to fold; the net runs unfused")
         return net
     if gm is net and not owned:
         gm = copy.deepcopy(gm)
         by_name = {n.name: n for n in gm.graph.nodes}
         pairs = [(by_name[c.name], by_name[b.name]) for c, b in pairs]
+        relus = [by_name[r.name] for r in relus]
     for conv_node, bn_node in pairs:
         fused = folded(gm.get_submodule(str(conv_node.target)),
                        gm.get_submodule(str(bn_node.target)))
@@ -86,9 +92,38 @@ def fold_batchnorm(net: nn.Module, *, owned: bool) -> nn.Module:
         setattr(gm.get_submodule(parent) if parent else gm, attr, fused)
         bn_node.replace_all_uses_with(conv_node)
         gm.graph.erase_node(bn_node)
+    for node in relus:  # the same values, written over the fresh tensor they came from
+        node.op, node.target, node.args, node.kwargs = ("call_function", torch.relu_,
+                                                        (node.args[0],), {})
     gm.delete_all_unused_submodules()
     gm.graph.lint()
     gm.recompile()
     log.info("dense map: formulation 'conv+BN folded': %d eval-mode BatchNorm(s) folded into "
-             "the conv before them (weights rescaled in float64)", len(pairs))
+             "the conv before them (weights rescaled in float64), %d ReLU(s) in place",
+             len(pairs), len(relus))
     return gm
+
+
+_FRESH_FUNCTIONS = (operator.add, torch.add, operator.sub, torch.sub)
+
+
+def _inplace_relu(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether ``node`` is a ReLU whose input is a fresh tensor (a conv's, BatchNorm's or a
+    sum's output) used by nothing else, so it may be overwritten: ``relu_`` then."""
+    if node.op == "call_function":
+        if node.target not in (torch.relu, nn.functional.relu) or len(node.args) != 1:
+            return False
+    elif node.op == "call_module":
+        if not isinstance(modules.get(str(node.target)), nn.ReLU) or len(node.args) != 1:
+            return False
+    else:
+        return False
+    if set(node.kwargs) - {"inplace"}:
+        return False
+    prev = node.args[0]
+    if not isinstance(prev, fx.Node) or len(prev.users) != 1:
+        return False
+    if prev.op == "call_module":
+        return isinstance(modules.get(str(prev.target)),
+                          (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.modules.batchnorm._BatchNorm))
+    return prev.op == "call_function" and prev.target in _FRESH_FUNCTIONS

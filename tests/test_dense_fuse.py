@@ -93,7 +93,7 @@ def test_not_folded_when_conv_output_is_shared_or_training():
 
 def test_dense_map_folds_resnet_batchnorm_exactly(caplog):
     torch.manual_seed(5)
-    net = _random_bn(archs.ResNetStyle(width=4), seed=5)
+    net = _random_bn(archs.ResNetStyle(classes=5, width=4), seed=5)
     fcn = convolutionalize(net, net.INPUT_SHAPE)
     image = np.random.default_rng(5).standard_normal((3, 52, 47)).astype(np.float32)
     x = torch.from_numpy(image)[None]
@@ -101,8 +101,28 @@ def test_dense_map_folds_resnet_batchnorm_exactly(caplog):
     with caplog.at_level(logging.INFO, logger="fc2conv.dense.fuse"):
         got = np.asarray(dense_map(fcn, image, tile=40))
     assert "conv+BN folded" in caplog.text
+    assert "1 box-filter pool(s) moved after the 1x1 head" in caplog.text  # 8 -> 5 channels
     assert _bn_count(fcn) > 0  # the caller's net keeps its BatchNorm
     verdict = check_stitched(got, unfused32, ref64)
     assert verdict.equal, verdict
     plain = np.asarray(dense_map(fcn, image, tile=40, fuse=False))
     assert check_stitched(plain, unfused32, ref64).equal
+
+
+def test_box_pool_runs_after_a_narrowing_1x1_head():
+    from fc2conv.dense.pools import BoxMean
+
+    torch.manual_seed(7)
+    net = nn.Sequential(nn.Conv2d(3, 12, 3), nn.ReLU(), BoxMean((5, 4)), nn.Conv2d(12, 4, 1))
+    with torch.no_grad():
+        net[3].bias.normal_(0, 3)  # a bias far from zero: it must average to itself
+    fused = fold_batchnorm(net.eval(), owned=False)
+    order = [n.target for n in fused.graph.nodes if n.op == "call_module"]
+    assert order == ["0", "3", "2"]  # conv, head, pool
+    x = torch.randn(2, 3, 21, 17)
+    unfused32, ref64 = _runs(net, x)
+    with torch.no_grad():
+        verdict = check_stitched(fused(x).numpy(), unfused32, ref64)
+    assert verdict.equal, verdict
+    widen = nn.Sequential(nn.Conv2d(3, 4, 3), BoxMean((5, 4)), nn.Conv2d(4, 6, 1)).eval()
+    assert fold_batchnorm(widen, owned=False) is widen  # 4 -> 6 channels: the pool stays first

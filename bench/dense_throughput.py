@@ -33,6 +33,7 @@ import archs  # noqa: E402
 from fc2conv import convolutionalize, dense_map, receptive_field, sliding_window  # noqa: E402
 from fc2conv.dense import model as dmodel  # noqa: E402
 from fc2conv.dense.check import check_stitched  # noqa: E402
+from fc2conv.dense.fuse import fold_batchnorm  # noqa: E402
 from fc2conv.dense.pools import fast_pools  # noqa: E402
 
 
@@ -84,6 +85,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", action="store_true", help="also 2 vs 1 worker processes")
     parser.add_argument("--no-sliding", action="store_true")
+    parser.add_argument("--no-fuse", action="store_true",
+                        help="part 2 without the unfused (BatchNorm not folded) dense_map row")
     parser.add_argument("--batch", type=int, default=256, help="sliding_window's crops per call")
     args = parser.parse_args()
     began = time.perf_counter()
@@ -107,10 +110,11 @@ def main() -> None:
           f"{'first s':>8} {'tiled/untiled':>14} {'tiles/s':>8}  exact")
     models = nets()
     for name, (_, fcn, _) in models.items():
-        fast = fast_pools(fcn, owned=False).to(dev)  # the net dense_map runs
+        plain = fast_pools(fcn, owned=False)
+        ref = reference64(plain, image)  # the unfolded net in float64
+        fast = fold_batchnorm(plain, owned=plain is not fcn).to(dev)  # the net dense_map runs
         fcn = fcn.to(dev)
         full = untiled(fast)
-        ref = reference64(fast, image)
         for spec in args.tiles:
             tile = None if spec == "auto" else int(spec)
             dmodel._CACHE.clear()  # a cold first call
@@ -146,6 +150,11 @@ def main() -> None:
                 np.asarray(dense_map(fcn, image, device=dev))
 
             rows = [("dense_map", dense)]
+            if not args.no_fuse:  # BatchNorm folded (the default) vs run as it is
+                rows[0] = ("dense_map, BN folded", dense)
+                other = copy.deepcopy(fcn)  # its own cache entry (one per model object)
+                rows.append(("dense_map, unfused", lambda: np.asarray(
+                    dense_map(other, image, device=dev, fuse=False))))
             if fast is not fcn:  # the pool as torch's AvgPool, for comparison
                 rows.append(("(AvgPool2d, untiled)", lambda: untiled(fcn)))
             f_dense, f_slide = flops(lambda: untiled(fast)), flops(slide)

@@ -84,7 +84,7 @@ def dense_map(model: Any, image: Any, *, input_shape: Sequence[int] | None = Non
               level: int = 0, mean: float | Sequence[float] | None = None,
               std: float | Sequence[float] | None = None, argmax: bool = False,
               overwrite: bool = False, threads: int | None = None,
-              progress: Progress | None = None) -> Any:
+              progress: Progress | None = None, fuse: bool = True) -> Any:
     """The dense score map ``(K, *out_spatial)`` of ``model`` on ``image`` ``(C, *spatial)``,
     equal to the untiled ``fcn(image[None])[0]`` and computed tile by tile with Dask.
 
@@ -101,6 +101,8 @@ def dense_map(model: Any, image: Any, *, input_shape: Sequence[int] | None = Non
     ``labels`` when ``argmax``); re-running resumes. ``scheduler``: None (Dask's threads),
     a scheduler address, or a ``distributed.Client``; ``workers=N`` starts a LocalCluster.
     ``progress(done, total)`` is called as chunks finish (first with the chunks skipped).
+    ``fuse``: fold eval-mode BatchNorm into the conv before it (:mod:`~fc2conv.dense.fuse`,
+    on a copy of the net; exact up to rounding); False runs the net's layers as they are.
 
     Returns a dask array (``np.asarray`` computes it), read from the zarr store when ``out``
     is given (the map is then already computed).
@@ -132,7 +134,7 @@ def dense_map(model: Any, image: Any, *, input_shape: Sequence[int] | None = Non
         shape[0], *(min(n, 256 if dims == 2 else 64) for n in shape[1:]))
     # the net on the device its tiles run on (on the CPU when workers load it as a program)
     fcn, geo = dmodel.prepare(model, trace, shape, convert=input_shape is not None,
-                              device="cpu" if distributed else dev)
+                              device="cpu" if distributed else dev, fuse=fuse)
     n_threads = max(1, threads or os.cpu_count() or 1)
     tile_px = _spatial(tile, dims) if tile is not None else _auto_tile(
         geo, dev, 1 if distributed else n_threads)

@@ -32,6 +32,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from fc2conv.core.receptive import ReceptiveField
+from fc2conv.dense.fuse import fold_batchnorm
 from fc2conv.dense.pools import fast_pools
 from fc2conv.errors import Fc2ConvError
 
@@ -195,14 +196,16 @@ _CACHE: weakref.WeakKeyDictionary[Any, dict[Any, Any]] = weakref.WeakKeyDictiona
 
 
 def prepare(model: Any, trace_shape: Sequence[int], image_shape: Sequence[int],
-            convert: bool, device: str = "cpu") -> tuple[nn.Module, Geometry]:
+            convert: bool, device: str = "cpu", fuse: bool = True
+            ) -> tuple[nn.Module, Geometry]:
     """``(dense net on device, its Geometry on image_shape)``, cached per model object while
     its structure and weights are unchanged (tracing costs more than mapping a small image).
 
     The geometry is traced on the CPU (a CPU copy of a model that lives elsewhere); the
     caller's module is never changed or moved: a net that must change (a pool made a
-    :class:`~fc2conv.dense.pools.BoxMean`) or move to ``device`` is a copy."""
-    key = (tuple(trace_shape), tuple(image_shape), convert, str(device), _token(model))
+    :class:`~fc2conv.dense.pools.BoxMean`, eval-mode BatchNorm folded into its conv when
+    ``fuse``: :mod:`~fc2conv.dense.fuse`) or move to ``device`` is a copy."""
+    key = (tuple(trace_shape), tuple(image_shape), convert, str(device), fuse, _token(model))
     try:
         per_model = _CACHE.setdefault(model, {})
     except TypeError:  # not weak-referenceable
@@ -216,6 +219,8 @@ def prepare(model: Any, trace_shape: Sequence[int], image_shape: Sequence[int],
         source = copy.deepcopy(source).cpu()
     fcn, rf = _fully_convolutional(source, trace_shape, convert)
     fcn = fast_pools(eval_mode(fcn), owned=fcn is not model)
+    if fuse:
+        fcn = fold_batchnorm(fcn, owned=fcn is not model)
     geo = _geometry(fcn, rf, trace_shape, image_shape)
     if fcn is model and torch.device(device) != (on or torch.device("cpu")):
         fcn = copy.deepcopy(fcn)

@@ -46,12 +46,13 @@ class BoxMean(nn.Module):
         dims = len(self.kernel)
         y = x.to(torch.float64)
         for axis, k in zip(range(x.dim() - dims, x.dim()), self.kernel, strict=True):
-            c = torch.cumsum(y, dim=axis)
-            n = c.shape[axis]
-            # y[p] = c[p + k - 1] - c[p - 1]  (c[-1] = 0): the first cell, then differences
-            first = c.narrow(axis, k - 1, 1)
-            rest = c.narrow(axis, k, n - k) - c.narrow(axis, 0, n - k)
-            y = torch.cat((first, rest), dim=axis)
+            n = y.shape[axis]
+            shape = list(y.shape)
+            shape[axis] = n + 1
+            c = y.new_empty(shape)  # c[0] = 0, c[i] = x[0] + ... + x[i-1]: no concatenation
+            c.narrow(axis, 0, 1).zero_()
+            torch.cumsum(y, dim=axis, out=c.narrow(axis, 1, n))
+            y = c.narrow(axis, k, n + 1 - k) - c.narrow(axis, 0, n + 1 - k)
         return (y / math.prod(self.kernel)).to(x.dtype)
 
 

@@ -177,3 +177,21 @@ def test_a_model_onnxruntime_cannot_load_is_named_as_such_not_as_an_input_mismat
     text = str(err.value)
     assert "could not load the model" in text or "IR version" in text, text
     assert "was given" not in text, text
+
+
+def test_onnx_noise_of_a_model_with_external_data_uses_its_folder(tmp_path):
+    """The op-by-op noise twin takes the weights its float64 reference runs already read (from
+    the data file beside the model); it used to re-read them without that folder and failed,
+    so the noise excuse was silently lost for such models."""
+    import torch
+
+    from fc2conv.verify.models import load
+    from fc2conv.verify.onnx_noise import onnx_noise
+
+    onnx.save(mlp(64), tmp_path / "a.onnx", save_as_external_data=True,
+              all_tensors_to_one_file=True, location="a.data", size_threshold=0)
+    model = load(tmp_path / "a.onnx", "A")
+    noise = onnx_noise(model, [(torch.randn(4, 64),)], 2.0 ** -24, 2)
+    level = noise[0][0]
+    assert isinstance(level, torch.Tensor) and level.shape == (4, 64)
+    assert 0 < float(level.max()) < 1e-3  # rounding-sized, not zero and not garbage

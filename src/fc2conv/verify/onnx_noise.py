@@ -141,20 +141,30 @@ def shaken_graph(model64: Any, shapes: dict[str, tuple[int, ...]], ints: set[str
     return shaken
 
 
-def _float64_twin(proto: Any) -> Any:
-    """The float64 twin of ``proto`` with every weight inline (the perturbation below reads
-    weights as initializers): :mod:`fc2conv.verify.onnx_weights`' skeleton and arrays, joined."""
+def _float64_twin(model: Any) -> Any:
+    """The float64 twin of the ONNX model A with every weight inline (the perturbation below
+    reads weights as initializers): the skeleton and float64 weights its reference runs already
+    built (``model.cache``, see :func:`fc2conv.verify.onnx_backend.run`), joined; built here
+    only when no reference run has cached them."""
     from onnx import TensorProto, numpy_helper
 
     from fc2conv.verify import onnx_weights as ow
 
-    skel, arrays = ow.split(proto)
-    model = ow.float64_skeleton(skel, magnitude=False)
-    weights = ow.float64_weights(skel, arrays, magnitude=False)
-    for init in model.graph.initializer:
+    cache = model.cache
+    if ("twin", "reference") in cache:
+        skeleton, weights = cache[("twin", "reference")]
+    else:
+        if "split" not in cache:
+            cache["split"] = ow.split(model.onnx_model, cache.get("base_dir"))
+        skel, arrays = cache["split"]
+        skeleton = ow.float64_skeleton(skel, magnitude=False)
+        weights = ow.float64_weights(skel, arrays, magnitude=False)
+    twin = type(skeleton)()
+    twin.CopyFrom(skeleton)  # cheap: the skeleton holds no large tensor
+    for init in twin.graph.initializer:
         if init.data_location == TensorProto.EXTERNAL and init.name in weights:
             init.CopyFrom(numpy_helper.from_array(weights[init.name], init.name))
-    return model
+    return twin
 
 
 def onnx_noise(model: Any, draws: list[tuple[torch.Tensor, ...]], u: float,
@@ -167,10 +177,10 @@ def onnx_noise(model: Any, draws: list[tuple[torch.Tensor, ...]], u: float,
     from fc2conv.verify.onnx_float64 import Float64Runner
 
     proto = model.onnx_model
-    model64 = _float64_twin(proto)
+    exact_runs = [model.run(x, "reference").outputs for x in draws]
+    model64 = _float64_twin(model)  # after the reference runs, which cache its weights
     out_names = [o.name for o in proto.graph.output]
     rng = np.random.default_rng(0)
-    exact_runs = [model.run(x, "reference").outputs for x in draws]
     noise: list[list[Any]] = [[0.0] * len(exact_runs[0]) for _ in draws]
     shapes_of: dict[tuple[tuple[int, ...], ...],
                     tuple[dict[str, tuple[int, ...]], set[str]]] = {}

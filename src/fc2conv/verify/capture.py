@@ -20,11 +20,24 @@ from torch import fx, nn
 
 from fc2conv.core.describe import describe
 from fc2conv.core.provenance import source_of
-from fc2conv.verify.models import Layer, Run, flatten_outputs
+from fc2conv.verify.values import Layer, Run
 
 LAYOUT_MODULES = (nn.Flatten, nn.Unflatten, nn.Identity)
 CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 LAYOUT_CLASSES = {"Flatten", "Unflatten", "Identity", "Sequential", "ModuleList", "ModuleDict"}
+
+
+def flatten_outputs(value: Any) -> list[torch.Tensor]:
+    """Tensors of a (possibly nested) model output, in order."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in flatten_outputs(v)]
+    if isinstance(value, list | tuple):
+        return [t for v in value for t in flatten_outputs(v)]
+    if hasattr(value, "__dataclass_fields__"):
+        return [t for k in value.__dataclass_fields__ for t in flatten_outputs(getattr(value, k))]
+    return []
 
 
 def run_torch(module: nn.Module, inputs: tuple[torch.Tensor, ...], *, capture: bool,

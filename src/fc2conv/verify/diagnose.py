@@ -34,9 +34,10 @@ from torch import nn
 from fc2conv.verify.bound import EMPIRICAL_FACTOR
 from fc2conv.verify.judge import Judge, exact_equal
 from fc2conv.verify.match import Pair, match_graphs, match_layers
-from fc2conv.verify.models import Layer, Model
+from fc2conv.verify.models import Model
 from fc2conv.verify.reference import reference
 from fc2conv.verify.report import LayerStats, Report
+from fc2conv.verify.values import Layer
 
 log = logging.getLogger(__name__)
 

@@ -18,13 +18,15 @@ initializer; a PyTorch model's first ``nn.Embedding`` when random floats cannot 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import torch
 
 from fc2conv.errors import Fc2ConvError
-from fc2conv.verify.models import InputSpec, Model
+from fc2conv.verify.models import Model
+from fc2conv.verify.values import InputSpec
 
 LARGE_SCALE = {torch.float16: 16.0}
 DEFAULT_LARGE = 1e3
@@ -76,12 +78,12 @@ def _table_rows(model: Model) -> dict[str, int]:
 
 
 def with_id_ranges(specs: list[InputSpec], a: Model, b: Model) -> list[InputSpec]:
-    """``specs`` with the id range of each integer input that indexes a table of A or B."""
+    """New ``specs`` with the id range of each integer input that indexes a table of A or B
+    (the models' own specs are left as they are)."""
     rows = {**_table_rows(b), **_table_rows(a)}
-    for spec in specs:
-        if not spec.dtype.is_floating_point and spec.name in rows:
-            spec.high = rows[spec.name]
-    return specs
+    return [replace(spec, high=rows[spec.name])
+            if not spec.dtype.is_floating_point and spec.name in rows else spec
+            for spec in specs]
 
 
 def feedable(specs: list[InputSpec], a: Model, seed: int) -> list[InputSpec]:

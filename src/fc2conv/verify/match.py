@@ -26,13 +26,16 @@ shape, keeping the one closest to A's values.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from fc2conv.verify.models import Layer
 from fc2conv.verify.structure import LayerNode
+from fc2conv.verify.values import Alignment, Layer, Pair
+
+__all__ = ["Alignment", "Pair", "align", "category", "compatible", "describe_pairs",
+           "match_graphs", "match_layers"]
 
 _AFFINE = {"linear", "conv1d", "conv2d", "conv3d", "gemm", "matmul", "conv", "bilinear"}
 
@@ -55,19 +58,6 @@ def compatible(a_kind: str, b_kind: str) -> bool:
         return True
     known = {"affine"} | _KNOWN
     return ca not in known or cb not in known
-
-
-@dataclass
-class Alignment:
-    perm: tuple[int, ...] | None  # permutation applied to B's squeezed axes; None = as is
-    b_shape: tuple[int, ...]
-
-    def describe(self) -> str:
-        if self.perm is None:
-            return ""
-        if list(self.perm) == sorted(self.perm):
-            return f"B {tuple(self.b_shape)} reshaped"
-        return f"B {tuple(self.b_shape)} permuted {self.perm}"
 
 
 def align(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, Alignment] | None:
@@ -96,15 +86,6 @@ def align(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, Alignment] | 
     if best is None:
         return None
     return best[1].reshape(a.shape), Alignment(best[2], tuple(b.shape))
-
-
-@dataclass
-class Pair:
-    a: Layer
-    b: Layer
-    b_aligned: torch.Tensor
-    alignment: Alignment
-    how: str  # "name", "provenance", "order", "value" or "structure"
 
 
 def match_layers(a_layers: list[Layer], b_layers: list[Layer]) -> list[Pair]:
@@ -193,3 +174,9 @@ def match_graphs(a_layers: list[Layer], b_layers: list[Layer], sa: list[LayerNod
             if sorted(str(x) for x in sb[j].inputs) == want and pair(i, j, "structure"):
                 break
     return [pairs[i] for i in sorted(pairs)]
+
+
+def describe_pairs(pairs: list[Pair]) -> list[dict[str, Any]]:
+    """Matched layer pairs as plain dicts (for debugging and JSON)."""
+    return [{"a": p.a.name, "b": p.b.name, "how": p.how, "layout": p.alignment.describe()}
+            for p in pairs]

@@ -1,20 +1,17 @@
-"""Load the things ``compare`` accepts and run them three ways.
+"""Load the things ``compare`` accepts, as a :class:`Model` that runs on a backend.
 
 Accepted: ``nn.Module``, ``torch.export.ExportedProgram``, ``onnx.ModelProto``, or a path to a
 ``.pt2`` (``torch.export.save``) or ``.onnx`` file. A ``.pt``/``.pth`` pickle is refused with
 :class:`~fc2conv.errors.UnsafeFileError` unless ``trust_pickle=True``: unpickling runs arbitrary
 code. onnx and onnxruntime are imported only on the ONNX path.
 
-Each loaded model runs in one of three *modes* (see :mod:`fc2conv.verify.bound`):
-
-- ``"native"``: as given (its own dtype and device);
-- ``"reference"``: a float64 copy on float64 inputs (the exact-arithmetic stand-in);
-- ``"magnitude"``: a float64 copy whose weights are replaced by ``|W|`` (batch-norm running means
-  by ``-|mean|``) run on ``|x|``: every affine map becomes ``|W||x| + |b|``, the magnitudes that
-  Higham's bound multiplies.
-
+:meth:`Model.run` hands the model to its backend (:mod:`fc2conv.verify.torch_backend`,
+:mod:`fc2conv.verify.onnx_backend`), in one of three modes: ``"native"`` (as given),
+``"reference"`` (a float64 copy) or ``"magnitude"`` (the float64 copy with ``|W|`` on ``|x|``).
 With ``capture=True`` a run also returns the intermediate layer outputs (forward hooks for
-``nn.Module``, an FX interpreter for exported programs, extra graph outputs for ONNX).
+``nn.Module``, an FX interpreter for exported programs, extra graph outputs for ONNX). The
+float64 copies and sessions a backend builds are kept on the model (``_twins``, ``cache``) and
+reused across draws; the user's module and graph are never changed.
 """
 
 from __future__ import annotations
@@ -22,7 +19,6 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,37 +28,12 @@ from torch import nn
 
 from fc2conv.errors import Fc2ConvError, UnsafeFileError, load_or_explain
 from fc2conv.pytorch.export_io import quiet
+from fc2conv.verify import torch_backend
+from fc2conv.verify.values import InputSpec, Run
+
+__all__ = ["InputSpec", "Model", "load"]
 
 log = logging.getLogger(__name__)
-
-MODES = ("native", "reference", "magnitude")
-
-
-@dataclass(eq=False)
-class Layer:
-    """One captured intermediate output, named as the user knows the layer."""
-
-    name: str
-    kind: str  # "Linear 256->64", "ReLU", "Gemm", ...
-    output: torch.Tensor
-    source: str | None = None  # fc2conv provenance: the user's layer this one replaces
-    input: torch.Tensor | None = None
-    module: nn.Module | None = None
-
-
-@dataclass
-class Run:
-    outputs: list[torch.Tensor]
-    layers: list[Layer] = field(default_factory=list)
-    engine: str = ""  # ONNX: what ran it ("onnxruntime (float64)", "onnx reference evaluator")
-
-
-@dataclass
-class InputSpec:
-    name: str
-    shape: tuple[int | None, ...]
-    dtype: torch.dtype
-    high: int | None = None  # integer inputs: ids are drawn in [0, high) (a table's rows)
 
 
 @dataclass
@@ -79,18 +50,6 @@ class Model:
     _twins: dict[str, nn.Module] = field(default_factory=dict, repr=False)
     # ONNX: the weights read once, the float64 twins, sessions by mode and outputs
     cache: dict[Any, Any] = field(default_factory=dict, repr=False)
-
-    def __post_init__(self) -> None:
-        if self.kind == "onnx" and self.onnx_model is not None:
-            from fc2conv.verify import onnx_backend
-
-            onnx_backend.register(self.onnx_model, self.cache)
-
-    def __del__(self) -> None:
-        if self.kind == "onnx" and self.onnx_model is not None:
-            backend = sys.modules.get("fc2conv.verify.onnx_backend")
-            if backend is not None:
-                backend.forget(self.onnx_model, self.cache)
 
     # -- properties ---------------------------------------------------------------------------
     @property
@@ -129,91 +88,8 @@ class Model:
 
             return onnx_backend.run(self.onnx_model, inputs, mode, capture, self.cache)
         assert self.module is not None
-        if mode != "native" and mode not in self._twins:
-            self._twins[mode] = _twin(self.module, mode)
-        module = self.module if mode == "native" else self._twins[mode]
-        feed = _cast_inputs(inputs, mode, self.dtype, self.device)
-        from fc2conv.verify.capture import run_torch
-
-        return run_torch(module, feed, capture=capture, graph=self.exported)
-
-
-def _twin(module: nn.Module, mode: str) -> nn.Module:
-    """A float64 copy of ``module`` (``|W|`` weights in ``"magnitude"`` mode); ``module`` is
-    left untouched."""
-    twin = copy.deepcopy(module).to(torch.float64)
-    if mode == "magnitude":
-        _bound_activations(twin)
-        with torch.no_grad():
-            for name, t in [*twin.named_parameters(), *twin.named_buffers()]:
-                if not t.is_floating_point():
-                    continue
-                if name.endswith("running_mean"):
-                    t.copy_(-t.abs())  # BN: (x - mean) -> x + |mean|
-                elif not name.endswith("running_var"):
-                    t.copy_(t.abs())
-    return twin
-
-
-class LipschitzMagnitude(nn.Module):
-    """In the magnitude twin, stands in for a pointwise op ``f`` with Lipschitz constant ``k``
-    and ``|f(x)| <= k|x| + c``: maps a magnitude ``M >= 0`` to ``k M + c``, which bounds both the
-    op's output and the error it passes on."""
-
-    def __init__(self, k: float, c: float = 0.0) -> None:
-        super().__init__()
-        self.k, self.c = k, c
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.k * x + self.c
-
-
-# (k, c) of pointwise activations; ReLU-like ops are the identity on magnitudes already.
-_ACTIVATION_BOUNDS: dict[type[nn.Module], tuple[float, float]] = {
-    nn.Tanh: (1.0, 0.0), nn.Hardtanh: (1.0, 0.0), nn.Softsign: (1.0, 0.0),
-    nn.GELU: (1.13, 0.0), nn.SiLU: (1.1, 0.0), nn.Mish: (1.1, 0.0), nn.Hardswish: (1.5, 0.0),
-    nn.ELU: (1.0, 0.0), nn.CELU: (1.0, 0.0), nn.SELU: (1.0507 * 1.6733, 0.0),
-    nn.LeakyReLU: (1.0, 0.0), nn.Sigmoid: (1.0, 0.5), nn.Hardsigmoid: (1.0, 0.5),
-    nn.Softplus: (1.0, 0.7),
-}
-
-
-def _bound_activations(twin: nn.Module) -> None:
-    for name, sub in list(twin.named_modules()):
-        bound = _ACTIVATION_BOUNDS.get(type(sub))
-        if bound is not None and name:
-            parent_name, _, attr = name.rpartition(".")
-            parent = twin.get_submodule(parent_name) if parent_name else twin
-            setattr(parent, attr, LipschitzMagnitude(*bound))
-
-
-def _cast_inputs(inputs: tuple[torch.Tensor, ...], mode: str, dtype: torch.dtype,
-                 device: torch.device) -> tuple[torch.Tensor, ...]:
-    out = []
-    for x in inputs:
-        if x.is_floating_point():
-            x = x.to(device=device, dtype=dtype)  # what the native model sees
-            if mode != "native":
-                x = x.to(torch.float64)
-            if mode == "magnitude":
-                x = x.abs()
-        else:
-            x = x.to(device)
-        out.append(x)
-    return tuple(out)
-
-
-def flatten_outputs(value: Any) -> list[torch.Tensor]:
-    """Tensors of a (possibly nested) model output, in order."""
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in flatten_outputs(v)]
-    if isinstance(value, list | tuple):
-        return [t for v in value for t in flatten_outputs(v)]
-    if hasattr(value, "__dataclass_fields__"):
-        return [t for k in value.__dataclass_fields__ for t in flatten_outputs(getattr(value, k))]
-    return []
+        return torch_backend.run(self.module, inputs, mode, dtype=self.dtype, device=self.device,
+                                 capture=capture, graph=self.exported, twins=self._twins)
 
 
 # -- loading ----------------------------------------------------------------------------------

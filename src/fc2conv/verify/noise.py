@@ -34,13 +34,17 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
+from fc2conv.verify.capture import run_torch
+from fc2conv.verify.onnx_noise import onnx_noise
+from fc2conv.verify.spread import TRIALS, accumulate, maxima
+from fc2conv.verify.torch_backend import cast_inputs
+
 NOISE_FACTOR = 16.0
 ONNX_NOISE_FACTOR = 4.0
 """The limit for ONNX models, whose noise is measured op by op with each op's own reduction
 length (:mod:`fc2conv.verify.onnx_noise`): no op's noise is inflated by the model's longest
 reduction as in the PyTorch measurement, so the measured level is already the typical error of
 naive (sequential) summation, the least accurate order a correct B uses."""
-TRIALS = 3
 
 
 def noise_factor(model: Any) -> float:
@@ -114,7 +118,7 @@ class _ShakeOps(TorchDispatchMode):
 def rounding_noise(model: Any, draws: list[tuple[torch.Tensor, ...]], u: float,
                    longest: int) -> list[list[float]]:
     """Per draw, per output: the largest element of :func:`elementwise_noise`."""
-    return _maxima(elementwise_noise(model, draws, u, longest))
+    return maxima(elementwise_noise(model, draws, u, longest))
 
 
 def elementwise_noise(model: Any, draws: list[tuple[torch.Tensor, ...]], u: float,
@@ -126,12 +130,7 @@ def elementwise_noise(model: Any, draws: list[tuple[torch.Tensor, ...]], u: floa
     ``sqrt(max(longest, 1)) * u``."""
     scale = math.sqrt(max(longest, 1)) * u
     if model.kind == "onnx":
-        from fc2conv.verify.onnx_noise import onnx_noise
-
         return onnx_noise(model, draws, u, TRIALS)
-    from fc2conv.verify.capture import run_torch
-    from fc2conv.verify.models import _cast_inputs
-
     exact_runs = [model.run(x, "reference").outputs for x in draws]  # builds the float64 twin
     twin = model._twins["reference"]
     gen = torch.Generator().manual_seed(0)
@@ -154,23 +153,8 @@ def elementwise_noise(model: Any, draws: list[tuple[torch.Tensor, ...]], u: floa
                     t.copy_(shake(t))
         for k, (x, exact) in enumerate(zip(draws, exact_runs, strict=True)):
             feed = tuple(shake(t) if t.is_floating_point() else t
-                         for t in _cast_inputs(x, "reference", model.dtype, model.device))
+                         for t in cast_inputs(x, "reference", model.dtype, model.device))
             with _ShakeOps(u, gen):
                 got = run_torch(shaken, feed, capture=False, graph=model.exported).outputs
-            _accumulate(noise[k], got, exact)
+            accumulate(noise[k], got, exact)
     return noise
-
-
-def _accumulate(noise: list[Any], got: list[torch.Tensor], exact: list[torch.Tensor]) -> None:
-    """Elementwise max over trials of ``|ỹ - y|`` (float64 tensors; 0.0 until the first)."""
-    for i, (g, e) in enumerate(zip(got, exact, strict=True)):
-        if g.is_floating_point() and g.numel():
-            d = (torch.as_tensor(g).double() - torch.as_tensor(e).double()).abs()
-            d = d.nan_to_num(0, 0, 0)
-            prev = noise[i]
-            noise[i] = d if not isinstance(prev, torch.Tensor) else torch.maximum(prev, d)
-
-
-def _maxima(noise: list[list[Any]]) -> list[list[float]]:
-    return [[float(t.max()) if isinstance(t, torch.Tensor) and t.numel() else 0.0 for t in row]
-            for row in noise]

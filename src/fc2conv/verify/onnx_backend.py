@@ -23,12 +23,12 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto
 
 from fc2conv.core.provenance import SOURCE_KEY
 from fc2conv.errors import Fc2ConvError
 from fc2conv.verify import onnx_weights as ow
-from fc2conv.verify.models import InputSpec, Layer, Run
+from fc2conv.verify.values import InputSpec, Layer, Run
 
 LAYOUT_OPS = {
     "Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Constant", "Shape",
@@ -42,20 +42,6 @@ _TORCH_DTYPE = {
     TensorProto.INT64: torch.int64, TensorProto.INT32: torch.int32, TensorProto.BOOL: torch.bool,
     TensorProto.INT8: torch.int8, TensorProto.UINT8: torch.uint8,
 }
-
-
-# the cache of each loaded Model, by id of its ModelProto (protos take no weak references):
-# lets run_shaken, called with the proto alone, reuse the weights read once
-_CACHES: dict[int, dict[Any, Any]] = {}
-
-
-def register(proto: Any, cache: dict[Any, Any]) -> None:
-    _CACHES[id(proto)] = cache
-
-
-def forget(proto: Any, cache: dict[Any, Any]) -> None:
-    if _CACHES.get(id(proto)) is cache:
-        del _CACHES[id(proto)]
 
 
 def load(path: Path) -> Any:
@@ -256,65 +242,3 @@ def count_ops(proto: Any, cache: dict[Any, Any] | None = None) -> tuple[int, int
                 "AveragePool", "GlobalAveragePool", "LayerNormalization", "Softmax"):
             count += 1
     return count, longest
-
-
-# Ops whose roundings perturbing the initializers and inputs does not model (no weights of their
-# own, or statistics computed from activations): with any of them, the noise is not measured.
-_UNMODELLED = {"Softmax", "LogSoftmax", "LayerNormalization", "ReduceMean", "ReduceSum",
-               "ReduceL2", "ReduceLogSumExp", "InstanceNormalization", "GroupNormalization",
-               "Attention", "Einsum", "Pow", "Sqrt", "Exp", "Log", "Div"}
-
-
-def noise_is_modelled(proto: Any) -> bool:
-    """Whether every rounding of ``proto`` sits in an op with a constant weight or in a cheap
-    pointwise op, so that perturbing initializers and inputs models its rounding noise."""
-    consts = {i.name for i in proto.graph.initializer}
-    consts |= {o for n in proto.graph.node if n.op_type == "Constant" for o in n.output}
-    for node in proto.graph.node:
-        if node.op_type in _UNMODELLED:
-            return False
-        if node.op_type in ("MatMul", "Gemm", "Conv") and not any(
-                i in consts for i in node.input[1:2]):
-            return False
-    return True
-
-
-def run_shaken(proto: Any, inputs: tuple[torch.Tensor, ...], scale: float,
-               gen: np.random.Generator) -> list[torch.Tensor]:
-    """Outputs of the float64 copy of ``proto`` with every float initializer and input
-    multiplied by ``1 + scale (ξ + ξ_row)`` (see :mod:`fc2conv.verify.noise`)."""
-    from fc2conv.verify.onnx_float64 import Float64Runner
-
-    def shake(arr: np.ndarray) -> np.ndarray:
-        out = np.empty(arr.shape, dtype=np.float64)
-        flat_in, flat_out = arr.reshape(arr.shape[0] if arr.ndim else 1, -1), \
-            out.reshape(arr.shape[0] if arr.ndim else 1, -1)
-        step = max(1, (1 << 22) // max(1, flat_in.shape[1]))  # ~32 MB of noise at a time
-        for i in range(0, flat_in.shape[0], step):
-            rows = flat_in[i:i + step].astype(np.float64)
-            xi = gen.standard_normal(rows.shape)
-            if arr.ndim >= 1:
-                xi += gen.standard_normal((rows.shape[0], 1))
-            flat_out[i:i + step] = rows * (1 + scale * xi)
-        return out
-
-    cache = _CACHES.get(id(proto), {})
-    if "split" not in cache:
-        cache["split"] = ow.split(proto, cache.get("base_dir"))
-    if cache.get("lean"):  # room for the shaken twin: the magnitude twin is rebuilt if needed
-        for key in [k for k in cache if isinstance(k, tuple) and k[0] in ("magnitude", "twin")
-                    and "magnitude" in k]:
-            del cache[key]
-    skel, arrays = cache["split"]
-    twin = cache.get(("twin", "reference"))
-    model = ow.float64_skeleton(skel, magnitude=False)
-    weights = {k: shake(v) if v.dtype.kind == "f" or v.dtype.name == "bfloat16" else v
-               for k, v in (twin[1] if twin else arrays).items()}
-    for init in model.graph.initializer:
-        if init.data_type == TensorProto.DOUBLE and init.data_location != TensorProto.EXTERNAL:
-            init.CopyFrom(numpy_helper.from_array(shake(numpy_helper.to_array(init)), init.name))
-    feeds = {k: shake(v) if v.dtype == np.float64 else v
-             for k, v in _feeds(proto, inputs, "reference").items()}
-    names = [o.name for o in proto.graph.output]
-    values = Float64Runner(model, names, weights).run(feeds)
-    return [torch.from_numpy(np.asarray(v)) for v in values]

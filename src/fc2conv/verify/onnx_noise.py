@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from fc2conv.verify.spread import accumulate
+
 _EXACT = {
     "Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Constant", "Shape",
     "Gather", "GatherElements", "GatherND", "Concat", "Slice", "ConstantOfShape", "Expand",
@@ -173,7 +175,6 @@ def onnx_noise(model: Any, draws: list[tuple[torch.Tensor, ...]], u: float,
     tensors; ``0.0`` for integer outputs), ``ỹ`` the op-by-op perturbed float64 run of the
     ONNX model A (a :class:`~fc2conv.verify.models.Model`) and ``y`` its float64 reference."""
     from fc2conv.verify import onnx_backend
-    from fc2conv.verify.noise import _accumulate
     from fc2conv.verify.onnx_float64 import Float64Runner
 
     proto = model.onnx_model
@@ -193,5 +194,5 @@ def onnx_noise(model: Any, draws: list[tuple[torch.Tensor, ...]], u: float,
             shapes, ints = shapes_of[key]
             runner = Float64Runner(shaken_graph(model64, shapes, ints, u, rng), out_names)
             got = [torch.from_numpy(np.asarray(v)) for v in runner.run(feeds)]
-            _accumulate(noise[k], got, exact)
+            accumulate(noise[k], got, exact)
     return noise

@@ -14,27 +14,14 @@ elementwise, so ``|a_i - b_i| <= bound_a[i] + bound_b[i]`` is what rounding allo
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
 from fc2conv.verify import bound as bnd
-from fc2conv.verify.models import Layer, Model
+from fc2conv.verify.models import Model
 from fc2conv.verify.running import track
+from fc2conv.verify.values import Reference
 
-
-@dataclass
-class Reference:
-    outputs: list[torch.Tensor]
-    bound_a: list[torch.Tensor]
-    bound_b: list[torch.Tensor]
-    method: str
-    stats: bnd.OpStats
-    layers: list[Layer] = field(default_factory=list)
-    layer_bound_a: list[torch.Tensor] = field(default_factory=list)  # per captured layer
-    layer_bound_b: list[torch.Tensor] = field(default_factory=list)
-    unsupported: set[str] = field(default_factory=set)
-    engine: str = ""  # what ran the float64 twin (ONNX: onnxruntime or the reference evaluator)
+__all__ = ["Reference", "reference", "reference_notes"]
 
 
 def _floor(r: bnd.Rounding, stats: bnd.OpStats) -> float:
@@ -91,3 +78,16 @@ def reference(ma: Model, x: tuple[torch.Tensor, ...], ra: bnd.Rounding, rb: bnd.
 
 def _zero_if_exact(e: torch.Tensor, t: torch.Tensor, r: bnd.Rounding) -> torch.Tensor:
     return e if t.is_floating_point() and r.dtype.is_floating_point else torch.zeros_like(e)
+
+
+def reference_notes(refs: list[Reference], budget_note: str | None) -> list[str]:
+    """Which engine ran model A's float64 twin, when it is an ONNX graph (the report says it),
+    and how memory was saved when it had to be (:mod:`fc2conv.verify.budget`)."""
+    saved = [budget_note] if budget_note else []
+    engines = list(dict.fromkeys(ref.engine for ref in refs if ref.engine))
+    if not engines:
+        return saved
+    text = f"float64 reference: model A run by {' and '.join(engines)}"
+    if any("in float32" in e for e in engines):
+        text += " (exact only up to float32 rounding at those ops: they have no float64 kernel)"
+    return [text, *saved]

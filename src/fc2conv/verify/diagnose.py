@@ -1,12 +1,9 @@
-"""Where two models part, and why: layer-by-layer localization and tested hypotheses.
+"""Why two models part: tested hypotheses at the first diverging pair of layers.
 
-:func:`localize` captures both models' layer outputs on the first and the large-magnitude draw,
-matches them (:mod:`fc2conv.verify.match`) and judges each pair by the rule that judges the
-outputs (:class:`~fc2conv.verify.judge.Judge`, against that layer's float64 reference). The
-first pair judged different is the *first divergence*. The layers only localize: when the
-outputs agree, a straying layer is noted, never turned into a "different" verdict.
-
-Hypotheses, each a test on real numbers, the first that holds becomes the diagnosis:
+:func:`diagnose` takes the first :class:`~fc2conv.verify.values.Divergence` that
+:mod:`fc2conv.verify.localize` found (or none) and returns a
+:class:`~fc2conv.verify.values.Diagnosis`: the layer, in the user's names, and the first of
+these hypotheses that holds, each a test on real numbers:
 
 - train vs eval mode: a model has Dropout/BatchNorm layers in training mode that the other has
   not, and re-running it after ``.eval()`` makes the outputs agree within rounding;
@@ -18,7 +15,9 @@ Hypotheses, each a test on real numbers, the first that holds becomes the diagno
 - shared kernel: B's output is fitted exactly by one affine map applied at every position of
   the input, while A's is not (or the other way round).
 
-"Equals" means within twice the layer's allowed error, elementwise.
+"Equals" means within twice the layer's allowed error, elementwise. When none holds, the
+diagnosis says so ("none of the tested causes explains it"). Hypotheses run on copies: the
+models and the captured layers are left as they are.
 """
 
 from __future__ import annotations
@@ -26,18 +25,14 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import nn
 
-from fc2conv.verify.bound import EMPIRICAL_FACTOR
-from fc2conv.verify.judge import Judge, exact_equal
-from fc2conv.verify.match import Pair, match_graphs, match_layers
+from fc2conv.verify.judge import Judge
 from fc2conv.verify.models import Model
 from fc2conv.verify.reference import reference
-from fc2conv.verify.report import LayerStats, Report
-from fc2conv.verify.values import Layer
+from fc2conv.verify.values import Diagnosis, Divergence, Layer, Pair
 
 log = logging.getLogger(__name__)
 
@@ -45,149 +40,19 @@ _MODE_LAYERS = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm,
                 nn.modules.instancenorm._InstanceNorm)
 
 
-def localize(report: Report, ma: Model, mb: Model, draws: list[tuple[torch.Tensor, ...]],
-             judge: Judge, *, with_table: bool, suspect: bool = False) -> None:
-    """Fill ``report.layers``, ``report.first_divergence`` and ``report.diagnosis``.
-
-    ``suspect``: an output where B's error exceeds 10x A's though within the worst-case bound
-    and the measured noise; then a matched layer beyond its own bound (and 10x A's error there)
-    confirms it, and the verdict becomes "different". Otherwise the layers never change it."""
-    different = report.verdict == "different"
-    chosen = [draws[0]] + ([draws[-1]] if len(draws) > 1 else [])
-    table: dict[tuple[str, str], LayerStats] = {}
-    first: tuple[int, Pair, torch.Tensor, int] | None = None
-    # the first pair where B's error exceeds 10x A's (the output rule's ratio alone): where
-    # the worst-case bound is too loose to single out a layer (the magnitude bound through a
-    # deep stack of batch norms or attention can exceed the values themselves), it localizes a
-    # difference the outputs already decided, when it comes first
-    first_ratio: tuple[int, Pair, torch.Tensor, list[Layer]] | None = None
-    prev_layers: list[Layer] = []
-    nonfinite: dict[str, str] = {}
-    for k, x in enumerate(chosen):
-        try:
-            la = ma.run(x, capture=True).layers
-            lb = mb.run(x, capture=True).layers
-            ref = reference(ma, x, judge.ra, judge.rb, capture=True)
-        except Exception as err:  # capture is best effort: the verdict stands without it
-            report.notes.append(f"layer outputs could not be captured: {err}")
-            return
-        usable = len(ref.layer_bound_a) == len(la) == len(ref.layers)
-        per_layer = {id(layer): (ref.layers[i].output, ref.layer_bound_a[i] * judge.scale,
-                                 ref.layer_bound_b[i] * judge.scale)
-                     for i, layer in enumerate(la)} if usable else {}
-        for who, layers_ in (("A", la), ("B", lb)):
-            bad = _first_nonfinite(layers_)
-            if bad is not None and who not in nonfinite:
-                nonfinite[who] = bad
-                report.notes.append(f"NaN/Inf first appear in {who} at layer '{bad}' (draw {k})")
-        pairs = pair_layers(ma, mb, la, lb)
-        for pos, p in enumerate(pairs):
-            entry = per_layer.get(id(p.a))
-            if entry is None or entry[0].shape != p.a.output.shape:
-                continue  # no reference for this layer: it cannot be judged
-            c = _judge_layer(judge, p.a.output, p.b_aligned, *entry)
-            allowed = c["allowed"]
-            d = c["d"]
-            ok = not bool(c["fail"].any())
-            flat = int(torch.argmax(d)) if d.numel() else 0
-            dmax = float(d.reshape(-1)[flat]) if d.numel() else 0.0
-            there = float(allowed.reshape(-1)[flat]) if d.numel() else 0.0
-            ratio = float(c["ratio"].max()) if d.numel() else 0.0
-            key = (p.a.name, p.b.name)
-            row = table.get(key)
-            if row is None or dmax > row.max_abs_error:
-                table[key] = LayerStats(p.a.name, p.b.name, p.a.kind, p.how,
-                                        p.alignment.describe(), dmax, there,
-                                        ok and (row is None or row.ok),
-                                        max(ratio, row.ratio if row else 0.0))
-            else:
-                row.ok = row.ok and ok
-                row.ratio = max(row.ratio, ratio)
-            if not ok and (first is None or pos < first[0]):
-                first = (pos, p, allowed, k)
-                prev_layers = la
-            gate = c.get("gate")
-            if (gate is not None and bool(gate.any()) and not exact_equal(p.a.output, p.b_aligned)
-                    and (first_ratio is None or pos < first_ratio[0])):
-                first_ratio = (pos, p, allowed, la)
-    if with_table:
-        report.layers = list(table.values())
-    if not different and first is not None and suspect:
-        pair = first[1]
-        report.verdict = "different"
-        report.notes.append(
-            f"B's output error exceeds 10x A's, within the worst-case bound of the output, and "
-            f"layer '{pair.a.name}' is beyond its own bound: rounding does not explain it")
-        different = True
-    if not different and first is not None:
-        # the outputs decide; a layer that strays while the outputs agree is only reported
-        report.notes.append(
-            f"the outputs agree, but layer '{first[1].a.name}' strays further from its float64 "
-            "reference in B than in A; the outputs decide the verdict (a difference the layers "
-            "after it damp away does not change what the model computes)")
-    if not different:
-        return
-    if first_ratio is not None and (first is None or first_ratio[0] < first[0]):
-        # an earlier layer whose B error exceeds 10x A's, within a bound too loose to judge it
-        first = (first_ratio[0], first_ratio[1], first_ratio[2], 0)
-        prev_layers = first_ratio[3]
+def diagnose(ma: Model, mb: Model, draws: list[tuple[torch.Tensor, ...]], judge: Judge,
+             first: Divergence | None) -> Diagnosis:
+    """The diagnosis of two models whose outputs differ, ``first`` their first diverging pair of
+    layers (``None`` when no matched layer diverges). See the module docstring."""
     mode = _mode_hypothesis(ma, mb, draws[0], judge)
-    if first is not None:
-        _, pair, allowed, _ = first
-        report.first_divergence = pair.a.name if pair.a.name == pair.b.name else (
-            f"{pair.a.name} (B: {pair.b.name})")
-        report.diagnosis = mode or _layer_hypotheses(pair, allowed, prev_layers)
-    else:
-        report.diagnosis = mode or ("no matched layer diverges beyond its bound; the difference "
-                                    "arises in a layer without a counterpart in the other "
-                                    "model, or in the final layout of the outputs")
-
-
-def pair_layers(ma: Model, mb: Model, la: list[Layer], lb: list[Layer]) -> list[Pair]:
-    """Corresponding layers of ``ma`` and ``mb``: two ONNX graphs by provenance and graph
-    structure (:func:`~fc2conv.verify.match.match_graphs`), else by names and order."""
-    if ma.kind == "onnx" and mb.kind == "onnx":
-        from fc2conv.verify import onnx_backend
-        from fc2conv.verify.structure import describe_layers
-
-        ca = onnx_backend._layer_nodes(ma.onnx_model)
-        cb = onnx_backend._layer_nodes(mb.onnx_model)
-        if [c[0] for c in ca] == [x.name for x in la] and [c[0] for c in cb] == [x.name
-                                                                          for x in lb]:
-            sa = describe_layers(ma.onnx_model, ca, onnx_backend.LAYOUT_OPS)
-            sb = describe_layers(mb.onnx_model, cb, onnx_backend.LAYOUT_OPS)
-            return match_graphs(la, lb, sa, sb)
-    return match_layers(la, lb)
-
-
-def _judge_layer(judge: Judge, ya: torch.Tensor, yb: torch.Tensor, r: torch.Tensor,
-                 ba: torch.Tensor, bb: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``judge.check`` for one layer (same precision: B's error beyond 10x A's *and* beyond
-    the worst-case bound). Bitwise-equal layers agree. Where model A itself exceeds its bound on
-    this layer (an op the bound does not model, e.g. layer norm), both bounds are scaled by the
-    empirical factor times A's excess, as ``compare`` does for outputs."""
-    c = judge.check(ya, yb, r, ba, bb)
-    if exact_equal(ya, yb):
-        c["fail"] = torch.zeros_like(c["fail"])
-        return c
-    if not ya.is_floating_point() or not bool(c["fail"].any()):
-        return c
-    ea = c["ea"]
-    fin = torch.isfinite(ea)
-    if fin.any():
-        rho = float((ea[fin] / ba[fin].clamp_min(1e-300)).max())
-        if rho > 1.0:
-            k = EMPIRICAL_FACTOR * rho
-            c = judge.check(ya, yb, r, ba * k, bb * k)
-    return c
-
-
-def _first_nonfinite(layers: list[Layer]) -> str | None:
-    for layer in layers:
-        t = layer.output
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            return layer.name
-    return None
+    if first is None:
+        return Diagnosis(None, mode or ("no matched layer diverges beyond its bound; the "
+                                        "difference arises in a layer without a counterpart in "
+                                        "the other model, or in the final layout of the "
+                                        "outputs"))
+    pair = first.pair
+    where = pair.a.name if pair.a.name == pair.b.name else f"{pair.a.name} (B: {pair.b.name})"
+    return Diagnosis(where, mode or _layer_hypotheses(pair, first.allowed, list(first.a_layers)))
 
 
 # -- train vs eval ----------------------------------------------------------------------------
@@ -417,9 +282,3 @@ def _fit_residual(design: torch.Tensor, y: torch.Tensor, ch: int) -> float:
     ys = y.double().movedim(ch, -1).reshape(design.shape[0], -1)
     k = torch.linalg.lstsq(design, ys).solution
     return float((design @ k - ys).abs().max())
-
-
-def describe_pairs(pairs: list[Pair]) -> list[dict[str, Any]]:
-    """Matched layer pairs as plain dicts (for debugging and JSON)."""
-    return [{"a": p.a.name, "b": p.b.name, "how": p.how, "layout": p.alignment.describe()}
-            for p in pairs]

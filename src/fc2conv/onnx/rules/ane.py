@@ -148,6 +148,8 @@ def _const_array(v: ir.Value | None, depth: int = 8) -> np.ndarray | None:
 class AnePass:
     """One walk over ``ctx.graph`` (see the module docstring)."""
 
+    ACT_RANK = 3  # the rank of an original value whose twin has the act layout
+
     def __init__(self, ctx: Context, wanted: set[str] | None = None) -> None:
         self.ctx = ctx
         self.wanted = wanted
@@ -443,7 +445,7 @@ class AnePass:
                 ins.append(v if c.ndim == 0 else self._const(moved, v, f"{v.name}_ane"))
                 continue
             shape = _shape(v)
-            rank = 3 if perm is None else len(perm)
+            rank = self.ACT_RANK if perm is None else len(perm)
             if shape is None or len(shape) != rank:
                 return
             entered = self.enter(v, perm)

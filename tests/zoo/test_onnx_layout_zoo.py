@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import io
 import warnings
-
 from collections import Counter
 
 import numpy as np

@@ -64,7 +64,6 @@ log = logging.getLogger(__name__)
 
 _ACT_AXIS = {0: 0, 1: 2, 3: 1}  # (B, C, 1, S) axis -> (B, S, C) axis
 _BY_HEADS = (0, 2, 3, 1)  # v'[b, h, d, s] = v[b, s, h, d]
-_REMOVABLE = {"Transpose", "Unsqueeze", "Squeeze", "Reshape", "Identity", "Constant"}
 
 
 def _axes(node: ir.Node, position: int = 1) -> list[int] | None:
@@ -93,15 +92,6 @@ class LinearPass(AnePass):
     def __init__(self, ctx: Context, wanted: set[str] | None = None) -> None:
         super().__init__(ctx, wanted)
         self.arranged: dict[tuple[ir.Value, tuple[int, ...]], ir.Value] = {}
-        self.added: set[ir.Node] = set()
-
-    def _add(self, op: str, inputs: Sequence[ir.Value | None], attrs: dict | None = None,
-             name: str = "linear", tag: str | None = None) -> ir.Value:
-        out = super()._add(op, inputs, attrs, name, tag)
-        producer = out.producer()
-        assert producer is not None
-        self.added.add(producer)
-        return out
 
     # -- the act relation both ways ---------------------------------------------------------
     def enter(self, x: ir.Value, perm: tuple[int, ...] | None = None) -> ir.Value | None:
@@ -475,20 +465,6 @@ class LinearPass(AnePass):
                                            "fc2conv_axes"), *node.inputs[4:]], {},
                       node.name or "slice")
         self._set(node, Twin(y, t.perm))
-
-    # -- clean-up ---------------------------------------------------------------------------
-    def _finish(self) -> None:
-        super()._finish()
-        gone = self.added | set(self.done)
-        changed = True
-        while changed:  # what this pass replaced or added, and moves, that nothing reads
-            changed = False
-            for node in reversed(list(self.graph)):
-                if (node in gone or node.op_type in _REMOVABLE) and node.domain == "" \
-                        and not any(o.uses() or o.is_graph_output() for o in node.outputs):
-                    self.graph.remove(node, safe=True)
-                    changed = True
-
 
 def linear_layout(ctx: Context, wanted: set[str] | None = None) -> AneResult:
     """Run :class:`LinearPass` on ``ctx.graph``; return the Convs it turned into MatMuls."""

@@ -129,3 +129,44 @@ def test_a_table_read_from_a_graph_input_moves_once() -> None:
     feeds = _feeds(np.random.default_rng(4))
     feeds["cos"] = np.random.default_rng(5).standard_normal((B, S, D)).astype(np.float32)
     assert_matches_reference(m, conv, feeds, depth=DEPTH)
+
+
+def _grouped_kv_block(rng: np.random.Generator) -> onnx.ModelProto:
+    """Grouped K/V as torch's dynamo exporter writes it: K (B, Hkv, S, D) -> Unsqueeze ->
+    Expand (B, Hkv, n, S, D) -> Reshape (B*H, S, D) -> Transpose -> Reshape (B, H, D, S)."""
+    n = helper.make_node
+    hkv, rep = 1, H
+    inits = [init(rng, "wq", C, C), init(rng, "wk", C, hkv * D), init(rng, "wv", C, hkv * D),
+             init(rng, "wo", C, C), _ints("ax2", [2]), _ints("qs", [0, 0, H, D]),
+             _ints("kvs", [0, 0, hkv, D]), _ints("exp", [B, hkv, rep, S, D]),
+             _ints("flat", [B * H, S, D]), _ints("kt4", [B, H, D, S]),
+             _ints("vshape", [B, H, S, D]), _ints("merge", [0, 0, C]),
+             numpy_helper.from_array(np.float32(D ** -0.5), "scale")]
+    nodes = [n("MatMul", ["x", "wq"], ["q0"]), n("Reshape", ["q0", "qs"], ["q1"]),
+             n("Transpose", ["q1"], ["q"], perm=[0, 2, 1, 3])]
+    for p in "kv":
+        nodes += [n("MatMul", ["x", f"w{p}"], [f"{p}0"]), n("Reshape", [f"{p}0", "kvs"], [f"{p}1"]),
+                  n("Transpose", [f"{p}1"], [f"{p}2"], perm=[0, 2, 1, 3]),
+                  n("Unsqueeze", [f"{p}2", "ax2"], [f"{p}3"]),
+                  n("Expand", [f"{p}3", "exp"], [f"{p}4"])]
+    nodes += [n("Reshape", ["k4", "flat"], ["k5"]), n("Transpose", ["k5"], ["k6"], perm=[0, 2, 1]),
+              n("Reshape", ["k6", "kt4"], ["kt"]), n("Reshape", ["v4", "vshape"], ["v"]),
+              n("Mul", ["q", "scale"], ["qs1"]), n("MatMul", ["qs1", "kt"], ["s"]),
+              n("Softmax", ["s"], ["p"], axis=-1), n("MatMul", ["p", "v"], ["o0"]),
+              n("Transpose", ["o0"], ["o1"], perm=[0, 2, 1, 3]),
+              n("Reshape", ["o1", "merge"], ["o2"]), n("MatMul", ["o2", "wo"], ["y"])]
+    return model(nodes, [vinfo("x", [B, S, C])], [vinfo("y", [B, S, C])], inits, opset=18)
+
+
+def test_dynamo_grouped_kv_stays_in_the_ane_layout() -> None:
+    """The run-merging and splitting Reshapes are done on the stored axes: one move in, one
+    out (before: 4, a Transpose on each side of the rank-5 Reshape), and back again cleanly."""
+    m = _grouped_kv_block(np.random.default_rng(21))
+    conv, report = convert(m, "conv", layout="ane", verify=False)
+    assert op_counts(conv)["Transpose"] == 2, "\n".join(report.layout_changes)
+    feeds = {"x": np.random.default_rng(22).standard_normal((B, S, C)).astype(np.float32)}
+    assert_matches_reference(m, conv, feeds, depth=2 * C + D + S)
+    back, _ = convert(conv, "linear", verify=False)
+    assert op_counts(back)["Transpose"] <= op_counts(m)["Transpose"]
+    assert op_counts(back)["Reshape"] <= op_counts(m)["Reshape"]
+    assert_matches_reference(m, back, feeds, depth=2 * C + D + S)

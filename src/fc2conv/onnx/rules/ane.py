@@ -705,7 +705,7 @@ class AnePass:
         each other in that order), other dims unchanged: the same merge of the stored axes."""
         assert t.perm is not None
         if len(sx) != len(so) + 1 or len(sx) != len(t.perm):
-            return False
+            return self._regroup(node, t, sx, so)
         for a in range(len(so)):
             if all(_same_dim(sx[i], so[i]) for i in range(a)) and all(
                     _same_dim(sx[i + 1], so[i]) for i in range(a + 1, len(so))) \
@@ -723,7 +723,46 @@ class AnePass:
                               node.name or "merge")
                 self._set(node, Twin(y, tuple(perm)))
                 return True
-        return False
+        return self._regroup(node, t, sx, so)
+
+    def _regroup(self, node: ir.Node, t: Twin, sx: tuple, so: tuple) -> bool:
+        """Reshape of a permuted twin, static shapes, that splits and merges runs of logical
+        axes (dynamo's grouped K/V: ``(B, Hkv, n, S, D) -> (B*H, S, D)``, then ``(B*H, D, S)
+        -> (B, H, D, S)``): when every merged run is stored next to each other in order, the
+        same Reshape of the stored axes, each run's new axes stored where the run was."""
+        assert t.perm is not None
+        if not all(isinstance(d, int) and d > 0 for d in (*sx, *so)) or len(sx) != len(t.perm):
+            return False
+        groups: list[tuple[list[int], list[int]]] = []
+        i = j = 0
+        while i < len(sx) or j < len(so):
+            if i == len(sx) or j == len(so):
+                return False
+            ins, outs = [i], [j]
+            a, b = sx[i], so[j]
+            i, j = i + 1, j + 1
+            while a != b:
+                if a < b and i < len(sx):
+                    a, i = a * sx[i], i + 1
+                    ins.append(i - 1)
+                elif b < a and j < len(so):
+                    b, j = b * so[j], j + 1
+                    outs.append(j - 1)
+                else:
+                    return False
+            groups.append((ins, outs))
+        if any(t.perm[g[0][k]] != t.perm[g[0][0]] + k for g in groups for k in range(len(g[0]))):
+            return False
+        phys: list[int] = []
+        perm = [0] * len(so)
+        for _, outs in sorted(groups, key=lambda g: t.perm[g[0][0]]):  # type: ignore[index]
+            for o in outs:
+                perm[o] = len(phys)
+                phys.append(int(so[o]))
+        y = self._add("Reshape", [t.value, self._ints(phys, "fc2conv_shape")], {},
+                      node.name or "reshape")
+        self._set(node, Twin(y, tuple(perm)))
+        return True
 
     def _on_Transpose(self, node: ir.Node) -> None:  # noqa: N802
         x = node.inputs[0]

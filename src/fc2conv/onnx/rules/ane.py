@@ -303,6 +303,8 @@ class AnePass:
             shape_v = p.inputs[1]
             given = _const_array(shape_v)
             if given is not None:
+                if given.size != r:
+                    return None
                 target = self._ints([int(given.reshape(-1)[i]) for i in _inverse(perm)],
                                     "fc2conv_shape")
             else:

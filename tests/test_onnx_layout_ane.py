@@ -125,3 +125,21 @@ def test_a_models_own_transposes_cancel_against_the_convs_moves(layout: str) -> 
     for seed in (6, 7):
         x = np.random.default_rng(seed).standard_normal((2, 6, 5, 4)).astype(np.float32)
         assert_matches_reference(m, conv, {"x": x}, depth=6)
+
+
+def test_to_linear_undoes_the_ane_layout() -> None:
+    """``to_linear`` of the ane block: every 1x1 Conv on (B, C, 1, S) is a MatMul on (B, S, C)
+    again and both attention Einsums are MatMuls, with no more Transposes or Reshapes than the
+    block had (before: 4 -> 12 Transposes), matching the float64 reference of the block."""
+    m = _block(np.random.default_rng(0))
+    conv = to_conv(m, layout="ane", verify=False)
+    back, report = convert(conv, "linear", verify=False)
+    before, after = op_counts(m), op_counts(back)
+    assert after["Conv"] == 0 and after["Einsum"] == 0 and after["MatMul"] == before["MatMul"]
+    for op in ("Transpose", "Reshape", "Flatten"):
+        assert after[op] <= before[op], (op, report.layout_changes)
+    assert len(report.converted) == 6 and all("(B, S, C)" in e.detail for e in report.converted)
+    assert [o.name for o in back.graph.output] == ["y"]
+    onnx.checker.check_model(back, full_check=True)
+    for seed in (3, 4):
+        assert_matches_reference(m, back, _feeds(np.random.default_rng(seed)), depth=4 * F)

@@ -52,10 +52,11 @@ def test_gemm_round_trip_has_no_extra_layout_ops(widths: tuple[int, ...], trans_
     assert_matches_reference(m, back, feeds, depth=max(widths) * len(widths))
 
 
+@pytest.mark.parametrize("layout", ["channels_first", "ane"])
 @pytest.mark.parametrize("path", FOREIGN, ids=[p.stem for p in FOREIGN])
-def test_foreign_round_trip_has_no_extra_layout_ops(path: Path) -> None:
+def test_foreign_round_trip_has_no_extra_layout_ops(path: Path, layout: str) -> None:
     m = onnx.load(path)
-    back = to_linear(to_conv(m))
+    back = to_linear(to_conv(m, layout=layout))
     before, after = _layout_ops(m), _layout_ops(back)
     assert all(after[k] <= before[k] for k in LAYOUT_OPS), (before, after)
     data = path.with_suffix(".npz")

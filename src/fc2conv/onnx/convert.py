@@ -18,6 +18,7 @@ import onnx_ir.passes.common
 from fc2conv.errors import Fc2ConvError
 from fc2conv.onnx.rules import TO_CONV, TO_LINEAR
 from fc2conv.onnx.rules.ane import ane_layout
+from fc2conv.onnx.rules.ane_back import linear_layout
 from fc2conv.onnx.rules.base import LAYOUT_KEY, Context, Refused, drop_dead_constant_moves
 from fc2conv.onnx.rules.layout import (
     collapse_flat_round_trips,
@@ -158,8 +159,9 @@ def convert_model(
     anchors = {op for r in rules for op in r.op_types}
     wanted = set(only) if only else None
     seen: set[str] = set()
-    if layout == "ane":
-        for node, detail in ane_layout(ctx, wanted).converted:
+    if layout == "ane" or to == "linear":
+        walk = ane_layout if to == "conv" else linear_layout
+        for node, detail in walk(ctx, wanted).converted:
             label = node.name or node.outputs[0].name or node.op_type
             seen.update({label, node.outputs[0].name or ""} & (wanted or set()))
             report.entries.append(Entry(label, node.op_type, "converted", detail))

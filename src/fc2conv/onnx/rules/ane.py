@@ -148,12 +148,15 @@ def _const_array(v: ir.Value | None, depth: int = 8) -> np.ndarray | None:
 class AnePass:
     """One walk over ``ctx.graph`` (see the module docstring)."""
 
+    ACT_RANK = 3  # the rank of an original value whose twin has the act layout
+
     def __init__(self, ctx: Context, wanted: set[str] | None = None) -> None:
         self.ctx = ctx
         self.wanted = wanted
         self.graph = ctx.graph
         self.twins: dict[ir.Value, Twin] = {}
         self.entered: dict[tuple[ir.Value, tuple[int, ...] | None], ir.Value] = {}
+        self.carried: dict[tuple[ir.Value, tuple[int, ...]], ir.Value] = {}
         self.done: list[ir.Node] = []
         self.result = AneResult()
         self.anchor: ir.Node | None = None
@@ -205,8 +208,7 @@ class AnePass:
         if perm is not None:
             if shape is None or len(shape) != len(perm):
                 return None
-            out = x if list(perm) == sorted(perm) else self._add(
-                "Transpose", [x], {"perm": list(_inverse(perm))}, f"{base}_to_ane", "enter:ane")
+            out = self._carry(x, perm)
         else:
             if shape is None or len(shape) != 3:
                 return None
@@ -227,6 +229,121 @@ class AnePass:
         if x not in self.twins:
             self.twins[x] = Twin(out, perm, entered=True)
         return out
+
+    def _carry(self, x: ir.Value, perm: tuple[int, ...], depth: int = 24) -> ir.Value:
+        """``Transpose(x, perm^-1)``, the move carried up through the ops ``x`` is computed by
+        (a position table computed at run time: ``Unsqueeze(Cast(Cos(Concat(f, f))))`` of
+        ``f = Transpose(MatMul(inv_freq, positions))``) to where it is free (a constant, or an
+        inverse Transpose) or shared: one move per table, not one per reader.
+
+        Each step relabels axes only: ``Transpose(op(u), p^-1) = op'(Transpose(u, q^-1))``
+        for the elementwise ops (constants moved), Unsqueeze / Gather (the axis added or
+        removed kept apart), Expand (its shape permuted), Slice / Concat (their axes mapped)
+        and Transpose (``q`` composed)."""
+        if list(perm) == sorted(perm):
+            return x
+        key = (x, perm)
+        if key not in self.carried:
+            out = self._carried(x, perm, depth) if depth > 0 else None
+            self.carried[key] = out if out is not None else self._add(
+                "Transpose", [x], {"perm": list(_inverse(perm))}, f"{x.name or 'x'}_to_ane",
+                "enter:ane")
+        return self.carried[key]
+
+    def _carried(self, x: ir.Value, perm: tuple[int, ...], depth: int) -> ir.Value | None:
+        r = len(perm)
+        c = _const_array(x)
+        if c is not None:
+            return None if c.ndim != r else self._const(c.transpose(_inverse(perm)), x,
+                                                        f"{x.name}_ane")
+        p = x.producer()
+        if p is None or p.domain != "" or len(p.outputs) != 1 or p.graph is not self.graph:
+            return None
+        op = p.op_type
+        base = p.name or op
+        attrs = {k: a.value for k, a in p.attributes.items()}
+        u = p.inputs[0] if p.inputs else None
+        su = _shape(u)
+        if u is None or su is None:
+            return None
+        if op in UNARY and all(_const_array(v) is not None for v in p.inputs[1:] if v):
+            return self._add(op, [self._carry(u, perm, depth - 1), *p.inputs[1:]], attrs, base)
+        if op in BINARY | {"Where"}:
+            ins: list[ir.Value | None] = []
+            for v in p.inputs:
+                cv = _const_array(v)
+                sv = _shape(v)
+                if cv is not None and cv.size == 1:
+                    ins.append(v)
+                elif cv is not None and cv.ndim <= r:
+                    ins.append(self._const(self._moved_constant(cv, perm), x,  # type: ignore[arg-type]
+                                           f"{v.name}_ane" if v is not None else "c_ane"))
+                elif v is not None and sv is not None and len(sv) == r:
+                    ins.append(self._carry(v, perm, depth - 1))
+                else:
+                    return None
+            return self._add(op, ins, attrs, base)
+        if op == "Transpose":
+            q = attrs.get("perm")
+            if q is None or len(q) != r:
+                return None
+            inv_q = _inverse([int(i) for i in q])
+            return self._carry(u, tuple(perm[inv_q[i]] for i in range(r)), depth - 1)
+        if op == "Unsqueeze":
+            axes = _const_array(p.inputs[1]) if len(p.inputs) > 1 else None
+            listed = axes.reshape(-1).tolist() if axes is not None else attrs.get("axes")
+            if listed is None or len(su) + len(listed) != r:
+                return None
+            added = sorted(int(a) % r for a in listed)
+            kept = [i for i in range(r) if i not in added]
+            q = [kept.index(i) for i in sorted(kept, key=lambda i: perm[i])]
+            moved = self._carry(u, _inverse(q), depth - 1)
+            return self._axes_op("Unsqueeze", moved, sorted(perm[a] for a in added), base)
+        if op == "Expand" and len(su) == r:
+            shape_v = p.inputs[1]
+            given = _const_array(shape_v)
+            if given is not None:
+                if given.size != r:
+                    return None
+                target = self._ints([int(given.reshape(-1)[i]) for i in _inverse(perm)],
+                                    "fc2conv_shape")
+            else:
+                sh = _shape(shape_v)
+                if shape_v is None or sh is None or sh != (r,):
+                    return None
+                target = self._add("Gather", [shape_v, self._ints(list(_inverse(perm)),
+                                                                  "fc2conv_perm")],
+                                   {"axis": 0}, base)
+            return self._add("Expand", [self._carry(u, perm, depth - 1), target], {}, base)
+        if op == "Slice" and len(su) == r and len(p.inputs) >= 3:
+            starts = _shape(p.inputs[1])
+            axes = _const_array(p.inputs[3]) if len(p.inputs) > 3 and p.inputs[3] else None
+            if axes is None and (len(p.inputs) > 3 and p.inputs[3] is not None
+                                 or starts is None or not isinstance(starts[0], int)):
+                return None
+            listed = axes.reshape(-1).tolist() if axes is not None else list(range(starts[0]))  # type: ignore[arg-type, index]
+            new_axes = self._ints([perm[int(a) % r] for a in listed], "fc2conv_axes")
+            return self._add("Slice", [self._carry(u, perm, depth - 1), p.inputs[1],
+                                       p.inputs[2], new_axes, *p.inputs[4:]], {}, base)
+        if op == "Concat":
+            if any(v is None or _shape(v) is None or len(_shape(v) or ()) != r
+                   for v in p.inputs):
+                return None
+            ins = [self._carry(v, perm, depth - 1) for v in p.inputs if v is not None]
+            return self._add("Concat", ins, {"axis": perm[int(attrs["axis"]) % r]}, base)
+        if op == "Gather":
+            idx = _shape(p.inputs[1])
+            axis = int(attrs.get("axis", 0)) % len(su)
+            if idx is None or len(idx) > 1 or len(su) != r + 1 - len(idx):
+                return None
+            if len(idx) == 1:
+                return self._add("Gather", [self._carry(u, perm, depth - 1), p.inputs[1]],
+                                 {"axis": perm[axis]}, base)
+            # a scalar index drops u's axis: keep it last in u's twin, gather it there
+            pu = tuple(r if j == axis else perm[j - (j > axis)] for j in range(r + 1))
+            return self._add("Gather", [self._carry(u, pu, depth - 1), p.inputs[1]],
+                             {"axis": r}, base)
+        return None
 
     def _roots(self, x: ir.Value, depth: int = 24) -> set[ir.Value] | None:
         """The values outside the table that ``x`` is computed from by table ops (``None``:
@@ -443,7 +560,7 @@ class AnePass:
                 ins.append(v if c.ndim == 0 else self._const(moved, v, f"{v.name}_ane"))
                 continue
             shape = _shape(v)
-            rank = 3 if perm is None else len(perm)
+            rank = self.ACT_RANK if perm is None else len(perm)
             if shape is None or len(shape) != rank:
                 return
             entered = self.enter(v, perm)
@@ -590,7 +707,7 @@ class AnePass:
         each other in that order), other dims unchanged: the same merge of the stored axes."""
         assert t.perm is not None
         if len(sx) != len(so) + 1 or len(sx) != len(t.perm):
-            return False
+            return self._regroup(node, t, sx, so)
         for a in range(len(so)):
             if all(_same_dim(sx[i], so[i]) for i in range(a)) and all(
                     _same_dim(sx[i + 1], so[i]) for i in range(a + 1, len(so))) \
@@ -608,7 +725,46 @@ class AnePass:
                               node.name or "merge")
                 self._set(node, Twin(y, tuple(perm)))
                 return True
-        return False
+        return self._regroup(node, t, sx, so)
+
+    def _regroup(self, node: ir.Node, t: Twin, sx: tuple, so: tuple) -> bool:
+        """Reshape of a permuted twin, static shapes, that splits and merges runs of logical
+        axes (dynamo's grouped K/V: ``(B, Hkv, n, S, D) -> (B*H, S, D)``, then ``(B*H, D, S)
+        -> (B, H, D, S)``): when every merged run is stored next to each other in order, the
+        same Reshape of the stored axes, each run's new axes stored where the run was."""
+        assert t.perm is not None
+        if not all(isinstance(d, int) and d > 0 for d in (*sx, *so)) or len(sx) != len(t.perm):
+            return False
+        groups: list[tuple[list[int], list[int]]] = []
+        i = j = 0
+        while i < len(sx) or j < len(so):
+            if i == len(sx) or j == len(so):
+                return False
+            ins, outs = [i], [j]
+            a, b = sx[i], so[j]
+            i, j = i + 1, j + 1
+            while a != b:
+                if a < b and i < len(sx):
+                    a, i = a * sx[i], i + 1
+                    ins.append(i - 1)
+                elif b < a and j < len(so):
+                    b, j = b * so[j], j + 1
+                    outs.append(j - 1)
+                else:
+                    return False
+            groups.append((ins, outs))
+        if any(t.perm[g[0][k]] != t.perm[g[0][0]] + k for g in groups for k in range(len(g[0]))):
+            return False
+        phys: list[int] = []
+        perm = [0] * len(so)
+        for _, outs in sorted(groups, key=lambda g: t.perm[g[0][0]]):  # type: ignore[index]
+            for o in outs:
+                perm[o] = len(phys)
+                phys.append(int(so[o]))
+        y = self._add("Reshape", [t.value, self._ints(phys, "fc2conv_shape")], {},
+                      node.name or "reshape")
+        self._set(node, Twin(y, tuple(perm)))
+        return True
 
     def _on_Transpose(self, node: ir.Node) -> None:  # noqa: N802
         x = node.inputs[0]
@@ -674,7 +830,23 @@ class AnePass:
         self._set(node, Twin(y, t.perm))
 
     # -- leaving the layout, clean-up --------------------------------------------------------
+    def _sweep(self, keep: set[ir.Value] | None = None) -> None:
+        """Remove the nodes nothing reads (a per-layer Unsqueeze of a table that now reads the
+        table moved once), so that no value leaves the layout for them; ``keep``: values
+        whose readers are still to come."""
+        changed = True
+        while changed:
+            changed = False
+            for node in reversed(list(self.graph)):
+                if node.domain == "" and not any(o.uses() or o.is_graph_output()
+                                                 or o in (keep or ()) for o in node.outputs):
+                    self.read.update(v for v in node.inputs if v is not None)
+                    self.graph.remove(node, safe=True)
+                    changed = True
+
     def _finish(self) -> None:
+        self.read = {v for n in self.done for v in n.inputs if v is not None}
+        self._sweep(keep={t.value for t in self.twins.values()})
         done = set(self.done)
         for value, twin in list(self.twins.items()):
             if twin.entered:
@@ -694,15 +866,7 @@ class AnePass:
                 value.name = self.ctx.unique(f"{name}_linear")
                 out.name = name
                 out.type, out.shape = value.type, value.shape
-        self.read = {v for n in self.done for v in n.inputs if v is not None}
-        for node in reversed(self.done):
-            if node.graph is self.graph and not any(o.uses() or o.is_graph_output()
-                                                     for o in node.outputs):
-                self.graph.remove(node, safe=True)
-        for node in reversed(list(self.graph)):  # Constants only they read
-            if node.op_type == "Constant" and not node.outputs[0].uses() \
-                    and not node.outputs[0].is_graph_output():
-                self.graph.remove(node, safe=True)
+        self._sweep()  # the replaced nodes, and Constants only they read
         for value in self.read:
             name = value.name
             if name and name in self.graph.initializers and not value.uses() \

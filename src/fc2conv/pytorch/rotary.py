@@ -26,6 +26,7 @@ replacement.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,19 +114,65 @@ def _full_slice(node: fx.Node) -> bool:
 
 
 def _slice_last(node: Any, rank: int) -> tuple[fx.Node, int, int] | None:
-    """``slice(x, -1, start, end)`` of a rank-``rank`` ``x``: ``(x, start, end)`` (ends
-    clipped to the axis length)."""
+    """``slice(x, -1, start, end)`` (or ``x[..., start:end]``) of a rank-``rank`` ``x``:
+    ``(x, start, end)`` (ends clipped to the axis length)."""
+    if name_of(node) == "getitem":
+        return _getitem_last(node, rank)
     if name_of(node) != "slice" or not _full_slice(node):
         return None
     x = node.args[0]
     shape = tensor_shape(x)
     args = list(node.args) + [None] * 4
     dim, start, end = args[1] or 0, args[2] or 0, args[3]
-    if shape is None or len(shape) != rank or int(dim) % rank != rank - 1:
+    if shape is None or len(shape) != rank or int(dim) % rank != rank - 1 \
+            or not isinstance(start, int) or not isinstance(end, int | None):
         return None
     n = shape[-1]
-    end = n if end is None or int(end) > n else int(end)
-    return x, int(start), end  # type: ignore[return-value]
+    end = n if end is None or end > n else end
+    return x, start, end  # type: ignore[return-value]
+
+
+def _getitem_last(node: fx.Node, rank: int) -> tuple[fx.Node, int, int] | None:
+    """``x[..., a:b]`` or ``x[:, :, :, a:b]`` with integer bounds: ``(x, a, b)``."""
+    x, index = node.args[0], node.args[1]
+    shape = tensor_shape(x)
+    if not isinstance(x, fx.Node) or shape is None or len(shape) != rank \
+            or not isinstance(index, tuple) or not index or not isinstance(index[-1], slice):
+        return None
+    full = slice(None)
+    if index[:-1] not in ((Ellipsis,), (full,) * (rank - 1)):
+        return None
+    last: slice = index[-1]
+    n = shape[-1]
+    lo, hi = (None if v is None else _static_int(v) for v in (last.start, last.stop))
+    if last.step not in (None, 1) or (last.start is not None and lo is None) \
+            or (last.stop is not None and hi is None):
+        return None
+    start, end = (lo or 0), (n if hi is None or hi > n else hi)
+    return (x, start, end) if start >= 0 and end >= 0 else None
+
+
+def _static_int(v: Any) -> int | None:
+    """An int, or a traced ``t.shape[i]`` / ``t.size(i)`` of a recorded shape, or ``a // k``
+    of such (``x.shape[-1] // 2``, the half of a head's width, fixed by the weights)."""
+    if isinstance(v, int):
+        return v
+    if not isinstance(v, fx.Node) or v.op not in ("call_function", "call_method"):
+        return None
+    if v.target is operator.floordiv and len(v.args) == 2:
+        a, b = (_static_int(x) for x in v.args)
+        return a // b if a is not None and b else None
+    if v.target is operator.getitem and len(v.args) == 2 and isinstance(v.args[1], int):
+        src = v.args[0]
+        if isinstance(src, fx.Node) and src.op == "call_function" and src.target is getattr \
+                and src.args[1:] == ("shape",):
+            shape = tensor_shape(src.args[0])
+            return shape[v.args[1]] if shape is not None else None
+    if v.op == "call_method" and v.target == "size" and len(v.args) == 2 \
+            and isinstance(v.args[1], int):
+        shape = tensor_shape(v.args[0])
+        return shape[v.args[1]] if shape is not None else None
+    return None
 
 
 def _rotate_half_source(node: Any) -> fx.Node | None:

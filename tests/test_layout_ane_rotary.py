@@ -54,17 +54,29 @@ def test_channel_rotary_matches_per_head_reference(dtype: torch.dtype, heads: in
     assert torch.equal(got.reshape(b, heads, d, s).transpose(2, 3), llama)
 
 
-@pytest.mark.parametrize("kv_heads", [1, 2])
-def test_grouped_channel_attention_matches_repeated_heads(kv_heads: int) -> None:
+def _stored(t: torch.Tensor, positions_major: bool) -> torch.Tensor:
+    """``t`` (B, C, 1, S) stored NCHW-contiguous, or positions-major (memory (B, S, C), as
+    the move in and the 1x1 convs leave it in eager PyTorch)."""
+    return t.squeeze(2).transpose(1, 2).contiguous().transpose(1, 2).unsqueeze(2) \
+        if positions_major else t.contiguous()
+
+
+@pytest.mark.parametrize("positions_major", [False, True])  # einsum form / SDPA on views
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])
+def test_grouped_channel_attention_matches_repeated_heads(kv_heads: int,
+                                                          positions_major: bool) -> None:
     """``kv_heads`` < ``heads``: query head ``h`` reads K/V head ``h // (heads / kv_heads)``;
-    float64 reference loops over query heads with plain matmuls, a padding mask included."""
+    float64 reference loops over query heads with plain matmuls, a padding mask included.
+    Both storages of the inputs give the same values and a (B, C, 1, S) result."""
     g = torch.Generator().manual_seed(kv_heads)
     b, heads, d, s = 2, 4, 6, 7
-    q = torch.randn(b, heads * d, 1, s, generator=g)
-    k, v = (torch.randn(b, kv_heads * d, 1, s, generator=g) for _ in range(2))
+    q = _stored(torch.randn(b, heads * d, 1, s, generator=g), positions_major)
+    k, v = (_stored(torch.randn(b, kv_heads * d, 1, s, generator=g), positions_major)
+            for _ in range(2))
     mask = torch.ones(b, 1, s, s, dtype=torch.bool)
     mask[1, ..., -2:] = False
     got = channel_attention(q, k, v, heads, mask=mask, kv_heads=kv_heads)
+    assert got.shape == (b, heads * d, 1, s)
     rep = heads // kv_heads
     outs = []
     for h in range(heads):
@@ -140,6 +152,12 @@ def test_llama_block_stays_in_conv_layout_and_round_trips() -> None:
     want = block.double()(*(t.double() if t.is_floating_point() else t for t in fresh))
     block.float()
     torch.testing.assert_close(conv(*fresh).double(), want, atol=1e-5, rtol=1e-5)
+    # the exported graph (what an ANE / Core ML converter reads) keeps the einsum form: the
+    # only transposes are the move in, the move out and the two tables
+    exported = torch.export.export(conv, fresh).graph.nodes
+    ops = [getattr(n.target, "_opname", "") for n in exported if n.op == "call_function"]
+    assert sum(o in ("permute", "transpose", "movedim") for o in ops) == 4, ops
+    assert not any("scaled_dot_product" in o for o in ops)
     back = to_linear(conv, _inputs(0), verify=False)
     assert not any(n.target is channel_attention for n in back.graph.nodes)
     assert sum(c.direction == "permute" for c in layout_changes(back)) == \

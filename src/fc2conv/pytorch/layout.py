@@ -76,11 +76,14 @@ class ChannelLayerNorm(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mean = x.mean(1, keepdim=True)
-        centered = x - mean
-        var = centered.pow(2).mean(1, keepdim=True)
-        y = centered * torch.rsqrt(var + self.eps)
+        # var_mean: one reduction over the strided channel axis instead of two (mean, then the
+        # mean of squared deviations); addcmul: the affine step in one pass (~1.7x faster on
+        # CPU at BERT-base sizes, bench/converted_overhead.py --profile)
+        var, mean = torch.var_mean(x, 1, keepdim=True, correction=0)
+        y = (x - mean) * torch.rsqrt(var + self.eps)
         shape = (1, -1) + (1,) * (x.dim() - 2)
+        if self.weight is not None and self.bias is not None:
+            return torch.addcmul(self.bias.reshape(shape), y, self.weight.reshape(shape))
         if self.weight is not None:
             y = y * self.weight.reshape(shape)
         if self.bias is not None:

@@ -164,3 +164,28 @@ def test_llama_block_stays_in_conv_layout_and_round_trips() -> None:
         sum(c.direction == "permute" for c in layout_changes(torch.fx.symbolic_trace(block)))
     report = compare(block, back, fresh, layers=False)
     assert report.verdict in ("identical", "equivalent"), str(report)
+
+
+@pytest.mark.parametrize("positions_major", [False, True])  # reduction over axis 1 / native
+def test_channel_layer_norm_matches_reference_in_both_storages(positions_major: bool) -> None:
+    """ChannelLayerNorm against float64 arithmetic per position (biased variance); a captured
+    graph records the reduction over axis 1 (no transpose, no layer_norm on a moved view)."""
+    from fc2conv.pytorch.layout import ChannelLayerNorm
+
+    g = torch.Generator().manual_seed(5)
+    c = 12
+    norm = ChannelLayerNorm(c, 1e-5, torch.rand(c, generator=g) + 0.5,
+                            torch.randn(c, generator=g))
+    x = _stored(torch.randn(3, c, 1, 9, generator=g) * 3 + 1, positions_major)
+    xd = x.double()
+    mean = xd.sum(1, keepdim=True) / c
+    var = ((xd - mean) ** 2).sum(1, keepdim=True) / c
+    w, b = (p.detach().double().reshape(1, -1, 1, 1) for p in (norm.weight, norm.bias))
+    want = (xd - mean) / torch.sqrt(var + 1e-5) * w + b
+    got = norm(x)
+    assert got.shape == x.shape
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    ops = [getattr(n.target, "_opname", "") for n in
+           torch.export.export(norm, (x,)).graph.nodes if n.op == "call_function"]
+    assert "var_mean" in ops and not any(o in ("permute", "transpose", "movedim",
+                                                "layer_norm", "native_layer_norm") for o in ops)

@@ -44,7 +44,13 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from fc2conv.pytorch.layout import channels_to_last, is_move, last_to_channels
+from fc2conv.pytorch.layout import (
+    capturing,
+    channels_to_last,
+    is_move,
+    last_to_channels,
+    positions_major,
+)
 from fc2conv.pytorch.ops import tensor_shape
 from fc2conv.pytorch.rotary import (
     channel_rotary,
@@ -73,7 +79,7 @@ def channel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: 
     d = c // heads
     g = kv_heads or heads
     r = heads // g
-    if not _exporting() and all(_positions_major(t) for t in (q, k, v)):
+    if not capturing() and all(positions_major(t) for t in (q, k, v)):
         return _sdpa_on_views(q, k, v, heads, g, mask, scale, is_causal)
     qh = q.reshape(b, g, r, d, sq)
     kh = k.reshape(b, g, d, sk)
@@ -91,28 +97,15 @@ def channel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: 
     return out.reshape(b, -1, 1, sq)
 
 
-def _exporting() -> bool:
-    """Whether a graph is being captured (torch.export, dynamo, the ONNX tracer): then
-    :func:`channel_attention` records its einsum form, which needs no activation transpose."""
-    return bool(torch.compiler.is_exporting() or torch.compiler.is_compiling()
-                or torch.jit.is_tracing())
-
-
-def _positions_major(t: torch.Tensor) -> bool:
-    """A ``(B, C, 1, S)`` tensor whose memory is ``(B, S, C)`` (channels-last strides: what
-    the move in, a strided view, and 1x1 convs on it give in eager PyTorch)."""
-    return t.dim() == 4 and t.shape[2] == 1 and t.stride(1) == 1 \
-        and (t.shape[3] == 1 or t.stride(3) == t.shape[1])
-
-
 def _sdpa_on_views(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, groups: int,
                    mask: torch.Tensor | None, scale: float | None, is_causal: bool
                    ) -> torch.Tensor:
     """Eager execution of :func:`channel_attention` when Q, K, V are stored positions-major
-    (:func:`_positions_major`): the ``(B, H, S, D)`` head views of that memory are free (as in
-    the original model), so the fused ``scaled_dot_product_attention`` kernel runs on them and
-    its merged heads are viewed back as ``(B, C, 1, S)`` (channels-last strides). Same
-    shapes, same math; no activation is copied that the original model does not copy."""
+    (:func:`~fc2conv.pytorch.layout.positions_major`): the ``(B, H, S, D)`` head views of
+    that memory are free (as in the original model), so the fused
+    ``scaled_dot_product_attention`` kernel runs on them and its merged heads are viewed back
+    as ``(B, C, 1, S)`` (channels-last strides). Same shapes, same math; no activation is
+    copied that the original model does not copy."""
     b, c, _, sq = q.shape
 
     def split(t: torch.Tensor, n: int) -> torch.Tensor:

@@ -7,6 +7,11 @@ both alike.
     PYTHONPATH=src python bench/converted_overhead.py --quick          # zoo sizes only
     PYTHONPATH=src python bench/converted_overhead.py --device cuda --tf32 on
     PYTHONPATH=src python bench/converted_overhead.py --device cuda --tf32 off
+    PYTHONPATH=src python bench/converted_overhead.py --profile        # self time per aten op
+    PYTHONPATH=src python bench/converted_overhead.py --variants       # forms the pass could pick
+
+Each row prints the ratio of medians and, in brackets, the 25th-75th percentiles of the
+per-round ratios (each round runs both models back to back, in alternating order).
 
 Models: the zoo's small transformers (hidden 32, batch 2, length 8), a BERT-base-like
 BertModel (hidden 768, 12 heads, 2 layers, batch 8, length 128), a Llama-like LlamaModel stack

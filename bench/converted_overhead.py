@@ -5,6 +5,7 @@ both alike.
 
     PYTHONPATH=src python bench/converted_overhead.py                  # CPU, all sizes
     PYTHONPATH=src python bench/converted_overhead.py --quick          # zoo sizes only
+    PYTHONPATH=src python bench/converted_overhead.py --realistic      # BERT-base, Llama-like
     PYTHONPATH=src python bench/converted_overhead.py --device cuda --tf32 on
     PYTHONPATH=src python bench/converted_overhead.py --device cuda --tf32 off
     PYTHONPATH=src python bench/converted_overhead.py --profile        # self time per aten op
@@ -226,6 +227,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=0,
                         help="interleaved calls per model (default: 30 zoo, 10 realistic CPU)")
     parser.add_argument("--quick", action="store_true", help="zoo sizes and reference blocks only")
+    parser.add_argument("--realistic", action="store_true",
+                        help="only the BERT-base-like and Llama-like stacks")
     parser.add_argument("--onnx", action="store_true", help="add onnxruntime ratios (CPU)")
     parser.add_argument("--profile", action="store_true",
                         help="only the BERT-base-like model: torch.profiler self time per op, "
@@ -251,7 +254,10 @@ def main() -> None:
         "mlp 256": (archs.MLP(dim=256, hidden=1024), (x,)),
         "encoder block 256": (archs.EncoderBlock(dim=256, heads=4, hidden=1024), (x,)),
     }
-    cases |= zoo(device)
+    if args.realistic:
+        cases = {}
+    else:
+        cases |= zoo(device)
     if not args.quick:
         cases |= realistic(device, args.batch, args.length)
     print(f"{'model':28} {'layout changes':>14} {'original ms':>12} {'to_conv ms':>11} "

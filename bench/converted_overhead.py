@@ -5,8 +5,14 @@ both alike.
 
     PYTHONPATH=src python bench/converted_overhead.py                  # CPU, all sizes
     PYTHONPATH=src python bench/converted_overhead.py --quick          # zoo sizes only
+    PYTHONPATH=src python bench/converted_overhead.py --realistic      # BERT-base, Llama-like
     PYTHONPATH=src python bench/converted_overhead.py --device cuda --tf32 on
     PYTHONPATH=src python bench/converted_overhead.py --device cuda --tf32 off
+    PYTHONPATH=src python bench/converted_overhead.py --profile        # self time per aten op
+    PYTHONPATH=src python bench/converted_overhead.py --variants       # forms the pass could pick
+
+Each row prints the ratio of medians and, in brackets, the 25th-75th percentiles of the
+per-round ratios (each round runs both models back to back, in alternating order).
 
 Models: the zoo's small transformers (hidden 32, batch 2, length 8), a BERT-base-like
 BertModel (hidden 768, 12 heads, 2 layers, batch 8, length 128), a Llama-like LlamaModel stack
@@ -40,21 +46,39 @@ from fc2conv.pytorch.layout import layout_changes  # noqa: E402
 ZOO_NAMES = ("bert", "distilbert", "roberta", "vit", "whisper_encoder", "t5_encoder", "llama")
 
 
-def interleaved_ratio(a: Callable[[], Any], b: Callable[[], Any], rounds: int,
-                      sync: Callable[[], None]) -> tuple[float, float]:
-    """Median seconds of ``a`` and of ``b``, calls alternating ``rounds`` times each."""
+def interleaved(a: Callable[[], Any], b: Callable[[], Any], rounds: int,
+                sync: Callable[[], None]) -> tuple[list[float], list[float]]:
+    """Seconds of each call of ``a`` and of ``b``, calls alternating ``rounds`` times each
+    (the order flips every round, so neither always runs second)."""
     for f in (a, b):  # warm up
         f()
         f()
-    ta, tb = [], []
-    for _ in range(rounds):
-        for f, out in ((a, ta), (b, tb)):
+    ta: list[float] = []
+    tb: list[float] = []
+    for i in range(rounds):
+        pair = ((a, ta), (b, tb)) if i % 2 == 0 else ((b, tb), (a, ta))
+        for f, out in pair:
             sync()
             t = time.perf_counter()
             f()
             sync()
             out.append(time.perf_counter() - t)
+    return ta, tb
+
+
+def interleaved_ratio(a: Callable[[], Any], b: Callable[[], Any], rounds: int,
+                      sync: Callable[[], None]) -> tuple[float, float]:
+    """Median seconds of ``a`` and of ``b``, calls alternating ``rounds`` times each."""
+    ta, tb = interleaved(a, b, rounds, sync)
     return statistics.median(ta), statistics.median(tb)
+
+
+def ratio_spread(ta: list[float], tb: list[float]) -> str:
+    """``median(b) / median(a)``, and the 25th-75th percentiles of the per-round ratios
+    ``b_i / a_i`` (each pair ran back to back, so load hits both)."""
+    ratios = sorted(y / x for x, y in zip(ta, tb, strict=True))
+    q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios * 3)
+    return f"{statistics.median(tb) / statistics.median(ta):>5.2f}x [{q1:.2f}-{q3:.2f}]"
 
 
 def realistic(device: torch.device, batch: int, length: int) -> dict[str, tuple[Any, tuple]]:
@@ -124,24 +148,73 @@ def variants(device: torch.device, batch: int, length: int, rounds: int,
     model = model.to(device).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        conv2d = to_conv(model, inputs).to(device)
-        conv1d = to_conv(model, inputs, dims=1).to(device)
-        sdpa = to_conv(model, inputs).to(device)
+        conv2d = to_conv(model, inputs, verify=False).to(device)
+        conv1d = to_conv(model, inputs, dims=1, verify=False).to(device)
+        sdpa = to_conv(model, inputs, verify=False).to(device)
     sdpa_pass(sdpa)
     sdpa.graph.lint()
     sdpa.recompile()
-    last = to_conv(model, inputs).to(device).to(memory_format=torch.channels_last)
+    last = to_conv(model, inputs, verify=False).to(device).to(memory_format=torch.channels_last)
+    matmul = to_conv(model, inputs, verify=False).to(device)
+    for mod in matmul.modules():  # the same 1x1 convs computed as one batched GEMM each
+        if isinstance(mod, torch.nn.Conv2d) and mod.kernel_size == (1, 1):
+            mod.forward = _conv_as_matmul(mod)  # type: ignore[method-assign]
     forms = {"Conv2d (B,C,1,S), einsum attention": conv2d,
              "Conv2d + SDPA on head views": sdpa,
              "Conv2d, channels_last weights": last,
+             "Conv2d 1x1 run as W @ x.view(B,C,S)": matmul,
              "Conv1d (B,C,S), dims=1": conv1d}
     print(f"{name}: {'variant':38} {'moves':>5} {'original ms':>12} {'variant ms':>11} "
-          f"{'ratio':>6}")
+          f"{'ratio [IQR]':>17}")
     for label, form in forms.items():
-        ta, tb = interleaved_ratio(lambda: model(*inputs), lambda f=form: f(*inputs), rounds,
-                                   sync)
-        print(f"{'':{len(name) + 2}}{label:38} {len(layout_changes(form)):>5} {ta * 1e3:>12.2f} "
-              f"{tb * 1e3:>11.2f} {tb / ta:>5.2f}x", flush=True)
+        ta, tb = interleaved(lambda: model(*inputs), lambda f=form: f(*inputs), rounds, sync)
+        print(f"{'':{len(name) + 2}}{label:38} {len(layout_changes(form)):>5} "
+              f"{statistics.median(ta) * 1e3:>12.2f} {statistics.median(tb) * 1e3:>11.2f} "
+              f"{ratio_spread(ta, tb)}", flush=True)
+
+
+def _conv_as_matmul(conv: torch.nn.Conv2d) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``conv``'s forward on ``(B, C, 1, S)`` as ``baddbmm(b, W, x.view(B, C, S))``: the same
+    linear map per position, another summation order (a bench variant, not what the pass
+    emits: an exported graph must keep the convolution)."""
+    w = conv.weight.detach()[:, :, 0, 0]
+    bias = conv.bias.detach()[None, :, None] if conv.bias is not None else None
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        b, c, h, s = x.shape
+        flat = x.reshape(b, c, h * s)
+        y = torch.matmul(w, flat) if bias is None else torch.baddbmm(
+            bias, w.expand(b, -1, -1), flat)
+        return y.reshape(b, -1, h, s)
+    return forward
+
+
+@torch.no_grad()
+def profile(device: torch.device, batch: int, length: int) -> None:
+    """Where the converted BERT-base-like model loses time: torch.profiler's self time per
+    aten op, original and converted, side by side (one profiled run of 3 calls each)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    name, (model, inputs) = next(iter(realistic(device, batch, length).items()))
+    model = model.to(device).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        conv = to_conv(model, inputs, verify=False).to(device)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    tables = []
+    for m in (model, conv):
+        m(*inputs)
+        with torch_profile(activities=acts) as prof:
+            for _ in range(3):
+                m(*inputs)
+        key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        rows = sorted(prof.key_averages(), key=lambda e: -getattr(e, key, 0))[:12]
+        tables.append([(e.key, getattr(e, key, 0) / 3e3) for e in rows])
+    print(f"{name}: self time per call (ms), top ops")
+    print(f"{'original':40} {'ms':>8}   {'to_conv':40} {'ms':>8}")
+    for (ka, ta), (kb, tb) in zip(*tables, strict=False):
+        print(f"{ka[:40]:40} {ta:>8.2f}   {kb[:40]:40} {tb:>8.2f}")
 
 
 @torch.no_grad()
@@ -154,7 +227,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=0,
                         help="interleaved calls per model (default: 30 zoo, 10 realistic CPU)")
     parser.add_argument("--quick", action="store_true", help="zoo sizes and reference blocks only")
+    parser.add_argument("--realistic", action="store_true",
+                        help="only the BERT-base-like and Llama-like stacks")
     parser.add_argument("--onnx", action="store_true", help="add onnxruntime ratios (CPU)")
+    parser.add_argument("--profile", action="store_true",
+                        help="only the BERT-base-like model: torch.profiler self time per op, "
+                        "original and converted")
     parser.add_argument("--variants", action="store_true",
                         help="only the BERT-base-like model: the converted graph's variants "
                         "(Conv1d, channels_last, SDPA instead of channel_attention)")
@@ -165,6 +243,9 @@ def main() -> None:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads, "
           f"tf32 {args.tf32}")
+    if args.profile:
+        profile(device, args.batch, args.length)
+        return
     if args.variants:
         variants(device, args.batch, args.length, args.rounds or 10, sync)
         return
@@ -173,26 +254,31 @@ def main() -> None:
         "mlp 256": (archs.MLP(dim=256, hidden=1024), (x,)),
         "encoder block 256": (archs.EncoderBlock(dim=256, heads=4, hidden=1024), (x,)),
     }
-    cases |= zoo(device)
+    if args.realistic:
+        cases = {}
+    else:
+        cases |= zoo(device)
     if not args.quick:
         cases |= realistic(device, args.batch, args.length)
     print(f"{'model':28} {'layout changes':>14} {'original ms':>12} {'to_conv ms':>11} "
-          f"{'ratio':>6} {'max |diff|':>10}" + ("  onnx" if args.onnx else ""))
+          f"{'ratio [IQR]':>17} {'max |diff|':>10}" + ("  onnx" if args.onnx else ""))
     for name, (model, inputs) in cases.items():
         model = model.to(device).eval()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            conv = to_conv(model, inputs).to(device)
-        changes = len(layout_changes(conv))
+            conv = to_conv(model, inputs, verify=False).to(device)
+        found = layout_changes(conv)
+        tables = sum(c.direction == "table" for c in found)
+        changes = f"{len(found) - tables}" + (f" +{tables}tab" if tables else "")
         big = "zoo" not in name
         rounds = args.rounds or (10 if big and device.type == "cpu" else 30)
         def first(out: Any) -> torch.Tensor:
             return out if isinstance(out, torch.Tensor) else out[0]
         diff = (first(conv(*inputs)) - first(model(*inputs))).abs().max().item()
-        ta, tb = interleaved_ratio(lambda m=model, i=inputs: m(*i),
-                                   lambda m=conv, i=inputs: m(*i), rounds, sync)
-        row = (f"{name:28} {changes:>14} {ta * 1e3:>12.3f} {tb * 1e3:>11.3f} {tb / ta:>5.2f}x "
-               f"{diff:>10.2g}")
+        ta, tb = interleaved(lambda m=model, i=inputs: m(*i), lambda m=conv, i=inputs: m(*i),
+                             rounds, sync)
+        row = (f"{name:28} {changes:>14} {statistics.median(ta) * 1e3:>12.3f} "
+               f"{statistics.median(tb) * 1e3:>11.3f} {ratio_spread(ta, tb)} {diff:>10.2g}")
         if args.onnx and "zoo" in name:
             try:
                 row += "  " + onnx_row(model, inputs, rounds)

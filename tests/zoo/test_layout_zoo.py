@@ -4,6 +4,8 @@ only where a model input enters and an output leaves, and stays equivalent (``co
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import zoo_models
@@ -23,6 +25,16 @@ BOUNDS = {
 }
 
 
+@functools.cache
+def _converted(name: str) -> tuple[torch.nn.Module, tuple, torch.fx.GraphModule]:
+    """(model, inputs of draw 0, ``to_conv`` of it), once per family for this module's tests
+    (unverified here: each test runs its own ``compare`` on a fresh draw)."""
+    zoo = zoo_models.ZOO[name]
+    model = zoo.build()
+    inputs = tuple(zoo.draw(0).values())
+    return model, inputs, to_conv(model, inputs, verify=False)
+
+
 def _attention_count(gm: torch.fx.GraphModule) -> int:
     return sum(n.target is channel_attention for n in gm.graph.nodes)
 
@@ -30,8 +42,7 @@ def _attention_count(gm: torch.fx.GraphModule) -> int:
 @pytest.mark.parametrize("name", sorted(BOUNDS))
 def test_layout_changes_and_equivalence(name: str) -> None:
     zoo = zoo_models.ZOO[name]
-    model = zoo.build()
-    conv = to_conv(model, tuple(zoo.draw(0).values()))
+    model, _, conv = _converted(name)
     changes = layout_changes(conv)
     assert len(changes) <= BOUNDS[name], "\n".join(map(str, changes))
     # every self-attention runs per head along C (Whisper and T5 too: they call SDPA)
@@ -40,17 +51,16 @@ def test_layout_changes_and_equivalence(name: str) -> None:
     assert report.verdict in ("identical", "equivalent"), str(report)
 
 
-def test_llama_names_what_forces_the_moves() -> None:
-    """Rotary embeddings and grouped K/V heads sit between the head split and SDPA; that
-    attention stays in (B, H, S, D), so each layer moves Q, K, V out and the merge back in --
-    still equivalent, and fewer moves than before the RMSNorm/residual rules."""
-    zoo = zoo_models.ZOO["llama"]
-    model = zoo.build()
-    conv = to_conv(model, tuple(zoo.draw(0).values()))
-    moves = [c for c in layout_changes(conv) if c.direction in ("in", "out")]
-    # 3 out + 1 in per layer (2 layers), 1 in, 1 out, 1 slack; +1 since HF models are captured
-    # with dynamic axes (torch.export Dim.AUTO): 12 measured, the extra move not yet traced.
-    assert len(moves) <= 12
+@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2"])  # one code, three configs
+def test_rotary_gqa_models_move_once_each_way(name: str) -> None:
+    """Rotary embeddings along C and grouped K/V as a grouped einsum: the converted graph
+    moves the embedding in once and the logits out once; the rotary cos/sin tables move once
+    for all layers (position x head-dim tables, not activations); no permute is left."""
+    zoo = zoo_models.ZOO[name]
+    model, _, conv = _converted(name)
+    kinds = sorted(c.direction for c in layout_changes(conv))
+    assert kinds == ["in", "out", "table", "table"], "\n".join(map(str, layout_changes(conv)))
+    assert _attention_count(conv) == 2
     report = compare(model, conv, tuple(zoo.draw(1).values()), layers=False)
     assert report.verdict in ("identical", "equivalent"), str(report)
 
@@ -69,19 +79,21 @@ def _layout_ops(model: torch.nn.Module, inputs: tuple) -> tuple[int, int]:
     return moves, reshapes
 
 
-@pytest.mark.parametrize("name", ["distilbert", "vit"])  # bert, whisper_encoder: the same
+@pytest.mark.parametrize("name", ["bert", "distilbert", "vit", "whisper_encoder", "t5_encoder",
+                                  "t5", "llama"])
 def test_round_trip_through_channel_attention(name: str) -> None:
-    """``to_linear(to_conv(m))``: each ``channel_attention`` is SDPA on (B, H, S, D) again, and
-    the graph has no more transposes/permutes and reshapes than ``m``."""
+    """``to_linear(to_conv(m))``: each ``channel_attention`` is SDPA on (B, H, S, D) again
+    (rotary Q/K and grouped K/V as Llama writes them), RMSNorm's channel mean and weight are
+    over the last axis again, and the graph has no more transposes/permutes and reshapes than
+    ``m``."""
     zoo = zoo_models.ZOO[name]
-    model = zoo.build()
-    inputs = tuple(zoo.draw(0).values())
-    conv = to_conv(model, inputs)
-    assert _attention_count(conv) == 2
-    back = to_linear(conv, inputs)
+    model, inputs, conv = _converted(name)
+    attentions = _attention_count(conv)
+    assert attentions == (6 if name == "t5" else 2)  # T5: encoder self, decoder self + cross
+    back = to_linear(conv, inputs, verify=False)
     assert _attention_count(back) == 0
     assert sum(n.target is torch.nn.functional.scaled_dot_product_attention
-               for n in back.graph.nodes) == 2
+               for n in back.graph.nodes) == attentions
     (moves, reshapes), (moves0, reshapes0) = _layout_ops(back, inputs), _layout_ops(model, inputs)
     assert moves <= moves0 and reshapes <= reshapes0, ((moves, reshapes), (moves0, reshapes0))
     report = compare(model, back, tuple(zoo.draw(1).values()), layers=False)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from fc2conv.core.positionwise import Channel, elementwise, kind_of
@@ -76,11 +77,21 @@ class ChannelLayerNorm(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mean = x.mean(1, keepdim=True)
-        centered = x - mean
-        var = centered.pow(2).mean(1, keepdim=True)
-        y = centered * torch.rsqrt(var + self.eps)
+        if not capturing() and x.dim() >= 3 and x.stride(1) == 1 and x.shape[1] > 1 \
+                and x.movedim(1, -1).is_contiguous():
+            # eager, channels innermost in memory (the positions-major storage the move in
+            # and 1x1 convs give): the channels-last view is free, so the native kernel runs
+            # on it -- the very LayerNorm of the original model, no copy
+            return F.layer_norm(x.movedim(1, -1), (self.channels,), self.weight, self.bias,
+                                self.eps).movedim(-1, 1)
+        # a captured graph (or another storage): the reduction over axis 1, no transpose.
+        # var_mean: one reduction over the strided channel axis instead of two (mean, then the
+        # mean of squared deviations); addcmul: the affine step in one pass
+        var, mean = torch.var_mean(x, 1, keepdim=True, correction=0)
+        y = (x - mean) * torch.rsqrt(var + self.eps)
         shape = (1, -1) + (1,) * (x.dim() - 2)
+        if self.weight is not None and self.bias is not None:
+            return torch.addcmul(self.bias.reshape(shape), y, self.weight.reshape(shape))
         if self.weight is not None:
             y = y * self.weight.reshape(shape)
         if self.bias is not None:
@@ -89,6 +100,21 @@ class ChannelLayerNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.channels}, eps={self.eps}, over axis 1"
+
+
+def capturing() -> bool:
+    """Whether a graph is being captured (torch.export, dynamo, the ONNX tracer). Then the
+    conv-layout modules record their transpose-free form (what a Neural-Engine converter
+    reads); in eager PyTorch they may run a faster kernel on a free view of the same memory."""
+    return bool(torch.compiler.is_exporting() or torch.compiler.is_compiling()
+                or torch.jit.is_tracing())
+
+
+def positions_major(t: torch.Tensor) -> bool:
+    """A ``(B, C, 1, S)`` tensor whose memory is ``(B, S, C)`` (channels-last strides: what
+    the move in, a strided view, and 1x1 convs on it give in eager PyTorch)."""
+    return t.dim() == 4 and t.shape[2] == 1 and t.stride(1) == 1 \
+        and (t.shape[3] == 1 or t.stride(3) == t.shape[1])
 
 
 @dataclass
@@ -204,6 +230,7 @@ def relayout(gm: fx.GraphModule, rewrite: Rewrite, may_follow: Callable[[fx.Node
             return False
 
     channels_last = move_to_conv  # the original layout of a per-channel vector: (C,)
+    axis = -1 if move_to_conv else 1  # the channel axis of the original layout
     pulled = pulled_into_layout(old, set(anchors), may_follow, channels_last) \
         if anchors and vector_shape is not None else set()
     for node in old.nodes:
@@ -216,17 +243,17 @@ def relayout(gm: fx.GraphModule, rewrite: Rewrite, may_follow: Callable[[fx.Node
         if pair is not None:
             x, v = pair
             assert vector_shape is not None
-            vec = new.call_method("reshape", (env[v], vector_shape(x, move(x))))
+            vec = _reshaped(new, env[v], vector_shape(x, move(x)))
             def swap(a: fx.Node, x: fx.Node = x, v: fx.Node = v, vec: fx.Node = vec) -> fx.Node:
                 return move_in(x) if a is x else vec if a is v else env[a]
 
             env[node] = new.node_copy(node, swap)
             moved.add(node)
             continue
-        if plan is None and move_to_conv and (channel_reduce(node, moved) or (
-                node in pulled and channel_reduce(node, {first_input(node)}))):
+        if plan is None and (channel_reduce(node, moved, axis) or (
+                node in pulled and channel_reduce(node, {first_input(node)}, axis))):
             env[node] = new.node_copy(node, move_in)
-            reduce_over_channels(env[node])
+            reduce_over_channels(env[node], 1 if move_to_conv else -1)
             moved.add(node)
             continue
         if plan is None and node.op not in ("placeholder", "output", "get_attr") \
@@ -260,25 +287,43 @@ def relayout(gm: fx.GraphModule, rewrite: Rewrite, may_follow: Callable[[fx.Node
     return gm
 
 
+def drop_full_slices(graph: fx.Graph) -> int:
+    """Replace ``aten.slice(x, dim, 0, end)`` with step 1 and ``end`` past any length (the
+    ``x[:, 0:]`` of an exported ``hidden[:, -0:]``, Llama's ``logits_to_keep=0``) by ``x``:
+    it is ``x`` itself for every input shape, and as a slice it would hold the value in the
+    Linear layout. Returns how many."""
+    removed = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not torch.ops.aten.slice.Tensor:
+            continue
+        args = list(node.args) + [None] * (5 - len(node.args))
+        x, _, start, end, step = args[:5]
+        if isinstance(x, fx.Node) and start in (0, None) and step in (1, None) and (
+                end is None or (isinstance(end, int) and end >= 2 ** 62)):
+            node.replace_all_uses_with(x)
+            graph.erase_node(node)
+            removed += 1
+    return removed
+
+
 def _layout_free(node: fx.Node, may_follow: Callable[[fx.Node], bool], channels_last: bool
                  ) -> bool:
     """Whether ``node`` could run in the new layout once its operands are moved: an
     elementwise op of the table (operands of the output's rank or 0-d, or one per-channel
-    vector), or a mean over the channels."""
+    vector), or a mean over the channels (the last axis when ``channels_last``, else axis 1)."""
     if node.op not in ("call_function", "call_method"):
         return False
     out = tensor_shape(node)
     if out is None or len(out) < 3:
         return False
-    if may_follow(node) or channel_reduce(node, {first_input(node)}):
+    if may_follow(node) or channel_reduce(node, {first_input(node)}, -1 if channels_last else 1):
         return True
     if not elementwise(op_name(node)):
         return False
     ranks = [len(tensor_shape(a) or ()) for a in _tensor_operands(node)]
     if all(r in (0, len(out)) for r in ranks):
         return True
-    return channels_last and per_channel_vector(
-        node, lambda a: tensor_shape(a) == out, channels_last) is not None
+    return per_channel_vector(node, lambda a: tensor_shape(a) == out, channels_last) is not None
 
 
 def pulled_into_layout(graph: fx.Graph, anchors: set[fx.Node],
@@ -328,9 +373,29 @@ def follows_broadcast(node: fx.Node, moved: set[fx.Node]) -> bool:
         and all(len(tensor_shape(a) or ()) == len(out) for a in operands if a in moved)
 
 
-def channel_reduce(node: fx.Node, moved: set[fx.Node]) -> bool:
+def _reshaped(graph: fx.Graph, v: fx.Node, shape: tuple[int, ...]) -> fx.Node:
+    """``v.reshape(shape)``; when ``v`` is itself a reshape of a 1-D vector and ``shape`` is
+    ``(-1,)`` (the way back to the Linear layout), that vector (no reshape of a reshape)."""
+    src = v.args[0] if v.op == "call_method" and v.target in ("reshape", "view") \
+        and v.args else None
+    if shape == (-1,) and isinstance(src, fx.Node) and src.op == "get_attr" \
+            and len(tensor_shape(src) or _attr_shape(src)) == 1:
+        return src
+    return graph.call_method("reshape", (v, shape))
+
+
+def _attr_shape(node: fx.Node) -> tuple[int, ...]:
+    gm = node.graph.owning_module
+    value: Any = gm
+    for part in str(node.target).split("."):
+        value = getattr(value, part, None)
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else ()
+
+
+def channel_reduce(node: fx.Node, moved: set[fx.Node], axis: int = -1) -> bool:
     """``mean(x, -1, keepdim=True)`` of a moved ``x`` (an RMSNorm's ``x.pow(2).mean(-1)``):
-    the same mean over axis 1 in the conv layout (a ``CHANNEL_REDUCE`` row of the table)."""
+    the same mean over axis 1 in the conv layout (a ``CHANNEL_REDUCE`` row of the table).
+    ``axis=1``: the way back, ``mean(x, 1, keepdim=True)`` of a conv-layout ``x``."""
     row = kind_of(op_name(node))
     if row is None or row.action is not Channel.CHANNEL_REDUCE:
         return False
@@ -342,14 +407,14 @@ def channel_reduce(node: fx.Node, moved: set[fx.Node]) -> bool:
     keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
     dims = [dims] if isinstance(dims, int) else list(dims) if isinstance(dims, list | tuple) \
         else None
-    return dims is not None and len(dims) == 1 and int(dims[0]) % len(shape) == len(shape) - 1 \
+    return dims is not None and len(dims) == 1 and int(dims[0]) % len(shape) == axis % len(shape) \
         and keep is True and len(node.args) <= 3
 
 
-def reduce_over_channels(node: fx.Node) -> None:
-    """Point a copied :func:`channel_reduce` node at axis 1 (``keepdim`` stays true)."""
+def reduce_over_channels(node: fx.Node, axis: int = 1) -> None:
+    """Point a copied :func:`channel_reduce` node at ``axis`` (``keepdim`` stays true)."""
     kwargs = {k: v for k, v in node.kwargs.items() if k not in ("dim", "keepdim")}
-    node.args = (node.args[0], [1])
+    node.args = (node.args[0], [axis])
     node.kwargs = {**kwargs, "keepdim": True}
 
 
@@ -415,8 +480,11 @@ def _tensor_operands(node: fx.Node) -> list[fx.Node]:
 
 @dataclass(frozen=True)
 class LayoutChange:
-    """One layout move in a converted graph: ``direction`` is ``"in"`` (to the conv layout) or
-    ``"out"``; ``value`` is the moved node, ``readers`` the ops that read the moved value."""
+    """One layout move in a converted graph: ``direction`` is ``"in"`` (to the conv layout),
+    ``"out"``, ``"permute"`` (the model's own permute/transpose) or ``"table"`` (a position
+    table such as rotary ``cos``/``sin``, ``(B', S, D) -> (B', 1, D, S)``, moved once for all
+    layers; not an activation); ``value`` is the moved node, ``readers`` the ops that read the
+    moved value."""
 
     direction: str
     value: str
@@ -429,12 +497,14 @@ class LayoutChange:
 def layout_changes(gm: fx.GraphModule) -> list[LayoutChange]:
     """Every layout move (fc2conv's moves and the model's own ``permute``/``transpose`` of
     activations) left in ``gm``, with where it sits: an ANE-ready graph has one per model input
-    and one per output."""
+    and one per output (and, for rotary models, one ``"table"`` per position table)."""
     found = []
     for node in gm.graph.nodes:
         readers = tuple(u.name if u.op != "call_module" else str(u.target) for u in node.users)
         if is_move(node):
             direction = "in" if node.target is last_to_channels else "out"
+        elif node.op == "call_function" and getattr(node.target, "fc2conv_layout_table", False):
+            direction = "table"
         elif node.op in ("call_function", "call_method") and _is_transpose(node):
             direction = "permute"
         else:

@@ -30,6 +30,7 @@ from fc2conv.pytorch.layout import (
     ChannelLayerNorm,
     Move,
     cancel_inverse_moves,
+    drop_full_slices,
     last_to_channels,
     relayout,
 )
@@ -130,6 +131,7 @@ def to_conv(model: nn.Module | torch.export.ExportedProgram, example_inputs: Any
     gm = to_graph(model, inputs, inplace=inplace)
     record_shapes(gm, inputs)
     retarget_aliases(gm)
+    drop_full_slices(gm.graph)
     if normalize_matmuls(gm):
         record_shapes(gm, inputs)
     seq_last = layout != "height"

@@ -21,14 +21,17 @@ from torch import fx, nn
 
 from fc2conv.core.describe import describe
 from fc2conv.core.layers import conv_to_linear
+from fc2conv.core.positionwise import elementwise
 from fc2conv.core.provenance import mark, source_of
 from fc2conv.pytorch.attention import sdpa_pass
 from fc2conv.pytorch.layout import (
     ChannelLayerNorm,
     Move,
+    channel_reduce,
     channels_to_last,
     is_move,
     last_to_channels,
+    op_name,
     relayout,
 )
 from fc2conv.pytorch.ops import (
@@ -121,7 +124,8 @@ def _region_args(gm: fx.GraphModule, member: Callable[[fx.Node], bool]
     shape (1x1 convs, LayerNorm over channels and same-shape elementwise ops keep it). When the
     region is entered through :func:`last_to_channels` moves that agree (a model from
     ``to_conv``), its singleton axes are those the moves added: squeezing them gives back the
-    original activations and each move cancels against the one it meets.
+    original activations and each move cancels against the one it meets. Its other entries
+    (masks, per-channel weights) do not decide; a region without such moves keeps its axes.
     """
     nodes = [n for n in gm.graph.nodes if n.op in ("call_module", "call_function", "call_method")
              and member(n)]
@@ -138,13 +142,11 @@ def _region_args(gm: fx.GraphModule, member: Callable[[fx.Node], bool]
                 if nb in inside and nb not in region:
                     region[nb] = rid
                     stack.append(nb)
-    found: dict[int, set[tuple[int, bool]]] = {}
+    found: dict[int, set[tuple[int, bool]]] = {}  # the entry moves' args, per region
     for n in nodes:
         for a in tensor_args(n):
-            if a not in inside:
-                key = tuple(a.args[1:]) if is_move(a) and a.target is last_to_channels \
-                    else (0, True)
-                found.setdefault(region[n], set()).add(key)  # type: ignore[arg-type]
+            if a not in inside and is_move(a) and a.target is last_to_channels:
+                found.setdefault(region[n], set()).add(tuple(a.args[1:]))  # type: ignore[arg-type]
 
     def args_of(value: fx.Node) -> tuple[int, bool]:
         rid = region.get(value)
@@ -221,7 +223,8 @@ def to_linear(model: nn.Module | torch.export.ExportedProgram, example_inputs: A
 
     region_args = _region_args(gm, lambda n: (
         ((f := convs.get(n)) is not None and (only is None or f[2] in only))
-        or isinstance(module_of(gm, n), ChannelLayerNorm) or is_pointwise(gm, n)))
+        or isinstance(module_of(gm, n), ChannelLayerNorm) or is_pointwise(gm, n)
+        or elementwise(op_name(n)) or channel_reduce(n, set(n.all_input_nodes), 1)))
 
     def move(value: fx.Node) -> Move:
         return Move(channels_to_last, region_args(value))
@@ -229,8 +232,9 @@ def to_linear(model: nn.Module | torch.export.ExportedProgram, example_inputs: A
     if only is not None:
         check_only(only, {f[2] for f in convs.values()},
                    "per-position conv")
+    anchors = [n for n, f in convs.items() if only is None or f[2] in only]
     gm = relayout(gm, rewrite, lambda n: is_pointwise(gm, n), move, "conv",
-                  lambda x, m: (-1,), move_to_conv=False)
+                  lambda x, m: (-1,), move_to_conv=False, anchors=anchors)
     weights = {str(a.target) for n, f in convs.items() if (f[3] or f[2]) in converted
                for a in n.all_input_nodes if a.op == "get_attr"}
     drop_dead_attrs(gm, weights)

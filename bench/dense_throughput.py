@@ -52,12 +52,17 @@ def best_of(fns: list, repeats: int) -> list[float]:
     return [min(ts) for ts in timed(fns, repeats)]
 
 
-def timed(fns: list[Callable[[], object]], repeats: int) -> list[list[float]]:
+def timed(fns: list[Callable[[], object]], repeats: int, budget: float | None = None
+          ) -> list[list[float]]:
     """Seconds of ``repeats`` runs per function, interleaved: repeat ``r`` runs every function
     once, back to back, starting from function ``r mod n`` (a rotating order, so that no
-    function always runs first or right after the same neighbour)."""
+    function always runs first or right after the same neighbour). With ``budget`` (seconds)
+    the repeats stop once it is spent, after 3 at least."""
     times: list[list[float]] = [[] for _ in fns]
+    began = time.perf_counter()
     for r in range(repeats):
+        if budget is not None and r >= 3 and time.perf_counter() - began > budget:
+            break
         for k in range(len(fns)):
             i = (r + k) % len(fns)
             start = time.perf_counter()
@@ -166,6 +171,8 @@ def main() -> None:
     parser.add_argument("--tile", type=int, default=256, help="tile of the worker part")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=9, help="interleaved repeats (median)")
+    parser.add_argument("--row-seconds", type=float, default=6.0,
+                        help="stop a row's repeats once this is spent (3 repeats at least)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads, pinned for every row (default: all cores)")
     parser.add_argument("--nets", nargs="+", default=None,
@@ -183,7 +190,8 @@ def main() -> None:
     torch.set_num_threads(threads)
     image = np.random.default_rng(0).standard_normal((3, args.size, args.size)).astype(np.float32)
     print(f"torch {torch.__version__}, device {dev}, {threads} torch threads (pinned), image "
-          f"{args.size}^2 in host memory, {args.repeats} interleaved repeats")
+          f"{args.size}^2 in host memory, {args.repeats} interleaved repeats (fewer past "
+          f"{args.row_seconds:.0f} s a row, 3 at least)")
     sync = torch.cuda.synchronize if dev.startswith("cuda") else (lambda: None)
 
     def untiled(fcn: nn.Module) -> np.ndarray:
@@ -218,7 +226,8 @@ def main() -> None:
             loop, chunks, halo = tile_loop(fcn, image, tile, dev)
             loop()  # warm
             t_full, t_loop, t_tiled = timed([lambda: untiled(fast), loop, lambda: np.asarray(
-                dense_map(fcn, image, tile=tile, device=dev, threads=threads))], args.repeats)
+                dense_map(fcn, image, tile=tile, device=dev, threads=threads))], args.repeats,
+                args.row_seconds)
             verdict = check_stitched(got, full, ref, dev)
             print(f"{name:15} {spec:>5} {chunks:>5} {halo:>5.2f} {1 / halo:>6.2f} "
                   f"{spread(t_full)[0]:>9.4f} {spread(t_loop)[0]:>8.4f} "
@@ -259,7 +268,8 @@ def main() -> None:
             ratio = f_slide / f_dense
             for fn in [*(fn for _, fn in rows), slide]:  # warm: geometry cache, kernels
                 fn()
-            times = timed([fn for _, fn in rows] + [slide], max(3, args.repeats // 3))
+            times = timed([fn for _, fn in rows] + [slide], max(3, args.repeats // 3),
+                          args.row_seconds)
             t_slide = times[-1]
             for (label, _), t_dense in zip(rows, times, strict=False):
                 m, lo, hi = spread([b / a / ratio for a, b in zip(t_dense, t_slide,

@@ -144,6 +144,12 @@ def dense_map(model: Any, image: Any, *, input_shape: Sequence[int] | None = Non
     cells = tuple(m if t >= n else cells_per_tile(t, s, j) for t, s, j, n, m in zip(
         tile_px, geo.size, geo.stride, geo.image_size, geo.map_size, strict=True))
     plan = plan_tiles(geo.image_size, geo.map_size, geo.size, geo.stride, geo.start, cells)
+    small = [(t, s) for t, s, n in zip(tile_px, geo.size, geo.image_size, strict=True)
+             if t < min(s, n)]
+    if small:
+        log.warning("tile %s is smaller than the receptive field %s: every chunk recomputes a "
+                    "whole field for one cell (%d chunks); a tile of 2x the field or more "
+                    "wastes less", tile_px, geo.size, len(plan))
     mean_a = _per_channel(mean, shape[0], "mean")
     std_a = _per_channel(std, shape[0], "std")
     # Dask threads: no more than there are chunks; torch's threads share the cores among them

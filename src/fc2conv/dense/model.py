@@ -187,9 +187,11 @@ def _token(model: Any) -> tuple[Any, ...]:
     """What a cached dense net and geometry depend on: the module's structure and the
     identity and version of every weight (an in-place update bumps ``_version``)."""
     module = _as_module(model)
-    tensors = (*module.named_parameters(), *module.named_buffers())
-    return (repr(module), tuple((n, t.data_ptr(), _version(t), tuple(t.shape), t.device.type)
-                                for n, t in tensors))
+    # the modules' own dicts: named_parameters() walks names and memo sets, a few ms a call
+    tensors = [(id(m), n, t) for m in module.modules()
+               for n, t in (*m._parameters.items(), *m._buffers.items()) if t is not None]
+    return (repr(module), tuple((i, n, t.data_ptr(), _version(t), tuple(t.shape),
+                                 t.device.type) for i, n, t in tensors))
 
 
 def _version(t: torch.Tensor) -> Any:

@@ -1,15 +1,22 @@
-"""dense_map throughput, side by side in one run (best of --repeats, interleaved):
+"""dense_map throughput, side by side in one run (interleaved repeats, medians and spreads):
 
-1. tiled (dense_map, default tile and --tiles) vs untiled (one call of the same net): the
-   ratio untiled/tiled time, and whether the stitched map equals the untiled one by
-   compare's rule against a float64 run (fc2conv.dense.check; TF32 allowed for on CUDA);
+1. tiled (dense_map) vs untiled (one call of the same net), at dense_map's default tile and at
+   forced --tiles. Each repeat times, back to back in a rotating order, the untiled call, the
+   same tiles run by a plain loop (no Dask: the inherent cost of tiling, the halo recomputed)
+   and dense_map; the speed ratio untiled/tiled is the median of the per-repeat ratios, with
+   its 10-90% spread. 'halo' is the tiles' conv/matmul FLOPs over the untiled call's (counted
+   on fake tensors): 1/halo is the best tiled/untiled can be, 'loop/untiled' what the tiles
+   reach without dense_map's machinery, and 'exact' compare's verdict on the stitched map
+   against a float64 run (fc2conv.dense.check; TF32 allowed for on CUDA). Every run starts
+   from the image in host memory and ends with the map in host memory.
 2. dense_map vs sliding_window (every crop classified) against the FLOP ratio
-   (torch.utils.flop_counter): "of FLOP" is speedup / FLOP ratio;
+   (torch.utils.flop_counter): "of FLOP" is speedup / FLOP ratio (medians, spread of it);
 3. dense_map on a LocalCluster of 2 worker processes vs 1 (with --workers).
 MONAI's sliding_window_inference is compared in bench/dense_monai.py.
 
     PYTHONPATH=src python bench/dense_throughput.py                    # CPU, 384 px
-    PYTHONPATH=src python bench/dense_throughput.py --device cuda --size 2048 --tiles auto 1024
+    PYTHONPATH=src python bench/dense_throughput.py --size 768 --tiles auto 256 384 --repeats 15
+    PYTHONPATH=src python bench/dense_throughput.py --device cuda --size 2048
 """
 
 # ruff: noqa: B023  (closures are timed inside the loop iteration that made them)
@@ -17,8 +24,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -34,17 +43,45 @@ from fc2conv import convolutionalize, dense_map, receptive_field, sliding_window
 from fc2conv.dense import model as dmodel  # noqa: E402
 from fc2conv.dense.check import check_stitched  # noqa: E402
 from fc2conv.dense.fuse import fold_batchnorm  # noqa: E402
+from fc2conv.dense.plan import cells_per_tile, plan_tiles  # noqa: E402
 from fc2conv.dense.pools import fast_pools  # noqa: E402
 
 
 def best_of(fns: list, repeats: int) -> list[float]:
-    best = [float("inf")] * len(fns)
-    for _ in range(repeats):
-        for k, fn in enumerate(fns):
+    """The fastest of ``repeats`` interleaved runs of each function (seconds)."""
+    return [min(ts) for ts in timed(fns, repeats)]
+
+
+def timed(fns: list[Callable[[], object]], repeats: int, budget: float | None = None
+          ) -> list[list[float]]:
+    """Seconds of ``repeats`` runs per function, interleaved: repeat ``r`` runs every function
+    once, back to back, starting from function ``r mod n`` (a rotating order, so that no
+    function always runs first or right after the same neighbour). With ``budget`` (seconds)
+    the repeats stop once it is spent, after 3 at least."""
+    times: list[list[float]] = [[] for _ in fns]
+    began = time.perf_counter()
+    for r in range(repeats):
+        if budget is not None and r >= 3 and time.perf_counter() - began > budget:
+            break
+        for k in range(len(fns)):
+            i = (r + k) % len(fns)
             start = time.perf_counter()
-            fn()
-            best[k] = min(best[k], time.perf_counter() - start)
-    return best
+            fns[i]()
+            times[i].append(time.perf_counter() - start)
+    return times
+
+
+def spread(values: list[float]) -> tuple[float, float, float]:
+    """(median, 10th, 90th percentile)."""
+    qs = np.percentile(values, [50, 10, 90])
+    return float(qs[0]), float(qs[1]), float(qs[2])
+
+
+def ratios(num: list[float], den: list[float]) -> str:
+    """The median of the per-repeat ratios num/den (paired: the two ran back to back) and its
+    10-90% spread, as 'm [lo-hi]'."""
+    m, lo, hi = spread([a / b for a, b in zip(num, den, strict=True)])
+    return f"{m:.2f} [{lo:.2f}-{hi:.2f}]"
 
 
 def flops(fn) -> int:
@@ -74,27 +111,89 @@ def reference64(fcn: nn.Module, image: np.ndarray) -> np.ndarray:
         return net(torch.from_numpy(image).double()[None])[0].numpy()
 
 
+def fake_flops(net: nn.Module, shape: tuple[int, ...]) -> int:
+    """conv/matmul FLOPs of ``net`` on a ``(1, *shape)`` input, counted on fake tensors (no
+    arithmetic is done: any size is free to count)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    cpu = copy.deepcopy(net).cpu()
+    with FakeTensorMode(allow_non_fake_inputs=True), FlopCounterMode(display=False) as c:
+        cpu(torch.empty(1, *shape))
+    return c.get_total_flops()
+
+
+def tile_loop(fcn: nn.Module, image: np.ndarray, tile: int | None, dev: str
+              ) -> tuple[Callable[[], np.ndarray], int, float]:
+    """(a plain loop over dense_map's own tiles -- the same windows and crops, no Dask, no
+    progress, stitched with one copy --, the number of tiles, the halo FLOP factor: the tiles'
+    FLOPs over the untiled call's)."""
+    net, geo = dmodel.prepare(fcn, (image.shape[0], *(min(n, 256) for n in image.shape[1:])),
+                              image.shape, convert=False, device=dev)
+    tiles = (tile,) * (image.ndim - 1) if tile else dmodel_tile(geo, dev)
+    cells = tuple(m if t >= n else cells_per_tile(t, s, j) for t, s, j, n, m in zip(
+        tiles, geo.size, geo.stride, geo.image_size, geo.map_size, strict=True))
+    plan = plan_tiles(geo.image_size, geo.map_size, geo.size, geo.stride, geo.start, cells)
+    jobs = [(tuple(slice(c.a, c.b) for c in chunks),
+             tuple(c.crop(j) for c, j in zip(chunks, plan.stride, strict=True)),
+             tuple(slice(c.i0, c.i1) for c in chunks)) for _, chunks in plan.blocks()]
+    counted: dict[tuple[int, ...], int] = {}
+    for window, _, _ in jobs:
+        shape = (image.shape[0], *(w.stop - w.start for w in window))
+        counted.setdefault(shape, fake_flops(net, shape))
+    tiled = sum(counted[(image.shape[0], *(w.stop - w.start for w in window))]
+                for window, _, _ in jobs)
+    halo = tiled / fake_flops(net, image.shape)
+
+    def run() -> np.ndarray:
+        out = np.empty((geo.classes, *geo.map_size), np.float32)
+        for window, crop, cells_at in jobs:
+            out[(slice(None), *cells_at)] = dmodel.run_tile(
+                net, image[(slice(None), *window)], crop, None, None, dev)
+        if dev.startswith("cuda"):
+            torch.cuda.synchronize()
+        return out
+
+    return run, len(jobs), halo
+
+
+def dmodel_tile(geo: dmodel.Geometry, dev: str) -> tuple[int, ...]:
+    from fc2conv.dense.api import _auto_tile
+
+    return _auto_tile(geo, dev, os.cpu_count() or 1)
+
+
 @torch.inference_mode()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=384)
     parser.add_argument("--tiles", nargs="+", default=["auto", "256"],
                         help="tile sides to time ('auto': dense_map's default)")
-    parser.add_argument("--tile", type=int, default=256, help="tile of the MONAI/worker parts")
+    parser.add_argument("--tile", type=int, default=256, help="tile of the worker part")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=9, help="interleaved repeats (median)")
+    parser.add_argument("--row-seconds", type=float, default=4.0,
+                        help="stop a row's repeats once this is spent (3 repeats at least)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads, pinned for every row (default: all cores)")
+    parser.add_argument("--nets", nargs="+", default=None,
+                        help="only these nets (alexnet-valid alexnet-padded vgg-style "
+                             "resnet-gap)")
     parser.add_argument("--workers", action="store_true", help="also 2 vs 1 worker processes")
     parser.add_argument("--no-sliding", action="store_true")
     parser.add_argument("--no-fuse", action="store_true",
                         help="part 2 without the unfused (BatchNorm not folded) dense_map row")
-    parser.add_argument("--batch", type=int, default=256, help="sliding_window's crops per call")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="sliding_window's crops per call (default 256, 4096 on CUDA)")
     args = parser.parse_args()
     began = time.perf_counter()
     dev = args.device
+    args.batch = args.batch or (4096 if dev.startswith("cuda") else 256)
+    threads = args.threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
     image = np.random.default_rng(0).standard_normal((3, args.size, args.size)).astype(np.float32)
-    x = torch.from_numpy(image)[None].to(dev)
-    print(f"torch {torch.__version__}, device {dev}, {torch.get_num_threads()} threads, image "
-          f"{args.size}^2")
+    print(f"torch {torch.__version__}, device {dev}, {threads} torch threads (pinned), image "
+          f"{args.size}^2 in host memory, {args.repeats} interleaved repeats (fewer past "
+          f"{args.row_seconds:.0f} s a row, 3 at least)")
     sync = torch.cuda.synchronize if dev.startswith("cuda") else (lambda: None)
 
     def untiled(fcn: nn.Module) -> np.ndarray:
@@ -103,12 +202,16 @@ def main() -> None:
         sync()
         return out
 
-    print("\n1. tiled (dense_map) vs untiled (one call of the same net): speed ratio = untiled "
-          "s / tiled s; 'first s' includes tracing the net's geometry (cached afterwards);\n"
-          "   exact: compare's rule vs a float64 run (fc2conv.dense.check)")
-    print(f"{'net':15} {'tile':>6} {'chunks':>6} {'untiled s':>10} {'tiled s':>9} "
-          f"{'first s':>8} {'tiled/untiled':>14} {'tiles/s':>8}  exact")
+    print("\n1. tiled vs untiled (one call of the same net); seconds are medians; ratios are "
+          "untiled s / tiled s, median of the per-repeat ratios [10%-90%];\n   halo = tiles' "
+          "FLOPs / untiled FLOPs (1/halo is the best tiled/untiled can be); loop = the same "
+          "tiles in a plain loop (no Dask)")
+    print(f"{'net':15} {'tile':>5} {'tiles':>5} {'halo':>5} {'1/halo':>6} {'untiled s':>9} "
+          f"{'loop s':>8} {'dense s':>8} {'loop/untiled':>17} {'dense_map/untiled':>17} "
+          f"{'first s':>7}  exact")
     models = nets()
+    if args.nets:
+        models = {k: v for k, v in models.items() if k in args.nets}
     for name, (_, fcn, _) in models.items():
         plain = fast_pools(fcn, owned=False)
         ref = reference64(plain, image)  # the unfolded net in float64
@@ -119,26 +222,32 @@ def main() -> None:
             tile = None if spec == "auto" else int(spec)
             dmodel._CACHE.clear()  # a cold first call
             start = time.perf_counter()
-            lazy = dense_map(fcn, image, tile=tile, device=dev)
+            lazy = dense_map(fcn, image, tile=tile, device=dev, threads=threads)
             got = np.asarray(lazy)
             first = time.perf_counter() - start
-            chunks = int(np.prod(lazy.numblocks[1:]))
-            t_full, t_tiled = best_of([lambda: untiled(fast), lambda: np.asarray(
-                dense_map(fcn, image, tile=tile, device=dev))], args.repeats)
+            loop, chunks, halo = tile_loop(fcn, image, tile, dev)
+            loop()  # warm
+            t_full, t_loop, t_tiled = timed([lambda: untiled(fast), loop, lambda: np.asarray(
+                dense_map(fcn, image, tile=tile, device=dev, threads=threads))], args.repeats,
+                args.row_seconds)
             verdict = check_stitched(got, full, ref, dev)
-            print(f"{name:15} {spec:>6} {chunks:>6} {t_full:>10.3f} {t_tiled:>9.3f} "
-                  f"{first:>8.3f} {t_full / t_tiled:>13.2f}x {chunks / t_tiled:>8.1f}  {verdict}")
+            print(f"{name:15} {spec:>5} {chunks:>5} {halo:>5.2f} {1 / halo:>6.2f} "
+                  f"{spread(t_full)[0]:>9.4f} {spread(t_loop)[0]:>8.4f} "
+                  f"{spread(t_tiled)[0]:>8.4f} {ratios(t_full, t_loop):>17} "
+                  f"{ratios(t_full, t_tiled):>17} {first:>7.2f}  {verdict}", flush=True)
 
     if not args.no_sliding:
         print("\n2. dense_map (default tile) vs sliding_window (every crop classified) against "
-              "the FLOP ratio (conv/matmul FLOPs); 'of FLOP' = speedup / FLOP ratio")
+              "the FLOP ratio (conv/matmul FLOPs); seconds are medians; 'of FLOP' = speedup / "
+              "FLOP ratio, median of the per-repeat values [10%-90%]")
         print(f"{'net':15} {'dense s':>9} {'sliding s':>10} {'speedup':>8} {'FLOP ratio':>11} "
-              f"{'of FLOP':>8}")
+              f"{'of FLOP':>20}")
+        x = torch.from_numpy(image)[None].to(dev)
         for name, (net, fcn, shape) in models.items():
             net, fcn = net.to(dev), fcn.to(dev)
             rf = receptive_field(fcn.cpu(), shape)
             fcn = fcn.to(dev)
-            fast = fast_pools(fcn, owned=False)
+            fast = fold_batchnorm(fast_pools(fcn, owned=False), owned=False)
             crops = x[0]
 
             def slide(net: nn.Module = net) -> None:
@@ -147,25 +256,29 @@ def main() -> None:
                 sync()
 
             def dense() -> None:
-                np.asarray(dense_map(fcn, image, device=dev))
+                np.asarray(dense_map(fcn, image, device=dev, threads=threads))
 
             rows = [("dense_map", dense)]
             if not args.no_fuse:  # BatchNorm folded (the default) vs run as it is
                 rows[0] = ("dense_map, BN folded", dense)
                 other = copy.deepcopy(fcn)  # its own cache entry (one per model object)
                 rows.append(("dense_map, unfused", lambda: np.asarray(
-                    dense_map(other, image, device=dev, fuse=False))))
-            if fast is not fcn:  # the pool as torch's AvgPool, for comparison
+                    dense_map(other, image, device=dev, fuse=False, threads=threads))))
+            if fast_pools(fcn, owned=False) is not fcn:  # the pool as torch's AvgPool
                 rows.append(("(AvgPool2d, untiled)", lambda: untiled(fcn)))
-            f_dense, f_slide = flops(lambda: untiled(fast)), flops(slide)
+            f_dense, f_slide = flops(lambda: untiled(fast)), flops(slide)  # slide's warm-up
             ratio = f_slide / f_dense
-            for fn in [*(fn for _, fn in rows), slide]:  # warm: geometry cache, kernels
+            for _, fn in rows:  # warm: geometry cache, kernels
                 fn()
-            times = best_of([fn for _, fn in rows] + [slide], max(1, args.repeats - 1))
+            times = timed([fn for _, fn in rows] + [slide], max(3, args.repeats // 3),
+                          args.row_seconds)
             t_slide = times[-1]
             for (label, _), t_dense in zip(rows, times, strict=False):
-                print(f"{name:15} {t_dense:>9.3f} {t_slide:>10.3f} {t_slide / t_dense:>7.1f}x "
-                      f"{ratio:>10.1f}x {t_slide / t_dense / ratio:>7.0%}  {label}")
+                m, lo, hi = spread([b / a / ratio for a, b in zip(t_dense, t_slide,
+                                                                   strict=True)])
+                print(f"{name:15} {spread(t_dense)[0]:>9.3f} {spread(t_slide)[0]:>10.3f} "
+                      f"{spread(t_slide)[0] / spread(t_dense)[0]:>7.1f}x {ratio:>10.1f}x "
+                      f"{m:>7.0%} [{lo:.0%}-{hi:.0%}]  {label}", flush=True)
 
     if args.workers:
         from distributed import Client, LocalCluster
@@ -177,7 +290,8 @@ def main() -> None:
                     Client(c) as client:
                 np.asarray(dense_map(fcn, image, tile=args.tile, scheduler=client, device=dev))
                 (times[n],) = best_of([lambda client=client: np.asarray(dense_map(
-                    fcn, image, tile=args.tile, scheduler=client, device=dev))], args.repeats)
+                    fcn, image, tile=args.tile, scheduler=client, device=dev))],
+                    max(3, args.repeats // 3))
         print(f"\nvgg-style on a LocalCluster: 1 worker {times[1]:.2f} s, 2 workers "
               f"{times[2]:.2f} s, speedup {times[1] / times[2]:.2f}x, efficiency "
               f"{times[1] / times[2] / 2:.0%}")

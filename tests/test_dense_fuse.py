@@ -126,3 +126,54 @@ def test_box_pool_runs_after_a_narrowing_1x1_head():
     assert verdict.equal, verdict
     widen = nn.Sequential(nn.Conv2d(3, 4, 3), BoxMean((5, 4)), nn.Conv2d(4, 6, 1)).eval()
     assert fold_batchnorm(widen, owned=False) is widen  # 4 -> 6 channels: the pool stays first
+
+
+class _Functional(nn.Module):
+    """Batch norms spelled as functions in the traced graph: ``F.batch_norm`` after a conv
+    module, and ``F.conv2d`` + ``F.batch_norm`` on the module's own tensors (no bias)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.w = nn.Parameter(torch.randn(5, 6, 3, 3) / 5)
+        self.register_buffer("mean", torch.randn(5))
+        self.register_buffer("var", torch.rand(5) + 0.2)
+        self.gamma = nn.Parameter(torch.randn(5))
+
+    def forward(self, x):
+        y = torch.nn.functional.batch_norm(self.conv(x), self.bn.running_mean,
+                                           self.bn.running_var, self.bn.weight, self.bn.bias,
+                                           self.training, 0.1, self.bn.eps)
+        y = torch.relu(y)
+        y = torch.nn.functional.conv2d(y, self.w, stride=2)
+        return torch.nn.functional.batch_norm(y, self.mean, self.var, self.gamma, None, False,
+                                              0.1, 1e-3)
+
+
+def _bn_calls(gm):
+    return [n for n in gm.graph.nodes if "batch_norm" in str(n.target)]
+
+
+@pytest.mark.parametrize("exported", [False, True])
+def test_functional_and_aten_batch_norm_are_folded(exported, caplog):
+    torch.manual_seed(9)
+    net = _random_bn(_Functional(), seed=9)
+    x = torch.randn(2, 3, 15, 14)
+    unfused32, ref64 = _runs(net, x)
+    src = net
+    if exported:  # an exported program's graph: aten.conv2d / aten.batch_norm on get_attr
+        src = torch.export.export(net, (x,)).module()
+    assert len(_bn_calls(src) if exported else _bn_calls(torch.fx.symbolic_trace(net))) == 2
+    with caplog.at_level(logging.INFO, logger="fc2conv.dense.fuse"):
+        fused = fold_batchnorm(src, owned=False)
+    assert "2 eval-mode BatchNorm(s) folded" in caplog.text
+    assert _bn_calls(fused) == []
+    with torch.no_grad():
+        got = fused(x)
+    got = (got[0] if isinstance(got, tuple) else got).numpy()
+    verdict = check_stitched(got, unfused32, ref64)
+    assert verdict.equal, verdict
+    # the caller's net is untouched, and a net normalizing with batch statistics is not folded
+    assert len(_bn_calls(src) if exported else _bn_calls(torch.fx.symbolic_trace(net))) == 2
+    train = fold_batchnorm(_random_bn(_Functional(), seed=9).train(), owned=False)
+    assert not hasattr(train, "graph") or len(_bn_calls(train)) == 2

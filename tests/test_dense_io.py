@@ -170,3 +170,57 @@ def test_output_refusals(fcn, pixels, tmp_path):
     with pytest.raises(Fc2ConvError, match="no such image"):
         dense_map(fcn, str(tmp_path / "missing.tif"))
     assert os.path.getsize(src) > 0
+
+
+def test_chunk_commit_is_o1_in_the_chunks_done(tmp_path, monkeypatch):
+    """Committing a chunk never lists the marker folder (it held one entry per finished
+    chunk, so each commit cost O(chunks)); what killed workers left there is reclaimed once,
+    when the store is opened."""
+    from fc2conv.dense.writer import DONE, MapStore
+
+    n = 3000
+    store = MapStore(str(tmp_path / "m.zarr"), (2, n, 4), (2, 1, 4), {"k": 1}, labels=False)
+    assert store.open() == 0
+    done = tmp_path / "m.zarr" / DONE
+    for i in range(n - 3):  # as if n - 3 chunks were committed
+        (done / f"{i}.0").touch()
+    dead = _dead_pid()
+    stale = done / f".{n - 2}.0.fc2conv-{dead}-0a1b2c3d.tmp"  # a killed worker's commit
+    stale.mkdir()
+    listed: list[str] = []
+    real_scandir, real_iterdir = os.scandir, Path.iterdir
+
+    def scandir(path="."):
+        listed.append(str(path))
+        return real_scandir(path)
+
+    def iterdir(self):
+        listed.append(str(self))
+        return real_iterdir(self)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    again = MapStore(str(tmp_path / "m.zarr"), (2, n, 4), (2, 1, 4), {"k": 1}, labels=False)
+    assert again.open() == n - 3 and not stale.exists()  # reclaimed at open
+    listed.clear()
+    rng = np.random.default_rng(3)
+    blocks = {i: rng.standard_normal((2, 1, 4)).astype(np.float32) for i in range(n - 3, n)}
+    for i, block in blocks.items():
+        again.write((i, 0), (i, 0), block)
+    assert [p for p in listed if Path(p) == done] == []
+    assert all(again.is_done((i, 0)) for i in range(n))
+    assert [p.name for p in done.iterdir() if p.name.startswith(".")] == []
+    got = np.asarray(again.scores()[:, n - 3:])
+    np.testing.assert_array_equal(got, np.concatenate(list(blocks.values()), axis=1))
+
+
+def _dead_pid():
+    pid = 2**22 + 4321
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return pid
+        except PermissionError:
+            pass
+        pid += 1

@@ -216,3 +216,34 @@ def test_normalization_never_writes_the_callers_pixels(dtype):
         norm = (image.astype(np.float64) - mean[:, None, None]) / std[:, None, None]
         _close(got, _ref64(net, norm))
         np.testing.assert_array_equal(image, before)
+
+
+@pytest.mark.parametrize("classifier", [False, True])
+def test_training_mode_model_is_never_touched(classifier):
+    """A model in training mode (BatchNorm updating its statistics, Dropout active) is mapped
+    in eval mode on a copy: its training flags, running statistics and batch counters stay."""
+    torch.manual_seed(11)
+    net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+                        nn.Dropout(0.5), nn.Conv2d(6, 4, 3, stride=2))
+    shape = None
+    if classifier:  # convolutionalized on the fly
+        net.extend([nn.Flatten(), nn.Linear(4 * 6 * 6, 5), nn.BatchNorm1d(5)])
+        shape = (3, 14, 14)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                m.running_mean.normal_(0, 1)
+                m.running_var.uniform_(0.5, 2)
+    net.train()
+    net[1].eval()  # a mixed mode: one module already in eval
+    flags = [m.training for m in net.modules()]
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    image = np.random.default_rng(12).standard_normal((3, 45, 41)).astype(np.float32)
+    got = np.asarray(dense_map(net, image, input_shape=shape, tile=24))
+    assert [m.training for m in net.modules()] == flags
+    changed = [k for k, v in net.state_dict().items() if not torch.equal(before[k], v)]
+    assert changed == []
+    fcn = copy.deepcopy(net).eval()
+    if classifier:
+        fcn = convolutionalize(fcn, shape)
+    _close(got, _ref64(fcn, image))

@@ -69,12 +69,17 @@ def check_output_path(
 def temporaries(path: str | os.PathLike[str]) -> list[tuple[Path, int]]:
     """The writer folders of ``path`` in its folder, with the pid of the run that made each."""
     dst = Path(path)
+    return _temporaries(dst.parent, dst.name)
+
+
+def _temporaries(folder: Path, name: str | None) -> list[tuple[Path, int]]:
+    """Writer folders in ``folder`` (of output ``name``, or of any output when ``None``)."""
     found = []
-    with contextlib.suppress(OSError):
-        for entry in dst.parent.iterdir():
+    with contextlib.suppress(OSError), os.scandir(folder) as entries:
+        for entry in entries:
             m = _TEMP_RE.match(entry.name)
-            if m and m.group("name") == dst.name:
-                found.append((entry, int(m.group("pid"))))
+            if m and (name is None or m.group("name") == name):
+                found.append((Path(entry.path), int(m.group("pid"))))
     return found
 
 
@@ -94,8 +99,20 @@ def reclaim(path: str | os.PathLike[str]) -> list[Path]:
     A folder whose writer pid is still alive belongs to a concurrent run and is left alone.
     Returns the removed folders and logs one line saying what was removed.
     """
+    dst = Path(path)
+    return _reclaim(_temporaries(dst.parent, dst.name), str(path))
+
+
+def reclaim_folder(folder: str | os.PathLike[str]) -> list[Path]:
+    """:func:`reclaim` for every output in ``folder`` at once (one scan of the folder): what
+    a writer of many small files calls once before committing them with
+    ``atomic_output(..., reclaim_dead=False)``."""
+    return _reclaim(_temporaries(Path(folder), None), f"the files in {folder}")
+
+
+def _reclaim(found: list[tuple[Path, int]], what: str) -> list[Path]:
     removed, freed = [], 0
-    for folder, pid in temporaries(path):
+    for folder, pid in found:
         if pid == os.getpid() or _alive(pid):
             continue
         freed += _size(folder)
@@ -107,7 +124,7 @@ def reclaim(path: str | os.PathLike[str]) -> list[Path]:
             "(writer no longer running)",
             len(removed),
             _human(freed),
-            path,
+            what,
         )
     return removed
 
@@ -172,7 +189,11 @@ def _no_space(exc: BaseException) -> tuple[int, int] | None:
 
 @contextlib.contextmanager
 def atomic_output(
-    path: str | os.PathLike[str], suffix: str | None = None, *, expected_bytes: int = 0
+    path: str | os.PathLike[str],
+    suffix: str | None = None,
+    *,
+    expected_bytes: int = 0,
+    reclaim_dead: bool = True,
 ) -> Iterator[Path]:
     """Yield a path to write ``path`` to; move it (and its sidecars) there only on success.
 
@@ -181,10 +202,15 @@ def atomic_output(
     ``<name>.data``) are moved beside ``path`` first, then the file itself. ``expected_bytes``
     (an estimate of what will be written) is only used to word a short-write error. ``suffix``
     is accepted for compatibility and ignored: the temporary has the final name.
+    ``reclaim_dead``: first remove what dead runs left for ``path`` (:func:`reclaim`, a scan of
+    ``path``'s folder); False makes a commit O(1) in the folder's size, for a writer of many
+    files that reclaims them all once (:func:`reclaim_folder`). Only the block's own
+    temporary folder is ever listed.
     """
     del suffix
     dst = Path(path)
-    reclaim(dst)
+    if reclaim_dead:
+        reclaim(dst)
     folder = dst.parent / f".{dst.name}.{TEMP_TAG}-{os.getpid()}-{secrets.token_hex(4)}.tmp"
     with _signals_raise():
         try:

@@ -100,6 +100,8 @@ def dense_map(model: Any, image: Any, *, input_shape: Sequence[int] | None = Non
     ``out``: a zarr group written chunk by chunk (``scores``,
     ``labels`` when ``argmax``); re-running resumes. ``scheduler``: None (Dask's threads),
     a scheduler address, or a ``distributed.Client``; ``workers=N`` starts a LocalCluster.
+    ``threads``: the cores to use in this process (default: all), shared by Dask's threads
+    (one per chunk running at once) and torch's threads inside each chunk.
     ``progress(done, total)`` is called as chunks finish (first with the chunks skipped).
     ``fuse``: fold eval-mode BatchNorm into the conv before it (:mod:`~fc2conv.dense.fuse`,
     on a copy of the net; exact up to rounding); False runs the net's layers as they are.
@@ -142,12 +144,19 @@ def dense_map(model: Any, image: Any, *, input_shape: Sequence[int] | None = Non
     cells = tuple(m if t >= n else cells_per_tile(t, s, j) for t, s, j, n, m in zip(
         tile_px, geo.size, geo.stride, geo.image_size, geo.map_size, strict=True))
     plan = plan_tiles(geo.image_size, geo.map_size, geo.size, geo.stride, geo.start, cells)
+    small = [(t, s) for t, s, n in zip(tile_px, geo.size, geo.image_size, strict=True)
+             if t < min(s, n)]
+    if small:
+        log.warning("tile %s is smaller than the receptive field %s: every chunk recomputes a "
+                    "whole field for one cell (%d chunks); a tile of 2x the field or more "
+                    "wastes less", tile_px, geo.size, len(plan))
     mean_a = _per_channel(mean, shape[0], "mean")
     std_a = _per_channel(std, shape[0], "std")
     # Dask threads: no more than there are chunks; torch's threads share the cores among them
     # (set inside each task and restored, never process-wide)
+    cores = n_threads  # ``threads`` caps the cores used, Dask's and torch's together
     n_threads = min(n_threads, len(plan))
-    per_task = max(1, (os.cpu_count() or 1) // n_threads)
+    per_task = max(1, cores // n_threads)
     log.info("dense map %s -> (%d, %s) in %d chunks of %s cells (tiles up to %s px)", shape,
              geo.classes, geo.map_size, len(plan), cells, plan.max_tile())
 
@@ -254,10 +263,39 @@ def _assemble(plan: TilePlan, blocks: dict[tuple[int, ...], Any], classes: int) 
     return da.block(nest(()))
 
 
+def _graph(plan: TilePlan, source: Reader, net: Any, mean: Any, std: Any, dev: str,
+           store: MapStore | None, per_task: int | None) -> tuple[str, dict[Any, Any]]:
+    """``(name, graph)``: one task per pending chunk, keyed ``(name, 0, *index)`` like the
+    blocks of a dask array, written as plain tuples ``(call,)``: whatever a task needs rides in
+    its partial, so Dask neither tokenizes (hashes) the image and net nor walks the arguments
+    (what ``dask.delayed`` + ``da.block`` did, milliseconds per call and per chunk)."""
+    name = f"fc2conv-dense-{uuid.uuid4().hex}"  # unique: tasks are not pure (they may write)
+    shared = functools.partial(_block, net=net, mean=mean, std=std, device=dev, store=store,
+                               threads=per_task)
+    dsk: dict[Any, Any] = {}
+    for index, chunks in plan.blocks():
+        if store is not None and store.is_done(index):
+            continue
+        window = tuple(slice(c.a, c.b) for c in chunks)
+        crop = tuple(c.crop(j) for c, j in zip(chunks, plan.stride, strict=True))
+        origin = tuple(c.i0 for c in chunks)
+        dsk[(name, 0, *index)] = (functools.partial(shared, source, window, crop=crop,
+                                                    index=index, origin=origin),)
+    return name, dsk
+
+
 def _lazy(plan: TilePlan, source: Any, net: Any, mean: Any, std: Any, dev: str, classes: int,
           per_task: int) -> Any:
-    blocks = dict(_tasks(plan, source, net, mean, std, dev, None, per_task))
-    return _assemble(plan, blocks, classes)
+    if not isinstance(source, Reader):  # a dask array: its slices are graph dependencies
+        blocks = dict(_tasks(plan, source, net, mean, std, dev, None, per_task))
+        return _assemble(plan, blocks, classes)
+    import dask.array as da
+    from dask.highlevelgraph import HighLevelGraph
+
+    name, dsk = _graph(plan, source, net, mean, std, dev, None, per_task)
+    chunks = ((classes,), *(tuple(c.i1 - c.i0 for c in ax) for ax in plan.axes))
+    return da.Array(HighLevelGraph.from_collections(name, dsk, dependencies=()), name, chunks,
+                    dtype=np.float32, meta=np.empty((0,) * len(chunks), np.float32))
 
 
 def _eager(plan: TilePlan, source: Any, net: Any, mean: Any, std: Any, dev: str,
@@ -267,7 +305,8 @@ def _eager(plan: TilePlan, source: Any, net: Any, mean: Any, std: Any, dev: str,
     import dask
     import dask.array as da
 
-    tasks = _tasks(plan, source, net, mean, std, dev, store, per_task)
+    plain = client is None and isinstance(source, Reader)  # plain tasks (see _graph)
+    tasks = [] if plain else _tasks(plan, source, net, mean, std, dev, store, per_task)
     total = len(plan)
     done = skipped
     results: dict[tuple[int, ...], Any] = {}
@@ -282,9 +321,14 @@ def _eager(plan: TilePlan, source: Any, net: Any, mean: Any, std: Any, dev: str,
             if progress is not None:
                 progress(done, total)
     else:
+        import dask.threaded
         from dask.callbacks import Callback
 
-        keys = {t.key: i for i, t in tasks}
+        if plain:
+            _, dsk = _graph(plan, source, net, mean, std, dev, store, per_task)
+            keys = {k: tuple(k[2:]) for k in dsk}
+        else:
+            keys = {t.key: i for i, t in tasks}
 
         class _Count(Callback):  # type: ignore[misc]
             def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, worker_id: Any
@@ -296,9 +340,13 @@ def _eager(plan: TilePlan, source: Any, net: Any, mean: Any, std: Any, dev: str,
                         progress(done, total)
 
         with _Count():
-            values = dask.compute(*[t for _, t in tasks], scheduler="threads",
-                                  num_workers=threads)
-        results = {i: v for (i, _), v in zip(tasks, values, strict=True)}
+            if plain:
+                values = dask.threaded.get(dsk, list(keys), num_workers=threads)
+                results = {keys[k]: v for k, v in zip(keys, values, strict=True)}
+            else:
+                values = dask.compute(*[t for _, t in tasks], scheduler="threads",
+                                      num_workers=threads)
+                results = {i: v for (i, _), v in zip(tasks, values, strict=True)}
     if store is not None:
         return None
     blocks = {i: results[i] for i, _ in plan.blocks()}

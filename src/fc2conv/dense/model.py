@@ -137,6 +137,13 @@ def _as_module(net: Any) -> nn.Module:
     return net.module() if isinstance(net, torch.export.ExportedProgram) else net
 
 
+def _training(net: nn.Module) -> bool:
+    """Whether ``net.eval()`` would change a module of ``net`` (one in training mode). The
+    module of an exported program has its mode fixed in its graph (its ``eval`` raises)."""
+    fixed = "eval" in vars(net) or "train" in vars(net)
+    return not fixed and any(m.training for m in net.modules())
+
+
 def eval_mode(net: nn.Module) -> nn.Module:
     """``net.eval()``; modules of exported programs are already fixed in their mode."""
     try:
@@ -165,6 +172,8 @@ def _shape_run(fcn: nn.Module, shape: Sequence[int]) -> tuple[tuple[int, ...], i
     """(output shape without the batch axis, largest activation in bytes): a fake-tensor run."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    if _training(fcn):  # a training-mode forward would update the caller's BatchNorm counters
+        fcn = eval_mode(copy.deepcopy(fcn))
     dtype = next((p.dtype for p in fcn.parameters() if p.is_floating_point()), torch.float32)
     peak = _Peak()
     with FakeTensorMode(allow_non_fake_inputs=True), peak, torch.no_grad():
@@ -178,9 +187,11 @@ def _token(model: Any) -> tuple[Any, ...]:
     """What a cached dense net and geometry depend on: the module's structure and the
     identity and version of every weight (an in-place update bumps ``_version``)."""
     module = _as_module(model)
-    tensors = (*module.named_parameters(), *module.named_buffers())
-    return (repr(module), tuple((n, t.data_ptr(), _version(t), tuple(t.shape), t.device.type)
-                                for n, t in tensors))
+    # the modules' own dicts: named_parameters() walks names and memo sets, a few ms a call
+    tensors = [(id(m), n, t) for m in module.modules()
+               for n, t in (*m._parameters.items(), *m._buffers.items()) if t is not None]
+    return (repr(module), tuple((i, n, t.data_ptr(), _version(t), tuple(t.shape),
+                                 t.device.type) for i, n, t in tensors))
 
 
 def _version(t: torch.Tensor) -> Any:
@@ -217,8 +228,14 @@ def prepare(model: Any, trace_shape: Sequence[int], image_shape: Sequence[int],
     on = next((t.device for t in (*source.parameters(), *source.buffers())), None)
     if on is not None and on.type != "cpu":
         source = copy.deepcopy(source).cpu()
+    elif source is model and _training(source):  # eval mode on a copy: the caller's flags
+        log.info("dense map: the model is in training mode; its map is computed in eval mode "
+                 "on a copy (the model itself is left as it is)")
+        source = copy.deepcopy(source)
+    if source is not model:
+        source = eval_mode(source)
     fcn, rf = _fully_convolutional(source, trace_shape, convert)
-    fcn = fast_pools(eval_mode(fcn), owned=fcn is not model)
+    fcn = fast_pools(eval_mode(fcn) if fcn is not model else fcn, owned=fcn is not model)
     if fuse:
         fcn = fold_batchnorm(fcn, owned=fcn is not model)
     geo = _geometry(fcn, rf, trace_shape, image_shape)
@@ -267,7 +284,8 @@ def export_program(fcn: nn.Module, example_shape: Sequence[int]) -> bytes:
 
     example = torch.randn(1, *example_shape)
     dims = {i: Dim.AUTO for i in range(2, 2 + len(example_shape) - 1)}
-    program = torch.export.export(eval_mode(fcn), (example,), dynamic_shapes=({**dims},))
+    net = eval_mode(copy.deepcopy(fcn)) if _training(fcn) else fcn
+    program = torch.export.export(net, (example,), dynamic_shapes=({**dims},))
     buffer = io.BytesIO()
     torch.export.save(program, buffer)
     return buffer.getvalue()

@@ -7,9 +7,11 @@ stride, offset, window size, the model's digest) lives in the group's attributes
 
 A chunk counts as done only when its marker ``.fc2conv-done/<i.j>`` exists; the marker is
 written through :func:`fc2conv.files.atomic_output` (a temporary beside it, then
-``os.replace``; one left by a killed worker is reclaimed) after the chunk's data, so a task
-killed mid-write leaves no marker and its chunk is recomputed: every chunk is whole or not
-there. Re-running with the same ``out`` skips the finished chunks.
+``os.replace``) after the chunk's data, so a task killed mid-write leaves no marker and its
+chunk is recomputed: every chunk is whole or not there. Re-running with the same ``out`` skips
+the finished chunks. The temporaries killed workers left are reclaimed when the store is
+opened and when the run finishes (one scan of the marker folder each), so a commit costs O(1)
+however many chunks are done.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from fc2conv.errors import Fc2ConvError
-from fc2conv.files import atomic_output
+from fc2conv.files import atomic_output, reclaim_folder
 
 DONE = ".fc2conv-done"
 
@@ -59,6 +61,7 @@ class MapStore:
                     f"{root} exists and holds another map (different model, image or tiling); "
                     f"choose another --out or pass overwrite"
                 )
+            reclaim_folder(root / DONE)  # what killed workers left, once for all chunks
             return len(self.done())
         group = zarr.open_group(self.path, mode="w")
         group.attrs["fc2conv_dense"] = self.attrs
@@ -87,13 +90,14 @@ class MapStore:
         group["scores"][(slice(None), *window)] = block
         if self.labels:
             group["labels"][window] = block.argmax(axis=0).astype(np.int32)
-        with atomic_output(Path(self.path) / DONE / _key(index)) as tmp:
+        with atomic_output(Path(self.path) / DONE / _key(index), reclaim_dead=False) as tmp:
             tmp.write_text("done\n")
         return 1
 
     def finish(self) -> None:
         import zarr
 
+        reclaim_folder(Path(self.path) / DONE)  # what workers killed during this run left
         group = zarr.open_group(self.path, mode="r+")
         group.attrs["complete"] = True
 

@@ -171,7 +171,9 @@ def test_maxpool_and_gemm_replacements_match_onnx_evaluator(pool: dict, gemm: di
     onnx's own kernels (a max rounds nothing; the products to float64 rounding)."""
     rng = np.random.default_rng(8)
     x = rng.standard_normal((2, 3, 9, 8)).astype(np.float32)
-    nodes = [helper.make_node("Conv", ["x", "K"], ["c"]),
+    # a SAME-padded Conv (1x1: no padding) is one onnxruntime cannot run in float64, even
+    # rewritten as a MatMul (verify/onnx_lower.py), so the evaluator runs this graph
+    nodes = [helper.make_node("Conv", ["x", "K"], ["c"], auto_pad="SAME_UPPER"),
              helper.make_node("MaxPool", ["c"], ["p"], **pool),
              helper.make_node("Flatten", ["p"], ["f"]),
              helper.make_node("Relu", ["f"], ["r"])]

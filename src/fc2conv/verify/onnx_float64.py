@@ -4,8 +4,9 @@ The graph given here is already a float64 copy (see :mod:`fc2conv.verify.onnx_ba
 engines, tried in this order; the first that runs the graph is kept, and the report names it:
 
 1. ``onnxruntime (float64)``: onnxruntime on the float64 copy. Its CPU kernels cover MatMul,
-   Gemm, Add/Mul, LayerNormalization, Softmax, Tanh, ... in float64 (not Conv, Erf,
-   AveragePool): fast, and it holds each weight once.
+   Gemm, Add/Mul, LayerNormalization, Softmax, Tanh, MaxPool, ... in float64 (not Conv, Erf,
+   AveragePool): fast, and it holds each weight once. ``Conv`` is rewritten as patches and a
+   ``MatMul`` (:mod:`fc2conv.verify.onnx_lower`: the same float64 sums), so CNNs run here too.
 2. ``onnx reference evaluator``: ``onnx.reference.ReferenceEvaluator`` (numpy, exact up to
    float64 rounding) with kernels replaced: ``MatMul``, ``Gemm``, ``Erf`` and ``MaxPool`` by
    torch's float64 ones
@@ -114,7 +115,12 @@ class Float64Runner:
 
     # -- engines ------------------------------------------------------------------------------
     def _ort(self) -> tuple[Engine, str]:
-        sess = ort_session(_with_outputs(self.model, self.outputs), self.weights)
+        from fc2conv.verify.onnx_lower import convs_as_matmuls
+
+        model = _with_outputs(self.model, self.outputs)
+        if any(n.op_type == "Conv" for n in model.graph.node):
+            model, _ = convs_as_matmuls(model)  # no float64 Conv kernel in onnxruntime
+        sess = ort_session(model, self.weights)
         return sess.run, "onnxruntime (float64)"
 
     def _evaluator(self) -> tuple[Engine, str]:

@@ -47,7 +47,11 @@ try:
     verdict = rep.verdict
 except Exception as err:
     verdict, code = f"refused: {err}", 2
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# VmHWM: this process's own peak. Not ru_maxrss: Linux carries the parent's RSS at the fork
+# into the child's ru_maxrss across exec, which counted the bench's own models in the peak
+peak = next((int(line.split()[1]) * 1024 for line in open("/proc/self/status")
+             if line.startswith("VmHWM")),
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 print(json.dumps({"verdict": verdict, "peak": peak, "time": time.perf_counter() - t,
                   "code": code}))
 """

@@ -182,3 +182,32 @@ def test_twins_and_sessions_are_built_once_per_compare_not_per_draw(monkeypatch)
         seen.append(dict(counts))
     assert seen[0] == seen[1], seen
     assert seen[0]["twins"] <= 2  # A's float64 twin and its magnitude twin, once each
+
+
+def test_erf_between_onnxruntime_segments_is_float64() -> None:
+    """A GELU MLP (MatMul -> Erf -> MatMul): onnxruntime has no float64 Erf, so it runs the
+    MatMuls in segments and the evaluator the Erf between them, all in float64: equal to an
+    independent float64 computation with math.erf to float64 rounding."""
+    import math
+
+    rng = np.random.default_rng(7)
+    w1, w2 = rng.standard_normal((16, 32)), rng.standard_normal((32, 8))
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"]),
+             helper.make_node("Erf", ["h"], ["e"]),
+             helper.make_node("Mul", ["h", "e"], ["g"]),
+             helper.make_node("MatMul", ["g", "W2"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "gelu", [helper.make_tensor_value_info("x", TensorProto.DOUBLE, [4, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.DOUBLE, None)],
+        [numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(w2, "W2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = rng.standard_normal((4, 16))
+    runner = Float64Runner(model, ["y", "e"])
+    y, e = runner.run({"x": x})
+    assert runner.engine == "onnxruntime (float64; Erf by onnx's evaluator)"
+    h = np.einsum("ij,jk->ik", x, w1)
+    want_e = np.vectorize(math.erf, otypes=[np.float64])(h)
+    want = np.einsum("ij,jk->ik", h * want_e, w2)
+    np.testing.assert_allclose(e, want_e, rtol=0, atol=4 * np.finfo(np.float64).eps)
+    mag = np.einsum("ij,jk->ik", np.abs(h * want_e), np.abs(w2))
+    assert np.all(np.abs(y - want) <= 64 * np.finfo(np.float64).eps * (mag + 1))

@@ -72,10 +72,10 @@ def test_peak_memory_stays_within_three_float64_twins(tmp_path: Path) -> None:
     verdict, peak = _peak(*pairs[2048])
     assert verdict in ("identical", "equivalent")
     weights = 2 * (2 * 2048 * 2048 * 4)  # A's and B's float32 weights, 32 MiB each
-XX
-    # more float64 copy of A (or a proto kept beside its arrays, or a float64 magnitude
-    # twin) goes over
-    assert peak - fixed <= 3.5 * weights + (48 << 20), (
+    # 7 W (module docstring) and 96 MiB for the allocators, sessions and activations that
+    # the tiny pair does not have (measured: 7 W + 65 MiB); a float64 magnitude twin and a
+    # proto kept beside its arrays (as before: 14 W) go over
+    assert peak - fixed <= 3.5 * weights + (96 << 20), (
         f"compare took {(peak - fixed) / 2**20:.0f} MiB beyond the fixed cost for "
         f"{weights / 2**20:.0f} MiB of weights")
 

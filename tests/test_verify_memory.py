@@ -1,8 +1,12 @@
 """compare's memory grows like the models, and a comparison that cannot fit is refused first.
 
-The peak is measured in a fresh process (ru_maxrss) on a pair of ONNX MLPs, against a fresh
-process that compared two tiny models (torch, onnxruntime and compare's own fixed cost); the
-difference must stay within 3x the float64 twins of both models (the issue's budget).
+The peak is measured in a fresh process (VmHWM: ru_maxrss would start from the RSS of the
+parent at the fork, pytest's own) on a pair of ONNX MLPs, against a fresh process that compared
+two tiny models (torch, onnxruntime and compare's own fixed cost). The difference is the
+weights of each model held once, onnxruntime's copy of each deployed session's, A's float64
+twin (2x A's weights) and its float32 magnitude twin: 7 W for two float32 models of ``W``
+bytes each, 3.5x the weights of both (the issue's budget: 3x, plus a fixed 1.5 GB that the
+measured fixed cost stays far below).
 """
 
 from __future__ import annotations
@@ -24,11 +28,12 @@ from fc2conv.verify import budget, compare
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 CHILD = r"""
-import json, resource, sys
+import json, sys
 from fc2conv.verify import compare
 rep = compare(sys.argv[1], sys.argv[2], samples=3, seed=0)
-print(json.dumps({"verdict": rep.verdict,
-                  "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status")
+            if line.startswith("VmHWM"))
+print(json.dumps({"verdict": rep.verdict, "peak": peak}))
 """
 
 
@@ -66,10 +71,13 @@ def test_peak_memory_stays_within_three_float64_twins(tmp_path: Path) -> None:
     _, fixed = _peak(*pairs[16])
     verdict, peak = _peak(*pairs[2048])
     assert verdict in ("identical", "equivalent")
-    twins = 2 * (2 * 2048 * 2048 * 8)  # float64 copies of A's and B's weights
-    assert peak - fixed <= 3 * twins, (
+    weights = 2 * (2 * 2048 * 2048 * 4)  # A's and B's float32 weights, 32 MiB each
+    # 7 W (module docstring) and 96 MiB for the allocators, sessions and activations that
+    # the tiny pair does not have (measured: 7 W + 65 MiB); a float64 magnitude twin and a
+    # proto kept beside its arrays (as before: 14 W) go over
+    assert peak - fixed <= 3.5 * weights + (96 << 20), (
         f"compare took {(peak - fixed) / 2**20:.0f} MiB beyond the fixed cost for "
-        f"{twins / 2**20:.0f} MiB of float64 twins")
+        f"{weights / 2**20:.0f} MiB of weights")
 
 
 def test_refuses_before_starting_when_it_cannot_fit(tmp_path: Path, monkeypatch) -> None:

@@ -82,8 +82,10 @@ def test_compare_runs_where_the_evaluator_fails() -> None:
     dict(auto_pad="VALID", group=2),
 ])
 def test_conv_and_erf_run_in_float64(case: dict) -> None:
-    """Conv and Erf have no float64 kernel in onnxruntime: the evaluator runs them, through
-    torch; checked against onnx's own im2col Conv in float64 and math.erf."""
+    """Conv and Erf have no float64 kernel in onnxruntime: a Conv becomes a MatMul over
+    patches (verify/onnx_lower.py) or, SAME-padded, runs in the evaluator through torch, as Erf
+    does between onnxruntime's segments (verify/onnx_segments.py); checked against onnx's own
+    im2col Conv in float64 and math.erf."""
     rng = np.random.default_rng(4)
     nodes = [helper.make_node("Conv", ["x", "W", "b"], ["c"], **case),
              helper.make_node("Erf", ["c"], ["y"])]
@@ -91,7 +93,8 @@ def test_conv_and_erf_run_in_float64(case: dict) -> None:
               [init(rng, "W", 6, 4 // case.get("group", 1), 3, 2), init(rng, "b", 6)])
     x = rng.standard_normal((2, 4, 9, 7)).astype(np.float32)
     out = run(m, (torch.from_numpy(x),), "reference", False)
-    assert out.engine == "onnx reference evaluator"
+    islands = "Conv, Erf" if "auto_pad" in case and case["auto_pad"] != "VALID" else "Erf"
+    assert out.engine == f"onnxruntime (float64; {islands} by onnx's evaluator)"
     conv_only = onnx.ModelProto()
     conv_only.CopyFrom(m)
     del conv_only.graph.node[1:]
@@ -166,9 +169,17 @@ def test_convert_says_when_the_check_cannot_run(tmp_path: Path, capsys, monkeypa
     (dict(kernel_shape=[2, 2], dilations=[2, 1]), dict(transA=1, alpha=0.5, beta=2.0)),
     (dict(kernel_shape=[2, 2], ceil_mode=1, strides=[2, 2]), dict()),
 ])
-def test_maxpool_and_gemm_replacements_match_onnx_evaluator(pool: dict, gemm: dict) -> None:
+def test_maxpool_and_gemm_replacements_match_onnx_evaluator(pool: dict, gemm: dict,
+                                                            monkeypatch) -> None:
     """The evaluator's MaxPool (Python loops) and Gemm run through torch: same float64 values as
     onnx's own kernels (a max rounds nothing; the products to float64 rounding)."""
+    from fc2conv.verify.onnx_float64 import Float64Runner
+
+    def refuse(self):  # type: ignore[no-untyped-def]
+        raise RuntimeError("onnxruntime engines off: the evaluator runs this graph")
+
+    monkeypatch.setattr(Float64Runner, "_ort", refuse)
+    monkeypatch.setattr(Float64Runner, "_segmented", refuse)
     rng = np.random.default_rng(8)
     x = rng.standard_normal((2, 3, 9, 8)).astype(np.float32)
     nodes = [helper.make_node("Conv", ["x", "K"], ["c"]),

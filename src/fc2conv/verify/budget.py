@@ -1,25 +1,26 @@
 """Will a comparison fit in memory? Estimated from the weights before anything runs.
 
-``compare`` holds, per ONNX model, its ModelProto (``W`` bytes of weights), the weights read
-once as arrays (``W``), onnxruntime's copy and packed copy of the deployed session (``2 W``;
-the float64 twins and layer captures are fed the arrays, not copied); for model ``a`` also the
-float64 and magnitude twins (``2 x T``, ``T`` the weights in float64) and, while the rounding
+``compare`` holds, per ONNX model, its weights once as arrays (``M``: the bytes of them held in
+memory; external data is memory-mapped, not counted) and, for a ``ModelProto`` the caller
+passed, that proto too (``M`` again; a model read from a file is split and its proto dropped,
+:func:`fc2conv.verify.models.load`); onnxruntime's copy of the deployed session's weights
+(``W``, the weights as stored); for model ``a`` its float64 twin (``T``, the weights in
+float64), its magnitude twin (``W`` when it runs in float32, see
+:func:`fc2conv.verify.onnx_backend._magnitude_single`, else ``T``) and, while the rounding
 noise is measured, one shaken twin (``T``). A PyTorch model: the module (``W``) and, for
 ``a``, its two float64 twins. Plus a fixed ~1.5 GB for torch and onnxruntime themselves, and
 the activations of the draws (small beside the weights for the models this bounds). So::
 
-    need = FIXED + 2 M_a + 2 W_a + 3 T_a + 2 M_b + 2 W_b     (ONNX, as deployed)
-    need = FIXED + 2 M_a + 2 T_a + 2 M_b                     (ONNX, lean)
-    need = FIXED + W_a + 2 T_a + W_b                         (PyTorch)
+    need = FIXED + k_a M_a + W_a + T_a + G_a + T_a + k_b M_b + W_b     (ONNX, as deployed)
+    need = FIXED + k_a M_a + T_a + max(G_a, T_a) + k_b M_b             (ONNX, lean)
+    need = FIXED + W_a + 2 T_a + W_b                                   (PyTorch)
 
-(``M``: the weights held in memory; external data is memory-mapped and not counted). When the
-deployed plan does not fit, the lean one feeds the weights to onnxruntime as inputs (no copies
-of its own; results the same up to its kernel choice) and drops the magnitude twin while the
-shaken one exists.
-
-which stays under the issue's budget ``3 x (T_a + T_b) + FIXED`` for float32 models
-(``T = 2 W``). When ``need`` exceeds the
-memory available (``MemAvailable``, or the cgroup's limit when lower), compare refuses before
+(``k`` = 1 for a file, 2 for a proto; ``G`` the magnitude twin). For a float32 pair read from
+files that is ``FIXED + 7 W`` as deployed (``W`` per model), within the issue's budget
+``FIXED + 3 x (W_a + W_b)``. When the deployed plan does not fit, the lean one feeds the weights
+to onnxruntime as inputs (no copies of its own; results the same up to its kernel choice) and
+drops the magnitude twin while the shaken one exists. When even that exceeds the memory
+available (``MemAvailable``, or the cgroup's limit when lower), compare refuses before
 starting, in one sentence, instead of being killed half way.
 """
 
@@ -45,12 +46,17 @@ def weight_bytes(model: Any) -> tuple[int, int, int]:
         import onnx
 
         w = t = m = 0
+        split = model.cache.get("split")
+        arrays = split[1] if split else {}
         for init in model.onnx_model.graph.initializer:
             n = int(np.prod(init.dims)) if init.dims else 1
             size = itemsize(init.data_type)
             w += n * size
             t += n * 8 if init.data_type in (1, 10, 11, 16) else n * size
-            if init.data_location != onnx.TensorProto.EXTERNAL:
+            held = arrays.get(init.name)
+            if held is not None:
+                m += 0 if isinstance(held, np.memmap) else held.nbytes
+            elif init.data_location != onnx.TensorProto.EXTERNAL:
                 m += n * size
         return w, t, m
     if model.module is None:
@@ -81,11 +87,25 @@ def needed(ma: Any, mb: Any, *, lean: bool = False) -> int:
     wa, ta, ma_mem = weight_bytes(ma)
     wb, _, mb_mem = weight_bytes(mb)
     if ma.kind == "onnx":
-        need_a = 2 * ma_mem + (2 * ta if lean else 2 * wa + 3 * ta)
+        mag = wa if _single_magnitude(ma) else ta
+        need_a = _held(ma, ma_mem) + ta + (max(mag, ta) if lean else wa + mag + ta)
     else:
         need_a = wa + 2 * ta
-    need_b = (2 * mb_mem + (0 if lean else 2 * wb)) if mb.kind == "onnx" else wb
+    need_b = (_held(mb, mb_mem) + (0 if lean else wb)) if mb.kind == "onnx" else wb
     return FIXED + need_a + need_b
+
+
+def _held(model: Any, mem: int) -> int:
+    """The weights an ONNX model holds in memory: once when compare split it on loading (its
+    proto dropped), twice for a caller's proto (the proto and the arrays split from it)."""
+    return mem if "split" in model.cache else 2 * mem
+
+
+def _single_magnitude(model: Any) -> bool:
+    from fc2conv.verify import onnx_weights
+    from fc2conv.verify.onnx_backend import LAYOUT_OPS
+
+    return onnx_weights.single_precision_ok(model.onnx_model, LAYOUT_OPS)
 
 
 def available() -> int:

@@ -137,9 +137,14 @@ def _load_path(path: Path, trust_pickle: bool) -> Model:
         proto = load_or_explain(path, "onnx",  # as convert says
                                 lambda: onnx_weights.load_mapped(path))
         proto = onnx_backend.load(path) if not proto.graph.node else proto
-        model = Model(label=label, kind="onnx", onnx_model=proto,
-                      specs=onnx_backend.specs(proto))
-        model.cache["base_dir"] = path.resolve().parent
+        # the weights split off once and the proto that held them dropped: compare keeps the
+        # skeleton (the graph, no weights) and the arrays (see verify/onnx_weights.py)
+        base = path.resolve().parent
+        split = onnx_weights.split(proto, base)
+        del proto
+        model = Model(label=label, kind="onnx", onnx_model=split[0],
+                      specs=onnx_backend.specs(split[0]))
+        model.cache.update(base_dir=base, split=split)
         return model
     if suffix == ".pt2":
         def _load_pt2() -> torch.export.ExportedProgram:

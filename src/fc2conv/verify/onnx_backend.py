@@ -17,6 +17,8 @@ exporter recorded (``/backbone/0/Gemm`` or the dynamo exporter's ``name_scopes``
 from __future__ import annotations
 
 import ast
+import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,8 @@ from fc2conv.core.provenance import SOURCE_KEY
 from fc2conv.errors import Fc2ConvError
 from fc2conv.verify import onnx_weights as ow
 from fc2conv.verify.values import InputSpec, Layer, Run
+
+log = logging.getLogger(__name__)
 
 LAYOUT_OPS = {
     "Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Constant", "Shape",
@@ -184,26 +188,107 @@ def run(proto: Any, inputs: tuple[torch.Tensor, ...], mode: str, capture: bool,
             raise Fc2ConvError(f"onnxruntime could not run the model: it takes {wants}, was "
                                f"given {given} ({detail})") from None
     else:
-        from fc2conv.verify.onnx_float64 import Float64Runner
-
-        if key not in cache:
-            twin = ("twin", mode)
-            if twin not in cache:
-                magnitude = mode == "magnitude"
-                cache[twin] = (ow.float64_skeleton(skel, magnitude),
-                               ow.float64_weights(skel, arrays, magnitude))
-            cache[key] = Float64Runner(cache[twin][0], names, cache[twin][1])
-        runner = cache[key]
-        try:
-            values = runner.run(feeds)
-        except Exception as err:
-            raise Fc2ConvError(f"no float64 engine could run the model ({err})") from None
-        engine = runner.engine
+        values = None
+        if mode == "magnitude":
+            values = _magnitude_single(cache, skel, arrays, names, feeds)
+        if values is None:
+            values, engine = _run_float64(cache, skel, arrays, mode, names, feeds)
     result = dict(zip(names, values, strict=True))
     outputs = [torch.from_numpy(np.asarray(result[n])) for n in out_names]
     layers = [Layer(name=user, kind=op, output=torch.from_numpy(np.asarray(result[out])))
               for user, op, out in layer_nodes]
     return Run(outputs, layers, engine=engine)
+
+
+def _run_float64(cache: dict[Any, Any], skel: Any, arrays: dict[str, np.ndarray], mode: str,
+                 names: list[str], feeds: dict[str, np.ndarray]) -> tuple[list[Any], str]:
+    """The float64 twin (``mode``: reference or magnitude), built once per model and cached."""
+    from fc2conv.verify.onnx_float64 import Float64Runner
+
+    key = (mode, tuple(names))
+    if key not in cache:
+        twin = ("twin", mode)
+        if twin not in cache:
+            magnitude = mode == "magnitude"
+            cache[twin] = (ow.float64_skeleton(skel, magnitude),
+                           ow.float64_weights(skel, arrays, magnitude))
+        cache[key] = Float64Runner(cache[twin][0], names, cache[twin][1])
+    runner = cache[key]
+    try:
+        values = runner.run(feeds)
+    except Exception as err:
+        raise Fc2ConvError(f"no float64 engine could run the model ({err})") from None
+    return values, runner.engine
+
+
+def _magnitude_single(cache: dict[Any, Any], skel: Any, arrays: dict[str, np.ndarray],
+                      names: list[str], feeds: dict[str, np.ndarray]) -> list[Any] | None:
+    """The magnitude twin run in float32, its results raised to bound the float64 ones; None
+    when it cannot stand in (float64 in the graph, no engine, a non-finite value: the caller
+    runs the float64 twin).
+
+    ``|W|`` and ``|x|`` of a float32 (or narrower) model are exact in float32, so only the
+    twin's ops round. Each op sums non-negative terms, ``fl(Σ t) >= (1 - γ_{n+1}) Σ t`` with
+    ``n`` the longest reduction (Higham, Lemma 3.4 with all terms >= 0), so after at most ``D``
+    rounding ops in a row (``D``: the most non-layout nodes on one path from an input to an
+    output) ``M64 <= M32 / (1 - γ)^D``, plus ``D (n + 1)`` times float32's smallest subnormal
+    for underflow. That factor is ``1.004`` for a 4-layer BERT (``D = 60``, ``n = 1024``);
+    the twin costs one float32 pass instead of a float64 one, and half the memory (``|W|`` in
+    float32). Ops that do not sum non-negative terms (softmax, normalizations) make the
+    magnitude bound a heuristic in float64 already; the factor is applied to them alike."""
+    from fc2conv.core.rounding import gamma
+
+    if "single" not in cache:
+        ok = ow.single_precision_ok(skel, LAYOUT_OPS)
+        depth = _rounding_depth(skel)
+        _, longest = count_ops(skel, cache)
+        # max(n, 8): BatchNormalization's few roundings of its own constants too
+        g = gamma(max(longest, 8) + 1, float(np.finfo(np.float32).eps) / 2)
+        factor = (1 - g) ** -depth if g < 1 else math.inf
+        cache["single"] = (factor, depth * (longest + 1) * 2.0**-149 * factor) \
+            if ok and factor < 1.5 else None
+    if cache["single"] is None:
+        return None
+    factor, floor = cache["single"]
+    from fc2conv.verify.onnx_float64 import Float64Runner
+
+    key = ("magnitude", "single", tuple(names))
+    if key not in cache:
+        twin = ("twin", "magnitude", "single")
+        if twin not in cache:
+            cache[twin] = (ow.float64_skeleton(skel, True, single=True),
+                           ow.float64_weights(skel, arrays, True, single=True))
+        cache[key] = Float64Runner(cache[twin][0], names, cache[twin][1])
+    single = {k: v.astype(np.float32) if v.dtype == np.float64 else v for k, v in feeds.items()}
+    try:
+        values = cache[key].run(single)
+    except Exception as err:
+        log.debug("the float32 magnitude twin could not run: %s", err)
+        values = None
+    if values is not None and all(np.isfinite(v).all() for v in values
+                                  if np.asarray(v).dtype.kind == "f"):
+        return [np.asarray(v).astype(np.float64) * factor + floor
+                if np.asarray(v).dtype.kind == "f" else v for v in values]
+    # an engine failed, or float32 overflowed (or gave a NaN the float64 twin may not give):
+    # the float64 magnitude twin from now on, and the float32 one released
+    cache["single"] = None
+    for k in [k for k in cache if isinstance(k, tuple) and "single" in k]:
+        del cache[k]
+    return None
+
+
+def _rounding_depth(proto: Any) -> int:
+    """The most non-layout nodes on one path through the graph (nodes are in topological
+    order, as ONNX requires)."""
+    depth: dict[str, int] = {}
+    best = 0
+    for node in proto.graph.node:
+        d = max((depth.get(i, 0) for i in node.input if i), default=0) + (
+            node.op_type not in LAYOUT_OPS)
+        for o in node.output:
+            depth[o] = d
+        best = max(best, d)
+    return best
 
 
 def count_ops(proto: Any, cache: dict[Any, Any] | None = None) -> tuple[int, int]:

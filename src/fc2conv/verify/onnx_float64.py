@@ -1,12 +1,16 @@
 """Running an ONNX graph in float64 — the engine behind ``compare``'s reference for ONNX models.
 
-The graph given here is already a float64 copy (see :mod:`fc2conv.verify.onnx_backend`). Three
+The graph given here is already a float64 copy (see :mod:`fc2conv.verify.onnx_backend`). Four
 engines, tried in this order; the first that runs the graph is kept, and the report names it:
 
 1. ``onnxruntime (float64)``: onnxruntime on the float64 copy. Its CPU kernels cover MatMul,
-   Gemm, Add/Mul, LayerNormalization, Softmax, Tanh, ... in float64 (not Conv, Erf,
-   AveragePool): fast, and it holds each weight once.
-2. ``onnx reference evaluator``: ``onnx.reference.ReferenceEvaluator`` (numpy, exact up to
+   Gemm, Add/Mul, LayerNormalization, Softmax, Tanh, MaxPool, ... in float64 (not Conv, Erf,
+   AveragePool): fast, and it holds each weight once. ``Conv`` is rewritten as patches and a
+   ``MatMul`` (:mod:`fc2conv.verify.onnx_lower`: the same float64 sums), so CNNs run here too.
+2. ``onnxruntime (float64; OP by onnx's evaluator)``: onnxruntime on the runs of nodes
+   between the ops it has no float64 kernel for (``Erf``), which the evaluator's kernels below
+   compute in float64 (:mod:`fc2conv.verify.onnx_segments`).
+3. ``onnx reference evaluator``: ``onnx.reference.ReferenceEvaluator`` (numpy, exact up to
    float64 rounding) with kernels replaced: ``MatMul``, ``Gemm``, ``Erf`` and ``MaxPool`` by
    torch's float64 ones
    (numpy's stacked matmul skips BLAS, its erf is ``math.erf`` in a Python loop: 90% of a
@@ -15,7 +19,7 @@ engines, tried in this order; the first that runs the graph is kept, and the rep
    than ``data`` off the gather axis, as with BERT's token-type ids: "cannot reshape array of
    size 1 into shape (1,16)") and ``Conv`` by torch's float64 convolution (the same sums,
    ``y[n,o] = b[o] + sum_{c,k} W[o,c,k] x[n,c,s*i+d*k-p]``, without the evaluator's im2col).
-3. ``onnxruntime (float64, OP in float32)``: onnxruntime with each op that has no float64
+4. ``onnxruntime (float64, OP in float32)``: onnxruntime with each op that has no float64
    kernel computed in float32 between two Casts. The reference is then exact only up to
    float32 rounding at those ops; the report says so.
 """
@@ -99,6 +103,7 @@ class Float64Runner:
             return self._run(self.outputs, feeds)
         errors = []
         for name, make in (("onnxruntime (float64)", self._ort),
+                           ("onnxruntime in segments", self._segmented),
                            ("onnx reference evaluator", self._evaluator),
                            ("onnxruntime (float64)", self._ort_mixed)):
             try:
@@ -113,9 +118,27 @@ class Float64Runner:
         raise RuntimeError("; ".join(errors))
 
     # -- engines ------------------------------------------------------------------------------
+    def _prepared(self) -> Any:
+        from fc2conv.verify.onnx_lower import convs_as_matmuls
+
+        model = _with_outputs(self.model, self.outputs)
+        if any(n.op_type == "Conv" for n in model.graph.node):
+            model, _ = convs_as_matmuls(model)  # no float64 Conv kernel in onnxruntime
+        return model
+
     def _ort(self) -> tuple[Engine, str]:
-        sess = ort_session(_with_outputs(self.model, self.outputs), self.weights)
+        sess = ort_session(self._prepared(), self.weights)
         return sess.run, "onnxruntime (float64)"
+
+    def _segmented(self) -> tuple[Engine, str]:
+        from fc2conv.verify.onnx_segments import Segmented, missing_ops
+
+        model = self._prepared()
+        islands = missing_ops(model, self.weights)
+        if not islands:
+            raise RuntimeError("onnxruntime runs the whole graph")
+        seg = Segmented(model, self.weights, islands)
+        return seg.run, f"onnxruntime (float64; {', '.join(sorted(islands))} by onnx's evaluator)"
 
     def _evaluator(self) -> tuple[Engine, str]:
         from onnx.reference import ReferenceEvaluator

@@ -144,19 +144,22 @@ def _bn_inputs(graph: Any) -> tuple[set[str], set[str]]:
 
 
 def _twin_value(arr: np.ndarray, name: str, magnitude: bool, means: set[str],
-                variances: set[str]) -> np.ndarray:
-    arr = arr.astype(np.float64)
+                variances: set[str], np_type: Any = np.float64) -> np.ndarray:
+    arr = arr.astype(np_type)  # a fresh array: made |.| in place, no second copy
     if magnitude and name in means:
-        return -np.abs(arr)  # BN: (x - mean) -> x + |mean|
+        return np.negative(np.abs(arr, out=arr), out=arr)  # BN: (x - mean) -> x + |mean|
     if magnitude and name not in variances:
-        return np.abs(arr)
+        return np.abs(arr, out=arr)
     return arr
 
 
-def float64_skeleton(skel: Any, magnitude: bool) -> Any:
+def float64_skeleton(skel: Any, magnitude: bool, *, single: bool = False) -> Any:
     """The float64 (or magnitude) twin of a skeleton: float stubs typed double, small float
     initializers and Constant tensors cast (``|.|`` for magnitude), value types and
-    ``Cast``-to-float targets double; for magnitude, 1-Lipschitz activations become Identity."""
+    ``Cast``-to-float targets double; for magnitude, 1-Lipschitz activations become Identity.
+    ``single``: the same twin in float32 instead (for :func:`single_precision_ok` graphs)."""
+    target, np_type = (TensorProto.FLOAT, np.float32) if single else \
+        (TensorProto.DOUBLE, np.float64)
     model = onnx.ModelProto()
     model.CopyFrom(skel)  # cheap: the skeleton holds no large tensor
     g = model.graph
@@ -166,14 +169,15 @@ def float64_skeleton(skel: Any, magnitude: bool) -> Any:
             continue
         if init.data_location == TensorProto.EXTERNAL:
             count = int(np.prod(init.dims)) if init.dims else 1
-            init.CopyFrom(_stub(init.name, TensorProto.DOUBLE, init.dims, 8 * count))
+            size = np.dtype(np_type).itemsize
+            init.CopyFrom(_stub(init.name, target, init.dims, size * count))
         else:
             arr = _twin_value(numpy_helper.to_array(init), init.name, magnitude, means,
                               variances)
-            init.CopyFrom(numpy_helper.from_array(arr, init.name))
+            init.CopyFrom(numpy_helper.from_array(arr.astype(np_type), init.name))
     for vi in [*g.input, *g.output, *g.value_info]:
         if vi.type.tensor_type.elem_type in FLOAT_TYPES:
-            vi.type.tensor_type.elem_type = TensorProto.DOUBLE
+            vi.type.tensor_type.elem_type = target
     for node in g.node:
         if magnitude and node.op_type in MAGNITUDE_IDENTITY:
             node.op_type = "Identity"
@@ -181,20 +185,66 @@ def float64_skeleton(skel: Any, magnitude: bool) -> Any:
             del node.input[1:]
         for attr in node.attribute:
             if node.op_type == "Cast" and attr.name == "to" and attr.i in FLOAT_TYPES:
-                attr.i = TensorProto.DOUBLE
+                attr.i = target
             if attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type in FLOAT_TYPES:
                 arr = numpy_helper.to_array(attr.t).astype(np.float64)
-                attr.t.CopyFrom(numpy_helper.from_array(np.abs(arr) if magnitude else arr))
+                arr = (np.abs(arr) if magnitude else arr).astype(np_type)
+                attr.t.CopyFrom(numpy_helper.from_array(arr))
     return model
 
 
 def float64_weights(skel: Any, arrays: dict[str, np.ndarray],
-                    magnitude: bool) -> dict[str, np.ndarray]:
-    """The stubbed arrays of the float64 (or magnitude) twin; integer arrays are shared."""
+                    magnitude: bool, *, single: bool = False) -> dict[str, np.ndarray]:
+    """The stubbed arrays of the float64 (or magnitude) twin (``single``: in float32);
+    integer arrays are shared."""
     means, variances = _bn_inputs(skel.graph)
-    return {name: _twin_value(arr, name, magnitude, means, variances)
+    np_type = np.float32 if single else np.float64
+    return {name: _twin_value(arr, name, magnitude, means, variances, np_type)
             if arr.dtype.kind == "f" or arr.dtype.name == "bfloat16" else arr
             for name, arr in arrays.items()}
+
+
+# ops that, on non-negative inputs and weights (as in the magnitude twin), sum or scale
+# non-negative terms and are non-decreasing in every float input (Div only by a constant)
+MONOTONE_OPS = {"MatMul", "Gemm", "Conv", "ConvTranspose", "Add", "Sum", "Mul", "Relu",
+                "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "ReduceSum",
+                "ReduceMean", "ReduceMax", "BatchNormalization", "Pad", "Div", "Max"}
+
+
+def single_precision_ok(skel: Any, exact_ops: set[str]) -> bool:
+    """Whether the magnitude twin of ``skel`` may run in float32: every float in the graph
+    fits float32 exactly (float32, float16, bfloat16: no double initializer, value, input or
+    Cast), so ``|W|`` and ``|x|`` are exact there, and every op other than ``exact_ops``
+    (layout) is in :data:`MONOTONE_OPS` once the 1-Lipschitz activations are Identity: then
+    each op's float32 result is within a relative ``γ`` below its float64 one, whatever its
+    inputs' (smaller) values, so the float64 magnitude is bounded from the float32 one."""
+    g = skel.graph
+    consts = {i.name for i in g.initializer}
+    consts |= {o for n in g.node if n.op_type == "Constant" for o in n.output}
+    if any(i.data_type == TensorProto.DOUBLE for i in g.initializer):
+        return False
+    if any(vi.type.tensor_type.elem_type == TensorProto.DOUBLE
+           for vi in [*g.input, *g.output, *g.value_info]):
+        return False
+    for node in g.node:
+        op = "Identity" if node.op_type in MAGNITUDE_IDENTITY else node.op_type
+        if node.domain not in ("", "ai.onnx") or (
+                op not in exact_ops and op not in MONOTONE_OPS and op != "Identity"):
+            return False
+        if op == "Div" and (len(node.input) < 2 or node.input[1] not in consts):
+            return False
+        if op == "Pad" and any(a.name == "mode" and a.s not in (b"", b"constant")
+                               for a in node.attribute):
+            return False
+        for attr in node.attribute:
+            if op == "Gemm" and attr.name in ("alpha", "beta") and attr.f < 0:
+                return False
+            if node.op_type == "Cast" and attr.name == "to" and attr.i == TensorProto.DOUBLE:
+                return False
+            if attr.type == onnx.AttributeProto.TENSOR and \
+                    attr.t.data_type == TensorProto.DOUBLE:
+                return False
+    return True
 
 
 def as_inputs(model: Any) -> Any:

@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import json
 import resource
 import sys
@@ -136,11 +137,26 @@ class CnnFlatten(nn.Module):
         return self.fc(torch.relu(self.conv(x)).flatten(1))
 
 
+class Keywords(nn.Module):
+    """``m`` called with its draw's inputs by name, for a model whose positional parameters
+    are in another order (GPT-2's second one is ``past_key_values``, not the attention mask)."""
+
+    def __init__(self, m: nn.Module, names: list[str]) -> None:
+        super().__init__()
+        self.m, self.names = m, names
+
+    def forward(self, *args: torch.Tensor) -> Any:
+        return self.m(**dict(zip(self.names, args, strict=True)))
+
+
 def build(name: str, seed: int = 0) -> nn.Module:
     if name == "cnn_flatten":
         torch.manual_seed(seed)
         return CnnFlatten().eval()
-    return ZOO[name].build(seed)
+    m = ZOO[name].build(seed)
+    names = list(named_draw(name, 0))
+    params = list(inspect.signature(m.forward).parameters)
+    return m if params[:len(names)] == names else Keywords(m, names).eval()
 
 
 def draw(name: str, seed: int) -> tuple[torch.Tensor, ...]:

@@ -110,3 +110,47 @@ def test_draw_7_is_within_what_correct_summation_orders_do() -> None:
                  for _ in range(100))
     assert spread >= 0.5 * float(np.abs(ya - yb).max())
     assert eb <= B_ERROR_RATIO * max(ea, float(np.abs(clean - ref).max()))
+
+
+def _bench() -> object:
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "verdicts.py"
+    spec = importlib.util.spec_from_file_location("bench_verdicts", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_the_bench_reads_compares_causes_and_resumes(tmp_path) -> None:
+    """The sweep's cause check reads compare's real sentences (a transposed weight is named,
+    one changed weight is "none of the tested causes"), and saved rows are skipped on a rerun."""
+    import torch
+
+    bench = _bench()
+    torch.manual_seed(0)
+    a = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)).eval()
+    x = (torch.randn(16, 8),)
+    named = {}
+    for bug in ("transposed", "+1e-3 weight"):
+        b = fc2conv.to_conv(a, x)
+        with torch.no_grad():
+            w = a[0].weight
+            b_lin = next(m for m in b.modules() if getattr(m, "weight", None) is not None)
+            new = w.t() if bug == "transposed" else w.clone().index_put_(
+                (torch.tensor([0]), torch.tensor([1])), w[0, 1] + 1e-3)
+            b_lin.weight.copy_(new.reshape(b_lin.weight.shape))
+        report = fc2conv.compare(a, b, inputs=x, layers=True)
+        assert report.verdict == "different", str(report)
+        named[bug] = bench.cause(report.diagnosis)
+    assert named == {"transposed": "transposed", "+1e-3 weight": "none"}
+    assert not bench.wrong_cause("bug: transposed", "transposed")
+    assert bench.wrong_cause("bug: +1e-3 weight", "scale")
+    out = tmp_path / "rows.jsonl"
+    r = bench.row("m", "to_conv", False)
+    r["draws"] = 20
+    bench._finish(r, 0.0, out)
+    saved = bench.load([out])
+    assert bench._done(saved, "m", "to_conv", 20) and not bench._done(saved, "m", "to_conv", 21)

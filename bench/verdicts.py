@@ -35,6 +35,7 @@ float32 forward passes, measured interleaved) and peak RSS against the models' w
     PYTHONPATH=src:tests/zoo python bench/verdicts.py --paths onnx_to_conv,onnx_bugs
     PYTHONPATH=src:tests/zoo python bench/verdicts.py --models gpt2 --no-cost --out r.jsonl
     PYTHONPATH=src:tests/zoo python bench/verdicts.py --table r.jsonl   # table from saved rows
+    PYTHONPATH=src:tests/zoo python bench/verdicts.py --models foreign:tf_mlp  # one foreign file
 
 With ``--out FILE.jsonl`` every finished model x path row is appended as one JSON line (with
 the draws that false-alarmed, missed or mislocalized, and the cause each caught bug draw was
@@ -395,9 +396,10 @@ def judge_draw(r: dict[str, Any], k: int, rep: Any, planted: str | None,
 
 
 def foreign_rows(draws: int, saved: dict[tuple[str, str], dict[str, Any]],
-                 out: Path | None) -> list[dict[str, Any]]:
-    """The foreign ONNX files: clean to_conv / to_linear, and +1e-3 on element 0 of each 2-D
-    weight (float64 reference: onnx's evaluator on a float64 copy of A)."""
+                 out: Path | None, only: str | None = None) -> list[dict[str, Any]]:
+    """The foreign ONNX files (or the one named ``only``): clean to_conv / to_linear, and +1e-3
+    on element 0 of each 2-D weight (float64 reference: onnx's evaluator on a float64 copy of
+    A)."""
     import numpy as np
     import onnx
     from onnx import numpy_helper
@@ -410,6 +412,8 @@ def foreign_rows(draws: int, saved: dict[tuple[str, str], dict[str, Any]],
 
     rows = []
     for name, path in sorted(foreign_models().items()):
+        if only is not None and name != only:
+            continue
         model = f"foreign:{name}"
         todo = [p for p in ("to_conv", "to_linear", "bug: +1e-3 each weight")
                 if not _done(saved, model, p, draws)]
@@ -590,8 +594,9 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     cost = []
     for name in names:
-        if name == "foreign":
-            rows += foreign_rows(args.draws, saved, args.out)
+        if name == "foreign" or name.startswith("foreign:"):
+            only = name.split(":", 1)[1] if ":" in name else None
+            rows += foreign_rows(args.draws, saved, args.out, only)
             continue
         done = frozenset(p for (m, p) in saved if m == name and _done(saved, m, p, args.draws))
         rows += [saved[(name, p)] for p in sorted(done)]

@@ -11,14 +11,15 @@ modules listed before it here (module level and inside functions alike;
 ``tests/test_verify_pipeline.py`` checks it)::
 
     1 values     bound report values
-    2 backends   capture torch_backend onnx_weights onnx_float64 onnx_backend
-    3 load       models budget
-    4 inputs     inputs
-    5 reference  running reference spread onnx_noise noise
-    6 judge      judge verdict
-    7 localize   structure match localize
-    8 diagnose   diagnose
-    9 compare    compare
+    2 backends   capture torch_backend onnx_weights onnx_kernels onnx_lower onnx_segments
+    3 engines    onnx_float64 onnx_backend
+    4 load       models budget
+    5 inputs     inputs
+    6 reference  running reference spread onnx_noise noise
+    7 judge      judge verdict
+    8 localize   structure match localize
+    9 diagnose   diagnose
+    10 compare   compare
 
 1. **values**: rounding arithmetic (``bound``: unit roundoffs, op counts, the closed-form bound)
    and the value types every later stage reads (``values``: ``InputSpec``, ``Run``, ``Layer``,
@@ -27,21 +28,24 @@ modules listed before it here (module level and inside functions alike;
 2. **backends** run a model's module or graph on a draw in one of three modes (native, float64
    reference, float64 magnitude twin) and return a ``Run``: its outputs and, when captured, its
    per-layer tensors named as the user knows the layers (``capture``: PyTorch hooks and FX;
-   ``torch_backend``: the float64 twins; ``onnx_weights``/``onnx_float64``/``onnx_backend``:
-   onnxruntime and the float64 engines).
-3. **load**: ``models.load`` turns what the user gave into a ``Model`` whose ``run`` hands it to
+   ``torch_backend``: the float64 twins; ``onnx_weights``: an ONNX file's weights, read once;
+   ``onnx_kernels``: onnxruntime sessions and float64 kernels; ``onnx_lower``: Conv as patches
+   and a MatMul; ``onnx_segments``: onnxruntime around the ops it has no float64 kernel for).
+3. **engines**: ``onnx_float64`` picks the first float64 engine that runs a graph, and
+   ``onnx_backend`` runs ONNX models in every mode on it.
+4. **load**: ``models.load`` turns what the user gave into a ``Model`` whose ``run`` hands it to
    its backend (the twins and sessions a backend builds are cached on the model);
    ``budget`` refuses a pair that cannot fit in memory before anything runs.
-4. **inputs**: the user's inputs as draws, or random draws from the models' input specs.
-5. **reference**: model A's float64 ``Reference`` per draw, with both models' error bounds
+5. **inputs**: the user's inputs as draws, or random draws from the models' input specs.
+6. **reference**: model A's float64 ``Reference`` per draw, with both models' error bounds
    (``running``: the op-by-op bound), and the rounding noise measured on A's float64 twin
    (``noise``, ``onnx_noise``; ``spread``: their shared statistic).
-6. **judge**: the rule (``judge``), applied to the outputs alone (``verdict.judge_outputs``
+7. **judge**: the rule (``judge``), applied to the outputs alone (``verdict.judge_outputs``
    returns a ``Verdict``).
-7. **localize** pairs both models' layers by provenance and graph structure (``structure``,
+8. **localize** pairs both models' layers by provenance and graph structure (``structure``,
    ``match``) and returns a ``Localization``: the layer table and the first diverging pair.
-8. **diagnose** tests causes on that pair and returns a ``Diagnosis``.
-9. **compare** runs the stages in order and assembles the ``Report`` once, from their values.
+9. **diagnose** tests causes on that pair and returns a ``Diagnosis``.
+10. **compare** runs the stages in order and assembles the ``Report`` once, from their values.
 """
 
 from fc2conv.verify.compare import compare

@@ -162,7 +162,8 @@ def run(proto: Any, inputs: tuple[torch.Tensor, ...], mode: str, capture: bool,
     if mode == "native":
         try:
             if key not in cache:
-                from fc2conv.verify.onnx_float64 import _with_outputs, ort_session
+                from fc2conv.verify.onnx_float64 import _with_outputs
+                from fc2conv.verify.onnx_kernels import ort_session
 
                 # the deployed model as onnxruntime loads it (constant weights); the layer
                 # captures beside it get the same arrays fed, not another copy

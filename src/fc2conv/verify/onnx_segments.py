@@ -1,6 +1,6 @@
 """A float64 graph run by onnxruntime in segments, with the few ops it has no float64 kernel
 for (``Erf``: every BERT's GELU) computed between them by onnx's evaluator ops (through torch's
-float64 kernels, :func:`fc2conv.verify.onnx_float64._replaced_ops`).
+float64 kernels, :func:`fc2conv.verify.onnx_kernels.replaced_ops`).
 
 Running the whole graph in onnx's evaluator for one missing kernel made each BERT draw one
 numpy/torch call per node; here onnxruntime runs every maximal run of consecutive nodes it
@@ -29,7 +29,7 @@ MAX_ISLAND_OPS = 8
 def missing_ops(model: Any, weights: dict[str, np.ndarray]) -> set[str]:
     """The op types onnxruntime has no float64 kernel for in ``model`` (found by building
     sessions with those ops cut out, at most :data:`MAX_ISLAND_OPS`)."""
-    from fc2conv.verify.onnx_float64 import ort_session
+    from fc2conv.verify.onnx_kernels import ort_session
 
     missing: set[str] = set()
     for _ in range(MAX_ISLAND_OPS + 1):
@@ -108,16 +108,16 @@ class Segmented:
         if island:
             from onnx.reference import ReferenceEvaluator
 
-            from fc2conv.verify.onnx_float64 import _replaced_ops
+            from fc2conv.verify.onnx_kernels import replaced_ops
 
-            ev = ReferenceEvaluator(part, new_ops=_replaced_ops())
+            ev = ReferenceEvaluator(part, new_ops=replaced_ops())
 
             def run(names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
                 with np.errstate(all="ignore"):
                     return list(ev.run(names, feeds))
 
             return run
-        from fc2conv.verify.onnx_float64 import ort_session
+        from fc2conv.verify.onnx_kernels import ort_session
 
         sess = ort_session(part)
         return sess.run

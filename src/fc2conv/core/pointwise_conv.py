@@ -51,21 +51,23 @@ class _Pointwise:
         """Kernel 1, stride 1, padding 0, dilation 1, groups 1: one ``(O, C)`` map per
         position."""
         me: Any = self
-        pad = me.padding
-        return bool(me.groups == 1 and all(k == 1 for k in me.kernel_size)
-                    and all(s == 1 for s in me.stride) and all(d == 1 for d in me.dilation)
-                    and (pad == "valid" or (not isinstance(pad, str)
-                                            and all(p == 0 for p in pad))))
+        ones = (1,) * len(me.kernel_size)
+        return bool(me.groups == 1 and tuple(me.kernel_size) == ones
+                    and tuple(me.stride) == ones and tuple(me.dilation) == ones
+                    and (me.padding == "valid" or (not isinstance(me.padding, str)
+                                                   and not any(me.padding))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         me: Any = self
-        weight: torch.Tensor = me.weight
         spatial = len(me.kernel_size)
-        if isinstance(x, torch.Tensor) and x.dim() == spatial + 2 and not capturing() \
-                and x.movedim(1, -1).is_contiguous() and self.is_pointwise():
-            # channels-last memory: the (N, *S, C) view is free, and the conv is its Linear
-            matrix = weight.reshape(weight.shape[0], -1)
-            return F.linear(x.movedim(1, -1), matrix, me.bias).movedim(-1, 1)
+        if isinstance(x, torch.Tensor) and x.dim() == spatial + 2 and self.is_pointwise() \
+                and not capturing():
+            view = x.movedim(1, -1)
+            if view.is_contiguous():
+                # channels-last memory: the (N, *S, C) view is free, and the conv is its
+                # Linear: y = linear(view, K.view(O, C), b), viewed back as (N, O, *S)
+                return F.linear(view, me.weight.flatten(1), me.bias).movedim(-1, 1)
+        weight = me.weight
         if self.tied_matrix:  # a tied (O, C) weight: the kernel K = W.reshape(O, C, 1, ...)
             weight = weight.reshape(me.out_channels, me.in_channels, *([1] * spatial))
         return me._conv_forward(x, weight, me.bias)  # type: ignore[no-any-return]

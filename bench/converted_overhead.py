@@ -272,6 +272,8 @@ def main() -> None:
     parser.add_argument("--realistic", action="store_true",
                         help="only the BERT-base-like and Llama-like stacks")
     parser.add_argument("--onnx", action="store_true", help="add onnxruntime ratios (CPU)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch.set_num_threads (default: torch's; 1 on a shared machine)")
     parser.add_argument("--plain", action="store_true",
                         help="also time the converted model with plain Conv calls (each 1x1 "
                         "conv never runs as F.linear), interleaved with the other two")
@@ -283,6 +285,8 @@ def main() -> None:
                         "(Conv1d, channels_last, SDPA instead of channel_attention)")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.backends.cuda.matmul.allow_tf32 = args.tf32 == "on"
     torch.backends.cudnn.allow_tf32 = args.tf32 == "on"
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

@@ -196,3 +196,14 @@ def test_symbolic_trace_of_a_model_holding_it() -> None:
     gm = torch.fx.symbolic_trace(model)
     x = _input(2, 4, (1, 5), "channels_last")
     torch.testing.assert_close(gm(x), model(x))
+
+
+def test_parameters_kept_elsewhere_are_still_read() -> None:
+    """A bias moved to a buffer (as fusing code does) is not dropped on the fast path."""
+    conv = PointwiseConv2d(4, 3, 1)
+    bias = conv.bias.detach().clone() + 1
+    del conv.bias
+    conv.register_buffer("bias", bias)
+    x = _input(2, 4, (1, 5), "channels_last")
+    ref, scale = _reference(conv.weight, bias, x)
+    _assert_close(conv(x), ref, scale, 4)

@@ -65,8 +65,13 @@ class _Pointwise:
             view = x.movedim(1, -1)
             if view.is_contiguous():
                 # channels-last memory: the (N, *S, C) view is free, and the conv is its
-                # Linear: y = linear(view, K.view(O, C), b), viewed back as (N, O, *S)
-                return F.linear(view, me.weight.flatten(1), me.bias).movedim(-1, 1)
+                # Linear: y = linear(view, K.view(O, C), b), viewed back as (N, O, *S).
+                # parameters read from _parameters when they live there: a dict look-up, not
+                # the 0.6 us attribute path (.get(k, default) would take that path eagerly)
+                params = me._parameters
+                weight = params["weight"] if "weight" in params else me.weight  # noqa: SIM401
+                bias = params["bias"] if "bias" in params else me.bias  # noqa: SIM401
+                return F.linear(view, weight.flatten(1), bias).movedim(-1, 1)
         weight = me.weight
         if self.tied_matrix:  # a tied (O, C) weight: the kernel K = W.reshape(O, C, 1, ...)
             weight = weight.reshape(me.out_channels, me.in_channels, *([1] * spatial))

@@ -11,6 +11,7 @@ both alike.
     PYTHONPATH=src python bench/converted_overhead.py --profile        # self time per aten op
     PYTHONPATH=src python bench/converted_overhead.py --variants       # forms the pass could pick
     PYTHONPATH=src python bench/converted_overhead.py --quick --plain  # + plain Conv2d calls
+    PYTHONPATH=src python bench/converted_overhead.py --quick --plain --threads 1  # shared CPU
 
 Each row prints the ratio of medians and, in brackets, the 25th-75th percentiles of the
 per-round ratios (each round runs both models back to back, in alternating order). ``--plain``

@@ -207,3 +207,29 @@ def test_parameters_kept_elsewhere_are_still_read() -> None:
     x = _input(2, 4, (1, 5), "channels_last")
     ref, scale = _reference(conv.weight, bias, x)
     _assert_close(conv(x), ref, scale, 4)
+
+
+def test_converted_model_never_calls_the_convolution_in_eager(monkeypatch: pytest.MonkeyPatch
+                                                               ) -> None:
+    """to_conv's 1x1 convs see positions-major inputs, so none reaches F.conv2d in eager; the
+    result matches the original model run in float64."""
+    from archs import MLP
+
+    model = MLP(dim=12, hidden=20).eval()
+    x = torch.randn(2, 7, 12)
+    conv = fc2conv.to_conv(model, (x,), verify=False)
+    convs = [m for m in conv.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 3 and all(isinstance(m, PointwiseConv2d) for m in convs)
+
+    def refuse(*args: object, **kwargs: object) -> torch.Tensor:
+        raise AssertionError("a converted 1x1 conv ran the convolution in eager")
+
+    monkeypatch.setattr(F, "conv2d", refuse)
+    fresh = torch.randn(3, 5, 12)
+    with torch.no_grad():
+        y = conv(fresh)
+        ref = MLP(dim=12, hidden=20).double().eval()
+        ref.load_state_dict(model.state_dict())
+        expected = ref(fresh.double())
+    eps = torch.finfo(torch.float32).eps
+    assert (y.double() - expected).abs().max() <= 64 * 20 * eps * (1 + expected.abs().max())

@@ -10,9 +10,14 @@ both alike.
     PYTHONPATH=src python bench/converted_overhead.py --device cuda --tf32 off
     PYTHONPATH=src python bench/converted_overhead.py --profile        # self time per aten op
     PYTHONPATH=src python bench/converted_overhead.py --variants       # forms the pass could pick
+    PYTHONPATH=src python bench/converted_overhead.py --quick --plain  # + plain Conv2d calls
+    PYTHONPATH=src python bench/converted_overhead.py --quick --plain --threads 1  # shared CPU
 
 Each row prints the ratio of medians and, in brackets, the 25th-75th percentiles of the
-per-round ratios (each round runs both models back to back, in alternating order).
+per-round ratios (each round runs both models back to back, in alternating order). ``--plain``
+adds a third model in the same rounds (the order rotates): the converted model with every 1x1
+conv calling the convolution, as before ``PointwiseConv2d`` ran it as ``F.linear`` on the free
+channels-last view; it prints plain/original and to_conv/plain.
 
 Models: the zoo's small transformers (hidden 32, batch 2, length 8), a BERT-base-like
 BertModel (hidden 768, 12 heads, 2 layers, batch 8, length 128), a Llama-like LlamaModel stack
@@ -64,6 +69,44 @@ def interleaved(a: Callable[[], Any], b: Callable[[], Any], rounds: int,
             sync()
             out.append(time.perf_counter() - t)
     return ta, tb
+
+
+def interleaved_many(fs: list[Callable[[], Any]], rounds: int, sync: Callable[[], None]
+                     ) -> list[list[float]]:
+    """Seconds of each call of each ``fs[i]``, the calls in a round running back to back, the
+    order rotating every round (so none always runs first)."""
+    for f in fs:  # warm up
+        f()
+        f()
+    times: list[list[float]] = [[] for _ in fs]
+    for r in range(rounds):
+        for k in range(len(fs)):
+            i = (k + r) % len(fs)
+            sync()
+            t = time.perf_counter()
+            fs[i]()
+            sync()
+            times[i].append(time.perf_counter() - t)
+    return times
+
+
+def plain_convs(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of a converted model whose 1x1 convs always call the convolution (what
+    ``to_conv`` gave before :class:`~fc2conv.core.pointwise_conv.PointwiseConv2d`)."""
+    import copy
+
+    from fc2conv.core.pointwise_conv import PointwiseConv1d, PointwiseConv2d, PointwiseConv3d
+
+    plain = copy.deepcopy(model)
+    for mod in plain.modules():
+        if isinstance(mod, PointwiseConv1d | PointwiseConv2d | PointwiseConv3d):
+            def forward(x: torch.Tensor, m: Any = mod) -> torch.Tensor:
+                w = m.weight
+                if m.tied_matrix:
+                    w = w.reshape(*w.shape, *([1] * len(m.kernel_size)))
+                return m._conv_forward(x, w, m.bias)  # type: ignore[no-any-return]
+            mod.forward = forward  # type: ignore[method-assign]
+    return plain
 
 
 def interleaved_ratio(a: Callable[[], Any], b: Callable[[], Any], rounds: int,
@@ -230,6 +273,11 @@ def main() -> None:
     parser.add_argument("--realistic", action="store_true",
                         help="only the BERT-base-like and Llama-like stacks")
     parser.add_argument("--onnx", action="store_true", help="add onnxruntime ratios (CPU)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch.set_num_threads (default: torch's; 1 on a shared machine)")
+    parser.add_argument("--plain", action="store_true",
+                        help="also time the converted model with plain Conv calls (each 1x1 "
+                        "conv never runs as F.linear), interleaved with the other two")
     parser.add_argument("--profile", action="store_true",
                         help="only the BERT-base-like model: torch.profiler self time per op, "
                         "original and converted")
@@ -238,6 +286,8 @@ def main() -> None:
                         "(Conv1d, channels_last, SDPA instead of channel_attention)")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.backends.cuda.matmul.allow_tf32 = args.tf32 == "on"
     torch.backends.cudnn.allow_tf32 = args.tf32 == "on"
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -261,7 +311,9 @@ def main() -> None:
     if not args.quick:
         cases |= realistic(device, args.batch, args.length)
     print(f"{'model':28} {'layout changes':>14} {'original ms':>12} {'to_conv ms':>11} "
-          f"{'ratio [IQR]':>17} {'max |diff|':>10}" + ("  onnx" if args.onnx else ""))
+          f"{'ratio [IQR]':>17} {'max |diff|':>10}"
+          + (f" {'plain conv ratio':>17} {'to_conv/plain':>17}" if args.plain else "")
+          + ("  onnx" if args.onnx else ""))
     for name, (model, inputs) in cases.items():
         model = model.to(device).eval()
         with warnings.catch_warnings():
@@ -275,10 +327,16 @@ def main() -> None:
         def first(out: Any) -> torch.Tensor:
             return out if isinstance(out, torch.Tensor) else out[0]
         diff = (first(conv(*inputs)) - first(model(*inputs))).abs().max().item()
-        ta, tb = interleaved(lambda m=model, i=inputs: m(*i), lambda m=conv, i=inputs: m(*i),
-                             rounds, sync)
+        calls: list[Callable[[], Any]] = [lambda m=model, i=inputs: m(*i),
+                                          lambda m=conv, i=inputs: m(*i)]
+        if args.plain:
+            plain = plain_convs(conv)
+            calls.append(lambda m=plain, i=inputs: m(*i))
+        ta, tb, *tc = interleaved_many(calls, rounds, sync)
         row = (f"{name:28} {changes:>14} {statistics.median(ta) * 1e3:>12.3f} "
                f"{statistics.median(tb) * 1e3:>11.3f} {ratio_spread(ta, tb)} {diff:>10.2g}")
+        if tc:
+            row += f" {ratio_spread(ta, tc[0])} {ratio_spread(tc[0], tb)}"
         if args.onnx and "zoo" in name:
             try:
                 row += "  " + onnx_row(model, inputs, rounds)

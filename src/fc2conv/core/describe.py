@@ -24,7 +24,7 @@ def describe(module: nn.Module) -> str:
         return f"Linear {module.in_features}->{module.out_features}"
     if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d):
         parts = [
-            f"{type(module).__name__} {module.in_channels}->{module.out_channels}",
+            f"Conv{len(module.kernel_size)}d {module.in_channels}->{module.out_channels}",
             f"kernel {shape_str(module.kernel_size)}",
         ]
         if any(s != 1 for s in module.stride):

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from fc2conv.core.describe import ConvNd, describe, shape_str
+from fc2conv.core.pointwise_conv import pointwise_class
 from fc2conv.core.provenance import mark
 from fc2conv.core.shapes import as_shape, check_order, mismatch_message
 from fc2conv.errors import Fc2ConvError
@@ -108,11 +109,17 @@ def linear_to_conv(linear: nn.Linear, dims: int = 2, *, source: str | None = Non
     """``nn.Linear(C, O)`` -> ``nn.Conv{dims}d(C, O, kernel_size=1)`` computing the same map at
     every position of an ``(N, C, *spatial)`` input: ``K[o, c, 0, ...] = W[o, c]``, same bias.
 
+    The result is a :class:`~fc2conv.core.pointwise_conv.PointwiseConv2d` (``1d``, ``3d``): an
+    ``nn.Conv{dims}d`` subclass (same parameters and state-dict keys) that in eager PyTorch
+    runs ``F.linear`` on the free channels-last view of a channels-last input, and the plain
+    convolution otherwise and in captured graphs.
+
     ``bias=None`` stays ``None``; dtype, device and ``requires_grad`` are kept; parameters are
     new copies.
     """
     _require(linear, nn.Linear, "an nn.Linear")
-    cls = conv_class(dims)
+    conv_class(dims)  # refuses dims outside 1..3 in one sentence
+    cls = pointwise_class(operator.index(dims))
     weight = linear.weight.detach().reshape(*linear.weight.shape, *([1] * int(dims)))
     conv = _new_conv(cls, weight, _bias(linear))
     conv.train(linear.training)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from fc2conv.core.pointwise_conv import capturing
 from fc2conv.core.positionwise import Channel, elementwise, kind_of
 from fc2conv.errors import Fc2ConvError
 from fc2conv.pytorch.ops import first_input, permute_source, tensor_shape
@@ -100,14 +101,6 @@ class ChannelLayerNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.channels}, eps={self.eps}, over axis 1"
-
-
-def capturing() -> bool:
-    """Whether a graph is being captured (torch.export, dynamo, the ONNX tracer). Then the
-    conv-layout modules record their transpose-free form (what a Neural-Engine converter
-    reads); in eager PyTorch they may run a faster kernel on a free view of the same memory."""
-    return bool(torch.compiler.is_exporting() or torch.compiler.is_compiling()
-                or torch.jit.is_tracing())
 
 
 def positions_major(t: torch.Tensor) -> bool:

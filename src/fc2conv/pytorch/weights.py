@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from fc2conv.core.pointwise_conv import PointwiseConv1d, PointwiseConv2d, PointwiseConv3d
 from fc2conv.pytorch.ops import attr_of, user_name
 
 log = logging.getLogger(__name__)
@@ -67,34 +68,44 @@ def retarget_aliases(gm: fx.GraphModule) -> None:
         gm.recompile()
 
 
-class _SharedWeight:
-    """A 1x1 conv whose weight is the ``(O, C)`` parameter of a tied Linear, shared with the
-    other layers that read it: ``K = W.reshape(O, C, 1, ...)`` at every call."""
+class SharedWeightConv1d(PointwiseConv1d):
+    """:class:`nn.Conv1d` (kernel 1) whose weight is a tied ``(O, C)`` parameter, shared with
+    the other layers that read it: ``K = W.reshape(O, C, 1)`` at every call (or ``F.linear``
+    with ``W`` on a channels-last input, :mod:`fc2conv.core.pointwise_conv`)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        me: Any = self
-        kernel = me.weight.reshape(*me.weight.shape, *([1] * (x.dim() - 2)))
-        return me._conv_forward(x, kernel, me.bias)  # type: ignore[no-any-return]
+    tied_matrix = True
 
 
-class SharedWeightConv1d(_SharedWeight, nn.Conv1d):
-    """:class:`nn.Conv1d` (kernel 1) whose weight is a tied ``(O, C)`` parameter."""
+class SharedWeightConv2d(PointwiseConv2d):
+    """:class:`nn.Conv2d` (kernel 1x1) whose weight is a tied ``(O, C)`` parameter, shared with
+    the other layers that read it: ``K = W.reshape(O, C, 1, 1)`` at every call (or ``F.linear``
+    with ``W`` on a channels-last input, :mod:`fc2conv.core.pointwise_conv`)."""
+
+    tied_matrix = True
 
 
-class SharedWeightConv2d(_SharedWeight, nn.Conv2d):
-    """:class:`nn.Conv2d` (kernel 1x1) whose weight is a tied ``(O, C)`` parameter."""
+class SharedWeightConv3d(PointwiseConv3d):
+    """:class:`nn.Conv3d` (kernel 1x1x1) whose weight is a tied ``(O, C)`` parameter, shared
+    with the other layers that read it: ``K = W.reshape(O, C, 1, 1, 1)`` at every call (or
+    ``F.linear`` with ``W`` on a channels-last input, :mod:`fc2conv.core.pointwise_conv`)."""
+
+    tied_matrix = True
 
 
-class SharedWeightConv3d(_SharedWeight, nn.Conv3d):
-    """:class:`nn.Conv3d` (kernel 1x1x1) whose weight is a tied ``(O, C)`` parameter."""
+_SHARED_BY_DIMS = {1: SharedWeightConv1d, 2: SharedWeightConv2d, 3: SharedWeightConv3d}
 
 
-_SHARED = {nn.Conv1d: SharedWeightConv1d, nn.Conv2d: SharedWeightConv2d,
-           nn.Conv3d: SharedWeightConv3d}
+def _shared_class(conv: nn.Module) -> type[nn.Module] | None:
+    """The ``SharedWeightConv{1,2,3}d`` for a plain or pointwise conv (not one already
+    sharing, nor another subclass with a forward of its own), else ``None``."""
+    if type(conv) in (nn.Conv1d, nn.Conv2d, nn.Conv3d, PointwiseConv1d, PointwiseConv2d,
+                      PointwiseConv3d):
+        return _SHARED_BY_DIMS[len(conv.kernel_size)]  # type: ignore[arg-type]
+    return None
 
 
 def _shared_conv(conv: nn.Module, weight: nn.Parameter) -> nn.Module:
-    cls = _SHARED[type(conv)]  # type: ignore[index]
+    cls: Any = _shared_class(conv)
     new = cls(conv.in_channels, conv.out_channels, 1, bias=False,  # type: ignore[arg-type]
               device="meta")
     new.weight = weight
@@ -132,7 +143,7 @@ def share_storage(gm: fx.GraphModule, made: Iterable[tuple[nn.Module, torch.Tens
             continue
         if held.shape == weight.shape:
             module.weight = held
-        elif type(module) in _SHARED and held.dim() == 2 and id(module) in where \
+        elif _shared_class(module) is not None and held.dim() == 2 and id(module) in where \
                 and held.shape == weight.shape[:2]:
             parent, _, leaf = where[id(module)].rpartition(".")
             new = _shared_conv(module, held)

@@ -46,6 +46,8 @@ def test_equivalent_models_exit_0(models: dict[str, Path], capsys) -> None:
     assert code == 0, err
     assert out.splitlines()[0].startswith(("EQUIVALENT", "IDENTICAL"))
     assert "Layers:" in out
+    # the ratio column says what it divides and where a layer would diverge
+    assert "max ratio: B's error against the float64 reference over A's" in out
 
 
 def test_different_models_exit_1_with_location(models: dict[str, Path], capsys) -> None:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fc2conv.verify import bound as bnd
+from fc2conv.verify.bound import B_ERROR_RATIO
 from fc2conv.verify.reference import Reference
 
 
@@ -109,22 +110,6 @@ def check_elements(ya: torch.Tensor, yb: torch.Tensor, r: torch.Tensor, ba: torc
     fail = nan | (fin_a & fin_b & ~within)
     return {"d": torch.where(fin_a & fin_b, d, torch.zeros_like(d)), "allowed": ba + bb,
             "fail": fail, "nan": nan, "ea": ea, "eb": eb, "r": r64}
-
-
-B_ERROR_RATIO = 10.0
-"""B's error against the float64 reference may be at most this many times A's (same precision).
-
-The *miss* definition of the zoo sweep (``bench/verdicts.py``): a planted bug must be caught
-whenever B's largest error against A's float64 reference exceeds ``B_ERROR_RATIO`` times the
-rounding error of a correct implementation: the larger of A's largest error and that of the
-conversion without the bug (both over one output of one draw, floored at one unit roundoff of
-the output's scale). A alone is one sample, and a lucky one can sit at the floor: on the
-foreign ``hand_gemm_alpha_beta`` (two Gemms of 10 and 20 terms), draw 7, A errs 1.04 u x scale,
-its clean conversion 1.93, and 400 random float32 summation orders 2.4 (median) to 6.05; a +1e-3
-weight bug errs 11.2 ("10.8x A's") with ``|A - B|`` 10.3 against up to 6.9 for ``|A - order|``.
-No rule that keeps every correct order "equivalent" separates that draw with a margin, so it is
-not counted as significant; the rule above (``judge_relative``) still uses A's error alone, as
-a necessary condition only."""
 
 
 def error_floor(ya: torch.Tensor, r: torch.Tensor, u: float) -> float:

@@ -54,7 +54,7 @@ tight (11.4 there, shallow graphs), and a B beyond it and beyond 10x A's error i
 the noise decides only within the bound, in deep graphs where the bound is loose. A +1e-3 weight
 bug erring 11.2 units there (10.8x A's 1.04, A at its floor, its clean conversion at 1.93) is
 within 2x of what correct orders do and is not called a miss
-(:data:`fc2conv.verify.judge.B_ERROR_RATIO`)."""
+(:data:`fc2conv.verify.bound.B_ERROR_RATIO`)."""
 
 
 def noise_factor(model: Any) -> float:

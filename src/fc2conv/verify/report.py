@@ -13,6 +13,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from fc2conv.verify.bound import B_ERROR_RATIO
+
 VERDICTS = ("identical", "equivalent", "different")
 
 _HEADLINE = {
@@ -151,6 +153,9 @@ class Report:
         for r in rows:
             cells = (c.ljust(w) for c, w in zip(r, widths, strict=True))
             out.append(("  " + "  ".join(cells)).rstrip())
+        out.append(f"  max ratio: B's error against the float64 reference over A's when both "
+                   f"compute in one precision (a layer diverges above {B_ERROR_RATIO:g} and "
+                   "beyond its worst-case bound), else |A-B| over what is allowed there (above 1)")
         return "\n".join(out)
 
 

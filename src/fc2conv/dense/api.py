@@ -216,6 +216,17 @@ def _tile_source(source: Any, window: tuple[slice, ...]) -> tuple[Any, tuple[sli
     return source[(slice(None), *window)], window
 
 
+def _pending(plan: TilePlan, store: MapStore | None) -> Any:
+    """``(index, window, crop, origin)`` of each chunk not yet in ``store``: the input window
+    the chunk reads, the part of the tile's output it keeps, and its first output cell."""
+    for index, chunks in plan.blocks():
+        if store is not None and store.is_done(index):
+            continue
+        yield (index, tuple(slice(c.a, c.b) for c in chunks),
+               tuple(c.crop(j) for c, j in zip(chunks, plan.stride, strict=True)),
+               tuple(c.i0 for c in chunks))
+
+
 def _tasks(plan: TilePlan, source: Any, net: Any, mean: Any, std: Any, dev: str,
            store: MapStore | None, per_task: int | None = None
            ) -> list[tuple[tuple[int, ...], Any]]:
@@ -230,12 +241,7 @@ def _tasks(plan: TilePlan, source: Any, net: Any, mean: Any, std: Any, dev: str,
     if local:
         shared = functools.partial(shared, net=net)
     tasks = []
-    for index, chunks in plan.blocks():
-        if store is not None and store.is_done(index):
-            continue
-        window = tuple(slice(c.a, c.b) for c in chunks)
-        crop = tuple(c.crop(j) for c, j in zip(chunks, plan.stride, strict=True))
-        origin = tuple(c.i0 for c in chunks)
+    for index, window, crop, origin in _pending(plan, store):
         src, win = _tile_source(source, window)
         name = f"fc2conv-tile-{token}-{'-'.join(map(str, index))}"
         extra = {} if local else {"net": net}
@@ -273,12 +279,7 @@ def _graph(plan: TilePlan, source: Reader, net: Any, mean: Any, std: Any, dev: s
     shared = functools.partial(_block, net=net, mean=mean, std=std, device=dev, store=store,
                                threads=per_task)
     dsk: dict[Any, Any] = {}
-    for index, chunks in plan.blocks():
-        if store is not None and store.is_done(index):
-            continue
-        window = tuple(slice(c.a, c.b) for c in chunks)
-        crop = tuple(c.crop(j) for c, j in zip(chunks, plan.stride, strict=True))
-        origin = tuple(c.i0 for c in chunks)
+    for index, window, crop, origin in _pending(plan, store):
         dsk[(name, 0, *index)] = (functools.partial(shared, source, window, crop=crop,
                                                     index=index, origin=origin),)
     return name, dsk

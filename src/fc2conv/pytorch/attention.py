@@ -56,6 +56,7 @@ from fc2conv.pytorch.rotary import (
     channel_rotary,
     head_rotary,
     head_source,
+    name_of,
     position_table,
     rotary_table,
     table_root,
@@ -118,22 +119,9 @@ def _sdpa_on_views(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int
     return merged.transpose(1, 2).unsqueeze(2)
 
 
-def _name(node: Any) -> str:
-    if not isinstance(node, fx.Node):
-        return ""
-    if node.op == "call_method":
-        return str(node.target)
-    if node.op == "call_function":
-        target: Any = node.target
-        if isinstance(target, torch._ops.OpOverload):
-            return target._opname  # type: ignore[no-any-return]
-        return getattr(target, "__name__", "")
-    return ""
-
-
 def _swaps_1_2(node: fx.Node) -> bool:
     """``transpose(1, 2)`` or ``permute(0, 2, 1, 3)`` of a rank-4 value."""
-    name, args = _name(node), list[Any](node.args[1:])
+    name, args = name_of(node), list[Any](node.args[1:])
     if name == "transpose" and len(args) == 2:
         return sorted(int(a) % 4 for a in args) == [1, 2]
     if name == "permute":
@@ -144,8 +132,8 @@ def _swaps_1_2(node: fx.Node) -> bool:
 
 def _skip_noops(node: Any) -> Any:
     """Walk up through ``contiguous``/``clone`` and reshapes that keep the shape."""
-    while isinstance(node, fx.Node) and (_name(node) in _NOOPS or (
-            _name(node) in _RESHAPES and tensor_shape(node) == tensor_shape(node.args[0]))):
+    while isinstance(node, fx.Node) and (name_of(node) in _NOOPS or (
+            name_of(node) in _RESHAPES and tensor_shape(node) == tensor_shape(node.args[0]))):
         node = node.args[0]
     return node
 
@@ -158,7 +146,7 @@ def _head_input(node: Any) -> tuple[fx.Node, int] | None:
         return None
     split = _skip_noops(node.args[0])
     shape = tensor_shape(split)
-    if _name(split) not in _RESHAPES or shape is None or len(shape) != 4:
+    if name_of(split) not in _RESHAPES or shape is None or len(shape) != 4:
         return None
     back = split.args[0]
     if not (isinstance(back, fx.Node) and is_move(back) and back.target is channels_to_last
@@ -177,11 +165,11 @@ def _merged_output(node: fx.Node) -> fx.Node | None:
     while len(cur.users) == 1:
         user = next(iter(cur.users))
         shape = tensor_shape(user)
-        if _name(user) in _NOOPS or (_name(user) in _RESHAPES and shape == tensor_shape(cur)):
+        if name_of(user) in _NOOPS or (name_of(user) in _RESHAPES and shape == tensor_shape(cur)):
             cur = user
         elif not swapped and _swaps_1_2(user):
             cur, swapped = user, True
-        elif swapped and _name(user) in _RESHAPES and shape is not None and len(shape) == 3:
+        elif swapped and name_of(user) in _RESHAPES and shape is not None and len(shape) == 3:
             return user
         else:
             return None

@@ -6,14 +6,19 @@ A pointwise conv (kernel 1, stride 1, padding 0, dilation 1, groups 1) with weig
     y[n, o, p] = sum_c K[o, c] x[n, c, p] + b[o]
 
 which is ``F.linear`` over the channels-last view: ``y = linear(x.movedim(1, -1), K.view(O, C),
-b).movedim(-1, 1)``. When ``x``'s memory is channels-last (``x.movedim(1, -1)`` is contiguous:
-what ``to_conv``'s move in and every 1x1 conv after it give in eager PyTorch), that view is
-free, so :class:`PointwiseConv2d` runs the GEMM of the original Linear on it -- the same kernel,
-often bit-identical results, and none of the fixed cost of a CPU convolution call (about 40 us
-against 7 us at small sizes). Otherwise (NCHW-contiguous or other strides, a kernel that is not
-pointwise, an unbatched input) and whenever a graph is being captured (:func:`capturing`:
-``torch.export``, the ONNX exporters, ``torch.compile``, ``torch.jit.trace``, ``fx`` proxies)
-it calls the plain convolution, so exported graphs record a ``Conv``.
+b).movedim(-1, 1)``. In eager PyTorch :class:`PointwiseConv2d` always runs it that way: the GEMM
+of the original Linear, often bit-identical, without the fixed cost of a CPU convolution call
+(about 100 us per oneDNN call at small sizes against ~10 us). When ``x``'s memory is
+channels-last (what ``to_conv``'s move in and every 1x1 conv after it give) the view is free;
+on NCHW-contiguous or other strides ``F.linear`` gathers the view first (one copy of ``x``),
+which measured cheaper than the convolution call on every zoo model (Whisper's encoder, whose
+activations stay NCHW-contiguous after its own conv front end, went from 2.06x to 1.24x the
+original; ViT's classifier on a strided CLS-token slice from 1.25x to 1.08x;
+``bench/converted_overhead.py --quick --plain``, 2 threads). Its output is channels-last, so
+the next converted layer's view is free. A kernel that is not pointwise, an unbatched input,
+and whenever a graph is being captured (:func:`capturing`: ``torch.export``, the ONNX
+exporters, ``torch.compile``, ``torch.jit.trace``, ``fx`` proxies) run the plain convolution,
+so exported graphs record a ``Conv``.
 
 The classes are ``nn.Conv1d/2d/3d`` subclasses: same parameters, same state-dict keys,
 ``isinstance(m, nn.Conv2d)`` holds.
@@ -62,16 +67,14 @@ class _Pointwise:
         spatial = len(me.kernel_size)
         if isinstance(x, torch.Tensor) and x.dim() == spatial + 2 and self.is_pointwise() \
                 and not capturing():
-            view = x.movedim(1, -1)
-            if view.is_contiguous():
-                # channels-last memory: the (N, *S, C) view is free, and the conv is its
-                # Linear: y = linear(view, K.view(O, C), b), viewed back as (N, O, *S).
-                # parameters read from _parameters when they live there: a dict look-up, not
-                # the 0.6 us attribute path (.get(k, default) would take that path eagerly)
-                params = me._parameters
-                weight = params["weight"] if "weight" in params else me.weight  # noqa: SIM401
-                bias = params["bias"] if "bias" in params else me.bias  # noqa: SIM401
-                return F.linear(view, weight.flatten(1), bias).movedim(-1, 1)
+            # the conv is the Linear of the (N, *S, C) view: y = linear(view, K.view(O, C), b),
+            # viewed back as (N, O, *S) (free on channels-last memory, one gather otherwise).
+            # parameters read from _parameters when they live there: a dict look-up, not
+            # the 0.6 us attribute path (.get(k, default) would take that path eagerly)
+            params = me._parameters
+            weight = params["weight"] if "weight" in params else me.weight  # noqa: SIM401
+            bias = params["bias"] if "bias" in params else me.bias  # noqa: SIM401
+            return F.linear(x.movedim(1, -1), weight.flatten(1), bias).movedim(-1, 1)
         weight = me.weight
         if self.tied_matrix:  # a tied (O, C) weight: the kernel K = W.reshape(O, C, 1, ...)
             weight = weight.reshape(me.out_channels, me.in_channels, *([1] * spatial))
@@ -79,19 +82,21 @@ class _Pointwise:
 
 
 class PointwiseConv1d(_Pointwise, nn.Conv1d):
-    """:class:`nn.Conv1d` that runs as ``F.linear`` on a channels-last ``(N, C, L)`` input
-    when it is pointwise (see :mod:`fc2conv.core.pointwise_conv`)."""
+    """:class:`nn.Conv1d` that runs as ``F.linear`` on the channels-last view of an ``(N, C, L)``
+    input in eager when it is pointwise (see :mod:`fc2conv.core.pointwise_conv`)."""
 
 
 class PointwiseConv2d(_Pointwise, nn.Conv2d):
-    """:class:`nn.Conv2d` that runs as ``F.linear`` on a channels-last ``(N, C, H, W)`` input
-    (e.g. ``to_conv``'s positions-major ``(B, C, 1, S)``) when it is pointwise (see
+    """:class:`nn.Conv2d` that runs as ``F.linear`` on the channels-last view of an
+    ``(N, C, H, W)`` input (free on ``to_conv``'s positions-major ``(B, C, 1, S)``) in eager when
+    it is pointwise (see
     :mod:`fc2conv.core.pointwise_conv`)."""
 
 
 class PointwiseConv3d(_Pointwise, nn.Conv3d):
-    """:class:`nn.Conv3d` that runs as ``F.linear`` on a channels-last ``(N, C, D, H, W)``
-    input when it is pointwise (see :mod:`fc2conv.core.pointwise_conv`)."""
+    """:class:`nn.Conv3d` that runs as ``F.linear`` on the channels-last view of an
+    ``(N, C, D, H, W)`` input in eager when it is pointwise (see
+    :mod:`fc2conv.core.pointwise_conv`)."""
 
 
 _BY_DIMS: dict[int, type[nn.Conv1d | nn.Conv2d | nn.Conv3d]] = {

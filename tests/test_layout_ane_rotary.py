@@ -166,7 +166,7 @@ def test_llama_block_stays_in_conv_layout_and_round_trips() -> None:
     assert report.verdict in ("identical", "equivalent"), str(report)
 
 
-@pytest.mark.parametrize("positions_major", [False, True])  # reduction over axis 1 / native
+@pytest.mark.parametrize("positions_major", [False, True])  # a gathered / a free view
 def test_channel_layer_norm_matches_reference_in_both_storages(positions_major: bool) -> None:
     """ChannelLayerNorm against float64 arithmetic per position (biased variance); a captured
     graph records the reduction over axis 1 (no transpose, no layer_norm on a moved view)."""
@@ -184,6 +184,7 @@ def test_channel_layer_norm_matches_reference_in_both_storages(positions_major: 
     want = (xd - mean) / torch.sqrt(var + 1e-5) * w + b
     got = norm(x)
     assert got.shape == x.shape
+    assert got.movedim(1, -1).is_contiguous()  # channels innermost for the layers after it
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
     ops = [getattr(n.target, "_opname", "") for n in
            torch.export.export(norm, (x,)).graph.nodes if n.op == "call_function"]

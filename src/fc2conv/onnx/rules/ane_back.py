@@ -88,6 +88,7 @@ class LinearPass(AnePass):
     (Unsqueeze, Expand, axis merges, Transpose, unary and binary ops) are the ane pass's own."""
 
     ACT_RANK = 4
+    ACT_AXES = (0, 3, 1)  # x[b, s, c] = x'[b, c, 0, s]: the unit axis 2 is not stored
 
     def __init__(self, ctx: Context, wanted: set[str] | None = None) -> None:
         super().__init__(ctx, wanted)
@@ -341,8 +342,13 @@ class LinearPass(AnePass):
         self._set(node, Twin(twin))
 
     def _on_Reshape(self, node: ir.Node) -> None:  # noqa: N802
+        self._reshape_static(node, self._twin(node.inputs[0]))
+        t = self._twin(node.inputs[0])
+        if t is not None and node not in self.done:
+            self._reshape_by_axes(node, t)
+
+    def _reshape_static(self, node: ir.Node, t: Twin | None) -> None:  # type: ignore[override]
         x, out = node.inputs[0], node.outputs[0]
-        t = self._twin(x)
         sx, so = _shape(x), _shape(out)
         if sx is None or so is None:
             return

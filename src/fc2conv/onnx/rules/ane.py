@@ -687,8 +687,8 @@ class AnePass:
         gathered into the stored order (:mod:`fc2conv.onnx.rules.shape_axes`)."""
         x, out, target = node.inputs[0], node.outputs[0], node.inputs[1]
         allowzero = node.attributes.get("allowzero")
-        if self.probe is None or x is None or target is None \
-                or (allowzero is not None and int(allowzero.value) != 0):
+        zero_is_copy = allowzero is None or int(allowzero.value) == 0
+        if self.probe is None or x is None or target is None:
             return
         runs = self.probe.runs(x, out)
         axes = self._axis_map(t)
@@ -699,12 +699,12 @@ class AnePass:
         rank_out = sum(len(outs) for _, outs in runs)
         base = node.name or "reshape"
         const = _const_array(target)
-        if const is not None and not (const == 0).any():
+        if const is not None and not (zero_is_copy and (const == 0).any()):
             vals = [int(v) for v in const.reshape(-1)]
             shape = self._ints([1 if a is None else vals[a] for a in new], "fc2conv_shape")
         else:
             logical = target
-            if self._may_be_zero(target):  # 0 copies the input's size at that index
+            if zero_is_copy and self._may_be_zero(target):  # 0: the input's size there
                 rank_in = len(self._logical_rank_order(t))
                 if rank_out > rank_in:
                     return
@@ -715,7 +715,7 @@ class AnePass:
                 logical = self._add("Concat", [logical, self._ints([1], "fc2conv_one")],
                                     {"axis": 0}, base)
             shape = self._gather(logical, [rank_out if a is None else a for a in new], base)
-        y = self._add("Reshape", [t.value, shape], {}, base)
+        y = self._add("Reshape", [t.value, shape], {} if zero_is_copy else {"allowzero": 1}, base)
         self._set(node, Twin(y) if new == self.ACT_AXES else Twin(y, perm_of(new)))
 
     def _axis_map(self, t: Twin) -> tuple[int | None, ...]:
@@ -806,6 +806,30 @@ class AnePass:
 
     def _on_Expand(self, node: ir.Node) -> None:  # noqa: N802
         t = self._twin(node.inputs[0])
+        self._expand_static(node, t)
+        if t is not None and node not in self.done:
+            self._expand_by_axes(node, t)
+
+    def _expand_by_axes(self, node: ir.Node, t: Twin) -> None:
+        """``Expand(x, s)`` with ``s`` computed at run time, as long as ``x``'s rank:
+        broadcasting is per axis, so ``Expand(x', s')`` with ``s'`` gathered into the stored
+        order (1 for a unit axis only the twin has)."""
+        s = node.inputs[1]
+        rank = len(self._logical_rank_order(t))
+        found = self.probe.shapes.get(s.name or "") if self.probe and s is not None else None
+        given = _shape(s)
+        length = found[0][0] if found else (given[0] if given else None)
+        if s is None or length != rank:
+            return
+        axes = self._axis_map(t)
+        base = node.name or "expand"
+        if None in axes:
+            s = self._add("Concat", [s, self._ints([1], "fc2conv_one")], {"axis": 0}, base)
+        phys = self._gather(s, [rank if a is None else a for a in axes], base)
+        y = self._add("Expand", [t.value, phys], {}, base)
+        self._set(node, Twin(y, t.perm))
+
+    def _expand_static(self, node: ir.Node, t: Twin | None) -> None:
         out = _shape(node.outputs[0])
         if out is None or not all(isinstance(d, int) for d in out):
             given = _const_array(node.inputs[1])  # broadcasting is per axis: permute it
@@ -974,6 +998,12 @@ class AnePass:
         for value, twin in list(self.twins.items()):
             if twin.entered:
                 continue
+            for use in list(value.uses()):  # sizes read before the value moved
+                if use.node.op_type == "Shape" and use.node.domain == "" \
+                        and use.node not in done:
+                    self.anchor = use.node
+                    self._on_Shape(use.node)
+            done = set(self.done)
             live = [u for u in value.uses() if u.node not in done]
             if not live and not value.is_graph_output():
                 continue

@@ -114,7 +114,7 @@ def reshape_axes(axes: AxisMap, runs: list[tuple[list[int], list[int]]], units: 
     order = [o for _, outs in sorted(placed) for o in outs]
     rank = sum(len(outs) for _, outs in runs)
     bare = [o for o in order if o not in units]
-    if bare == [a for a in act if a is not None] \
+    if ([0], [0]) in runs and bare == [a for a in act if a is not None] \
             and rank == len(bare) + len(units & (set(range(rank)) - set(act))):
         return act
     result = tuple(order)

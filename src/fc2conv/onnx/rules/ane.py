@@ -49,12 +49,12 @@ from fc2conv.onnx.rules.base import (
 )
 from fc2conv.onnx.rules.shape_axes import (
     ACT,
-    Probe,
     axes_of,
     logical_order,
     perm_of,
     reshape_axes,
 )
+from fc2conv.onnx.rules.shape_probe import Probe
 from fc2conv.onnx.weights import linear_to_conv_kernel
 
 log = logging.getLogger(__name__)

@@ -19,27 +19,16 @@ are size 1 and change nothing), the same regrouping of the stored axes is a Resh
 to ``t' = [t[o] for o in m_out]`` (``1`` for a unit axis), ``m_out`` listing each group's
 output axes where its input run was stored. ``t'`` is a Gather of ``t``: no data moves.
 
-Which axes group is read from the sizes, so where shape inference left symbolic sizes the graph
-is *probed*: shape inference with data propagation runs on a weight-free copy with each dynamic
-input size set to a concrete number, twice with different numbers; a grouping is used only when
-both probes give it (a size that equals another by chance in one probe does not in the other).
+Which axes group is read from the sizes; where shape inference left symbolic sizes they come
+from :class:`fc2conv.onnx.rules.shape_probe.Probe`.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
-
-import onnx
-import onnx_ir as ir
-
-log = logging.getLogger(__name__)
 
 AxisMap = tuple[int | None, ...]
 ACT: AxisMap = (0, 2, None, 1)  # (B, S, C) stored as (B, C, 1, S)
-# dynamic sizes in the two probes: distinct within a probe, each differs between probes
-PROBES = ((7, 11, 13, 17, 19, 23, 29, 31, 37, 41), (5, 13, 17, 19, 23, 29, 31, 37, 41, 43))
-SMALL = 1 << 12  # initializers up to this many elements keep their values in the probe
 
 
 def axes_of(perm: Sequence[int] | None, act: AxisMap = ACT) -> AxisMap:
@@ -119,79 +108,3 @@ def reshape_axes(axes: AxisMap, runs: list[tuple[list[int], list[int]]], units: 
         return act
     result = tuple(order)
     return result if perm_of(result) is not None else None
-
-
-class Probe:
-    """Concrete shapes of a graph's values under two assignments of its dynamic input sizes."""
-
-    def __init__(self, graph: ir.Graph) -> None:
-        self.shapes: dict[str, tuple[tuple[int, ...], ...]] = {}
-        found = [_infer(graph, sizes) for sizes in PROBES]
-        for name, first in found[0].items():
-            rest = [f.get(name) for f in found[1:]]
-            if all(r is not None and len(r) == len(first) for r in rest):
-                self.shapes[name] = (first, *rest)  # type: ignore[arg-type]
-
-    def units(self, v: ir.Value) -> set[int]:
-        """The axes of ``v`` of size 1 in every probe."""
-        found = self.shapes.get(v.name or "")
-        if found is None:
-            return set()
-        return {i for i in range(len(found[0])) if all(f[i] == 1 for f in found)}
-
-    def runs(self, x: ir.Value, y: ir.Value) -> list[tuple[list[int], list[int]]] | None:
-        """The grouping of the Reshape ``x -> y``, the same in every probe, or ``None``."""
-        sx, sy = self.shapes.get(x.name or ""), self.shapes.get(y.name or "")
-        if sx is None or sy is None:
-            return None
-        found = [groups(a, b) for a, b in zip(sx, sy, strict=True)]
-        if found[0] is None or any(f != found[0] for f in found[1:]):
-            return None
-        return found[0]
-
-
-def _infer(graph: ir.Graph, sizes: Sequence[int]) -> dict[str, tuple[int, ...]]:
-    """Concrete value shapes from ONNX shape inference (data propagation on) of a copy of
-    ``graph`` without its large weights, dynamic input sizes set from ``sizes``."""
-    given: dict[str, int] = {}
-
-    def info(v: ir.Value, concrete: bool) -> onnx.ValueInfoProto:
-        proto = ir.serde.serialize_value(v)
-        if concrete:
-            for d in proto.type.tensor_type.shape.dim:
-                if not d.HasField("dim_value"):
-                    key = d.dim_param or f"?{len(given)}"
-                    if key not in given:
-                        given[key] = sizes[len(given) % len(sizes)]
-                    d.Clear()
-                    d.dim_value = given[key]
-        return proto
-
-    try:
-        inputs = [info(v, True) for v in graph.inputs]
-        inits = []
-        for name, v in graph.initializers.items():
-            if v.const_value is not None and v.const_value.size <= SMALL:
-                inits.append(ir.serde.serialize_tensor(v.const_value))
-                inits[-1].name = name
-            elif v not in graph.inputs:
-                inputs.append(info(v, False))
-        nodes = [ir.serde.serialize_node(n) for n in graph]
-        opsets = [onnx.helper.make_opsetid(d, int(v)) for d, v in graph.opset_imports.items()]
-        model = onnx.helper.make_model(
-            onnx.helper.make_graph(nodes, "probe", inputs, [], inits), opset_imports=opsets)
-        model.ir_version = 10
-        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
-    except Exception as exc:  # noqa: BLE001 - a probe is a help, never a requirement
-        log.info("ane: shape probe failed (%s); computed Reshape targets stay", exc)
-        return {}
-    out: dict[str, tuple[int, ...]] = {}
-    for vi in inferred.graph.value_info:
-        if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
-            continue
-        dims = vi.type.tensor_type.shape.dim
-        if all(d.HasField("dim_value") for d in dims):
-            out[vi.name] = tuple(int(d.dim_value) for d in dims)
-    for vi in inputs[:len(graph.inputs)]:
-        out[vi.name] = tuple(int(d.dim_value) for d in vi.type.tensor_type.shape.dim)
-    return out

@@ -49,6 +49,7 @@ from fc2conv.onnx.rules.base import (
 )
 from fc2conv.onnx.rules.shape_axes import (
     ACT,
+    arranged_for,
     axes_of,
     logical_order,
     perm_of,
@@ -691,10 +692,19 @@ class AnePass:
         if self.probe is None or x is None or target is None:
             return
         runs = self.probe.runs(x, out)
+        if runs is None:
+            return
+        units = self.probe.units(out)
         axes = self._axis_map(t)
-        new = None if runs is None else reshape_axes(axes, runs, self.probe.units(out),
-                                                     self.ACT_AXES)
-        if new is None or runs is None:
+        new = reshape_axes(axes, runs, units, self.ACT_AXES)
+        order = arranged_for(axes, runs, units, self.ACT_AXES) if new is None else None
+        if order is not None:  # one Transpose of the twin, then the same Reshape
+            moved = self._add("Transpose", [t.value], {"perm": order}, node.name or "merge",
+                              "heads")
+            t = Twin(moved, perm_of(tuple(axes[q] for q in order)))
+            axes = self._axis_map(t)
+            new = reshape_axes(axes, runs, units, self.ACT_AXES)
+        if new is None:
             return
         rank_out = sum(len(outs) for _, outs in runs)
         base = node.name or "reshape"

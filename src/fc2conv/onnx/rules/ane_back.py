@@ -333,6 +333,7 @@ class LinearPass(AnePass):
         shape = _shape(x)
         out = _shape(node.outputs[0])
         if x is None or shape is None or len(shape) != 3 or _axes(node) != [2] \
+                or x.dtype not in FLOAT_TYPES \
                 or out is None or len(out) != 4:
             return
         if not any(u.node.op_type in {"Conv", "Add", "Mul"} for u in node.outputs[0].uses()):

@@ -108,3 +108,33 @@ def reshape_axes(axes: AxisMap, runs: list[tuple[list[int], list[int]]], units: 
         return act
     result = tuple(order)
     return result if perm_of(result) is not None else None
+
+
+def arranged_for(axes: AxisMap, runs: list[tuple[list[int], list[int]]], units: set[int],
+                 act: AxisMap) -> list[int] | None:
+    """When :func:`reshape_axes` refuses a Reshape that keeps the batch axis: the order of
+    stored axes (a Transpose of ``x'``) after which its result has the ``act`` map, as the
+    exporter's own Transpose before a head merge; ``None`` when there is none."""
+    if ([0], [0]) not in runs or None in axes:
+        return None
+    want = [a for a in act if a is not None]
+    logical: list[int] = []
+    placed: set[int] = set()
+    for o in want:
+        k = next((k for k, (_, outs) in enumerate(runs) if o in outs), None)
+        if k is None:
+            return None
+        if k in placed:
+            continue
+        ins, outs = runs[k]
+        bare = [b for b in outs if b not in units]
+        at = want.index(o)
+        if want[at:at + len(bare)] != bare:
+            return None
+        placed.add(k)
+        logical.extend(i for i in ins if i in axes)
+    rest = [runs[k] for k in range(len(runs)) if k not in placed]
+    if any(not set(outs) <= units or any(i in axes for i in ins) for ins, outs in rest) \
+            or sorted(logical) != sorted(a for a in axes if a is not None):
+        return None
+    return [axes.index(i) for i in logical]  # type: ignore[arg-type]

@@ -225,7 +225,7 @@ def _evaluate(node: onnx.NodeProto, ins: list[np.ndarray | None],
         return np.full([int(d) for d in x.reshape(-1)], fill[0], dtype=fill.dtype) \
             if int(np.prod(x)) <= VECTOR else None
     if op == "Range" and ins[1] is not None and ins[2] is not None:
-        return np.arange(x, ins[1], ins[2])
+        return np.arange(x.item(), ins[1].item(), ins[2].item())
     if op == "Reshape" and ins[1] is not None:
         target = [int(t) if t != 0 else x.shape[i] for i, t in enumerate(ins[1].reshape(-1))]
         return x.reshape(target)

@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import pytest
 from _onnx_helpers import F32_EPS, init, model, op_counts, reference64, run_ort, vinfo
-from onnx import TensorProto, helper
+from onnx import helper
 
 from fc2conv.onnx import to_conv, to_linear
 from fc2conv.onnx.rules.shape_axes import (
@@ -114,8 +114,8 @@ def _attention(rng: np.random.Generator, zero_copy: bool) -> onnx.ModelProto:
         helper.make_node("MatMul", ["o2", "wo"], ["y0"]),
         helper.make_node("Add", ["y0", "x"], ["y"]),
     ]
-    return model(nodes, [vinfo("x", ["batch", "length", c])], [vinfo("y", ["batch", "length", c])], inits,
-                 opset=18)
+    dims = ["batch", "length", c]
+    return model(nodes, [vinfo("x", dims)], [vinfo("y", dims)], inits, opset=18)
 
 
 @pytest.mark.parametrize("zero_copy", [True, False])

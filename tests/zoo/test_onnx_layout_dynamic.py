@@ -100,7 +100,8 @@ CASES = [(name, "legacy") for name in sorted(BOUNDS)] + [("bert", "dynamo")] + (
 @pytest.mark.parametrize(("name", "exporter"), CASES)
 def test_dynamic_export(name: str, exporter: str) -> None:
     """The ane result has no more Transposes than on the static export; ``to_linear`` of it
-    no more Transpose / Reshape / Flatten than the export; both run at other sizes."""
+    no more Transpose / Reshape / Flatten than the export, and its norms LayerNormalization
+    again; both run at other sizes."""
     m, names = _export(name, exporter)
     assert any(d.dim_param or not d.HasField("dim_value")
                for d in m.graph.input[0].type.tensor_type.shape.dim)  # it is dynamic
@@ -112,6 +113,9 @@ def test_dynamic_export(name: str, exporter: str) -> None:
     before = Counter(n.op_type for n in m.graph.node)
     after = Counter(n.op_type for n in back.graph.node)
     assert all(after[k] <= before[k] for k in LAYOUT_OPS), (before, after, report.layout_changes)
+    # the channel norms are LayerNormalization again (opset >= 17), not ReduceMean-based ops
+    assert after["LayerNormalization"] == before["LayerNormalization"]
+    assert after["ReduceMean"] <= before["ReduceMean"]
     _check(m, [conv, back], name, names)
 
 

@@ -58,6 +58,7 @@ from fc2conv.onnx.rules.base import (
     new_initializer,
     provenance,
 )
+from fc2conv.onnx.rules.norm_back import fuse_layer_norms
 from fc2conv.onnx.weights import conv_kernel_to_linear
 
 log = logging.getLogger(__name__)
@@ -476,6 +477,9 @@ class LinearPass(AnePass):
 def linear_layout(ctx: Context, wanted: set[str] | None = None) -> AneResult:
     """Run :class:`LinearPass` on ``ctx.graph``; return the Convs it turned into MatMuls."""
     result = LinearPass(ctx, wanted).run()
+    fused = fuse_layer_norms(ctx)
+    if fused:
+        log.debug("linear layout: %d norms fused back into LayerNormalization", fused)
     log.debug("linear layout: %d convs on (B, C, 1, S) -> MatMul on (B, S, C)",
               len(result.converted))
     return result

@@ -135,3 +135,35 @@ def test_attention_with_run_time_shapes_stays_in_the_conv_layout(zero_copy: bool
             out = run_ort(graph, feeds)[0]
             assert out.shape == ref.shape
             assert float(np.abs(out - ref).max()) <= tol
+
+
+def test_slice_to_a_run_time_bound_stays_in_the_conv_layout() -> None:
+    """``x[:, :S-1]`` and ``x[..., :C/2]`` of a moved value, the bounds computed from
+    ``Shape(x)``: the Slices read the stored axes, no move out and back in."""
+    rng = np.random.default_rng(5)
+    c = 8
+    ints = {"one": [1], "two": [2], "zero": [0], "ax1": [1], "ax2": [2], "half": [c // 2]}
+    inits = [init(rng, "w0", c, c), init(rng, "w1", c // 2, c)]
+    inits += [onnx.numpy_helper.from_array(np.asarray(v, np.int64), k) for k, v in ints.items()]
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["a"]),
+             helper.make_node("Shape", ["a"], ["s"]),
+             helper.make_node("Gather", ["s", "ax1"], ["n"], axis=0),
+             helper.make_node("Sub", ["n", "one"], ["end"]),
+             helper.make_node("Slice", ["a", "zero", "end", "ax1"], ["b"]),
+             helper.make_node("Slice", ["b", "zero", "half", "ax2"], ["h"]),
+             helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w1"], ["y"])]
+    m = model(nodes, [vinfo("x", ["batch", "length", c])], [vinfo("y", ["batch", "n", c])],
+              inits, opset=18)
+    conv = to_conv(m, layout="ane")
+    assert op_counts(conv)["Transpose"] <= 2 and op_counts(conv)["Conv"] == 2, op_counts(conv)
+    back = to_linear(conv)
+    assert op_counts(back)["Transpose"] == 0, op_counts(back)
+    for batch, length in ((2, 6), (3, 9)):
+        feeds = {"x": rng.standard_normal((batch, length, c)).astype(np.float32)}
+        ref = reference64(m, feeds)[0]
+        for graph in (conv, back):
+            out = run_ort(graph, feeds)[0]
+            assert out.shape == ref.shape
+            assert float(np.abs(out - ref).max()) <= 64 * F32_EPS * c * max(
+                1.0, float(np.abs(ref).max()))

@@ -974,15 +974,20 @@ class AnePass:
         self._set(node, Twin(y, perm))
 
     def _on_Slice(self, node: ir.Node) -> None:  # noqa: N802
+        """``Slice`` of a twin: its axes mapped to where they are stored; the bounds (constant
+        or computed from ``Shape`` at run time) are per axis and stay as they are."""
         t = self._twin(node.inputs[0])
-        if t is None or t.perm is None or len(node.inputs) < 4:
+        if t is None or len(node.inputs) < 4:
             return
         axes = _const_array(node.inputs[3])
-        if axes is None or any(_const_array(v) is None for v in node.inputs[1:] if v is not None):
+        if axes is None:
             return
-        new_axes = [t.perm[int(a) % len(t.perm)] for a in axes.reshape(-1)]
+        order = self._logical_rank_order(t)
+        new_axes = [order[int(a) % len(order)] for a in axes.reshape(-1)]
+        if any(a is None for a in new_axes):
+            return
         y = self._add("Slice", [t.value, node.inputs[1], node.inputs[2],
-                                self._ints(new_axes, "fc2conv_axes"), *node.inputs[4:]], {},
+                                self._ints(new_axes, "fc2conv_axes"), *node.inputs[4:]], {},  # type: ignore[arg-type]
                       node.name or "slice")
         self._set(node, Twin(y, t.perm))
 

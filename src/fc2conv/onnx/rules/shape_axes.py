@@ -86,8 +86,8 @@ def reshape_axes(axes: AxisMap, runs: list[tuple[list[int], list[int]]], units: 
     """The axis map of ``Reshape(x', t')`` when the logical Reshape regroups ``runs`` (see the
     module docstring); ``units``: the output axes of size 1, which need not be stored. The
     result is ``act`` when the batch axis is kept and it stores the same axes in the same
-    order (its unit axes added or left out), else a permutation; ``None`` when a run's input axes are not stored together in
-    order, or the result is neither."""
+    order (its unit axes added or left out), else a permutation; ``None`` when a run's input
+    axes are not stored together in order, or the result is neither."""
     stored = [a for a in axes if a is not None]
     placed: list[tuple[int, list[int]]] = []
     for ins, outs in runs:

@@ -47,6 +47,15 @@ from fc2conv.onnx.rules.base import (
     new_initializer,
     provenance,
 )
+from fc2conv.onnx.rules.shape_axes import (
+    ACT,
+    arranged_for,
+    axes_of,
+    logical_order,
+    perm_of,
+    reshape_axes,
+)
+from fc2conv.onnx.rules.shape_probe import Probe
 from fc2conv.onnx.weights import linear_to_conv_kernel
 
 log = logging.getLogger(__name__)
@@ -149,6 +158,7 @@ class AnePass:
     """One walk over ``ctx.graph`` (see the module docstring)."""
 
     ACT_RANK = 3  # the rank of an original value whose twin has the act layout
+    ACT_AXES = ACT  # where its axes are stored (:mod:`fc2conv.onnx.rules.shape_axes`)
 
     def __init__(self, ctx: Context, wanted: set[str] | None = None) -> None:
         self.ctx = ctx
@@ -161,6 +171,7 @@ class AnePass:
         self.result = AneResult()
         self.anchor: ir.Node | None = None
         self.read: set[ir.Value] = set()
+        self.probe: Probe | None = None
 
     # -- building blocks ------------------------------------------------------------------
     def _add(self, op: str, inputs: Sequence[ir.Value | None], attrs: dict | None = None,
@@ -404,6 +415,9 @@ class AnePass:
 
     # -- the walk -------------------------------------------------------------------------
     def run(self) -> AneResult:
+        if any(n.op_type in ("Reshape", "Expand") and len(n.inputs) > 1
+               and _const_array(n.inputs[1]) is None for n in self.graph):
+            self.probe = Probe(self.graph)  # shapes computed at run time: read them concretely
         for node in list(self.graph):
             if node.graph is not self.graph or node.domain != "" or len(node.outputs) < 1:
                 continue
@@ -491,7 +505,7 @@ class AnePass:
         sa, sb = _shape(a), _shape(b)
         if sa is None or sb is None or len(sa) != 4 or len(sb) != 4:
             return
-        if not all(_same_dim(sa[i], sb[i]) for i in (0, 1)) or self.ctx.opset < 12:
+        if not all(self._same_size(a, b, i) for i in (0, 1)) or self.ctx.opset < 12:
             return  # Einsum with explicit labels does not broadcast batch dims
         pa = ta.perm if ta is not None else IDENTITY
         pb = tb.perm if tb is not None else IDENTITY
@@ -634,10 +648,17 @@ class AnePass:
         self._set(node, Twin(y, t.perm))
 
     def _on_Reshape(self, node: ir.Node) -> None:  # noqa: N802
+        t = self._twin(node.inputs[0])
+        if t is None:
+            return
+        self._reshape_static(node, t)
+        if node not in self.done:
+            self._reshape_by_axes(node, t)
+
+    def _reshape_static(self, node: ir.Node, t: Twin) -> None:
         x, out = node.inputs[0], node.outputs[0]
-        t = self._twin(x)
         sx, so = _shape(x), _shape(out)
-        if t is None or sx is None or so is None:
+        if sx is None or so is None:
             return
         if len(sx) == len(so) and all(_same_dim(a, b) for a, b in zip(sx, so, strict=True)):
             self._set(node, t)  # a reshape to the same shape
@@ -661,6 +682,118 @@ class AnePass:
         elif t.perm is not None:
             self._merge(node, t, sx, so)
 
+    def _reshape_by_axes(self, node: ir.Node, t: Twin) -> None:
+        """A Reshape whose sizes shape inference could not tell (a target computed from
+        ``Shape(x)`` at run time): the regrouping read from the probe, the target's elements
+        gathered into the stored order (:mod:`fc2conv.onnx.rules.shape_axes`)."""
+        x, out, target = node.inputs[0], node.outputs[0], node.inputs[1]
+        allowzero = node.attributes.get("allowzero")
+        zero_is_copy = allowzero is None or int(allowzero.value) == 0
+        if self.probe is None or x is None or target is None:
+            return
+        runs = self.probe.runs(x, out)
+        if runs is None:
+            return
+        units = self.probe.units(out)
+        axes = self._axis_map(t)
+        new = reshape_axes(axes, runs, units, self.ACT_AXES)
+        order = arranged_for(axes, runs, units, self.ACT_AXES) if new is None else None
+        if order is not None:  # one Transpose of the twin, then the same Reshape
+            moved = self._add("Transpose", [t.value], {"perm": order}, node.name or "merge",
+                              "heads")
+            t = Twin(moved, perm_of(tuple(axes[q] for q in order)))
+            axes = self._axis_map(t)
+            new = reshape_axes(axes, runs, units, self.ACT_AXES)
+        if new is None:
+            return
+        rank_out = sum(len(outs) for _, outs in runs)
+        base = node.name or "reshape"
+        const = _const_array(target)
+        if const is not None and not (zero_is_copy and (const == 0).any()):
+            vals = [int(v) for v in const.reshape(-1)]
+            shape = self._ints([1 if a is None else vals[a] for a in new], "fc2conv_shape")
+        else:
+            logical = target
+            if zero_is_copy and self._may_be_zero(target):  # 0: the input's size there
+                rank_in = len(self._logical_rank_order(t))
+                if rank_out > rank_in:
+                    return
+                sizes = self._logical_shape(t, base, range(rank_out))
+                zero = self._add("Equal", [target, self._ints([0], "fc2conv_zero")], {}, base)
+                logical = self._add("Where", [zero, sizes, target], {}, base)
+            if None in new:
+                logical = self._add("Concat", [logical, self._ints([1], "fc2conv_one")],
+                                    {"axis": 0}, base)
+            shape = self._gather(logical, [rank_out if a is None else a for a in new], base)
+        y = self._add("Reshape", [t.value, shape], {} if zero_is_copy else {"allowzero": 1}, base)
+        self._set(node, Twin(y) if new == self.ACT_AXES else Twin(y, perm_of(new)))
+
+    def _axis_map(self, t: Twin) -> tuple[int | None, ...]:
+        return axes_of(t.perm, self.ACT_AXES)
+
+    def _logical_rank_order(self, t: Twin) -> list[int | None]:
+        rank = self.ACT_RANK if t.perm is None else len(t.perm)
+        return logical_order(self._axis_map(t), rank)
+
+    def _logical_shape(self, t: Twin, base: str, picked: Sequence[int]) -> ir.Value:
+        """The original value's sizes ``picked`` read off its twin: ``Shape(x')`` gathered into
+        the logical order, 1 for a unit axis the twin does not store."""
+        full = self._logical_rank_order(t)
+        order = [full[i] for i in picked]
+        stored = self._add("Shape", [t.value], {}, base)
+        n = sum(a is not None for a in self._axis_map(t))
+        if None in order:
+            stored = self._add("Concat", [stored, self._ints([1], "fc2conv_one")], {"axis": 0},
+                               base)
+        return self._gather(stored, [n if a is None else a for a in order], base)
+
+    def _same_size(self, a: ir.Value, b: ir.Value, axis: int) -> bool:
+        """Whether ``a`` and ``b`` have the same size along ``axis``: the same static or
+        symbolic size, or (sizes computed at run time) the same in every probe."""
+        sa, sb = _shape(a), _shape(b)
+        if sa is not None and sb is not None and _same_dim(sa[axis], sb[axis]):
+            return True
+        found = [self.probe.shapes.get(v.name or "") for v in (a, b)] if self.probe else []
+        return bool(found) and all(f is not None and len(f[0]) > axis for f in found) and all(
+            x[axis] == y[axis] for x, y in zip(found[0], found[1], strict=True))  # type: ignore[arg-type]
+
+    def _gather(self, v: ir.Value, idx: Sequence[int], base: str) -> ir.Value:
+        if list(idx) == list(range(len(idx))) and _shape(v) == (len(idx),):
+            return v
+        return self._add("Gather", [v, self._ints(list(idx), "fc2conv_axes")], {"axis": 0},
+                         base)
+
+    def _may_be_zero(self, v: ir.Value, depth: int = 6) -> bool:
+        """Whether an element of the shape vector ``v`` may be 0 (Reshape's "copy this
+        size"): a constant 0, or a part computed by an op that is not a size read."""
+        c = _const_array(v)
+        if c is not None:
+            return bool((c == 0).any())
+        p = v.producer()
+        if p is None or depth == 0:
+            return True
+        if p.op_type == "Shape":
+            return False
+        if p.op_type in ("Concat", "Unsqueeze", "Squeeze", "Cast", "Gather", "Slice"):
+            parts = p.inputs if p.op_type == "Concat" else p.inputs[:1]
+            return any(u is None or self._may_be_zero(u, depth - 1) for u in parts)
+        return True
+
+    def _on_Shape(self, node: ir.Node) -> None:  # noqa: N802
+        """``Shape(x)`` of a value in the conv layout reads the twin: ``Gather(Shape(x'),
+        order)``, ``order[i]`` the stored axis of ``x``'s axis ``i``; the sizes are the same."""
+        t = self._twin(node.inputs[0])
+        if t is None or node.outputs[0].is_graph_output():
+            return
+        rank = len(self._logical_rank_order(t))
+        start = node.attributes.get("start")
+        end = node.attributes.get("end")
+        picked = list(range(rank))[slice(None if start is None else int(start.value),
+                                         None if end is None else int(end.value))]
+        y = self._logical_shape(t, node.name or "shape", picked)
+        ir.convenience.replace_all_uses_with(node.outputs[0], y)
+        self.done.append(node)
+
     def _on_Unsqueeze(self, node: ir.Node) -> None:  # noqa: N802
         """One new unit axis ``a`` of a permuted twin: stored right after axis ``a - 1``."""
         t = self._twin(node.inputs[0])
@@ -683,6 +816,30 @@ class AnePass:
 
     def _on_Expand(self, node: ir.Node) -> None:  # noqa: N802
         t = self._twin(node.inputs[0])
+        self._expand_static(node, t)
+        if t is not None and node not in self.done:
+            self._expand_by_axes(node, t)
+
+    def _expand_by_axes(self, node: ir.Node, t: Twin) -> None:
+        """``Expand(x, s)`` with ``s`` computed at run time, as long as ``x``'s rank:
+        broadcasting is per axis, so ``Expand(x', s')`` with ``s'`` gathered into the stored
+        order (1 for a unit axis only the twin has)."""
+        s = node.inputs[1]
+        rank = len(self._logical_rank_order(t))
+        found = self.probe.shapes.get(s.name or "") if self.probe and s is not None else None
+        given = _shape(s)
+        length = found[0][0] if found else (given[0] if given else None)
+        if s is None or length != rank:
+            return
+        axes = self._axis_map(t)
+        base = node.name or "expand"
+        if None in axes:
+            s = self._add("Concat", [s, self._ints([1], "fc2conv_one")], {"axis": 0}, base)
+        phys = self._gather(s, [rank if a is None else a for a in axes], base)
+        y = self._add("Expand", [t.value, phys], {}, base)
+        self._set(node, Twin(y, t.perm))
+
+    def _expand_static(self, node: ir.Node, t: Twin | None) -> None:
         out = _shape(node.outputs[0])
         if out is None or not all(isinstance(d, int) for d in out):
             given = _const_array(node.inputs[1])  # broadcasting is per axis: permute it
@@ -817,15 +974,20 @@ class AnePass:
         self._set(node, Twin(y, perm))
 
     def _on_Slice(self, node: ir.Node) -> None:  # noqa: N802
+        """``Slice`` of a twin: its axes mapped to where they are stored; the bounds (constant
+        or computed from ``Shape`` at run time) are per axis and stay as they are."""
         t = self._twin(node.inputs[0])
-        if t is None or t.perm is None or len(node.inputs) < 4:
+        if t is None or len(node.inputs) < 4:
             return
         axes = _const_array(node.inputs[3])
-        if axes is None or any(_const_array(v) is None for v in node.inputs[1:] if v is not None):
+        if axes is None:
             return
-        new_axes = [t.perm[int(a) % len(t.perm)] for a in axes.reshape(-1)]
+        order = self._logical_rank_order(t)
+        new_axes = [order[int(a) % len(order)] for a in axes.reshape(-1)]
+        if any(a is None for a in new_axes):
+            return
         y = self._add("Slice", [t.value, node.inputs[1], node.inputs[2],
-                                self._ints(new_axes, "fc2conv_axes"), *node.inputs[4:]], {},
+                                self._ints(new_axes, "fc2conv_axes"), *node.inputs[4:]], {},  # type: ignore[arg-type]
                       node.name or "slice")
         self._set(node, Twin(y, t.perm))
 
@@ -851,6 +1013,12 @@ class AnePass:
         for value, twin in list(self.twins.items()):
             if twin.entered:
                 continue
+            for use in list(value.uses()):  # sizes read before the value moved
+                if use.node.op_type == "Shape" and use.node.domain == "" \
+                        and use.node not in done:
+                    self.anchor = use.node
+                    self._on_Shape(use.node)
+            done = set(self.done)
             live = [u for u in value.uses() if u.node not in done]
             if not live and not value.is_graph_output():
                 continue

@@ -58,6 +58,7 @@ from fc2conv.onnx.rules.base import (
     new_initializer,
     provenance,
 )
+from fc2conv.onnx.rules.norm_back import fuse_layer_norms
 from fc2conv.onnx.weights import conv_kernel_to_linear
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,7 @@ class LinearPass(AnePass):
     (Unsqueeze, Expand, axis merges, Transpose, unary and binary ops) are the ane pass's own."""
 
     ACT_RANK = 4
+    ACT_AXES = (0, 3, 1)  # x[b, s, c] = x'[b, c, 0, s]: the unit axis 2 is not stored
 
     def __init__(self, ctx: Context, wanted: set[str] | None = None) -> None:
         super().__init__(ctx, wanted)
@@ -332,6 +334,7 @@ class LinearPass(AnePass):
         shape = _shape(x)
         out = _shape(node.outputs[0])
         if x is None or shape is None or len(shape) != 3 or _axes(node) != [2] \
+                or x.dtype not in FLOAT_TYPES \
                 or out is None or len(out) != 4:
             return
         if not any(u.node.op_type in {"Conv", "Add", "Mul"} for u in node.outputs[0].uses()):
@@ -341,8 +344,13 @@ class LinearPass(AnePass):
         self._set(node, Twin(twin))
 
     def _on_Reshape(self, node: ir.Node) -> None:  # noqa: N802
+        self._reshape_static(node, self._twin(node.inputs[0]))
+        t = self._twin(node.inputs[0])
+        if t is not None and node not in self.done:
+            self._reshape_by_axes(node, t)
+
+    def _reshape_static(self, node: ir.Node, t: Twin | None) -> None:  # type: ignore[override]
         x, out = node.inputs[0], node.outputs[0]
-        t = self._twin(x)
         sx, so = _shape(x), _shape(out)
         if sx is None or so is None:
             return
@@ -451,9 +459,8 @@ class LinearPass(AnePass):
 
     def _on_Slice(self, node: ir.Node) -> None:  # noqa: N802
         t = self._twin(node.inputs[0])
-        if t is None or len(node.inputs) < 4 or any(
-                v is not None and _const_array(v) is None for v in node.inputs[1:]):
-            return
+        if t is None or len(node.inputs) < 4:
+            return  # the bounds may be computed: they are per axis, only the axes move
         axes = _const_array(node.inputs[3])
         if axes is None:
             return
@@ -469,6 +476,9 @@ class LinearPass(AnePass):
 def linear_layout(ctx: Context, wanted: set[str] | None = None) -> AneResult:
     """Run :class:`LinearPass` on ``ctx.graph``; return the Convs it turned into MatMuls."""
     result = LinearPass(ctx, wanted).run()
+    fused = fuse_layer_norms(ctx)
+    if fused:
+        log.debug("linear layout: %d norms fused back into LayerNormalization", fused)
     log.debug("linear layout: %d convs on (B, C, 1, S) -> MatMul on (B, S, C)",
               len(result.converted))
     return result

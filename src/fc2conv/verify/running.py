@@ -45,6 +45,11 @@ _LAYOUT = {
     "_to_copy", "to", "zeros_like", "flip", "roll", "pixel_shuffle", "pixel_unshuffle",
     "channel_shuffle", "upsample_nearest2d", "upsample_nearest1d", "max", "amax",
 }
+_MOVES = {  # layout ops that only move or copy values (no max, no resampling)
+    "view", "_unsafe_view", "reshape", "permute", "transpose", "t", "expand", "squeeze",
+    "unsqueeze", "flatten", "select", "slice", "clone", "contiguous", "alias", "detach",
+    "lift_fresh", "_to_copy", "to", "movedim", "narrow",
+}
 _EXACT_POINTWISE = {"relu", "neg", "abs", "hardtanh", "clamp", "threshold", "relu6"}
 _LIPSCHITZ = {"tanh": 1.0, "sigmoid": 0.25, "gelu": 1.13, "silu": 1.1, "mish": 1.1,
               "hardswish": 1.5, "hardsigmoid": 1 / 6, "elu": 1.0, "celu": 1.0, "softplus": 1.0,
@@ -73,6 +78,7 @@ class Tracker(TorchDispatchMode):
         self.stats = OpStats()
         self.unsupported: set[str] = set()
         self._err: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._leaf: dict[int, torch.Tensor] = {}  # the leaf errors, u |t| (see _leaf_u)
 
     # -- bookkeeping -------------------------------------------------------------------------
     def error_of(self, t: torch.Tensor) -> torch.Tensor:
@@ -84,11 +90,18 @@ class Tracker(TorchDispatchMode):
         with torch.utils._python_dispatch._disable_current_modes():
             e = (self.rounding.u_out * t.detach().abs()).to(torch.float64)
         self._err[id(t)] = (t, e)
+        self._leaf[id(t)] = e
         return e
+
+    def _leaf_u(self, t: torch.Tensor, e: torch.Tensor) -> float | None:
+        """``u`` when ``e`` is the leaf error ``u |t|`` of ``t`` (a weight or an input), else
+        None."""
+        return self.rounding.u_out if self._leaf.get(id(t)) is e else None
 
     def _set(self, t: Any, e: torch.Tensor) -> None:
         if isinstance(t, torch.Tensor) and t.is_floating_point():
             self._err[id(t)] = (t, e.to(torch.float64).reshape(t.shape))
+            self._leaf.pop(id(t), None)
 
     # -- dispatch -----------------------------------------------------------------------------
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
@@ -127,9 +140,16 @@ class Tracker(TorchDispatchMode):
             e_kwargs = {k: v for k, v in kwargs.items() if k not in ("dtype", "memory_format")}
             e_out = func(*e_args, **e_kwargs)
             e_flat = [t for t in tree_flatten(e_out)[0] if isinstance(t, torch.Tensor)]
+            # moving values moves their leaf errors u|t| along: still u|y| (kept as such)
+            leaf = name in _MOVES and all(
+                self._leaf.get(id(a)) is self._err.get(id(a), (None, None))[1]
+                for a in tree_flatten(args)[0]
+                if isinstance(a, torch.Tensor) and a.is_floating_point())
             for t, e in zip(outs, e_flat, strict=False):
                 if t.is_floating_point():
                     self._set(t, e.abs() if e.is_floating_point() else torch.zeros(t.shape))
+                    if leaf and e.is_floating_point():
+                        self._leaf[id(t)] = self._err[id(t)][1]
             return
         if name in _EXACT_POINTWISE:
             self._set(y, self.error_of(args[0]))
@@ -217,9 +237,17 @@ class Tracker(TorchDispatchMode):
         self.stats.longest = max(self.stats.longest, n)
         ex, ew = self.error_of(x), self.error_of(w)
         xa, wa = x.abs(), w.abs()
-        # (|x|+E_x)(|W|+E_W) - |x||W| = |x|E_W + E_x|W| + E_x E_W (bilinear): two products
-        mag = op(xa + ex, wa + ew)
-        e = (mag - op(xa, wa)).clamp_min(0.0)
+        # (|x|+E_x)(|W|+E_W) - |x||W| = |x|E_W + E_x(|W|+E_W) (bilinear), each product of
+        # non-negative terms, computed as such (no difference of two large sums); a weight
+        # that is a leaf has E_W = u|W| exactly, so |x|E_W = u |x||W| and E_x(|W|+E_W) =
+        # (1+u) E_x|W|: two products
+        u_w = self._leaf_u(w, ew)
+        p = upper_product(op, xa, wa, n)
+        if u_w is not None:
+            e = u_w * p + (1 + u_w) * upper_product(op, ex, wa, n)
+        else:
+            e = upper_product(op, xa, ew, n) + upper_product(op, ex, wa + ew, n)
+        mag = p + e
         k = n
         if bias is not None:
             k += 1
@@ -234,6 +262,50 @@ class Tracker(TorchDispatchMode):
         if r.u_acc < r.u_out:  # accumulated wider than stored: one final rounding
             e = e + r.u_out * (y.abs() + e)
         self._set(y, e)
+
+
+_U32 = 2.0**-24
+_SAFE32 = 2.0**60  # operands within [2^-60, 2^60] (or 0): no float32 overflow or underflow
+
+
+def _fast_float32() -> bool:
+    """Float32 products on this CPU are IEEE float32 (no TF32 or bfloat16 stand-ins)."""
+    if torch.get_float32_matmul_precision() != "highest":
+        return False
+    mk = torch.backends.mkldnn
+    return all(getattr(getattr(mk, k, None), "fp32_precision", "none") in ("none", "ieee")
+               for k in ("matmul", "conv"))
+
+
+def upper_product(op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], p: torch.Tensor,
+                  q: torch.Tensor, n: int) -> torch.Tensor:
+    """An upper bound, in float64, on the exact ``op(p, q)`` for non-negative float64 ``p``,
+    ``q`` and a bilinear ``op`` summing ``n`` products per output element (matmul,
+    convolution).
+
+    On CPU, when every nonzero operand lies in ``[2^-60, 2^60]``, ``op`` runs in float32 (a
+    float64 convolution is ~15x slower than a float32 one) and the result is raised by
+    ``1 / ((1-u)^2 (1-γ_n))``, ``u = 2^-24``: rounding each operand to float32 moves it by a
+    relative ``u`` at most, and a float32 sum of ``n`` non-negative products is at least
+    ``(1-γ_n)`` times their exact sum in any order (Higham, Lemma 3.4 with all terms >= 0;
+    within that range nothing underflows). Otherwise, and on other devices, ``op`` runs in
+    float64 (the bounds' own float64 rounding, a relative ``γ_n(2^-53)``, is far below the
+    ``u`` they carry)."""
+    nu = gamma(n, _U32)
+    if (p.device.type == "cpu" and nu < 0.5 and _fast_float32() and _in_range(p)
+            and _in_range(q)):
+        got = op(p.to(torch.float32), q.to(torch.float32)).to(torch.float64)
+        if bool(torch.isfinite(got).all()):
+            return got / ((1 - _U32) ** 2 * (1 - nu))
+    return op(p, q)
+
+
+def _in_range(t: torch.Tensor) -> bool:
+    """Every nonzero element of the non-negative ``t`` lies in ``[2^-60, 2^60]``."""
+    if not t.numel():
+        return True
+    low = torch.where(t > 0, t, _SAFE32).min()
+    return bool(t.max() <= _SAFE32) and bool(low >= 1 / _SAFE32)
 
 
 def track(run: Any, rounding: Rounding) -> tuple[Any, Tracker]:

@@ -1,0 +1,107 @@
+"""compare's per-draw speed-ups must not change what it computes (issue 9, requirement 7).
+
+Behaviour only, against float64 references computed here independently: the running bound's
+products of magnitudes, run in float32 and raised (:func:`fc2conv.verify.running.upper_product`),
+still bound the exact float64 products from above and only by a hair; the running bound of a
+small CNN and MLP equals the closed form written out here with plain float64 convolutions and
+matmuls; onnx's evaluator islands (``Erf``) compute float64 ``erf`` to rounding (``math.erf``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fc2conv.core.rounding import gamma
+from fc2conv.verify.bound import rounding_for
+from fc2conv.verify.running import track, upper_product
+
+
+def _ops(rng: np.random.Generator) -> list[tuple[str, object, tuple, tuple, int]]:
+    """(name, bilinear op, shape of p, shape of q, terms per output element)."""
+    b, c, o, s = (int(v) for v in rng.integers(1, 5, 4))
+    return [
+        ("mm", torch.mm, (7, 33), (33, 5), 33),
+        ("bmm", torch.bmm, (3, 6, 17), (3, 17, 4), 17),
+        ("conv1d", lambda p, q: F.conv1d(p, q, padding=1), (b, c, 9 + s), (o, c, 3), c * 3),
+        ("conv2d", lambda p, q: F.conv2d(p, q, stride=2), (b, c, 8, 7), (o, c, 3, 2), c * 6),
+        ("conv3d", lambda p, q: F.conv3d(p, q, padding=1), (b, c, 5, 6, 4), (o, c, 3, 3, 3),
+         c * 27),
+    ]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_upper_product_bounds_the_exact_product_from_above_by_a_hair(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    for name, op, ps, qs, n in _ops(rng):
+        # magnitudes over many decades, some exact zeros (ReLU outputs)
+        p = torch.from_numpy(np.abs(rng.standard_normal(ps)) * 10.0 ** rng.uniform(-8, 8, ps))
+        q = torch.from_numpy(np.abs(rng.standard_normal(qs)) * 10.0 ** rng.uniform(-3, 3, qs))
+        p[p < 0.1 * p.median()] = 0.0
+        exact = op(p, q)  # float64: exact up to γ_n(2^-53) relative, terms all >= 0
+        got = upper_product(op, p, q, n)
+        assert got.dtype == torch.float64 and got.shape == exact.shape, name
+        lo = exact * (1 + gamma(n, 2.0**-53))  # the exact sum is at most this
+        assert bool((got >= lo).all()), name
+        # and no looser than float32's own rounding of the same sum
+        assert bool((got <= exact * (1 + 4 * gamma(n + 2, 2.0**-24))).all()), name
+
+
+def test_upper_product_falls_back_to_float64_outside_float32s_safe_range() -> None:
+    rng = np.random.default_rng(1)
+    for scale in (1e-30, 1e30):
+        p = torch.from_numpy(np.abs(rng.standard_normal((4, 9))) * scale)
+        q = torch.from_numpy(np.abs(rng.standard_normal((9, 3))))
+        assert torch.equal(upper_product(torch.mm, p, q, 9), torch.mm(p, q))
+
+
+def _closed_form(x: torch.Tensor, e_x: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
+                 op: object, u: float, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The running rule for ``y = op(x, W) + b`` written out in float64 (module docstring of
+    :mod:`fc2conv.verify.running`): weights and bias carry ``u|.|``; returns (y, E_y)."""
+    if x.dim() > 2:  # a convolution's bias: one per channel
+        b = b.reshape(1, -1, *([1] * (x.dim() - 2)))
+    wa, ba = w.abs(), b.abs()
+    e_w, e_b = u * wa, u * ba
+    xa = x.abs()
+    mag = op(xa + e_x, wa + e_w)
+    e = mag - op(xa, wa) + e_b + gamma(n + 1, u) * (mag + ba + e_b)
+    return op(x, w) + b, e
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_running_bound_of_a_cnn_is_the_closed_form(seed: int) -> None:
+    """conv3d -> ReLU -> conv3d and mm -> ReLU -> mm: the tracked bound (float32 products of
+    magnitudes, raised) equals the float64 closed form to a relative 1e-5, and is never below
+    it by more than float64 rounding."""
+    torch.manual_seed(seed)
+    u = 2.0**-24
+    r = rounding_for(torch.float32)
+
+    conv = nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), nn.ReLU(),
+                         nn.Conv3d(4, 3, 2, stride=2)).double().eval()
+    mlp = nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 5)).double().eval()
+    cases = [
+        (conv, torch.randn(2, 2, 6, 6, 6, dtype=torch.float64),
+         [lambda p, q: F.conv3d(p, q, padding=1), lambda p, q: F.conv3d(p, q, stride=2)],
+         lambda m, k: m[k].weight, [2 * 27, 4 * 8]),
+        (mlp, torch.randn(3, 20, dtype=torch.float64),
+         [lambda p, q: p @ q.T, lambda p, q: p @ q.T], lambda m, k: m[k].weight, [20, 16]),
+    ]
+    for model, x, ops, weight, ns in cases:
+        with torch.no_grad():
+            y, tracker = track(lambda m=model, x=x: m(x), r)
+            e_got = tracker.error_of(y)
+            h, e_h = _closed_form(x, u * x.abs(), weight(model, 0), model[0].bias, ops[0], u,
+                                  ns[0])
+            h, e_h = h.relu(), e_h  # ReLU passes the error on
+            want_y, e_want = _closed_form(h, e_h, weight(model, 2), model[2].bias, ops[1], u,
+                                          ns[1])
+        assert torch.allclose(y, want_y, rtol=1e-12, atol=1e-12)
+        assert bool((e_got >= e_want * (1 - 1e-9)).all())
+        assert bool((e_got <= e_want * (1 + 1e-5)).all())

@@ -85,8 +85,9 @@ def _llama_torch() -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
 
 def build(case: str, folder: Path) -> tuple[Any, Any, tuple[torch.Tensor, ...]]:
     """(A, B, a draw) for ``case``."""
-    import fc2conv
     from verdicts_scale import _bert_torch, _cnn_torch
+
+    import fc2conv
 
     if case in ("onnx_cnn", "torch_cnn"):
         model, x = _cnn_torch()
@@ -151,8 +152,8 @@ def measure(case: str, a: Any, b: Any, x: tuple[torch.Tensor, ...], rounds: int,
         fw = statistics.median(r[0] for r in reps)
         fc = statistics.median(r[1] for r in reps)
         draws = [fresh(x, gen) for _ in range(1 + samples)]
-        one = timed(lambda: compare(a, b, inputs=draws[:1], layers=False))
-        many = timed(lambda: compare(a, b, inputs=draws, layers=False))
+        one = timed(lambda d=draws[:1]: compare(a, b, inputs=d, layers=False))
+        many = timed(lambda d=draws: compare(a, b, inputs=d, layers=False))
         dw, dc = (many[0] - one[0]) / samples, (many[1] - one[1]) / samples
         got["fwd_w"].append(fw)
         got["fwd_c"].append(fc)

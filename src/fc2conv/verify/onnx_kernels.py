@@ -35,10 +35,9 @@ def ort_session(model: Any, weights: dict[str, np.ndarray] | None = None, *,
     as constant initializers (it copies and packs them: the deployed model). Sessions run
     ``torch.get_num_threads()`` intra-op threads."""
     import onnxruntime as ort
+    import torch
 
     from fc2conv.verify.onnx_weights import as_inputs
-
-    import torch
 
     opts = ort.SessionOptions()
     # as many threads as torch uses (both default to the physical cores), so that

@@ -265,7 +265,6 @@ class Tracker(TorchDispatchMode):
 
 
 _U32 = 2.0**-24
-_SAFE32 = 2.0**60  # operands within [2^-60, 2^60] (or 0): no float32 overflow or underflow
 
 
 def _fast_float32() -> bool:
@@ -283,29 +282,26 @@ def upper_product(op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], p: t
     ``q`` and a bilinear ``op`` summing ``n`` products per output element (matmul,
     convolution).
 
-    On CPU, when every nonzero operand lies in ``[2^-60, 2^60]``, ``op`` runs in float32 (a
-    float64 convolution is ~15x slower than a float32 one) and the result is raised by
-    ``1 / ((1-u)^2 (1-γ_n))``, ``u = 2^-24``: rounding each operand to float32 moves it by a
-    relative ``u`` at most, and a float32 sum of ``n`` non-negative products is at least
-    ``(1-γ_n)`` times their exact sum in any order (Higham, Lemma 3.4 with all terms >= 0;
-    within that range nothing underflows). Otherwise, and on other devices, ``op`` runs in
-    float64 (the bounds' own float64 rounding, a relative ``γ_n(2^-53)``, is far below the
-    ``u`` they carry)."""
+    On CPU ``op`` runs in float32 (a float64 convolution is ~15x slower than a float32 one) on
+    ``p / 2^a`` and ``q / 2^b``, powers of two that bring each operand's largest element into
+    ``[1/2, 1)`` (exact scalings: no overflow, and only elements below ``2^-126`` of the
+    largest reach float32's subnormals). Rounding an operand ``t <= 1`` to float32 gives
+    ``t̂ >= t(1-u) - 2^-150`` (``u = 2^-24``), and a float32 sum of ``n`` non-negative products
+    is at least ``(1-γ_n)`` times their exact sum in any order (Higham, Lemma 3.4 with all
+    terms >= 0), so ``exact <= 2^(a+b) (fl(...) / ((1-u)^2 (1-γ_n)) + n 2^-146)``, which is
+    returned. On other devices, or for non-finite operands, ``op`` runs in float64 (the
+    bounds' own float64 rounding, a relative ``γ_n(2^-53)``, is far below the ``u`` they
+    carry)."""
     nu = gamma(n, _U32)
-    if (p.device.type == "cpu" and nu < 0.5 and _fast_float32() and _in_range(p)
-            and _in_range(q)):
-        got = op(p.to(torch.float32), q.to(torch.float32)).to(torch.float64)
-        if bool(torch.isfinite(got).all()):
-            return got / ((1 - _U32) ** 2 * (1 - nu))
+    if p.device.type == "cpu" and nu < 0.5 and p.numel() and q.numel() and _fast_float32():
+        top_p, top_q = float(p.amax()), float(q.amax())
+        if math.isfinite(top_p) and math.isfinite(top_q) and top_p > 0 and top_q > 0:
+            a, b = math.frexp(top_p)[1], math.frexp(top_q)[1]
+            got = op((p * 2.0**-a).to(torch.float32), (q * 2.0**-b).to(torch.float32))
+            scale = math.ldexp(1.0, a + b)
+            return (got.to(torch.float64) / ((1 - _U32) ** 2 * (1 - nu))
+                    + n * 2.0**-146) * scale
     return op(p, q)
-
-
-def _in_range(t: torch.Tensor) -> bool:
-    """Every nonzero element of the non-negative ``t`` lies in ``[2^-60, 2^60]``."""
-    if not t.numel():
-        return True
-    low = torch.where(t > 0, t, _SAFE32).min()
-    return bool(t.max() <= _SAFE32) and bool(low >= 1 / _SAFE32)
 
 
 def track(run: Any, rounding: Rounding) -> tuple[Any, Tracker]:

@@ -10,6 +10,7 @@ matmuls; onnx's evaluator islands (``Erf``) compute float64 ``erf`` to rounding 
 from __future__ import annotations
 
 import math
+
 import numpy as np
 import pytest
 import torch

@@ -116,3 +116,45 @@ def test_running_bound_of_a_cnn_is_the_closed_form(seed: int) -> None:
         assert torch.allclose(y, want_y, rtol=1e-12, atol=1e-12)
         assert bool((e_got >= e_want * (1 - 1e-9)).all())
         assert bool((e_got <= e_want * (1 + 1e-5)).all())
+
+
+@pytest.mark.parametrize("case", range(8))
+def test_conv3d_by_depth_is_torch_float64_conv3d(case: int) -> None:
+    """The float64 3-D convolution of the running bound's reference (a sum of 2-D ones over the
+    kernel's depth) equals torch's own, to float64 rounding, for strides, padding, dilation,
+    groups and bias."""
+    from fc2conv.verify.running import conv3d_by_depth
+
+    rng = np.random.default_rng(case)
+    groups = (1, 2)[case % 2]
+    c, o = groups * int(rng.integers(1, 3)), groups * int(rng.integers(1, 3))
+    k = [int(v) for v in rng.integers(1, 4, 3)]
+    stride = [int(v) for v in rng.integers(1, 3, 3)]
+    pad = [int(v) for v in rng.integers(0, 3, 3)]
+    dil = [int(v) for v in rng.integers(1, 3, 3)]
+    x = torch.from_numpy(rng.standard_normal((2, c, 9, 8, 7)))
+    w = torch.from_numpy(rng.standard_normal((o, c // groups, *k)))
+    b = torch.from_numpy(rng.standard_normal(o)) if case % 3 else None
+    got = conv3d_by_depth(x, w, b, stride, pad, dil, False, [0, 0, 0], groups)
+    want = F.conv3d(x, w, b, stride, pad, dil, groups)
+    mag = F.conv3d(x.abs(), w.abs(), None if b is None else b.abs(), stride, pad, dil, groups)
+    assert got.shape == want.shape
+    n = c // groups * math.prod(k) + 1
+    assert bool(((got - want).abs() <= 2 * gamma(n, 2.0**-53) * mag + 1e-300).all())
+
+
+def test_tracked_3d_net_runs_the_float64_forward() -> None:
+    """A 3-D net large enough for the depth-split convolution: the tracked float64 run equals
+    the plain float64 forward to float64 rounding, and its bound still covers the float32
+    model's error."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv3d(1, 4, 5, padding=2), nn.ReLU(),
+                        nn.Conv3d(4, 2, 3, padding=1)).eval()
+    x = torch.randn(2, 1, 16, 16, 16)
+    net64 = __import__("copy").deepcopy(net).double()
+    with torch.no_grad():
+        y, tracker = track(lambda: net64(x.double()), rounding_for(torch.float32))
+        want = net64(x.double())
+        y32 = net(x).double()
+    assert torch.allclose(y, want, rtol=0, atol=1e-12)
+    assert bool(((y32 - y).abs() <= tracker.error_of(y)).all())

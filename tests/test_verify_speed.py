@@ -158,3 +158,73 @@ def test_tracked_3d_net_runs_the_float64_forward() -> None:
         y32 = net(x).double()
     assert torch.allclose(y, want, rtol=0, atol=1e-12)
     assert bool(((y32 - y).abs() <= tracker.error_of(y)).all())
+
+
+def _ln_mlp(rng: np.random.Generator) -> object:
+    """x (4, 16) -> MatMul -> LayerNormalization -> MatMul -> Softmax, float32."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    def f32(name: str, *shape: int) -> object:
+        return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"]),
+             helper.make_node("LayerNormalization", ["h", "g", "b"], ["n"], axis=-1),
+             helper.make_node("MatMul", ["n", "W2"], ["z"]),
+             helper.make_node("Softmax", ["z"], ["y"], axis=-1)]
+    graph = helper.make_graph(
+        nodes, "ln_mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])],
+        [f32("W1", 16, 32), f32("g", 32), f32("b", 32), f32("W2", 32, 8)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _ln_mlp_float64(proto: object, x: np.ndarray) -> np.ndarray:
+    from onnx import numpy_helper
+
+    w = {i.name: numpy_helper.to_array(i).astype(np.float64) for i in proto.graph.initializer}
+    h = np.einsum("ij,jk->ik", x.astype(np.float64), w["W1"])
+    mu = h.mean(-1, keepdims=True)
+    var = ((h - mu) ** 2).mean(-1, keepdims=True)
+    n = (h - mu) / np.sqrt(var + 1e-5) * w["g"] + w["b"]
+    z = np.einsum("ij,jk->ik", n, w["W2"])
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def test_onnx_noise_only_for_asked_draws_at_the_scale_of_real_rounding(monkeypatch) -> None:
+    """The op-by-op noise is measured only for the draws asked for (the others read 0.0), on
+    perturbed graphs built once and reused across draws (the sessions of 4 draws are those of
+    1), and it stays the size of A's real float32 error against an independent float64
+    computation: above it, and within 1000x."""
+    import onnxruntime
+
+    from fc2conv.verify.models import load
+    from fc2conv.verify.onnx_noise import onnx_noise
+
+    rng = np.random.default_rng(11)
+    proto = _ln_mlp(rng)
+    draws = [(torch.from_numpy(rng.standard_normal((4, 16)).astype(np.float32)),)
+             for _ in range(4)]
+    built = {"n": 0}
+    real_session = onnxruntime.InferenceSession
+
+    def session(*args, **kwargs):  # type: ignore[no-untyped-def]
+        built["n"] += 1
+        return real_session(*args, **kwargs)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", session)
+    counts = []
+    for only in ({2}, {0, 1, 2, 3}):
+        model = load(proto, "A")
+        model.run(draws[0], "reference")
+        built["n"] = 0
+        noise = onnx_noise(model, draws, 2.0**-24, 3, only=only)
+        counts.append(built["n"])
+        for k in range(4):
+            assert isinstance(noise[k][0], torch.Tensor) == (k in only)
+    assert counts[0] == counts[1], counts
+    for k, (x,) in enumerate(draws):
+        a = model.run((x,)).outputs[0].double().numpy()
+        real = float(np.abs(a - _ln_mlp_float64(proto, x.numpy())).max())
+        level = float(noise[k][0].max())
+        assert real <= 4 * level and level <= 1e3 * max(real, 2.0**-24 * 1e-3), (k, real, level)

@@ -131,7 +131,7 @@ class Tracker(TorchDispatchMode):
     def _rule(self, name: str, func: Any, args: Any, kwargs: Any, out: Any,
               pre: torch.Tensor | None) -> None:
         r = self.rounding
-        outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        outs = _tensors(out)
         if not any(t.is_floating_point() for t in outs) or name in _IGNORED:
             return
         y = outs[0]
@@ -141,15 +141,17 @@ class Tracker(TorchDispatchMode):
                               a.is_floating_point() else a, args)
             e_kwargs = {k: v for k, v in kwargs.items() if k not in ("dtype", "memory_format")}
             e_out = func(*e_args, **e_kwargs)
-            e_flat = [t for t in tree_flatten(e_out)[0] if isinstance(t, torch.Tensor)]
+            e_flat = _tensors(e_out)
             # moving values moves their leaf errors u|t| along: still u|y| (kept as such)
             leaf = name in _MOVES and all(
                 self._leaf.get(id(a)) is self._err.get(id(a), (None, None))[1]
-                for a in tree_flatten(args)[0]
-                if isinstance(a, torch.Tensor) and a.is_floating_point())
+                for a in _tensors(args) if a.is_floating_point())
             for t, e in zip(outs, e_flat, strict=False):
                 if t.is_floating_point():
-                    self._set(t, e.abs() if e.is_floating_point() else torch.zeros(t.shape))
+                    # errors are >= 0, and so is any layout of them (no copy: views stay
+                    # views), except a pad's fill value
+                    self._set(t, (e.abs() if name == "constant_pad_nd" else e)
+                              if e.is_floating_point() else torch.zeros(t.shape))
                     if leaf and e.is_floating_point():
                         self._leaf[id(t)] = self._err[id(t)][1]
             return
@@ -264,6 +266,15 @@ class Tracker(TorchDispatchMode):
         if r.u_acc < r.u_out:  # accumulated wider than stored: one final rounding
             e = e + r.u_out * (y.abs() + e)
         self._set(y, e)
+
+
+def _tensors(x: Any) -> list[torch.Tensor]:
+    """The tensors in ``x`` (a tensor, or a pytree of them), in order."""
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, tuple | list) and all(isinstance(t, torch.Tensor) for t in x):
+        return list(x)
+    return [t for t in tree_flatten(x)[0] if isinstance(t, torch.Tensor)]
 
 
 _U32 = 2.0**-24

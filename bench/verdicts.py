@@ -27,8 +27,9 @@ conversion to 1.93, 400 random float32 summation orders to 2.4 (median) .. 6.05 
 |A - B| (10.3) within 1.5x of their |A - order| (up to 6.9): no rule that also passes every
 correct order could call that draw different with any margin. The first
 divergence must name the planted layer. Printed per model and path: draws, false alarms, bug
-draws, significant ones, misses, mislocalized; then compare's time per draw (ratio to the two
-float32 forward passes, measured interleaved) and peak RSS against the models' weight size.
+draws, significant ones, misses, mislocalized; then compare's time per extra draw (ratio to the
+two float32 forward passes, interleaved rounds, wall and CPU: ``bench/compare_cost.py``, which
+also pins threads and covers the issue's cases) and peak RSS against the models' weight size.
 
     PYTHONPATH=src:tests/zoo python bench/verdicts.py                 # full sweep, 20 draws
     PYTHONPATH=src:tests/zoo python bench/verdicts.py --draws 3 --models bert,vit
@@ -56,6 +57,7 @@ import copy
 import inspect
 import json
 import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -69,6 +71,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "zoo"))
 
 from zoo_models import ZOO, ZooModel, foreign_draws, foreign_models, logits  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import compare_cost  # noqa: E402
 
 import fc2conv  # noqa: E402
 
@@ -617,28 +622,23 @@ def main() -> None:
             rows.append(_finish(r, t0, args.out))
         if args.no_cost or not pairs:
             continue
-        # cost of one draw, interleaved with the two float32 forward passes
+        # cost of one more draw against the two float32 forward passes, interleaved rounds
+        # (bench/compare_cost.py; what runs once per compare, loading, cancels)
         _, a, b, _, _ = pairs[0]
         x = draw(name, 1)
-        t_cmp = t_fwd = 0.0
-        for _ in range(3):
-            t0 = time.perf_counter()
-            output(a, x)
-            output(b, x)
-            t_fwd += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            fc2conv.compare(a, b, inputs=x if isinstance(a, nn.Module) else as_numpy(x),
-                            layers=False)
-            t_cmp += time.perf_counter() - t0
+        got = compare_cost.measure(name, a, b, x, rounds=3,
+                                   samples=2, fwd_reps=3)
         size = weight_bytes(a, b) if isinstance(b, nn.Module) else 2 * weight_bytes(a64) / 2
-        cost.append((name, size / 2**20, t_cmp / 3, t_cmp / max(t_fwd, 1e-9),
+        cost.append((name, size / 2**20, statistics.median(got["draw_w"]),
+                     compare_cost.spread(got["ratio_w"]), compare_cost.spread(got["ratio_c"]),
                      resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10))
     table(rows)
     if cost:
-        print("\nmodel\tweights A+B (MiB)\tcompare s/draw (layers=False)\tx two fp32 forwards"
+        print(f"\nthreads {torch.get_num_threads()}\nmodel\tweights A+B (MiB)\tcompare s per "
+              "extra draw (layers=False)\tx two fp32 forwards, wall: median [min-max]\tCPU"
               "\tprocess peak RSS so far (MiB)")
         for c in cost:
-            print(f"{c[0]}\t{c[1]:.2f}\t{c[2]:.3f}\t{c[3]:.1f}\t{c[4]:.0f}")
+            print(f"{c[0]}\t{c[1]:.2f}\t{c[2]:.3f}\t{c[3]}\t{c[4]}\t{c[5]:.0f}")
 
 
 if __name__ == "__main__":

@@ -132,16 +132,23 @@ def rounding_noise(model: Any, draws: list[tuple[torch.Tensor, ...]], u: float,
 
 
 def elementwise_noise(model: Any, draws: list[tuple[torch.Tensor, ...]], u: float,
-                      longest: int) -> list[list[Any]]:
+                      longest: int, *, exact: list[list[torch.Tensor]] | None = None,
+                      only: set[int] | None = None) -> list[list[Any]]:
     """Per draw, per output, elementwise (a float64 tensor shaped like the output; ``0.0`` for an
     integer or empty output): max over :data:`TRIALS` perturbations of ``|ỹ - y|`` for the float64
     twin of ``model`` (a :class:`~fc2conv.verify.models.Model`, PyTorch or ONNX) with weights,
     buffers and inputs perturbed by relative Gaussian noise of size
-    ``sqrt(max(longest, 1)) * u``."""
+    ``sqrt(max(longest, 1)) * u``. ``exact``: the float64 reference outputs per draw when the
+    caller has them (else they are run here); ``only``: the draws to measure (the others get
+    ``0.0``: measuring costs ``TRIALS`` float64 runs per draw)."""
     scale = math.sqrt(max(longest, 1)) * u
     if model.kind == "onnx":
-        return onnx_noise(model, draws, u, TRIALS)
-    exact_runs = [model.run(x, "reference").outputs for x in draws]  # builds the float64 twin
+        return onnx_noise(model, draws, u, TRIALS, exact=exact, only=only)
+    wanted = [k for k in range(len(draws)) if only is None or k in only]
+    if "reference" not in model._twins:
+        model.run(draws[0], "reference")  # builds the float64 twin (once per model)
+    exact_runs = {k: list(exact[k]) if exact is not None
+                  else model.run(draws[k], "reference").outputs for k in wanted}
     twin = model._twins["reference"]
     gen = torch.Generator().manual_seed(0)
 
@@ -154,17 +161,19 @@ def elementwise_noise(model: Any, draws: list[tuple[torch.Tensor, ...]], u: floa
                                   dtype=t.dtype)
         return t * (1 + scale * xi.to(t.device))
 
-    noise: list[list[Any]] = [[0.0] * len(exact_runs[0]) for _ in draws]
-    for _ in range(TRIALS):
+    n_out = len(next(iter(exact_runs.values()))) if exact_runs else 0
+    noise: list[list[Any]] = [[0.0] * n_out for _ in draws]
+    for _ in range(TRIALS if wanted else 0):
         shaken = copy.deepcopy(twin)
         with torch.no_grad():
             for t in [*shaken.parameters(), *shaken.buffers()]:
                 if t.is_floating_point():
                     t.copy_(shake(t))
-        for k, (x, exact) in enumerate(zip(draws, exact_runs, strict=True)):
+        for k in wanted:
+            x, exact_k = draws[k], exact_runs[k]
             feed = tuple(shake(t) if t.is_floating_point() else t
                          for t in cast_inputs(x, "reference", model.dtype, model.device))
             with _ShakeOps(u, gen):
                 got = run_torch(shaken, feed, capture=False, graph=model.exported).outputs
-            accumulate(noise[k], got, exact)
+            accumulate(noise[k], got, exact_k)
     return noise

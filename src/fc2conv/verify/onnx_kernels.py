@@ -32,12 +32,18 @@ def ort_session(model: Any, weights: dict[str, np.ndarray] | None = None, *,
     the basic ones (fusions into float32-only kernels would refuse a float64 graph).
     ``fed=True`` feeds the weights as inputs on every run (no copy: for float64 twins and side
     runs, whose results do not depend on weights being constants), else onnxruntime gets them
-    as constant initializers (it copies and packs them: the deployed model)."""
+    as constant initializers (it copies and packs them: the deployed model). Sessions run
+    ``torch.get_num_threads()`` intra-op threads."""
     import onnxruntime as ort
+    import torch
 
     from fc2conv.verify.onnx_weights import as_inputs
 
     opts = ort.SessionOptions()
+    # as many threads as torch uses (both default to the physical cores), so that
+    # torch.set_num_threads(1) pins every session compare builds too
+    opts.intra_op_num_threads = max(1, torch.get_num_threads())
+    opts.inter_op_num_threads = 1  # sequential execution: no inter-op pool is used
     # errors only when deployed-like (its warnings would add lines to our one); none for the
     # float64 engines, whose failures are tried past, not shown
     opts.log_severity_level = 3 if optimize else 4

@@ -16,7 +16,7 @@ float64 for a reference of float32 models). The slice for offset ``k`` along an 
 size ``P`` starts at ``d k`` and ends ``d (K - 1 - k)`` before the end, with step ``s``: it
 holds ``floor((P - d (K - 1) - 1) / s) + 1`` elements, the output size, for any input size.
 
-Rewritten: ``Conv`` nodes whose weight is an initializer (its shape known), with explicit
+Rewritten: ``Conv`` nodes whose weight is a float64 initializer (its shape known), with explicit
 ``pads`` or ``auto_pad`` ``NOTSET``/``VALID`` and 1-3 spatial axes; others are left as they
 are (onnxruntime then refuses the graph and the next engine runs it). The patches take ``K``
 times the input's memory for the duration of one node.
@@ -35,9 +35,11 @@ _END = (1 << 63) - 1
 
 
 def convs_as_matmuls(model: Any) -> tuple[Any, int]:
-    """A copy of ``model`` with its lowerable float ``Conv`` nodes rewritten (see module
-    docstring), and how many were."""
-    dims = {t.name: list(t.dims) for t in model.graph.initializer}
+    """A copy of ``model`` with its lowerable float64 ``Conv`` nodes rewritten (see module
+    docstring), and how many were. A ``Conv`` whose weight is float32 or float16 (the float32
+    magnitude twin's) is kept: onnxruntime has those kernels."""
+    dims = {t.name: list(t.dims) for t in model.graph.initializer
+            if t.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)}
     out = onnx.ModelProto()
     out.CopyFrom(model)
     g = out.graph

@@ -169,30 +169,42 @@ def _float64_twin(model: Any) -> Any:
     return twin
 
 
-def onnx_noise(model: Any, draws: list[tuple[torch.Tensor, ...]], u: float,
-               trials: int) -> list[list[Any]]:
+def onnx_noise(model: Any, draws: list[tuple[torch.Tensor, ...]], u: float, trials: int, *,
+               exact: list[list[torch.Tensor]] | None = None,
+               only: set[int] | None = None) -> list[list[Any]]:
     """Per draw, per output: the elementwise max over ``trials`` of ``|ỹ - y|`` (float64
     tensors; ``0.0`` for integer outputs), ``ỹ`` the op-by-op perturbed float64 run of the
-    ONNX model A (a :class:`~fc2conv.verify.models.Model`) and ``y`` its float64 reference."""
+    ONNX model A (a :class:`~fc2conv.verify.models.Model`) and ``y`` its float64 reference
+    (``exact``, per draw, when the caller has it). ``only``: the draws to measure (the others
+    get ``0.0``).
+
+    The ``trials`` perturbed graphs are built once per input shape and each runs every draw
+    of that shape (its onnxruntime session reused): each draw still meets ``trials``
+    independent perturbations."""
     from fc2conv.verify import onnx_backend
     from fc2conv.verify.onnx_float64 import Float64Runner
 
     proto = model.onnx_model
-    exact_runs = [model.run(x, "reference").outputs for x in draws]
+    wanted = [k for k in range(len(draws)) if only is None or k in only]
+    exact_runs: dict[int, list[torch.Tensor]] = {
+        k: list(exact[k]) if exact is not None else model.run(draws[k], "reference").outputs
+        for k in wanted}
+    n_out = len(proto.graph.output)
+    noise: list[list[Any]] = [[0.0] * n_out for _ in draws]
+    if not wanted:
+        return noise
     model64 = _float64_twin(model)  # after the reference runs, which cache its weights
     out_names = [o.name for o in proto.graph.output]
     rng = np.random.default_rng(0)
-    noise: list[list[Any]] = [[0.0] * len(exact_runs[0]) for _ in draws]
-    shapes_of: dict[tuple[tuple[int, ...], ...],
-                    tuple[dict[str, tuple[int, ...]], set[str]]] = {}
-    for k, (x, exact) in enumerate(zip(draws, exact_runs, strict=True)):
-        feeds = onnx_backend._feeds(proto, x, "reference")
+    shaken: dict[tuple[tuple[int, ...], ...], list[Any]] = {}
+    for k in wanted:
+        feeds = onnx_backend._feeds(proto, draws[k], "reference")
         key = tuple(tuple(v.shape) for v in feeds.values())
-        if key not in shapes_of:
-            shapes_of[key] = _shapes(model64, feeds)
-        for _ in range(trials):
-            shapes, ints = shapes_of[key]
-            runner = Float64Runner(shaken_graph(model64, shapes, ints, u, rng), out_names)
+        if key not in shaken:
+            shapes, ints = _shapes(model64, feeds)
+            shaken[key] = [Float64Runner(shaken_graph(model64, shapes, ints, u, rng), out_names)
+                           for _ in range(trials)]
+        for runner in shaken[key]:
             got = [torch.from_numpy(np.asarray(v)) for v in runner.run(feeds)]
-            accumulate(noise[k], got, exact)
+            accumulate(noise[k], got, exact_runs[k])
     return noise

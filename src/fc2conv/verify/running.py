@@ -30,6 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
@@ -44,6 +45,11 @@ _LAYOUT = {
     "max_pool3d_with_indices", "adaptive_max_pool2d", "adaptive_max_pool1d", "movedim",
     "_to_copy", "to", "zeros_like", "flip", "roll", "pixel_shuffle", "pixel_unshuffle",
     "channel_shuffle", "upsample_nearest2d", "upsample_nearest1d", "max", "amax",
+}
+_MOVES = {  # layout ops that only move or copy values (no max, no resampling)
+    "view", "_unsafe_view", "reshape", "permute", "transpose", "t", "expand", "squeeze",
+    "unsqueeze", "flatten", "select", "slice", "clone", "contiguous", "alias", "detach",
+    "lift_fresh", "_to_copy", "to", "movedim", "narrow",
 }
 _EXACT_POINTWISE = {"relu", "neg", "abs", "hardtanh", "clamp", "threshold", "relu6"}
 _LIPSCHITZ = {"tanh": 1.0, "sigmoid": 0.25, "gelu": 1.13, "silu": 1.1, "mish": 1.1,
@@ -73,6 +79,7 @@ class Tracker(TorchDispatchMode):
         self.stats = OpStats()
         self.unsupported: set[str] = set()
         self._err: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._leaf: dict[int, torch.Tensor] = {}  # the leaf errors, u |t| (see _leaf_u)
 
     # -- bookkeeping -------------------------------------------------------------------------
     def error_of(self, t: torch.Tensor) -> torch.Tensor:
@@ -84,11 +91,18 @@ class Tracker(TorchDispatchMode):
         with torch.utils._python_dispatch._disable_current_modes():
             e = (self.rounding.u_out * t.detach().abs()).to(torch.float64)
         self._err[id(t)] = (t, e)
+        self._leaf[id(t)] = e
         return e
+
+    def _leaf_u(self, t: torch.Tensor, e: torch.Tensor) -> float | None:
+        """``u`` when ``e`` is the leaf error ``u |t|`` of ``t`` (a weight or an input), else
+        None."""
+        return self.rounding.u_out if self._leaf.get(id(t)) is e else None
 
     def _set(self, t: Any, e: torch.Tensor) -> None:
         if isinstance(t, torch.Tensor) and t.is_floating_point():
             self._err[id(t)] = (t, e.to(torch.float64).reshape(t.shape))
+            self._leaf.pop(id(t), None)
 
     # -- dispatch -----------------------------------------------------------------------------
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
@@ -99,7 +113,8 @@ class Tracker(TorchDispatchMode):
         pre = None
         if inplace and base == "mul":
             pre = args[0].detach().clone()
-        out = func(*args, **kwargs)
+        out = (conv3d_by_depth(*args) if base == "convolution" and _by_depth_pays(args)
+               else func(*args, **kwargs))
         with torch.utils._python_dispatch._disable_current_modes():
             try:
                 self._rule(base, func, args, kwargs, out, pre)
@@ -116,7 +131,7 @@ class Tracker(TorchDispatchMode):
     def _rule(self, name: str, func: Any, args: Any, kwargs: Any, out: Any,
               pre: torch.Tensor | None) -> None:
         r = self.rounding
-        outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        outs = _tensors(out)
         if not any(t.is_floating_point() for t in outs) or name in _IGNORED:
             return
         y = outs[0]
@@ -126,10 +141,19 @@ class Tracker(TorchDispatchMode):
                               a.is_floating_point() else a, args)
             e_kwargs = {k: v for k, v in kwargs.items() if k not in ("dtype", "memory_format")}
             e_out = func(*e_args, **e_kwargs)
-            e_flat = [t for t in tree_flatten(e_out)[0] if isinstance(t, torch.Tensor)]
+            e_flat = _tensors(e_out)
+            # moving values moves their leaf errors u|t| along: still u|y| (kept as such)
+            leaf = name in _MOVES and all(
+                self._leaf.get(id(a)) is self._err.get(id(a), (None, None))[1]
+                for a in _tensors(args) if a.is_floating_point())
             for t, e in zip(outs, e_flat, strict=False):
                 if t.is_floating_point():
-                    self._set(t, e.abs() if e.is_floating_point() else torch.zeros(t.shape))
+                    # errors are >= 0, and so is any layout of them (no copy: views stay
+                    # views), except a pad's fill value
+                    self._set(t, (e.abs() if name == "constant_pad_nd" else e)
+                              if e.is_floating_point() else torch.zeros(t.shape))
+                    if leaf and e.is_floating_point():
+                        self._leaf[id(t)] = self._err[id(t)][1]
             return
         if name in _EXACT_POINTWISE:
             self._set(y, self.error_of(args[0]))
@@ -217,9 +241,17 @@ class Tracker(TorchDispatchMode):
         self.stats.longest = max(self.stats.longest, n)
         ex, ew = self.error_of(x), self.error_of(w)
         xa, wa = x.abs(), w.abs()
-        # (|x|+E_x)(|W|+E_W) - |x||W| = |x|E_W + E_x|W| + E_x E_W (bilinear): two products
-        mag = op(xa + ex, wa + ew)
-        e = (mag - op(xa, wa)).clamp_min(0.0)
+        # (|x|+E_x)(|W|+E_W) - |x||W| = |x|E_W + E_x(|W|+E_W) (bilinear), each product of
+        # non-negative terms, computed as such (no difference of two large sums); a weight
+        # that is a leaf has E_W = u|W| exactly, so |x|E_W = u |x||W| and E_x(|W|+E_W) =
+        # (1+u) E_x|W|: two products
+        u_w = self._leaf_u(w, ew)
+        p = upper_product(op, xa, wa, n)
+        if u_w is not None:
+            e = u_w * p + (1 + u_w) * upper_product(op, ex, wa, n)
+        else:
+            e = upper_product(op, xa, ew, n) + upper_product(op, ex, wa + ew, n)
+        mag = p + e
         k = n
         if bias is not None:
             k += 1
@@ -234,6 +266,98 @@ class Tracker(TorchDispatchMode):
         if r.u_acc < r.u_out:  # accumulated wider than stored: one final rounding
             e = e + r.u_out * (y.abs() + e)
         self._set(y, e)
+
+
+def _tensors(x: Any) -> list[torch.Tensor]:
+    """The tensors in ``x`` (a tensor, or a pytree of them), in order."""
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, tuple | list) and all(isinstance(t, torch.Tensor) for t in x):
+        return list(x)
+    return [t for t in tree_flatten(x)[0] if isinstance(t, torch.Tensor)]
+
+
+_U32 = 2.0**-24
+
+
+def _fast_float32() -> bool:
+    """Float32 products on this CPU are IEEE float32 (no TF32 or bfloat16 stand-ins)."""
+    if torch.get_float32_matmul_precision() != "highest":
+        return False
+    mk = torch.backends.mkldnn
+    return all(getattr(getattr(mk, k, None), "fp32_precision", "none") in ("none", "ieee")
+               for k in ("matmul", "conv"))
+
+
+def upper_product(op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], p: torch.Tensor,
+                  q: torch.Tensor, n: int) -> torch.Tensor:
+    """An upper bound, in float64, on the exact ``op(p, q)`` for non-negative float64 ``p``,
+    ``q`` and a bilinear ``op`` summing ``n`` products per output element (matmul,
+    convolution).
+
+    On CPU ``op`` runs in float32 (a float64 convolution is ~15x slower than a float32 one) on
+    ``p / 2^a`` and ``q / 2^b``, powers of two that bring each operand's largest element into
+    ``[1/2, 1)`` (exact scalings: no overflow, and only elements below ``2^-126`` of the
+    largest reach float32's subnormals). Rounding an operand ``t <= 1`` to float32 gives
+    ``t̂ >= t(1-u) - 2^-150`` (``u = 2^-24``), and a float32 sum of ``n`` non-negative products
+    is at least ``(1-γ_n)`` times their exact sum in any order (Higham, Lemma 3.4 with all
+    terms >= 0), so ``exact <= 2^(a+b) (fl(...) / ((1-u)^2 (1-γ_n)) + n 2^-146)``, which is
+    returned. On other devices, or for non-finite operands, ``op`` runs in float64 (the
+    bounds' own float64 rounding, a relative ``γ_n(2^-53)``, is far below the ``u`` they
+    carry)."""
+    nu = gamma(n, _U32)
+    if p.device.type == "cpu" and nu < 0.5 and p.numel() and q.numel() and _fast_float32():
+        top_p, top_q = float(p.amax()), float(q.amax())
+        if math.isfinite(top_p) and math.isfinite(top_q) and top_p > 0 and top_q > 0:
+            a, b = math.frexp(top_p)[1], math.frexp(top_q)[1]
+            got = op((p * 2.0**-a).to(torch.float32), (q * 2.0**-b).to(torch.float32))
+            scale = math.ldexp(1.0, a + b)
+            return (got.to(torch.float64) / ((1 - _U32) ** 2 * (1 - nu))
+                    + n * 2.0**-146) * scale
+    return op(p, q)
+
+
+def _by_depth_pays(args: Any) -> bool:
+    """A float64 3-D convolution on CPU with at least 16^3 outputs per sample and channel,
+    where torch's own float64 kernel (``slow_conv3d``, one volume-to-columns copy of ``C k^3``
+    times the output) is 2-4x slower than :func:`conv3d_by_depth`."""
+    x, w = args[0], args[1]
+    if len(args) < 9 or args[6] or x.dim() != 5 or x.dtype != torch.float64 \
+            or x.device.type != "cpu" or w.dim() != 5:
+        return False
+    d, h, wd = x.shape[2:]
+    sd, sh, sw = (int(v) for v in args[3])
+    return d * h * wd // max(1, sd * sh * sw) >= 4096 and w.shape[3] * w.shape[4] > 1
+
+
+def conv3d_by_depth(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
+                    stride: Any, padding: Any, dilation: Any, transposed: bool = False,
+                    output_padding: Any = None, groups: int = 1) -> torch.Tensor:
+    """``aten.convolution`` for a 3-D ``x`` (N, C, D, H, W), not transposed, as a sum over the
+    kernel's depth of 2-D convolutions, the depth folded into the batch:
+
+        y[n, :, i] = b + sum_kd conv2d(x_pad[n, :, s_d i + d_d kd], W[:, :, kd])
+
+    the same float64 sums as torch's 3-D kernel in another order (a float64 reference of a
+    float32 model does not depend on it), without its ``C k^3``-fold volume-to-columns copy."""
+    del transposed, output_padding
+    n, c, depth = x.shape[:3]
+    kd = w.shape[2]
+    sd, pd, dd = int(stride[0]), int(padding[0]), int(dilation[0])
+    xp = F.pad(x, (0, 0, 0, 0, pd, pd)) if pd else x
+    out_d = (depth + 2 * pd - dd * (kd - 1) - 1) // sd + 1
+    y: torch.Tensor | None = None
+    for k in range(kd):
+        sl = xp[:, :, k * dd: k * dd + sd * (out_d - 1) + 1: sd]
+        sl = sl.transpose(1, 2).reshape(n * out_d, c, *x.shape[3:])
+        part = F.conv2d(sl, w[:, :, k], None, tuple(stride[1:]), tuple(padding[1:]),
+                        tuple(dilation[1:]), groups)
+        y = part if y is None else y.add_(part)
+    assert y is not None
+    y = y.reshape(n, out_d, *y.shape[1:]).transpose(1, 2)
+    if b is not None:
+        y = y + b.reshape(1, -1, 1, 1, 1)
+    return y.contiguous()
 
 
 def track(run: Any, rounding: Rounding) -> tuple[Any, Tracker]:

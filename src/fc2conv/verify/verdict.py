@@ -146,7 +146,10 @@ def _noise_note(ma: Model, draws: list[tuple[torch.Tensor, ...]], runs: list[Dra
     if not floating or u == 0:
         return False, None
     try:
-        noise = elementwise_noise(ma, draws, u, runs[0].ref.stats.longest)
+        # only the gated draws, against the float64 outputs their references already hold
+        noise = elementwise_noise(ma, draws, u, runs[0].ref.stats.longest,
+                                  exact=[list(run.ref.outputs) for run in runs],
+                                  only={k for k, _ in gated})
     except Exception as err:  # no estimate: B's error beyond 10x A's decides
         log.debug("rounding noise could not be measured: %s", err)
         k, i = min(gated)

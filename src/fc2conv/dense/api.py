@@ -9,6 +9,7 @@ untiled ``fcn(image)``; see the plan's docstring for the argument.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ import numpy as np
 from fc2conv.dense import model as dmodel
 from fc2conv.dense.plan import TilePlan, cells_per_tile, default_tile, plan_tiles
 from fc2conv.dense.readers import Reader, open_image
+from fc2conv.dense.schedule import LocalScheduler, scheduled
 from fc2conv.dense.writer import MapStore
 from fc2conv.errors import Fc2ConvError
 
@@ -161,7 +163,7 @@ def dense_map(model: Any, image: Any, *, input_shape: Sequence[int] | None = Non
              geo.classes, geo.map_size, len(plan), cells, plan.max_tile())
 
     if out is None and not distributed and progress is None:
-        return _lazy(plan, source, fcn, mean_a, std_a, dev, geo.classes, per_task)
+        return _lazy(plan, source, fcn, mean_a, std_a, dev, geo.classes, n_threads, per_task)
 
     store = None
     if out is not None:
@@ -286,17 +288,20 @@ def _graph(plan: TilePlan, source: Reader, net: Any, mean: Any, std: Any, dev: s
 
 
 def _lazy(plan: TilePlan, source: Any, net: Any, mean: Any, std: Any, dev: str, classes: int,
-          per_task: int) -> Any:
+          workers: int, per_task: int) -> Any:
+    """The map as a dask array computed, by default, ``workers`` chunks at a time (one: in the
+    calling thread) by :class:`~fc2conv.dense.schedule.LocalScheduler`."""
     if not isinstance(source, Reader):  # a dask array: its slices are graph dependencies
         blocks = dict(_tasks(plan, source, net, mean, std, dev, None, per_task))
-        return _assemble(plan, blocks, classes)
+        return scheduled(_assemble(plan, blocks, classes), workers)
     import dask.array as da
     from dask.highlevelgraph import HighLevelGraph
 
     name, dsk = _graph(plan, source, net, mean, std, dev, None, per_task)
     chunks = ((classes,), *(tuple(c.i1 - c.i0 for c in ax) for ax in plan.axes))
-    return da.Array(HighLevelGraph.from_collections(name, dsk, dependencies=()), name, chunks,
-                    dtype=np.float32, meta=np.empty((0,) * len(chunks), np.float32))
+    return scheduled(da.Array(HighLevelGraph.from_collections(name, dsk, dependencies=()),
+                              name, chunks, dtype=np.float32,
+                              meta=np.empty((0,) * len(chunks), np.float32)), workers)
 
 
 def _eager(plan: TilePlan, source: Any, net: Any, mean: Any, std: Any, dev: str,
@@ -322,7 +327,6 @@ def _eager(plan: TilePlan, source: Any, net: Any, mean: Any, std: Any, dev: str,
             if progress is not None:
                 progress(done, total)
     else:
-        import dask.threaded
         from dask.callbacks import Callback
 
         if plain:
@@ -340,18 +344,18 @@ def _eager(plan: TilePlan, source: Any, net: Any, mean: Any, std: Any, dev: str,
                     if progress is not None:
                         progress(done, total)
 
+        local = LocalScheduler(threads)  # one at a time: in the calling thread
         with _Count():
             if plain:
-                values = dask.threaded.get(dsk, list(keys), num_workers=threads)
+                values = local(dsk, list(keys))
                 results = {keys[k]: v for k, v in zip(keys, values, strict=True)}
             else:
-                values = dask.compute(*[t for _, t in tasks], scheduler="threads",
-                                      num_workers=threads)
+                values = dask.compute(*[t for _, t in tasks], scheduler=local)
                 results = {i: v for (i, _), v in zip(tasks, values, strict=True)}
     if store is not None:
         return None
     blocks = {i: results[i] for i, _ in plan.blocks()}
-    return da.asarray(_assemble(plan, blocks, classes))
+    return scheduled(da.asarray(_assemble(plan, blocks, classes)), 1)  # in memory already
 
 
 def _memory(dev: str) -> float:
@@ -390,6 +394,6 @@ def _module_device(model: Any) -> Any:
 
     if not isinstance(model, torch.nn.Module):
         return None
-    for t in (*model.parameters(), *model.buffers()):
-        return t.device
-    return None
+    # the first one found, not a list of all (named_parameters walks the whole module tree)
+    first = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return None if first is None else first.device

@@ -1,7 +1,7 @@
 """Where dense_map's tasks run (fc2conv.dense.schedule): a map computed one chunk at a time runs
 in the calling thread (no hand-off to a pool thread), larger schedules on one thread pool the
-process keeps and reuses; and a chunk spanning the image reads the caller's pixels without a
-copy. Every map is checked against a float64 untiled run on a random image with ragged edges.
+process keeps and reuses, Dask's own path when the caller asks for a scheduler; and a chunk
+spanning the image reads the caller's pixels without a copy. Every map is checked against a float64 untiled run on a random image with ragged edges.
 These tests assert where work runs, never how fast."""
 
 import copy
@@ -113,6 +113,12 @@ def test_a_map_computes_with_other_dask_arrays_and_under_another_scheduler():
     calls = _Threads(net)
     _close(lazy.compute(scheduler="threads"), ref)  # what the caller asks for still wins
     assert threading.current_thread() not in calls.seen
+    calls.seen.clear()
+    with dask.config.set(scheduler="threads"):  # and so does the configured scheduler
+        _close(np.asarray(lazy), ref)
+    assert calls.seen and threading.current_thread() not in calls.seen
+    # the direct path (no Dask machinery) and Dask's own run the same calls: the same bits
+    np.testing.assert_array_equal(np.asarray(lazy), lazy.compute(scheduler="sync"))
     _close(lazy[:, 2:9, 1:].compute(), ref[:, 2:9, 1:])  # a derived array: Dask's defaults
 
 

@@ -22,7 +22,7 @@ import numpy as np
 from fc2conv.dense import model as dmodel
 from fc2conv.dense.plan import TilePlan, cells_per_tile, default_tile, plan_tiles
 from fc2conv.dense.readers import Reader, open_image
-from fc2conv.dense.schedule import LocalScheduler, scheduled
+from fc2conv.dense.schedule import DenseArray, LocalScheduler, scheduled
 from fc2conv.dense.writer import MapStore
 from fc2conv.errors import Fc2ConvError
 
@@ -294,14 +294,12 @@ def _lazy(plan: TilePlan, source: Any, net: Any, mean: Any, std: Any, dev: str, 
     if not isinstance(source, Reader):  # a dask array: its slices are graph dependencies
         blocks = dict(_tasks(plan, source, net, mean, std, dev, None, per_task))
         return scheduled(_assemble(plan, blocks, classes), workers)
-    import dask.array as da
-    from dask.highlevelgraph import HighLevelGraph
-
     name, dsk = _graph(plan, source, net, mean, std, dev, None, per_task)
     chunks = ((classes,), *(tuple(c.i1 - c.i0 for c in ax) for ax in plan.axes))
-    return scheduled(da.Array(HighLevelGraph.from_collections(name, dsk, dependencies=()),
-                              name, chunks, dtype=np.float32,
-                              meta=np.empty((0,) * len(chunks), np.float32)), workers)
+    where = {index: (slice(None), *(slice(c.i0, c.i1) for c in chunks))
+             for index, chunks in plan.blocks()}
+    calls = [(where[tuple(key[2:])], task[0]) for key, task in dsk.items()]
+    return DenseArray.build(name, chunks, calls, list(dsk), workers)
 
 
 def _eager(plan: TilePlan, source: Any, net: Any, mean: Any, std: Any, dev: str,

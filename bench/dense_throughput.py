@@ -48,7 +48,7 @@ from fc2conv import convolutionalize, dense_map, receptive_field, sliding_window
 from fc2conv.dense import model as dmodel  # noqa: E402
 from fc2conv.dense.check import check_stitched  # noqa: E402
 from fc2conv.dense.fuse import fold_batchnorm  # noqa: E402
-from fc2conv.dense.plan import cells_per_tile, plan_tiles  # noqa: E402
+from fc2conv.dense.plan import chunk_cells, plan_tiles  # noqa: E402
 from fc2conv.dense.pools import fast_pools  # noqa: E402
 
 
@@ -139,8 +139,7 @@ def tile_loop(fcn: nn.Module, image: np.ndarray, tile: int | None, dev: str
     net, geo = dmodel.prepare(fcn, (image.shape[0], *(min(n, 256) for n in image.shape[1:])),
                               image.shape, convert=False, device=dev)
     tiles = (tile,) * (image.ndim - 1) if tile else dmodel_tile(geo, dev)
-    cells = tuple(m if t >= n else cells_per_tile(t, s, j) for t, s, j, n, m in zip(
-        tiles, geo.size, geo.stride, geo.image_size, geo.map_size, strict=True))
+    cells = chunk_cells(tiles, geo.image_size, geo.map_size, geo.size, geo.stride)
     plan = plan_tiles(geo.image_size, geo.map_size, geo.size, geo.stride, geo.start, cells)
     jobs = [(tuple(slice(c.a, c.b) for c in chunks),
              tuple(c.crop(j) for c, j in zip(chunks, plan.stride, strict=True)),

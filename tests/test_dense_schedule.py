@@ -1,8 +1,9 @@
 """Where dense_map's tasks run (fc2conv.dense.schedule): a map computed one chunk at a time runs
 in the calling thread (no hand-off to a pool thread), larger schedules on one thread pool the
 process keeps and reuses, Dask's own path when the caller asks for a scheduler; and a chunk
-spanning the image reads the caller's pixels without a copy. Every map is checked against a float64 untiled run on a random image with ragged edges.
-These tests assert where work runs, never how fast."""
+spanning the image reads the caller's pixels without a copy; chunks along an axis are even.
+Every map is checked against a float64 untiled run on a random image with ragged edges. These
+tests assert where work runs and what it reads, never how fast."""
 
 import copy
 import threading
@@ -18,7 +19,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from fc2conv import dense_map
 from fc2conv.dense import model as dmodel
 from fc2conv.dense import schedule
-from fc2conv.dense.plan import plan_tiles
+from fc2conv.dense.plan import chunk_cells, plan_tiles
 
 EPS = float(np.finfo(np.float32).eps)
 
@@ -140,3 +141,16 @@ def test_a_chunk_spanning_the_image_reads_the_callers_pixels_without_a_copy():
     got = np.asarray(dense_map(net, image))
     assert len(inputs) == 1 and inputs[0].data_ptr() == image.ctypes.data
     _close(got, ref)
+
+
+def test_chunks_along_an_axis_are_even_and_within_the_tile():
+    # 89 cells, a 384-px tile holds 41: three chunks of 30 (the last 29), not 41 + 41 + 7
+    assert chunk_cells((384, 900), (768, 768), (89, 89), (63, 63), (8, 8)) == (30, 89)
+    for m, c in [(89, 41), (10, 3), (100, 7), (5, 5), (6, 5)]:
+        tile = 63 + (c - 1) * 8
+        (q,) = chunk_cells((tile,), (10**6,), (m,), (63,), (8,))
+        k = -(-m // c)
+        assert q <= c and -(-m // q) == k  # as many chunks as full ones need, none larger
+    net, image = _net(11), _image(12, 101, 90)
+    ref = _ref64(net, image)
+    _close(dense_map(net, image, tile=45), ref)  # even chunks, still exact

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from fc2conv.dense import model as dmodel
-from fc2conv.dense.plan import TilePlan, cells_per_tile, default_tile, plan_tiles
+from fc2conv.dense.plan import TilePlan, chunk_cells, default_tile, plan_tiles
 from fc2conv.dense.readers import Reader, open_image
 from fc2conv.dense.schedule import DenseArray, LocalScheduler, scheduled
 from fc2conv.dense.writer import MapStore
@@ -142,9 +142,7 @@ def dense_map(model: Any, image: Any, *, input_shape: Sequence[int] | None = Non
     n_threads = max(1, threads or os.cpu_count() or 1)
     tile_px = _spatial(tile, dims) if tile is not None else _auto_tile(
         geo, dev, 1 if distributed else n_threads)
-    # a tile spanning an axis is the whole axis: all its cells, border padding's included
-    cells = tuple(m if t >= n else cells_per_tile(t, s, j) for t, s, j, n, m in zip(
-        tile_px, geo.size, geo.stride, geo.image_size, geo.map_size, strict=True))
+    cells = chunk_cells(tile_px, geo.image_size, geo.map_size, geo.size, geo.stride)
     plan = plan_tiles(geo.image_size, geo.map_size, geo.size, geo.stride, geo.start, cells)
     small = [(t, s) for t, s, n in zip(tile_px, geo.size, geo.image_size, strict=True)
              if t < min(s, n)]

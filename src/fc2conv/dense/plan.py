@@ -73,6 +73,27 @@ def cells_per_tile(tile: int, size: int, jump: int, start: int = 0) -> int:
     return max(1, (tile - size) // jump + 1)
 
 
+def chunk_cells(tile: Sequence[int], image_size: Sequence[int], map_size: Sequence[int],
+                field_size: Sequence[int], stride: Sequence[int]) -> tuple[int, ...]:
+    """Output cells per chunk and axis for input tiles of at most ``tile`` pixels.
+
+    A tile spanning an axis (``tile >= N``) is the whole axis: all ``M`` cells, border
+    padding's included. Otherwise the axis needs ``k = ceil(M / c)`` chunks of up to
+    ``c = cells_per_tile(tile)`` cells, and they are evened out: ``ceil(M / k)`` cells each,
+    the last taking the rest (``M = 89``, ``c = 41``: 30 + 30 + 29, not 41 + 41 + 7). The halo
+    is the same ``k - 1`` overlaps either way; a sliver's small convolutions run slower per
+    pixel, and the largest tile (the memory a task needs) shrinks."""
+    out = []
+    for t, n, m, size, jump in zip(tile, image_size, map_size, field_size, stride,
+                                   strict=True):
+        if t >= n:
+            out.append(m)
+            continue
+        k = -(-m // cells_per_tile(t, size, jump))
+        out.append(-(-m // k))
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class TilePlan:
     """The chunks of a dense map of an ``image_size`` image, per axis, and their product."""

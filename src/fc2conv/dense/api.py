@@ -96,14 +96,19 @@ def dense_map(model: Any, image: Any, *, input_shape: Sequence[int] | None = Non
     channel when ``input_shape`` says how many axes), a zarr path, a TIFF / OME-TIFF (pyramid
     ``level``), PNG / JPEG, or an OpenSlide file. Pixels are cast to float32 unchanged, then
     ``(x - mean) / std`` per channel when given.
-    ``tile``: input pixels per tile side; each output chunk is the cells that fit in it. By
-    default it comes from memory and the receptive field (:func:`_auto_tile`): the whole image
-    in one model call when its activations fit, else the largest tiles that do.
+    ``tile``: input pixels per tile side, at most; each axis gets as many chunks as tiles of
+    that size need, evened out (:func:`~fc2conv.dense.plan.chunk_cells`). By default it comes
+    from memory and the receptive field (:func:`_auto_tile`): the whole image in one model
+    call when its activations fit (no halo, no per-task cost; torch's threads share the cores
+    inside the call), else the largest tiles that fit the memory shared by the chunks that
+    run at once.
     ``out``: a zarr group written chunk by chunk (``scores``,
     ``labels`` when ``argmax``); re-running resumes. ``scheduler``: None (Dask's threads),
     a scheduler address, or a ``distributed.Client``; ``workers=N`` starts a LocalCluster.
     ``threads``: the cores to use in this process (default: all), shared by Dask's threads
-    (one per chunk running at once) and torch's threads inside each chunk.
+    (one per chunk running at once) and torch's threads inside each chunk. One chunk at a
+    time (one chunk, or ``threads=1``) runs in the calling thread; more run on one pool the
+    process reuses (:mod:`~fc2conv.dense.schedule`).
     ``progress(done, total)`` is called as chunks finish (first with the chunks skipped).
     ``fuse``: fold eval-mode BatchNorm into the conv before it (:mod:`~fc2conv.dense.fuse`,
     on a copy of the net; exact up to rounding); False runs the net's layers as they are.

@@ -162,7 +162,7 @@ def main() -> None:
             except Exception as exc:  # noqa: BLE001 - MONAI may refuse a shape: say so
                 print(f"{name:12} {tool:34} failed: {type(exc).__name__}: {exc}"[:160])
         ok = [(t, fn) for t, fn in rows if t in outs]
-        times = [spread(t)[0] for t in timed([fn for _, fn in ok], args.repeats)]
+        times = [spread(t)[0] for t in timed([fn for _, fn in ok], args.repeats)[0]]
         for (tool, _), t in zip(ok, times, strict=True):
             got = outs[tool]
             if got.shape == full.shape:

@@ -14,8 +14,13 @@
 3. dense_map on a LocalCluster of 2 worker processes vs 1 (with --workers).
 MONAI's sliding_window_inference is compared in bench/dense_monai.py.
 
+On the CPU every row is printed twice: 'wall' (perf_counter) and 'CPU' (this process's CPU
+time, all its threads: what a loaded machine inflates least). With --threads 1 both sides run
+on one core in the calling thread (dense_map computes a one-chunk or threads=1 map there), so
+the CPU ratios compare the work itself; wall ratios on a shared machine carry its load.
+
     PYTHONPATH=src python bench/dense_throughput.py                    # CPU, 384 px
-    PYTHONPATH=src python bench/dense_throughput.py --size 768 --tiles auto 256 384 --repeats 15
+    PYTHONPATH=src python bench/dense_throughput.py --size 768 --tiles auto 384 --threads 1
     PYTHONPATH=src python bench/dense_throughput.py --device cuda --size 2048
 """
 
@@ -43,32 +48,36 @@ from fc2conv import convolutionalize, dense_map, receptive_field, sliding_window
 from fc2conv.dense import model as dmodel  # noqa: E402
 from fc2conv.dense.check import check_stitched  # noqa: E402
 from fc2conv.dense.fuse import fold_batchnorm  # noqa: E402
-from fc2conv.dense.plan import cells_per_tile, plan_tiles  # noqa: E402
+from fc2conv.dense.plan import chunk_cells, plan_tiles  # noqa: E402
 from fc2conv.dense.pools import fast_pools  # noqa: E402
 
 
 def best_of(fns: list, repeats: int) -> list[float]:
-    """The fastest of ``repeats`` interleaved runs of each function (seconds)."""
-    return [min(ts) for ts in timed(fns, repeats)]
+    """The fastest of ``repeats`` interleaved runs of each function (wall seconds)."""
+    return [min(ts) for ts in timed(fns, repeats)[0]]
 
 
 def timed(fns: list[Callable[[], object]], repeats: int, budget: float | None = None
-          ) -> list[list[float]]:
-    """Seconds of ``repeats`` runs per function, interleaved: repeat ``r`` runs every function
-    once, back to back, starting from function ``r mod n`` (a rotating order, so that no
-    function always runs first or right after the same neighbour). With ``budget`` (seconds)
-    the repeats stop once it is spent, after 3 at least."""
-    times: list[list[float]] = [[] for _ in fns]
+          ) -> tuple[list[list[float]], list[list[float]]]:
+    """(wall seconds, CPU seconds) of ``repeats`` runs per function, interleaved: repeat ``r``
+    runs every function once, back to back, starting from function ``r mod n`` (a rotating
+    order, so that no function always runs first or right after the same neighbour). CPU is
+    this process's (``time.process_time``: every thread of it, Dask's pool included), which
+    other processes' load does not inflate the way it inflates wall time. With ``budget``
+    (seconds) the repeats stop once it is spent, after 3 at least."""
+    wall: list[list[float]] = [[] for _ in fns]
+    cpu: list[list[float]] = [[] for _ in fns]
     began = time.perf_counter()
     for r in range(repeats):
         if budget is not None and r >= 3 and time.perf_counter() - began > budget:
             break
         for k in range(len(fns)):
             i = (r + k) % len(fns)
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             fns[i]()
-            times[i].append(time.perf_counter() - start)
-    return times
+            wall[i].append(time.perf_counter() - start)
+            cpu[i].append(time.process_time() - start_cpu)
+    return wall, cpu
 
 
 def spread(values: list[float]) -> tuple[float, float, float]:
@@ -130,8 +139,7 @@ def tile_loop(fcn: nn.Module, image: np.ndarray, tile: int | None, dev: str
     net, geo = dmodel.prepare(fcn, (image.shape[0], *(min(n, 256) for n in image.shape[1:])),
                               image.shape, convert=False, device=dev)
     tiles = (tile,) * (image.ndim - 1) if tile else dmodel_tile(geo, dev)
-    cells = tuple(m if t >= n else cells_per_tile(t, s, j) for t, s, j, n, m in zip(
-        tiles, geo.size, geo.stride, geo.image_size, geo.map_size, strict=True))
+    cells = chunk_cells(tiles, geo.image_size, geo.map_size, geo.size, geo.stride)
     plan = plan_tiles(geo.image_size, geo.map_size, geo.size, geo.stride, geo.start, cells)
     jobs = [(tuple(slice(c.a, c.b) for c in chunks),
              tuple(c.crop(j) for c, j in zip(chunks, plan.stride, strict=True)),
@@ -170,9 +178,13 @@ def main() -> None:
                         help="tile sides to time ('auto': dense_map's default)")
     parser.add_argument("--tile", type=int, default=256, help="tile of the worker part")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=9, help="interleaved repeats (median)")
-    parser.add_argument("--row-seconds", type=float, default=4.0,
-                        help="stop a row's repeats once this is spent (3 repeats at least)")
+    parser.add_argument("--repeats", type=int, default=15,
+                        help="interleaved repeats of part 1 (median)")
+    parser.add_argument("--sliding-repeats", type=int, default=7,
+                        help="interleaved repeats of part 2 (median)")
+    parser.add_argument("--row-seconds", type=float, default=8.0,
+                        help="stop a row's repeats once this is spent (3 repeats at least; "
+                             "twice this in part 2)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads, pinned for every row (default: all cores)")
     parser.add_argument("--nets", nargs="+", default=None,
@@ -206,9 +218,9 @@ def main() -> None:
           "untiled s / tiled s, median of the per-repeat ratios [10%-90%];\n   halo = tiles' "
           "FLOPs / untiled FLOPs (1/halo is the best tiled/untiled can be); loop = the same "
           "tiles in a plain loop (no Dask)")
-    print(f"{'net':15} {'tile':>5} {'tiles':>5} {'halo':>5} {'1/halo':>6} {'untiled s':>9} "
-          f"{'loop s':>8} {'dense s':>8} {'loop/untiled':>17} {'dense_map/untiled':>17} "
-          f"{'first s':>7}  exact")
+    print(f"{'net':15} {'tile':>5} {'tiles':>5} {'halo':>5} {'1/halo':>6} {'n':>3} {'':4} "
+          f"{'untiled s':>8} {'loop s':>8} {'dense s':>8} {'loop/untiled':>17} "
+          f"{'dense_map/untiled':>17} {'first s':>7}  exact")
     models = nets()
     if args.nets:
         models = {k: v for k, v in models.items() if k in args.nets}
@@ -227,21 +239,27 @@ def main() -> None:
             first = time.perf_counter() - start
             loop, chunks, halo = tile_loop(fcn, image, tile, dev)
             loop()  # warm
-            t_full, t_loop, t_tiled = timed([lambda: untiled(fast), loop, lambda: np.asarray(
-                dense_map(fcn, image, tile=tile, device=dev, threads=threads))], args.repeats,
-                args.row_seconds)
+            (t_full, t_loop, t_tiled), (c_full, c_loop, c_tiled) = timed(
+                [lambda: untiled(fast), loop, lambda: np.asarray(
+                    dense_map(fcn, image, tile=tile, device=dev, threads=threads))],
+                args.repeats, args.row_seconds)
             verdict = check_stitched(got, full, ref, dev)
             print(f"{name:15} {spec:>5} {chunks:>5} {halo:>5.2f} {1 / halo:>6.2f} "
-                  f"{spread(t_full)[0]:>9.4f} {spread(t_loop)[0]:>8.4f} "
+                  f"{len(t_full):>3} wall {spread(t_full)[0]:>8.4f} {spread(t_loop)[0]:>8.4f} "
                   f"{spread(t_tiled)[0]:>8.4f} {ratios(t_full, t_loop):>17} "
                   f"{ratios(t_full, t_tiled):>17} {first:>7.2f}  {verdict}", flush=True)
+            if not dev.startswith("cuda"):  # CUDA work runs outside this process's CPU time
+                print(f"{'':15} {'':>5} {'':>5} {'':>5} {'':>6} {'':>3} CPU  "
+                      f"{spread(c_full)[0]:>8.4f} {spread(c_loop)[0]:>8.4f} "
+                      f"{spread(c_tiled)[0]:>8.4f} {ratios(c_full, c_loop):>17} "
+                      f"{ratios(c_full, c_tiled):>17}", flush=True)
 
     if not args.no_sliding:
         print("\n2. dense_map (default tile) vs sliding_window (every crop classified) against "
               "the FLOP ratio (conv/matmul FLOPs); seconds are medians; 'of FLOP' = speedup / "
               "FLOP ratio, median of the per-repeat values [10%-90%]")
-        print(f"{'net':15} {'dense s':>9} {'sliding s':>10} {'speedup':>8} {'FLOP ratio':>11} "
-              f"{'of FLOP':>20}")
+        print(f"{'net':15} {'':>4} {'n':>3} {'dense s':>9} {'sliding s':>10} {'speedup':>8} "
+              f"{'FLOP ratio':>11} {'of FLOP':>20}")
         x = torch.from_numpy(image)[None].to(dev)
         for name, (net, fcn, shape) in models.items():
             net, fcn = net.to(dev), fcn.to(dev)
@@ -270,15 +288,19 @@ def main() -> None:
             ratio = f_slide / f_dense
             for _, fn in rows:  # warm: geometry cache, kernels
                 fn()
-            times = timed([fn for _, fn in rows] + [slide], max(3, args.repeats // 3),
-                          args.row_seconds)
-            t_slide = times[-1]
-            for (label, _), t_dense in zip(rows, times, strict=False):
-                m, lo, hi = spread([b / a / ratio for a, b in zip(t_dense, t_slide,
-                                                                   strict=True)])
-                print(f"{name:15} {spread(t_dense)[0]:>9.3f} {spread(t_slide)[0]:>10.3f} "
-                      f"{spread(t_slide)[0] / spread(t_dense)[0]:>7.1f}x {ratio:>10.1f}x "
-                      f"{m:>7.0%} [{lo:.0%}-{hi:.0%}]  {label}", flush=True)
+            walls, cpus = timed([fn for _, fn in rows] + [slide], args.sliding_repeats,
+                                args.row_seconds * 2)
+            for kind, times in (("wall", walls), ("CPU", cpus)):
+                if kind == "CPU" and dev.startswith("cuda"):
+                    continue
+                t_slide = times[-1]
+                for (label, _), t_dense in zip(rows, times, strict=False):
+                    m, lo, hi = spread([b / a / ratio for a, b in zip(t_dense, t_slide,
+                                                                       strict=True)])
+                    print(f"{name:15} {kind:>4} {len(t_slide):>3} {spread(t_dense)[0]:>9.3f} "
+                          f"{spread(t_slide)[0]:>10.3f} "
+                          f"{spread(t_slide)[0] / spread(t_dense)[0]:>7.1f}x {ratio:>10.1f}x "
+                          f"{m:>7.0%} [{lo:.0%}-{hi:.0%}]  {label}", flush=True)
 
     if args.workers:
         from distributed import Client, LocalCluster

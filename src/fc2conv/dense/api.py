@@ -9,6 +9,7 @@ untiled ``fcn(image)``; see the plan's docstring for the argument.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
 import os
@@ -19,8 +20,9 @@ from typing import Any
 import numpy as np
 
 from fc2conv.dense import model as dmodel
-from fc2conv.dense.plan import TilePlan, cells_per_tile, default_tile, plan_tiles
+from fc2conv.dense.plan import TilePlan, chunk_cells, default_tile, plan_tiles
 from fc2conv.dense.readers import Reader, open_image
+from fc2conv.dense.schedule import DenseArray, LocalScheduler, scheduled
 from fc2conv.dense.writer import MapStore
 from fc2conv.errors import Fc2ConvError
 
@@ -94,14 +96,19 @@ def dense_map(model: Any, image: Any, *, input_shape: Sequence[int] | None = Non
     channel when ``input_shape`` says how many axes), a zarr path, a TIFF / OME-TIFF (pyramid
     ``level``), PNG / JPEG, or an OpenSlide file. Pixels are cast to float32 unchanged, then
     ``(x - mean) / std`` per channel when given.
-    ``tile``: input pixels per tile side; each output chunk is the cells that fit in it. By
-    default it comes from memory and the receptive field (:func:`_auto_tile`): the whole image
-    in one model call when its activations fit, else the largest tiles that do.
+    ``tile``: input pixels per tile side, at most; each axis gets as many chunks as tiles of
+    that size need, evened out (:func:`~fc2conv.dense.plan.chunk_cells`). By default it comes
+    from memory and the receptive field (:func:`_auto_tile`): the whole image in one model
+    call when its activations fit (no halo, no per-task cost; torch's threads share the cores
+    inside the call), else the largest tiles that fit the memory shared by the chunks that
+    run at once.
     ``out``: a zarr group written chunk by chunk (``scores``,
     ``labels`` when ``argmax``); re-running resumes. ``scheduler``: None (Dask's threads),
     a scheduler address, or a ``distributed.Client``; ``workers=N`` starts a LocalCluster.
     ``threads``: the cores to use in this process (default: all), shared by Dask's threads
-    (one per chunk running at once) and torch's threads inside each chunk.
+    (one per chunk running at once) and torch's threads inside each chunk. One chunk at a
+    time (one chunk, or ``threads=1``) runs in the calling thread; more run on one pool the
+    process reuses (:mod:`~fc2conv.dense.schedule`).
     ``progress(done, total)`` is called as chunks finish (first with the chunks skipped).
     ``fuse``: fold eval-mode BatchNorm into the conv before it (:mod:`~fc2conv.dense.fuse`,
     on a copy of the net; exact up to rounding); False runs the net's layers as they are.
@@ -140,9 +147,7 @@ def dense_map(model: Any, image: Any, *, input_shape: Sequence[int] | None = Non
     n_threads = max(1, threads or os.cpu_count() or 1)
     tile_px = _spatial(tile, dims) if tile is not None else _auto_tile(
         geo, dev, 1 if distributed else n_threads)
-    # a tile spanning an axis is the whole axis: all its cells, border padding's included
-    cells = tuple(m if t >= n else cells_per_tile(t, s, j) for t, s, j, n, m in zip(
-        tile_px, geo.size, geo.stride, geo.image_size, geo.map_size, strict=True))
+    cells = chunk_cells(tile_px, geo.image_size, geo.map_size, geo.size, geo.stride)
     plan = plan_tiles(geo.image_size, geo.map_size, geo.size, geo.stride, geo.start, cells)
     small = [(t, s) for t, s, n in zip(tile_px, geo.size, geo.image_size, strict=True)
              if t < min(s, n)]
@@ -161,7 +166,7 @@ def dense_map(model: Any, image: Any, *, input_shape: Sequence[int] | None = Non
              geo.classes, geo.map_size, len(plan), cells, plan.max_tile())
 
     if out is None and not distributed and progress is None:
-        return _lazy(plan, source, fcn, mean_a, std_a, dev, geo.classes, per_task)
+        return _lazy(plan, source, fcn, mean_a, std_a, dev, geo.classes, n_threads, per_task)
 
     store = None
     if out is not None:
@@ -286,17 +291,18 @@ def _graph(plan: TilePlan, source: Reader, net: Any, mean: Any, std: Any, dev: s
 
 
 def _lazy(plan: TilePlan, source: Any, net: Any, mean: Any, std: Any, dev: str, classes: int,
-          per_task: int) -> Any:
+          workers: int, per_task: int) -> Any:
+    """The map as a dask array computed, by default, ``workers`` chunks at a time (one: in the
+    calling thread) by :class:`~fc2conv.dense.schedule.LocalScheduler`."""
     if not isinstance(source, Reader):  # a dask array: its slices are graph dependencies
         blocks = dict(_tasks(plan, source, net, mean, std, dev, None, per_task))
-        return _assemble(plan, blocks, classes)
-    import dask.array as da
-    from dask.highlevelgraph import HighLevelGraph
-
+        return scheduled(_assemble(plan, blocks, classes), workers)
     name, dsk = _graph(plan, source, net, mean, std, dev, None, per_task)
     chunks = ((classes,), *(tuple(c.i1 - c.i0 for c in ax) for ax in plan.axes))
-    return da.Array(HighLevelGraph.from_collections(name, dsk, dependencies=()), name, chunks,
-                    dtype=np.float32, meta=np.empty((0,) * len(chunks), np.float32))
+    where = {index: (slice(None), *(slice(c.i0, c.i1) for c in chunks))
+             for index, chunks in plan.blocks()}
+    calls = [(where[tuple(key[2:])], task[0]) for key, task in dsk.items()]
+    return DenseArray.build(name, chunks, calls, list(dsk), workers)
 
 
 def _eager(plan: TilePlan, source: Any, net: Any, mean: Any, std: Any, dev: str,
@@ -322,7 +328,6 @@ def _eager(plan: TilePlan, source: Any, net: Any, mean: Any, std: Any, dev: str,
             if progress is not None:
                 progress(done, total)
     else:
-        import dask.threaded
         from dask.callbacks import Callback
 
         if plain:
@@ -340,18 +345,18 @@ def _eager(plan: TilePlan, source: Any, net: Any, mean: Any, std: Any, dev: str,
                     if progress is not None:
                         progress(done, total)
 
+        local = LocalScheduler(threads)  # one at a time: in the calling thread
         with _Count():
             if plain:
-                values = dask.threaded.get(dsk, list(keys), num_workers=threads)
+                values = local(dsk, list(keys))
                 results = {keys[k]: v for k, v in zip(keys, values, strict=True)}
             else:
-                values = dask.compute(*[t for _, t in tasks], scheduler="threads",
-                                      num_workers=threads)
+                values = dask.compute(*[t for _, t in tasks], scheduler=local)
                 results = {i: v for (i, _), v in zip(tasks, values, strict=True)}
     if store is not None:
         return None
     blocks = {i: results[i] for i, _ in plan.blocks()}
-    return da.asarray(_assemble(plan, blocks, classes))
+    return scheduled(da.asarray(_assemble(plan, blocks, classes)), 1)  # in memory already
 
 
 def _memory(dev: str) -> float:
@@ -390,6 +395,6 @@ def _module_device(model: Any) -> Any:
 
     if not isinstance(model, torch.nn.Module):
         return None
-    for t in (*model.parameters(), *model.buffers()):
-        return t.device
-    return None
+    # the first one found, not a list of all (named_parameters walks the whole module tree)
+    first = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return None if first is None else first.device

@@ -367,10 +367,10 @@ def torch_threads(n: int | None) -> Iterator[None]:
     """torch's intra-op threads set to ``n`` for the block, then restored (``None``: left
     alone). With torch's OpenMP backend the setting belongs to the calling thread, so a Dask
     worker thread never changes the caller's; with any backend it is restored."""
-    if n is None:
+    old = torch.get_num_threads()
+    if n is None or max(1, n) == old:  # nothing to set (the calling thread, one chunk)
         yield
         return
-    old = torch.get_num_threads()
     torch.set_num_threads(max(1, n))
     try:
         yield

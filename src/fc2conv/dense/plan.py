@@ -16,7 +16,10 @@ Because ``a`` is a multiple of ``J``, tile cell ``j`` of every layer is full-ima
 leaves it only through an image border (where the tile pads exactly as the full run does).
 Both hold for ``[i0, i1)`` by construction, so the stitched chunks equal ``fcn(image)``;
 tile cells ``[i0 - a / J, i1 - a / J)`` are kept and the rest (touched by the tile's own
-border padding) cropped.
+border padding) cropped. The chunk holding an axis's last cell reads to the image's end
+(``b = N``: the few pixels past its last cell's field, which no cell reads, come along; the
+tile then ends where the image and the untiled run's input do), so a chunk that spans every
+axis reads the image itself: the untiled call, no copy of the pixels.
 """
 
 from __future__ import annotations
@@ -59,6 +62,8 @@ def axis_chunks(n: int, m: int, size: int, jump: int, start: int, cells: int
         a = max(0, ((start + i0 * jump) // jump) * jump)
         a = min(a, ((n - 1) // jump) * jump)  # cells that read only the high padding
         b = min(n, max(start + (i1 - 1) * jump + size, a + size))  # a whole field at least
+        if i1 == m:  # the last chunk reads to the image's end (see the module)
+            b = n
         chunks.append(AxisChunk(i0, i1, a, b))
     return chunks
 
@@ -66,6 +71,27 @@ def axis_chunks(n: int, m: int, size: int, jump: int, start: int, cells: int
 def cells_per_tile(tile: int, size: int, jump: int, start: int = 0) -> int:
     """How many output cells a ``tile``-pixel input tile yields (at least 1)."""
     return max(1, (tile - size) // jump + 1)
+
+
+def chunk_cells(tile: Sequence[int], image_size: Sequence[int], map_size: Sequence[int],
+                field_size: Sequence[int], stride: Sequence[int]) -> tuple[int, ...]:
+    """Output cells per chunk and axis for input tiles of at most ``tile`` pixels.
+
+    A tile spanning an axis (``tile >= N``) is the whole axis: all ``M`` cells, border
+    padding's included. Otherwise the axis needs ``k = ceil(M / c)`` chunks of up to
+    ``c = cells_per_tile(tile)`` cells, and they are evened out: ``ceil(M / k)`` cells each,
+    the last taking the rest (``M = 89``, ``c = 41``: 30 + 30 + 29, not 41 + 41 + 7). The halo
+    is the same ``k - 1`` overlaps either way; a sliver's small convolutions run slower per
+    pixel, and the largest tile (the memory a task needs) shrinks."""
+    out = []
+    for t, n, m, size, jump in zip(tile, image_size, map_size, field_size, stride,
+                                   strict=True):
+        if t >= n:
+            out.append(m)
+            continue
+        k = -(-m // cells_per_tile(t, size, jump))
+        out.append(-(-m // k))
+    return tuple(out)
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ if [[ $part == 1 || $part == all ]]; then
   step pytest 200 python3 -m pytest -q -n 14 -p no:cacheprovider -m "not faults" --timeout 180
   # this machine's onnxruntime has no CUDA provider: its 16-core CPU, quiet, for the ORT ratios
   step onnx_overhead_cpu 100 python3 bench/onnx_overhead.py --device cpu
-  step dense_cuda 80 python3 bench/dense_throughput.py --device cuda --size 2048 --row-seconds 2
+  step dense_cuda 80 python3 bench/dense_throughput.py --device cuda --size 2048 --row-seconds 2 --sliding-repeats 3
   step dense_monai_cuda 60 python3 bench/dense_monai.py --device cuda
 fi
 if [[ $part == 2 || $part == all ]]; then

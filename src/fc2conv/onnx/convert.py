@@ -25,6 +25,7 @@ from fc2conv.onnx.rules.layout import (
     fold_transpose_pairs,
     share_layout_changes,
 )
+from fc2conv.onnx.rules.transpose_reshape import fold_transposes_through_reshapes
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +200,8 @@ def convert_model(
         raise Fc2ConvError(f"--only names no {'/'.join(sorted(anchors))} node called {missing}")
     report.layout_changes_shared = share_layout_changes(ctx) + collapse_flat_round_trips(ctx)
     report.layout_changes_shared += fold_transpose_pairs(ctx)
+    if fold_transposes_through_reshapes(ctx):
+        report.layout_changes_shared += fold_transpose_pairs(ctx)
     drop_dead_constant_moves(graph)
     for value in ctx.shape_constants.values():
         if not value.uses() and value.name and value.name in graph.initializers:

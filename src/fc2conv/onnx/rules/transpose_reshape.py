@@ -88,7 +88,15 @@ def _groups(a: Sequence[Dim], b: Sequence[Dim]) -> list[tuple[list[int], list[in
             else:
                 return None
         groups.append((ins, outs))
-    return groups if i == len(a) and j == len(b) else None
+    for k in range(i, len(a)):  # trailing unit axes join the last group
+        if a[k] != 1 or not groups:
+            return None
+        groups[-1][0].append(k)
+    for k in range(j, len(b)):
+        if b[k] != 1 or not groups:
+            return None
+        groups[-1][1].append(k)
+    return groups
 
 
 def _runs_in_order(order: Sequence[int], runs: list[list[int]]) -> list[int] | None:

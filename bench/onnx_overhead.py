@@ -7,6 +7,16 @@ the default, and ``ane``).
     PYTHONPATH=src python bench/onnx_overhead.py --quick          # zoo sizes only
     PYTHONPATH=src python bench/onnx_overhead.py --device cuda    # CUDAExecutionProvider
     PYTHONPATH=src python bench/onnx_overhead.py --quick --profile --only "zoo bert"
+    PYTHONPATH=src python bench/onnx_overhead.py --quick --threads 1   # both sessions 1 thread
+
+Columns: ``Transpose`` in the graph fc2conv wrote (original -> converted), ``ORT T`` the
+Transposes left after onnxruntime's own optimizer (``optimized_model_filepath``: its transpose
+optimizer cancels or folds some into FusedMatMul), ``ORT nodes`` the nodes it runs; ``ratio``
+is converted / original wall time, the median over interleaved samples (each sample ``reps``
+back-to-back runs, so a 0.1 ms graph is timed over milliseconds; the order flips every sample)
+with the 25th-75th percentile of the per-sample ratios; ``cpu`` the same for CPU time
+(``time.process_time``: the process's threads together, less sensitive to a loaded machine
+than wall time when ``--threads 1``).
 
 ``--profile``: after the timings, onnxruntime's own profiler (``SessionOptions.enable_profiling``)
 on each graph: the milliseconds per op type as onnxruntime ran them (after its graph
@@ -26,9 +36,12 @@ import collections
 import io
 import json
 import os
+import statistics
 import sys
 import tempfile
+import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +53,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT.parent / "tests" / "zoo"))
 
-from converted_overhead import ZOO_NAMES, interleaved_ratio, realistic  # noqa: E402
+from converted_overhead import ZOO_NAMES, realistic  # noqa: E402
 
 from fc2conv.onnx import convert  # noqa: E402
 
@@ -82,13 +95,58 @@ def cases(quick: bool) -> dict[str, tuple[torch.nn.Module, tuple, list[str] | No
     return out
 
 
-def op_times(model: onnx.ModelProto, feeds: dict, providers: list[str],
+def sample_times(a: Callable[[], object], b: Callable[[], object], rounds: int
+                 ) -> tuple[list[tuple[float, float]], list[tuple[float, float]], int]:
+    """(wall, CPU) seconds per run of ``a`` and of ``b``: ``rounds`` samples each, a sample
+    being ``reps`` back-to-back runs (``reps`` chosen so a sample lasts about 2 ms), the order
+    of ``a`` and ``b`` flipping every sample."""
+    for f in (a, b):
+        f()
+        f()
+    t = time.perf_counter()
+    a()
+    reps = max(1, min(200, int(2e-3 / max(time.perf_counter() - t, 1e-6))))
+    out: tuple[list[tuple[float, float]], list[tuple[float, float]]] = ([], [])
+    for i in range(rounds):
+        for k in ((0, 1) if i % 2 == 0 else (1, 0)):
+            f = (a, b)[k]
+            w, c = time.perf_counter(), time.process_time()
+            for _ in range(reps):
+                f()
+            out[k].append(((time.perf_counter() - w) / reps, (time.process_time() - c) / reps))
+    return out[0], out[1], reps
+
+
+def spread(ta: list[float], tb: list[float]) -> str:
+    """``median(tb) / median(ta)`` and the 25th-75th percentile of the per-sample ratios."""
+    ratios = sorted(y / x for x, y in zip(ta, tb, strict=True) if x > 0)
+    if not ratios:
+        return "  n/a"
+    q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    return f"{statistics.median(tb) / statistics.median(ta):.2f}x [{q1:.2f}-{q3:.2f}]"
+
+
+def ort_graph(model: onnx.ModelProto, opts: ort.SessionOptions, providers: list[str]
+              ) -> collections.Counter[str]:
+    """Op types of the graph onnxruntime runs (after its optimizer), counted."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "optimized.onnx")
+        opts.optimized_model_filepath = path
+        try:
+            ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
+        finally:
+            opts.optimized_model_filepath = ""
+        return collections.Counter(n.op_type for n in onnx.load(path).graph.node)
+
+
+def op_times(model: onnx.ModelProto, feeds: dict, providers: list[str], threads: int = 0,
              runs: int = 20) -> dict[str, float]:
     """Milliseconds per run spent in each op type, from onnxruntime's profiler: the sum over
     the op type's nodes of each node's median over ``runs`` runs (``runs`` more warm up)."""
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     opts.enable_profiling = True
+    opts.intra_op_num_threads = threads
     with tempfile.TemporaryDirectory() as tmp:
         opts.profile_file_prefix = os.path.join(tmp, "ort")
         sess = ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
@@ -123,7 +181,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--quick", action="store_true", help="zoo sizes only")
     parser.add_argument("--rounds", type=int, default=0,
-                        help="interleaved runs per model (default: 30 zoo, 10 realistic)")
+                        help="interleaved samples per model (default: 60 zoo, 12 realistic)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="onnxruntime intra-op threads for both sessions (0: its default)")
+    parser.add_argument("--layouts", nargs="+", default=["channels_first", "ane"],
+                        choices=("channels_first", "ane"))
     parser.add_argument("--profile", action="store_true",
                         help="also print onnxruntime's time per op type for each graph")
     parser.add_argument("--only", action="append", default=[],
@@ -137,11 +199,13 @@ def main() -> None:
                              "install onnxruntime-gpu or run without --device cuda")
         providers.insert(0, "CUDAExecutionProvider")
     print(f"onnxruntime {ort.__version__}, providers {providers[0]}, "
-          f"{torch.get_num_threads()} CPU threads")
-    print(f"{'model':26} {'layout':15} {'Transpose':>10} {'original ms':>12} "
-          f"{'converted ms':>13} {'ratio':>6} {'max |diff|':>10}")
+          f"{args.threads or 'default'} intra-op threads, load {os.getloadavg()[0]:.1f}")
+    print(f"{'model':20} {'layout':14} {'Transpose':>9} {'ORT T':>7} {'ORT nodes':>9} "
+          f"{'orig ms':>8} {'conv ms':>8} {'ratio [25-75%]':>18} {'cpu [25-75%]':>18} "
+          f"{'max|diff|':>9}")
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    opts.intra_op_num_threads = args.threads
     for name, (model, inputs, names) in cases(args.quick).items():
         if args.only and name not in args.only:
             continue
@@ -150,22 +214,29 @@ def main() -> None:
         if args.profile:
             profiles["original"] = op_times(original, {
                 i.name: t.numpy() for i, t in zip(original.graph.input, inputs, strict=False)},
-                providers)
+                providers, args.threads)
         feeds = {i.name: t.numpy() for i, t in zip(original.graph.input, inputs, strict=False)}
         base = ort.InferenceSession(original.SerializeToString(), opts, providers=providers)
         want = base.run(None, feeds)[0]
-        rounds = args.rounds or (30 if name.startswith("zoo") else 10)
-        for layout in ("channels_first", "ane"):
+        rounds = args.rounds or (60 if name.startswith("zoo") else 12)
+        ops_a = ort_graph(original, opts, providers)
+        for layout in args.layouts:
             converted, report = convert(original, "conv", layout=layout)
             sess = ort.InferenceSession(converted.SerializeToString(), opts, providers=providers)
             diff = float(np.abs(sess.run(None, feeds)[0] - want).max())
-            ta, tb = interleaved_ratio(lambda s=base, f=feeds: s.run(None, f),
-                                       lambda s=sess, f=feeds: s.run(None, f), rounds, lambda: None)
+            ops_b = ort_graph(converted, opts, providers)
+            sa, sb, _ = sample_times(lambda s=base, f=feeds: s.run(None, f),
+                                     lambda s=sess, f=feeds: s.run(None, f), rounds)
+            wa, wb = [w for w, _ in sa], [w for w, _ in sb]
             moves = f"{report.transposes_before}->{report.transposes_after}"
-            print(f"{name:26} {layout:15} {moves:>10} {ta * 1e3:>12.3f} {tb * 1e3:>13.3f} "
-                  f"{tb / ta:>5.2f}x {diff:>10.2g}", flush=True)
+            ort_t = f"{ops_a['Transpose']}->{ops_b['Transpose']}"
+            nodes = f"{sum(ops_a.values())}->{sum(ops_b.values())}"
+            print(f"{name:20} {layout:14} {moves:>9} {ort_t:>7} {nodes:>9} "
+                  f"{statistics.median(wa) * 1e3:>8.3f} {statistics.median(wb) * 1e3:>8.3f} "
+                  f"{spread(wa, wb):>18} {spread([c for _, c in sa], [c for _, c in sb]):>18} "
+                  f"{diff:>9.2g}", flush=True)
             if args.profile:
-                profiles[layout] = op_times(converted, feeds, providers)
+                profiles[layout] = op_times(converted, feeds, providers, args.threads)
         if args.profile:
             print_profile(name, profiles)
 

@@ -299,3 +299,23 @@ def fold_transpose_pairs(ctx: Context) -> int:
             ctx.graph.remove(first, safe=True)
         removed += 1
     return removed
+
+
+def merge_duplicate_moves(ctx: Context) -> int:
+    """Transposes fc2conv added that read the same value with the same ``perm`` (the moves of
+    Q, K and V, three Convs reading one normalized value) are one: the first stays, the others'
+    readers read it; returns how many went."""
+    seen: dict[tuple[ir.Value, tuple[int, ...]], ir.Node] = {}
+    merged = 0
+    for node in list(ctx.graph):
+        perm, x = _perm(node), node.inputs[0] if node.inputs else None
+        if perm is None or x is None or not node.metadata_props.get(LAYOUT_KEY) \
+                or node.outputs[0].is_graph_output():
+            continue
+        kept = seen.setdefault((x, tuple(perm)), node)
+        if kept is node:
+            continue
+        ir.convenience.replace_all_uses_with(node.outputs[0], kept.outputs[0])
+        ctx.graph.remove(node, safe=True)
+        merged += 1
+    return merged

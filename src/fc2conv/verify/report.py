@@ -84,6 +84,7 @@ class Report:
     b: str = "B"
     inputs: str = ""
     notes: list[str] = field(default_factory=list)
+    weight_shared_with: list[str] = field(default_factory=list)  # of first_divergence's layer
 
     def __bool__(self) -> bool:
         return self.verdict != "different"

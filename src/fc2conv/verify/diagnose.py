@@ -16,8 +16,12 @@ these hypotheses that holds, each a test on real numbers:
   the input, while A's is not (or the other way round).
 
 "Equals" means within twice the layer's allowed error, elementwise. When none holds, the
-diagnosis says so ("none of the tested causes explains it"). Hypotheses run on copies: the
-models and the captured layers are left as they are.
+diagnosis says so ("none of the tested causes explains it"). When the layer's weight is read
+by other layers too (:func:`shared_weight`: a tied Parameter or buffer in either model, or one
+ONNX initializer read by several layers, directly or through layout-only nodes), one more
+sentence names them: a change made for any of them shows first where the weight is read
+first (GPT-2's ``lm_head`` bug at the token embedding ``transformer.wte``). Hypotheses run on
+copies: the models and the captured layers are left as they are.
 """
 
 from __future__ import annotations

@@ -26,10 +26,14 @@ conversion to 1.93, 400 random float32 summation orders to 2.4 (median) .. 6.05 
 +1e-3 bug's B errs 11.2 u x scale, "10.8x A's" but within 2x of what correct orders do, and
 |A - B| (10.3) within 1.5x of their |A - order| (up to 6.9): no rule that also passes every
 correct order could call that draw different with any margin. The first
-divergence must name the planted layer. Printed per model and path: draws, false alarms, bug
-draws, significant ones, misses, mislocalized; then compare's time per extra draw (ratio to the
-two float32 forward passes, interleaved rounds, wall and CPU: ``bench/compare_cost.py``, which
-also pins threads and covers the issue's cases) and peak RSS against the models' weight size.
+divergence must name the planted layer: the changed Linear or any other module that reads the
+planted Parameter (``readers``: a tied weight is read by each module holding it, so GPT-2's
+``lm_head`` bug is also located at the token embedding ``transformer.wte``, where a draw that
+looks up a changed row diverges first); nothing else counts. Printed per model and path:
+draws, false alarms, bug draws, significant ones, misses, mislocalized; then compare's time per
+extra draw (ratio to the two float32 forward passes, interleaved rounds, wall and CPU:
+``bench/compare_cost.py``, which also pins threads and covers the issue's cases) and peak RSS
+against the models' weight size.
 
     PYTHONPATH=src:tests/zoo python bench/verdicts.py                 # full sweep, 20 draws
     PYTHONPATH=src:tests/zoo python bench/verdicts.py --draws 3 --models bert,vit
@@ -248,9 +252,22 @@ def errors(a: Any, a64: nn.Module, b: Any, x: tuple[torch.Tensor, ...],
     return ea, float((yb - r).abs().max())
 
 
-def located(planted: str, where: str | None) -> bool:
-    """The first divergence names the planted layer (a module path, or an ONNX node path)."""
-    return where is not None and (planted in where or planted.replace(".", "/") in where)
+def readers(model: nn.Module, lname: str) -> tuple[str, ...]:
+    """The planted layer, as scored: ``lname`` and every other module that holds one of its
+    parameters (a tied weight is one bug in each module that reads it: GPT-2's ``lm_head``
+    shares its weight with the token embedding ``transformer.wte``, and a draw that looks up a
+    changed row diverges first at the lookup)."""
+    own = {id(p) for p in model.get_submodule(lname).parameters(recurse=False)}
+    names = [lname] + [n.rpartition(".")[0] for n, p in
+                       model.named_parameters(remove_duplicate=False) if id(p) in own]
+    return tuple(dict.fromkeys(n for n in names if n))
+
+
+def located(planted: str | tuple[str, ...], where: str | None) -> bool:
+    """The first divergence names the planted layer, or one of the modules that read the
+    planted Parameter (:func:`readers`; a module path, or an ONNX node path)."""
+    names = (planted,) if isinstance(planted, str) else planted
+    return where is not None and any(p in where or p.replace(".", "/") in where for p in names)
 
 
 CAUSES = {"flatten order": "flattened input", "transposed": "weight transposed",
@@ -284,19 +301,19 @@ def weight_bytes(*models: nn.Module) -> int:
 
 
 def model_pairs(name: str, paths: list[str], done: frozenset[str] = frozenset()
-                ) -> tuple[Any, list[tuple[str, Any, Any, str | None, Any]]]:
-    """(A's float64 twin, [(path, A, B, planted layer or None, B without the bug)]) for one zoo
-    model, without the paths in ``done`` (rows already saved)."""
+                ) -> tuple[Any, list[tuple[str, Any, Any, tuple[str, ...] | None, Any]]]:
+    """(A's float64 twin, [(path, A, B, planted layer (:func:`readers`) or None, B without the
+    bug)]) for one zoo model, without the paths in ``done`` (rows already saved)."""
     import fc2conv.onnx
 
     a = build(name)
     nd = named_draw(name, 10_000)
     x0 = tuple(nd.values())
     a64 = copy.deepcopy(a).double()
-    pairs: list[tuple[str, Any, Any, str | None, Any]] = []
+    pairs: list[tuple[str, Any, Any, tuple[str, ...] | None, Any]] = []
     clean: dict[str, Any] = {}
 
-    def add(path: str, a: Any, make_b: Any, planted: str | None = None) -> None:
+    def add(path: str, a: Any, make_b: Any, planted: tuple[str, ...] | None = None) -> None:
         if path in done:
             return
         try:
@@ -333,14 +350,15 @@ def model_pairs(name: str, paths: list[str], done: frozenset[str] = frozenset()
                 print(f"{name}\tonnx_to_linear\tnot built: {str(err)[:150]}", flush=True)
     if ({"bugs", "onnx_bugs"} & set(paths)) and (pl := planted_layer(a)) is not None:
         lname, lin = pl
+        planted = readers(a, lname)
         for bug, change in bugs(name, lin).items():
             a_bug = copy.deepcopy(a)
             change(a_bug.get_submodule(lname))
             if "bugs" in paths:
-                add(f"bug: {bug}", a, lambda ab=a_bug: fc2conv.to_conv(ab, x0), lname)
+                add(f"bug: {bug}", a, lambda ab=a_bug: fc2conv.to_conv(ab, x0), planted)
             if "onnx_bugs" in paths and e is not None:
                 add(f"onnx bug: {bug}", e, lambda ab=a_bug: fc2conv.onnx.to_conv(
-                    export(ab, x0, list(nd))), lname)
+                    export(ab, x0, list(nd))), planted)
     return a64, pairs
 
 
@@ -366,7 +384,7 @@ def event(r: dict[str, Any], kind: str, k: int, rep: Any = None, **extra: Any) -
           flush=True)
 
 
-def judge_draw(r: dict[str, Any], k: int, rep: Any, planted: str | None,
+def judge_draw(r: dict[str, Any], k: int, rep: Any, planted: str | tuple[str, ...] | None,
                errs: tuple[float, float] | None, localized: bool = True) -> None:
     """Count draw ``k``'s report ``rep`` into row ``r`` (``errs``: A's and B's errors;
     ``localized``: the report has a layer table, so localization and cause are judged)."""

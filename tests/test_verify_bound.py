@@ -111,3 +111,23 @@ def test_magnitude_coefficient_grows_with_depth_and_precision() -> None:
     f32, bf16 = rounding_for(torch.float32), rounding_for(torch.bfloat16)
     assert coefficient(f32, shallow) < coefficient(f32, deep) < coefficient(bf16, deep)
     assert coefficient(rounding_for(torch.int64), deep) == 0.0
+
+
+def test_op_counter_counts_channel_layer_norm_var_mean_in_a_captured_graph() -> None:
+    """Outside eager, ``ChannelLayerNorm`` reduces with ``aten.var_mean`` over axis 1; the op
+    counter counts it as one reduction of ``C`` terms (it used to miss it: 0 reductions)."""
+    from fc2conv.pytorch.layout import ChannelLayerNorm
+    from fc2conv.verify.bound import count_ops
+
+    c = 24
+    norm = ChannelLayerNorm(c, 1e-5, torch.randn(c), torch.randn(c)).eval()
+    x = torch.randn(2, c, 1, 5)
+    gm = torch.export.export(norm, (x,)).module()
+    assert any("var_mean" in str(n.target) for n in gm.graph.nodes)
+    with torch.no_grad():
+        y, stats = count_ops(lambda: gm(x))
+    assert (stats.reductions, stats.longest) == (1, c)
+    # and it is the LayerNorm of the channels-last view, against float64
+    ref = torch.nn.functional.layer_norm(x.double().movedim(1, -1), (c,),
+                                         norm.weight.double(), norm.bias.double(), 1e-5)
+    assert torch.allclose(y.double(), ref.movedim(-1, 1), atol=1e-5 * float(ref.abs().max()))

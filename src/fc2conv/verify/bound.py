@@ -43,6 +43,7 @@ EMPIRICAL_FACTOR = 8.0
 _aten = torch.ops.aten
 _MATMULS = {_aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default,
             _aten.matmul.default, _aten.linear.default, _aten.dot.default, _aten.mv.default}
+_VARIANCES = (_aten.var_mean, _aten.var, _aten.std, _aten.std_mean)
 _CONVS = {_aten.convolution.default, _aten.conv1d.default, _aten.conv2d.default,
           _aten.conv3d.default, _aten._convolution.default}
 
@@ -76,6 +77,15 @@ class _OpCounter(TorchDispatchMode):
             s.convs += 1
             s.reductions += 1
             s.longest = max(s.longest, int(w[0].numel()))
+        elif packet in _VARIANCES:
+            # var_mean(x, dims): ChannelLayerNorm's reduction over the channel axis outside
+            # eager (exported, compiled, ONNX-traced graphs); one output element sums
+            # numel(x) / numel(var) terms, whichever axes are reduced
+            out = func(*args, **kwargs)
+            first = out[0] if isinstance(out, tuple | list) else out
+            s.reductions += 1
+            s.longest = max(s.longest, args[0].numel() // max(1, first.numel()))
+            return out
         elif packet in (_aten.sum, _aten.mean, _aten.avg_pool2d, _aten.avg_pool1d,
                         _aten._adaptive_avg_pool2d, _aten.native_layer_norm, _aten._softmax,
                         _aten.native_batch_norm, _aten._native_batch_norm_legit_no_training):
@@ -88,7 +98,8 @@ class _OpCounter(TorchDispatchMode):
 
 
 def count_ops(run: Callable[[], Any]) -> tuple[Any, OpStats]:
-    """Call ``run()`` while counting the reducing aten ops it dispatches."""
+    """Call ``run()`` while counting the reducing aten ops it dispatches (matmuls, convs, sums
+    and means, variances, pools, norms, softmax)."""
     counter = _OpCounter()
     with counter:
         result = run()

@@ -9,6 +9,15 @@
 
 Layout-only layers (Flatten, Identity, reshapes, permutes) are not captured: they move values
 without computing, and the comparison aligns layouts itself.
+
+Lookups in a stored table (``aten.embedding`` / ``aten.index_select`` whose table is one of the
+module's parameters or buffers, :class:`_Lookups`) are layers of their own, wherever they are
+called: an ``nn.Embedding`` (also hooked: its hook's row replaces the lookup's), ``F.embedding``
+in a user's forward, or a converted GraphModule's ``aten.embedding`` over a ``get_attr``. The
+lookup's name is its table's qualified name (without ``.weight``: ``transformer.wte``; an
+``nn.Embedding`` owner first when the table is tied to several modules), so the same table is
+the same layer in both models. Its output ``y[i] = T[ids[i]]`` is exact: a changed table row
+diverges at the lookup, not in the first layer after it.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fc2conv.core.describe import describe
 from fc2conv.core.provenance import source_of
@@ -56,9 +66,91 @@ def _first_tensor(value: Any) -> torch.Tensor | None:
     return tensors[0] if tensors else None
 
 
+_LOOKUPS = {torch.ops.aten.embedding.default: 0, torch.ops.aten.index_select.default: 0}
+
+
+def stored_tensors(module: nn.Module) -> dict[tuple[int, tuple[int, ...]], list[str]]:
+    """Every float parameter and buffer of ``module`` by (data pointer, shape): all its qualified
+    names, tied ones included (``transformer.wte.weight`` and ``lm_head.weight``)."""
+    out: dict[tuple[int, tuple[int, ...]], list[str]] = {}
+    named = [*module.named_parameters(remove_duplicate=False),
+             *module.named_buffers(remove_duplicate=False)]
+    for name, t in named:
+        if t.is_floating_point() and t.numel():
+            names = out.setdefault((t.data_ptr(), tuple(t.shape)), [])
+            if name not in names:
+                names.append(name)
+    return out
+
+
+def lookup_name(module: nn.Module, names: list[str]) -> str:
+    """The layer name of a lookup in the stored tensor called ``names``: an ``nn.Embedding``
+    owner's path first, else the first name; ``.weight`` dropped (the owner's path)."""
+    def owner(name: str) -> nn.Module | None:
+        path = name.rpartition(".")[0]
+        try:
+            return module.get_submodule(path)
+        except AttributeError:
+            return None
+
+    best = next((n for n in names if isinstance(owner(n), nn.Embedding)), names[0])
+    head, _, leaf = best.rpartition(".")
+    return head if leaf == "weight" and head else best
+
+
+def weight_sharers(module: nn.Module, layer: str) -> list[str]:
+    """The other modules (qualified names) holding a parameter or buffer of ``layer`` (a module
+    path or a stored tensor's name, as captured): the same tensor, or one on the same memory
+    (``lm_head.weight`` tied to ``transformer.wte.weight``)."""
+    try:
+        sub = module.get_submodule(layer)
+        own = [*sub.parameters(recurse=False), *sub.buffers(recurse=False)]
+    except AttributeError:
+        try:
+            own = [module.get_parameter(layer)]
+        except AttributeError:
+            return []
+    ptrs = {t.data_ptr() for t in own if t.is_floating_point() and t.numel()}
+    out: list[str] = []
+    for (ptr, _), names in stored_tensors(module).items():
+        if ptr not in ptrs:
+            continue
+        for name in names:
+            owner = name.rpartition(".")[0] or name
+            if owner != layer and name != layer and owner not in out:
+                out.append(owner)
+    return out
+
+
+class _Lookups(TorchDispatchMode):
+    """Records lookups in a stored table of ``module`` (see the module docstring)."""
+
+    def __init__(self, module: nn.Module, layers: list[Layer]) -> None:
+        super().__init__()
+        self.module, self.layers = module, layers
+        self.tables = stored_tensors(module)
+        self.recorded: set[int] = set()  # ids of the Layer objects this mode added
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if func in _LOOKUPS and isinstance(out, torch.Tensor) and out.is_floating_point():
+            table = args[_LOOKUPS[func]]
+            if func is torch.ops.aten.index_select.default and args[1] != 0:
+                return out
+            names = self.tables.get((table.data_ptr(), tuple(table.shape)))
+            if names:
+                layer = Layer(name=lookup_name(self.module, names),
+                              kind=f"Embedding {table.shape[0]}x{table.shape[-1]} (lookup)",
+                              output=out)
+                self.layers.append(layer)
+                self.recorded.add(id(layer))
+        return out
+
+
 def _run_hooked(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Run:
     layers: list[Layer] = []
     handles = []
+    lookups = _Lookups(module, layers)
     for name, sub in module.named_modules():
         if sub is module or isinstance(sub, LAYOUT_MODULES + CONTAINERS):
             continue
@@ -67,14 +159,18 @@ def _run_hooked(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Run:
             out = _first_tensor(output)
             if out is None:
                 return
-            layers.append(Layer(
-                name=_name, kind=describe(mod), output=out.detach(), source=source_of(mod),
-                input=_first_tensor(args), module=mod,
-            ))
+            layer = Layer(name=_name, kind=describe(mod), output=out.detach(),
+                          source=source_of(mod), input=_first_tensor(args), module=mod)
+            if (layers and id(layers[-1]) in lookups.recorded and layers[-1].name == _name
+                    and layers[-1].output.data_ptr() == out.data_ptr()):
+                layers[-1] = layer  # an nn.Embedding: its hook's row, with the module
+            else:
+                layers.append(layer)
 
         handles.append(sub.register_forward_hook(hook))
     try:
-        outputs = flatten_outputs(module(*inputs))
+        with lookups:
+            outputs = flatten_outputs(module(*inputs))
     finally:
         for h in handles:
             h.remove()

@@ -217,4 +217,5 @@ def _compare_loaded(ma: Model, mb: Model, draws: list[tuple[torch.Tensor, ...]],
         outputs=outputs,
         layers=list(loc.table) if loc is not None and layers and loc.captured else [],
         a=ma.describe(), b=mb.describe(), inputs=input_text, notes=notes,
+        weight_shared_with=list(diagnosis.shared_with) if diagnosis else [],
     )

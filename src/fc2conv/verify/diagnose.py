@@ -16,8 +16,12 @@ these hypotheses that holds, each a test on real numbers:
   the input, while A's is not (or the other way round).
 
 "Equals" means within twice the layer's allowed error, elementwise. When none holds, the
-diagnosis says so ("none of the tested causes explains it"). Hypotheses run on copies: the
-models and the captured layers are left as they are.
+diagnosis says so ("none of the tested causes explains it"). When the layer's weight is read
+by other layers too (:func:`shared_weight`: a tied Parameter or buffer in either model, or one
+ONNX initializer read by several layers, directly or through layout-only nodes), one more
+sentence names them: a change made for any of them shows first where the weight is read
+first (GPT-2's ``lm_head`` bug at the token embedding ``transformer.wte``). Hypotheses run on
+copies: the models and the captured layers are left as they are.
 """
 
 from __future__ import annotations
@@ -52,7 +56,52 @@ def diagnose(ma: Model, mb: Model, draws: list[tuple[torch.Tensor, ...]], judge:
                                         "outputs"))
     pair = first.pair
     where = pair.a.name if pair.a.name == pair.b.name else f"{pair.a.name} (B: {pair.b.name})"
-    return Diagnosis(where, mode or _layer_hypotheses(pair, first.allowed, list(first.a_layers)))
+    text = mode or _layer_hypotheses(pair, first.allowed, list(first.a_layers))
+    shared = shared_weight(ma, mb, pair)
+    if shared:
+        what = "Parameter" if ma.kind == "torch" or mb.kind == "torch" else "initializer"
+        users = ", ".join(f"'{n}'" for n in shared[:6]) + (
+            f" and {len(shared) - 6} more" if len(shared) > 6 else "")
+        text += (f" Its weight is shared with {users} (the same {what}): a change made for "
+                 f"any of them shows first where the weight is read first, here.")
+    return Diagnosis(where, text, tuple(shared))
+
+
+def shared_weight(ma: Model, mb: Model, pair: Pair) -> list[str]:
+    """The other layers that read the weight of ``pair``'s layer in A or in B (tied weights:
+    the same Parameter or buffer, or the same ONNX initializer read by several layers)."""
+    out: list[str] = []
+    for model, name in ((ma, pair.a.name), (mb, pair.b.name)):
+        for other in _sharers(model, name):
+            if other not in (pair.a.name, pair.b.name) and other not in out:
+                out.append(other)
+    return out
+
+
+def _sharers(model: Model, name: str) -> list[str]:
+    try:
+        if model.kind == "torch" and model.module is not None:
+            from fc2conv.verify.capture import weight_sharers
+
+            return weight_sharers(model.module, name)
+        if model.kind == "onnx" and model.onnx_model is not None:
+            from fc2conv.verify import onnx_backend as ob
+            from fc2conv.verify.structure import initializer_readers
+
+            proto = model.onnx_model
+            tables = ob.lookup_tables(proto)
+            consts = {i.name for i in proto.graph.initializer}
+
+            def is_layer(node: object) -> bool:
+                return (getattr(node, "op_type", "") not in ob.LAYOUT_OPS
+                        or ob.is_lookup(node, tables, consts))
+
+            readers = initializer_readers(proto, ob._user_name, is_layer)
+            return [u for users in readers.values() if name in users for u in users
+                    if u != name]
+    except Exception as err:  # best effort: the diagnosis stands without it
+        log.debug("shared weights of %s not found: %s", name, err)
+    return []
 
 
 # -- train vs eval ----------------------------------------------------------------------------

@@ -110,11 +110,28 @@ def _qualified(parts: list[str]) -> str:
     return ".".join(out)
 
 
+def lookup_tables(proto: Any) -> set[str]:
+    """The float initializers of ``proto``: a ``Gather`` over one of them with indices computed
+    from the inputs is an embedding lookup, a layer of its own (not a layout op)."""
+    return {i.name for i in proto.graph.initializer if i.data_type in _FLOAT_TYPES}
+
+
+def is_lookup(node: Any, tables: set[str], constants: set[str]) -> bool:
+    """``node`` is a ``Gather`` over a float initializer with non-constant indices."""
+    return (node.op_type == "Gather" and len(node.input) > 1 and node.input[0] in tables
+            and node.input[1] not in constants)
+
+
 def _layer_nodes(proto: Any) -> list[tuple[str, str, str]]:
-    """(user name, op type, output name): the last node of each run of same-named nodes."""
+    """(user name, op type, output name): the last node of each run of same-named nodes.
+    Embedding lookups (:func:`is_lookup`) are layers too."""
     out: list[tuple[str, str, str]] = []
+    tables = lookup_tables(proto)
+    constants = {i.name for i in proto.graph.initializer}
+    constants |= {o for n in proto.graph.node if n.op_type == "Constant" for o in n.output}
     for node in proto.graph.node:
-        if node.op_type in LAYOUT_OPS or not node.output:
+        if not node.output or (node.op_type in LAYOUT_OPS
+                               and not is_lookup(node, tables, constants)):
             continue
         name = _user_name(node)
         if out and out[-1][0] == name:  # MatMul + Add of one Linear: kind MatMul, output Add's

@@ -3,7 +3,9 @@
 ``str(report)`` reads like ``torch.testing.assert_close``: a header with the verdict, then per
 output the mismatch count and the worst absolute and relative difference *with its index* and
 what rounding allowed there; then the bound used, the first diverging layer, the diagnosis and a
-per-layer table. ``report.to_json()`` holds the same as a JSON document.
+per-layer table. ``report.to_json()`` holds the same as a JSON document. ``weight_shared_with``
+lists the other layers that read the first diverging layer's weight (tied weights; the
+diagnosis says so in one sentence).
 """
 
 from __future__ import annotations
@@ -84,6 +86,7 @@ class Report:
     b: str = "B"
     inputs: str = ""
     notes: list[str] = field(default_factory=list)
+    weight_shared_with: list[str] = field(default_factory=list)  # of first_divergence's layer
 
     def __bool__(self) -> bool:
         return self.verdict != "different"

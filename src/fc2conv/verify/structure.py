@@ -1,7 +1,8 @@
 """The graph structure of an ONNX model's captured layers, for pairing layers by provenance.
 
 A captured ONNX layer is a run of nodes (one user module, see
-:mod:`fc2conv.verify.onnx_backend`) whose last node's first output is the layer's output. For
+:mod:`fc2conv.verify.onnx_backend`) whose last node's first output is the layer's output (an
+embedding lookup is a run of one ``Gather`` over an initializer). For
 pairing, each layer is described by:
 
 - ``values``: the names of its output value and of every value that carries the same numbers
@@ -62,7 +63,8 @@ def describe_layers(proto: Any, captured: list[tuple[str, str, str]],
     runs: list[list[int]] = []
     start = 0
     for i, end in enumerate(ends):
-        run = [k for k in range(start, end + 1) if nodes[k].op_type not in layout_ops]
+        run = [k for k in range(start, end + 1)
+               if nodes[k].op_type not in layout_ops or k == end]  # a lookup's Gather
         runs.append(run or ([end] if end >= 0 else []))
         for k in runs[-1]:
             layer_of_node[k] = i
@@ -115,3 +117,23 @@ def _trace_back(value: str, nodes: list[Any], producer: dict[str, int]) -> str:
             break
         value = n.input[0]
     return value
+
+
+def initializer_readers(proto: Any, name_of: Any, is_layer: Any) -> dict[str, list[str]]:
+    """For each initializer of ``proto``, the user names (``name_of(node)``) of the layer nodes
+    (``is_layer(node)``) that read it, directly or through layout-only nodes (a tied weight:
+    ``Gather(wte, ids)`` and ``MatMul(x, Transpose(wte))`` both read ``wte``), in graph order."""
+    nodes = list(proto.graph.node)
+    producer = {out: k for k, n in enumerate(nodes) for out in n.output if out}
+    inits = {i.name for i in proto.graph.initializer}
+    out: dict[str, list[str]] = {}
+    for n in nodes:
+        if not is_layer(n):
+            continue
+        for name in n.input:
+            origin = _trace_back(name, nodes, producer) if name else ""
+            if origin in inits:
+                users = out.setdefault(origin, [])
+                if name_of(n) not in users:
+                    users.append(name_of(n))
+    return out

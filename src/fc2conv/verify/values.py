@@ -147,3 +147,4 @@ class Diagnosis:
 
     first_divergence: str | None
     text: str | None
+    shared_with: tuple[str, ...] = ()  # the other layers that read its weight (tied weights)

@@ -43,13 +43,14 @@ HERE = Path(__file__).resolve().parent
 CHILD = r"""
 import json, resource, sys, threading, time
 t = time.perf_counter()
-top = {"VmRSS": 0, "RssFile": 0}
+top = {"VmRSS": 0, "RssFile": 0, "RssAnon": 0}
 
 
-def sample():  # the file-backed (memory-mapped) part of the RSS at its highest
+def sample():  # the anonymous and file-backed (memory-mapped) parts of the RSS at its highest
     while True:
         got = {line.split(":")[0]: int(line.split()[1]) * 1024
-               for line in open("/proc/self/status") if line.startswith(("VmRSS", "RssFile"))}
+               for line in open("/proc/self/status")
+               if line.startswith(("VmRSS", "RssFile", "RssAnon"))}
         if got.get("VmRSS", 0) > top["VmRSS"]:
             top.update(got)
         time.sleep(0.05)
@@ -69,6 +70,7 @@ status = {line.split(":")[0]: int(line.split()[1]) * 1024
           for line in open("/proc/self/status") if line.startswith("VmHWM")}
 peak = status.get("VmHWM", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 print(json.dumps({"verdict": verdict, "peak": peak, "mapped": top["RssFile"],
+                  "anon": top["RssAnon"],
                   "time": time.perf_counter() - t, "code": code}))
 """
 
@@ -158,7 +160,7 @@ def sizes(widths: list[int], samples: int, check_free: float) -> None:
         a, b, _ = mlp(64, folder)
         fixed = run_child(a, b, samples)["peak"]
         print(f"fixed RSS (torch + onnxruntime + a tiny compare): {fixed / 2**30:.2f} GiB")
-        print(f"{'hidden':>7} {'weights A+B':>12} {'peak RSS':>9} {'file pages':>11} "
+        print(f"{'hidden':>7} {'weights A+B':>12} {'peak RSS':>9} {'anon':>7} {'file pages':>11} "
               f"{'(peak-fixed)/weights':>21} {'target':>8} {'time s':>7}  verdict")
         for h in widths:
             budget = 3 * (2 * 2 * h * h * 4) / 2**30 + 1.5  # 3x the weights of A+B + 1.5 GB
@@ -169,7 +171,8 @@ def sizes(widths: list[int], samples: int, check_free: float) -> None:
             r = run_child(a, b, samples)
             ratio = (r["peak"] - fixed) / weights
             print(f"{h:>7} {weights / 2**30:>10.2f}G {r['peak'] / 2**30:>8.2f}G "
-                  f"{r.get('mapped', 0) / 2**30:>10.2f}G {ratio:>21.2f} {budget:>7.1f}G "
+                  f"{r.get('anon', 0) / 2**30:>6.2f}G {r.get('mapped', 0) / 2**30:>10.2f}G "
+                  f"{ratio:>21.2f} {budget:>7.1f}G "
                   f"{r['time']:>7.1f}  {r['verdict'][:100]}", flush=True)
             for p in folder.glob("*"):
                 p.unlink()

@@ -273,12 +273,15 @@ def read_through(model: Any, arrays: dict[str, np.ndarray]) -> tuple[Any, dict[s
         del feeds[name]
         feeds[value] = arr
         init.CopyFrom(_stub(value, stored, init.dims, arr.nbytes))
-        steps = [("Cast", {"to": target})] if target != stored else []
-        steps += [("Abs", {})] if derive in ("abs", "-abs") else []
-        steps += [("Neg", {})] if derive == "-abs" else []
-        for k, (op, attrs) in enumerate(steps):
+        steps = ["Cast"] if target != stored else []
+        steps += ["Abs"] if derive in ("abs", "-abs") else []
+        steps += ["Neg"] if derive == "-abs" else []
+        for k, op in enumerate(steps):
             result = name if k == len(steps) - 1 else f"{name}::{op.lower()}"
-            top.append(onnx.helper.make_node(op, [value], [result], **attrs))
+            node = onnx.helper.make_node(op, [value], [result])
+            if op == "Cast":
+                node.attribute.append(onnx.helper.make_attribute("to", target))
+            top.append(node)
             value = result
     nodes = list(g.node)
     del g.node[:]

@@ -7,8 +7,9 @@ Two parts, each printing ratios measured in this run:
    written into a temporary folder (never the repo), then ``fc2conv compare A B`` runs in a
    fresh process; printed: the weights of both models, the peak RSS of that process (VmHWM;
    not ``ru_maxrss``, which Linux starts from the forking parent's RSS, this bench's own
-   models), the file-backed part of its RSS when the RSS was highest (sampled every 50 ms:
-   memory-mapped external data and libraries, clean pages the kernel can drop), the ratio
+   models), its anonymous and file-backed parts when the RSS was highest (sampled every 50 ms;
+   file pages: memory-mapped external data and libraries, clean pages the kernel can drop;
+   the sample may miss the very top by a few ms, so anon + file can fall short of VmHWM), the ratio
    ``(peak - fixed) / weights`` (fixed: the RSS of a process that imported torch and
    onnxruntime and compared two tiny models), wall time, and the verdict. The issue's target:
    peak <= 3 x the weights of A and B + ~1.5 GB.
@@ -20,7 +21,7 @@ Two parts, each printing ratios measured in this run:
    The issue's budget: at most 10x.
 
     python bench/verdicts_scale.py --sizes 4096 9216          # 64 MB and 340 MB matrices
-    python bench/verdicts_scale.py --sizes 16384 --check-free 14   # 2 GB pair, only if free
+    python bench/verdicts_scale.py --sizes 16384 --check-free 17   # 2 GB pair, only if free
     python bench/verdicts_scale.py --per-draw
 """
 

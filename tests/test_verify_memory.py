@@ -300,3 +300,28 @@ def test_onnx_noise_of_a_model_with_external_data_uses_its_folder(tmp_path):
     level = noise[0][0]
     assert isinstance(level, torch.Tensor) and level.shape == (4, 64)
     assert 0 < float(level.max()) < 1e-3  # rounding-sized, not zero and not garbage
+
+
+def test_deployed_session_of_an_external_data_file_is_onnxruntime_s_own(tmp_path: Path) -> None:
+    """A model file with external data runs natively exactly as onnxruntime runs that file (it
+    loads the file itself, no copy of the mapped data through compare's pages): bitwise equal
+    outputs on fresh inputs, for a MatMul model and its 1x1-Conv twin."""
+    import onnxruntime as ort
+
+    from fc2conv.verify.models import load
+
+    m = mlp_layers(256, 2, seed=4)
+    rng = np.random.default_rng(4)
+    for name, model in (("a", m), ("b", to_conv(m))):
+        path = tmp_path / f"{name}.onnx"
+        onnx.save_model(model, str(path), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location=f"{name}.bin", size_threshold=1024)
+        loaded = load(str(path), "A")
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        feed = sess.get_inputs()[0]
+        for _ in range(2):
+            x = rng.standard_normal([d if isinstance(d, int) else 1 for d in feed.shape],
+                                    dtype=np.float32)
+            got = loaded.run((torch.from_numpy(x),)).outputs[0].numpy()
+            want = sess.run(None, {feed.name: x})[0]
+            assert got.dtype == want.dtype and np.array_equal(got, want)

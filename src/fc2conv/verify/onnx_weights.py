@@ -9,9 +9,13 @@ with the number of runs. Instead:
   in which those initializers are external-data stubs (name, type, shape, no bytes);
 - the deployed onnxruntime session gets the arrays through
   ``SessionOptions.add_external_initializers`` (it copies them into its graph, and packs
-  MatMul weights: the model as users deploy it; its own buffers cannot stand in, see
-  :func:`fc2conv.verify.onnx_kernels.ort_session`); other sessions and onnx's evaluator get
-  them as extra inputs, not copied;
+  MatMul weights: the model as users deploy it), or, for a file with external data, loads
+  that file itself (:func:`fc2conv.verify.onnx_backend._deployed`). The caller's buffers
+  cannot stand in for its copy: ``add_initializer`` (no copy) needs a real initializer in the
+  graph, and the graph optimizers read that one, not the buffer (a 1x1-Conv model's reordered
+  weights came out of the placeholder's bytes: wrong results), and without pre-packing MatMul
+  rounds differently (1.2e-6 apart on a 4096-wide MLP, onnxruntime 1.32): not as deployed.
+  Other sessions and onnx's evaluator get the arrays as extra inputs, not copied;
 - :func:`float64_skeleton` makes the float64 twin (``W -> float64(W)``) and the magnitude twin
   (``W -> |W|``, batch-norm means ``-|mean|``, variances kept) of the graph, and
   :func:`read_through` lets such a twin read the model's own arrays: each stub becomes a node

@@ -7,8 +7,9 @@ Two parts, each printing ratios measured in this run:
    written into a temporary folder (never the repo), then ``fc2conv compare A B`` runs in a
    fresh process; printed: the weights of both models, the peak RSS of that process (VmHWM;
    not ``ru_maxrss``, which Linux starts from the forking parent's RSS, this bench's own
-   models), the file-backed part of its RSS when the RSS was highest (sampled every 50 ms:
-   memory-mapped external data and libraries, clean pages the kernel can drop), the ratio
+   models), its anonymous and file-backed parts when the RSS was highest (sampled every 50 ms;
+   file pages: memory-mapped external data and libraries, clean pages the kernel can drop;
+   the sample may miss the very top by a few ms, so anon + file can fall short of VmHWM), the ratio
    ``(peak - fixed) / weights`` (fixed: the RSS of a process that imported torch and
    onnxruntime and compared two tiny models), wall time, and the verdict. The issue's target:
    peak <= 3 x the weights of A and B + ~1.5 GB.
@@ -20,7 +21,7 @@ Two parts, each printing ratios measured in this run:
    The issue's budget: at most 10x.
 
     python bench/verdicts_scale.py --sizes 4096 9216          # 64 MB and 340 MB matrices
-    python bench/verdicts_scale.py --sizes 16384 --check-free 14   # 2 GB pair, only if free
+    python bench/verdicts_scale.py --sizes 16384 --check-free 17   # 2 GB pair, only if free
     python bench/verdicts_scale.py --per-draw
 """
 
@@ -43,13 +44,14 @@ HERE = Path(__file__).resolve().parent
 CHILD = r"""
 import json, resource, sys, threading, time
 t = time.perf_counter()
-top = {"VmRSS": 0, "RssFile": 0}
+top = {"VmRSS": 0, "RssFile": 0, "RssAnon": 0}
 
 
-def sample():  # the file-backed (memory-mapped) part of the RSS at its highest
+def sample():  # the anonymous and file-backed (memory-mapped) parts of the RSS at its highest
     while True:
         got = {line.split(":")[0]: int(line.split()[1]) * 1024
-               for line in open("/proc/self/status") if line.startswith(("VmRSS", "RssFile"))}
+               for line in open("/proc/self/status")
+               if line.startswith(("VmRSS", "RssFile", "RssAnon"))}
         if got.get("VmRSS", 0) > top["VmRSS"]:
             top.update(got)
         time.sleep(0.05)
@@ -69,6 +71,7 @@ status = {line.split(":")[0]: int(line.split()[1]) * 1024
           for line in open("/proc/self/status") if line.startswith("VmHWM")}
 peak = status.get("VmHWM", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 print(json.dumps({"verdict": verdict, "peak": peak, "mapped": top["RssFile"],
+                  "anon": top["RssAnon"],
                   "time": time.perf_counter() - t, "code": code}))
 """
 
@@ -158,7 +161,7 @@ def sizes(widths: list[int], samples: int, check_free: float) -> None:
         a, b, _ = mlp(64, folder)
         fixed = run_child(a, b, samples)["peak"]
         print(f"fixed RSS (torch + onnxruntime + a tiny compare): {fixed / 2**30:.2f} GiB")
-        print(f"{'hidden':>7} {'weights A+B':>12} {'peak RSS':>9} {'file pages':>11} "
+        print(f"{'hidden':>7} {'weights A+B':>12} {'peak RSS':>9} {'anon':>7} {'file pages':>11} "
               f"{'(peak-fixed)/weights':>21} {'target':>8} {'time s':>7}  verdict")
         for h in widths:
             budget = 3 * (2 * 2 * h * h * 4) / 2**30 + 1.5  # 3x the weights of A+B + 1.5 GB
@@ -169,7 +172,8 @@ def sizes(widths: list[int], samples: int, check_free: float) -> None:
             r = run_child(a, b, samples)
             ratio = (r["peak"] - fixed) / weights
             print(f"{h:>7} {weights / 2**30:>10.2f}G {r['peak'] / 2**30:>8.2f}G "
-                  f"{r.get('mapped', 0) / 2**30:>10.2f}G {ratio:>21.2f} {budget:>7.1f}G "
+                  f"{r.get('anon', 0) / 2**30:>6.2f}G {r.get('mapped', 0) / 2**30:>10.2f}G "
+                  f"{ratio:>21.2f} {budget:>7.1f}G "
                   f"{r['time']:>7.1f}  {r['verdict'][:100]}", flush=True)
             for p in folder.glob("*"):
                 p.unlink()

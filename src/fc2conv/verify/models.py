@@ -144,7 +144,7 @@ def _load_path(path: Path, trust_pickle: bool) -> Model:
         del proto
         model = Model(label=label, kind="onnx", onnx_model=split[0],
                       specs=onnx_backend.specs(split[0]))
-        model.cache.update(base_dir=base, split=split)
+        model.cache.update(base_dir=base, split=split, path=path.resolve())
         return model
     if suffix == ".pt2":
         def _load_pt2() -> torch.export.ExportedProgram:

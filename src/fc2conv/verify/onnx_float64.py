@@ -46,7 +46,9 @@ MAX_FLOAT32_WRAPS = 16
 
 class Float64Runner:
     """Runs a float64 ONNX graph with the first engine that can (see module docstring);
-    ``engine`` names the one in use. Sessions are built once and reused across draws."""
+    ``engine`` names the one in use. Sessions are built once and reused across draws.
+    ``weights`` fill the graph's stubs; a twin's stubs may take the model's own (narrower)
+    arrays, cast as the graph runs (:func:`fc2conv.verify.onnx_weights.read_through`)."""
 
     def __init__(self, model: Any, outputs: list[str],
                  weights: dict[str, np.ndarray] | None = None) -> None:
@@ -77,35 +79,38 @@ class Float64Runner:
         raise RuntimeError("; ".join(errors))
 
     # -- engines ------------------------------------------------------------------------------
-    def _prepared(self) -> Any:
+    def _prepared(self) -> tuple[Any, dict[str, np.ndarray]]:
         from fc2conv.verify.onnx_lower import convs_as_matmuls
+        from fc2conv.verify.onnx_weights import read_through
 
         model = _with_outputs(self.model, self.outputs)
         if any(n.op_type == "Conv" for n in model.graph.node):
             model, _ = convs_as_matmuls(model)  # no float64 Conv kernel in onnxruntime
-        return model
+        # after lowering (it reads the weights' shapes off their stubs): a twin's weights
+        # are cast from the model's own arrays as the graph runs, not held in float64
+        return read_through(model, self.weights)
 
     def _ort(self) -> tuple[Engine, str]:
-        sess = ort_session(self._prepared(), self.weights)
+        sess = ort_session(*self._prepared())
         return sess.run, "onnxruntime (float64)"
 
     def _segmented(self) -> tuple[Engine, str]:
         from fc2conv.verify.onnx_segments import Segmented, missing_ops
 
-        model = self._prepared()
-        islands = missing_ops(model, self.weights)
+        model, weights = self._prepared()
+        islands = missing_ops(model, weights)
         if not islands:
             raise RuntimeError("onnxruntime runs the whole graph")
-        seg = Segmented(model, self.weights, islands)
+        seg = Segmented(model, weights, islands)
         return seg.run, f"onnxruntime (float64; {', '.join(sorted(islands))} by onnx's evaluator)"
 
     def _evaluator(self) -> tuple[Engine, str]:
         from onnx.reference import ReferenceEvaluator
 
-        from fc2conv.verify.onnx_weights import as_inputs
+        from fc2conv.verify.onnx_weights import as_inputs, read_through
 
-        ev = ReferenceEvaluator(as_inputs(self.model), new_ops=replaced_ops())
-        weights = self.weights
+        model, weights = read_through(self.model, self.weights)
+        ev = ReferenceEvaluator(as_inputs(model), new_ops=replaced_ops())
 
         def run(names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
             with np.errstate(all="ignore"):  # inf - inf in a magnitude twin is not news
@@ -114,11 +119,13 @@ class Float64Runner:
         return run, "onnx reference evaluator"
 
     def _ort_mixed(self) -> tuple[Engine, str]:
-        model = _with_outputs(self.model, self.outputs)
+        from fc2conv.verify.onnx_weights import read_through
+
+        model, weights = read_through(_with_outputs(self.model, self.outputs), self.weights)
         wrapped: list[str] = []
         for _ in range(MAX_FLOAT32_WRAPS):
             try:
-                sess = ort_session(model, self.weights)
+                sess = ort_session(model, weights)
                 break
             except Exception as err:
                 found = _MISSING_KERNEL.search(str(err))

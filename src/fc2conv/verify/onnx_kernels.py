@@ -49,6 +49,9 @@ def ort_session(model: Any, weights: dict[str, np.ndarray] | None = None, *,
     opts.log_severity_level = 3 if optimize else 4
     opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                      else ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
+    # no arena for the float64 engines: their graphs cast weights as they run (see
+    # onnx_weights.read_through), and an arena would keep those buffers, each session its own
+    opts.enable_cpu_mem_arena = optimize
     weights = weights or {}
     if weights and fed:
         model = as_inputs(model)

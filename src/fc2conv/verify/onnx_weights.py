@@ -7,12 +7,23 @@ with the number of runs. Instead:
 
 - :func:`split` reads every large initializer once into a numpy array and returns a skeleton
   in which those initializers are external-data stubs (name, type, shape, no bytes);
-- onnxruntime sessions get the arrays through ``SessionOptions.add_external_initializers``
-  (shared, not copied: several sessions on one model hold its weights once); onnx's evaluator
-  gets them as extra inputs;
-- :func:`float64_skeleton` / :func:`float64_weights` make the float64 twin (``W -> float64(W)``)
-  and the magnitude twin (``W -> |W|``, batch-norm means ``-|mean|``, variances kept) from those
-  arrays, each cast once per model.
+- the deployed onnxruntime session gets the arrays through
+  ``SessionOptions.add_external_initializers`` (it copies them into its graph, and packs
+  MatMul weights: the model as users deploy it), or, for a file with external data, loads
+  that file itself (:func:`fc2conv.verify.onnx_backend._deployed`). The caller's buffers
+  cannot stand in for its copy: ``add_initializer`` (no copy) needs a real initializer in the
+  graph, and the graph optimizers read that one, not the buffer (a 1x1-Conv model's reordered
+  weights came out of the placeholder's bytes: wrong results), and without pre-packing MatMul
+  rounds differently (1.2e-6 apart on a 4096-wide MLP, onnxruntime 1.32): not as deployed.
+  Other sessions and onnx's evaluator get the arrays as extra inputs, not copied;
+- :func:`float64_skeleton` makes the float64 twin (``W -> float64(W)``) and the magnitude twin
+  (``W -> |W|``, batch-norm means ``-|mean|``, variances kept) of the graph, and
+  :func:`read_through` lets such a twin read the model's own arrays: each stub becomes a node
+  ``W = Cast(W::stored)`` (then ``Abs``, ``Neg``) run when the graph runs, so a twin holds no
+  weights of its own; only the weights of the node running (and the ones onnxruntime schedules
+  beside it) exist in float64 at a time, and are freed after it. The float64 values are the
+  same, ``float64(w)`` is exact, and so is ``|w|``. :func:`float64_weights` still makes a
+  twin's arrays at once, for callers that need them inline (the noise twin).
 
 Small initializers (shape constants, biases under 64 KiB) stay inline in the skeleton. Data
 kept outside the ``.onnx`` file (external data) is memory-mapped, not read: file pages the
@@ -32,6 +43,13 @@ from fc2conv.errors import Fc2ConvError
 
 SMALL_BYTES = 1 << 16
 STUB_FILE = "fc2conv-in-memory.bin"
+# a twin's stub says how its value derives from the model's array: "value" (the same number,
+# in the twin's type), "abs" (|w|) or "-abs" (-|w|, batch-norm means in the magnitude twin)
+DERIVE = "fc2conv.twin"
+STORED = "::stored"  # suffix of the input that feeds a stub's array to :func:`read_through`
+# arrays a twin reads through a Cast (numpy and onnxruntime both know them)
+CASTABLE = {np.dtype(np.float16): TensorProto.FLOAT16, np.dtype(np.float32): TensorProto.FLOAT,
+            np.dtype(np.float64): TensorProto.DOUBLE}
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
 # 1-Lipschitz with |f(x)| <= |x|: in the magnitude twin the magnitude passes through unchanged
 # (tanh(M) would shrink it below the error it must carry)
@@ -39,10 +57,11 @@ MAGNITUDE_IDENTITY = {"Tanh", "Softsign", "Elu", "Celu", "LeakyRelu", "PRelu", "
                       "Clip"}
 
 
-def _stub(name: str, data_type: int, dims: Any, nbytes: int) -> Any:
+def _stub(name: str, data_type: int, dims: Any, nbytes: int, derive: str | None = None) -> Any:
     t = TensorProto(name=name, data_type=data_type, dims=list(dims),
                     data_location=TensorProto.EXTERNAL)
-    for key, value in (("location", STUB_FILE), ("offset", "0"), ("length", str(nbytes))):
+    entries = [("location", STUB_FILE), ("offset", "0"), ("length", str(nbytes))]
+    for key, value in entries + ([(DERIVE, derive)] if derive else []):
         entry = t.external_data.add()
         entry.key, entry.value = key, value
     return t
@@ -143,12 +162,24 @@ def _bn_inputs(graph: Any) -> tuple[set[str], set[str]]:
     return {n.input[3] for n in bn}, {n.input[4] for n in bn}
 
 
+def _derive(name: str, magnitude: bool, means: set[str], variances: set[str]) -> str:
+    if magnitude and name in means:
+        return "-abs"  # BN: (x - mean) -> x + |mean|
+    if magnitude and name not in variances:
+        return "abs"
+    return "value"
+
+
 def _twin_value(arr: np.ndarray, name: str, magnitude: bool, means: set[str],
                 variances: set[str], np_type: Any = np.float64) -> np.ndarray:
+    return _derived(arr, _derive(name, magnitude, means, variances), np_type)
+
+
+def _derived(arr: np.ndarray, derive: str, np_type: Any) -> np.ndarray:
     arr = arr.astype(np_type)  # a fresh array: made |.| in place, no second copy
-    if magnitude and name in means:
-        return np.negative(np.abs(arr, out=arr), out=arr)  # BN: (x - mean) -> x + |mean|
-    if magnitude and name not in variances:
+    if derive == "-abs":
+        return np.negative(np.abs(arr, out=arr), out=arr)
+    if derive == "abs":
         return np.abs(arr, out=arr)
     return arr
 
@@ -170,7 +201,8 @@ def float64_skeleton(skel: Any, magnitude: bool, *, single: bool = False) -> Any
         if init.data_location == TensorProto.EXTERNAL:
             count = int(np.prod(init.dims)) if init.dims else 1
             size = np.dtype(np_type).itemsize
-            init.CopyFrom(_stub(init.name, target, init.dims, size * count))
+            init.CopyFrom(_stub(init.name, target, init.dims, size * count,
+                                _derive(init.name, magnitude, means, variances)))
         else:
             arr = _twin_value(numpy_helper.to_array(init), init.name, magnitude, means,
                               variances)
@@ -195,13 +227,70 @@ def float64_skeleton(skel: Any, magnitude: bool, *, single: bool = False) -> Any
 
 def float64_weights(skel: Any, arrays: dict[str, np.ndarray],
                     magnitude: bool, *, single: bool = False) -> dict[str, np.ndarray]:
-    """The stubbed arrays of the float64 (or magnitude) twin (``single``: in float32);
-    integer arrays are shared."""
+    """The stubbed arrays of the float64 (or magnitude) twin (``single``: in float32), made
+    at once (``2 W`` for float32 weights ``W``; :func:`read_through` makes none); integer
+    arrays are shared."""
     means, variances = _bn_inputs(skel.graph)
     np_type = np.float32 if single else np.float64
     return {name: _twin_value(arr, name, magnitude, means, variances, np_type)
             if arr.dtype.kind == "f" or arr.dtype.name == "bfloat16" else arr
             for name, arr in arrays.items()}
+
+
+def read_through(model: Any, arrays: dict[str, np.ndarray]) -> tuple[Any, dict[str, np.ndarray]]:
+    """``(model', feeds)``: the twin ``model`` (from :func:`float64_skeleton`, its stubs marked
+    with how they derive from the model's arrays) reading ``arrays`` (the model's own, as
+    :func:`split` holds them) through nodes at the top of its graph::
+
+        W = Cast(W::stored, to=twin's type)        "value"
+        W = Abs(Cast(W::stored))                   "abs"  (|w|)
+        W = Neg(Abs(Cast(W::stored)))              "-abs" (batch-norm means)
+
+    (no Cast when the types agree; no node at all for a "value" stub of the array's type: fed
+    as it is). ``feeds`` holds the arrays under their ``::stored`` names: the same arrays, no
+    copy. The values are those :func:`float64_weights` makes (a cast up and ``|.|`` are exact),
+    computed when the graph runs: onnxruntime frees each after its last use, and schedules a
+    node with no inputs of the graph's own (these) just before the node that needs it when it
+    comes first in the node list (measured: ``bench/verdicts_scale.py``). Arrays of another
+    float type (bfloat16) are cast here, once, as before. Unmarked stubs and other arrays are
+    fed as they are."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)  # cheap: a skeleton
+    g = out.graph
+    feeds = dict(arrays)
+    top: list[Any] = []
+    for init in g.initializer:
+        marks = {e.key: e.value for e in init.external_data}
+        arr = arrays.get(init.name)
+        if init.data_location != TensorProto.EXTERNAL or DERIVE not in marks or arr is None:
+            continue
+        derive, name = marks[DERIVE], init.name
+        if arr.dtype not in CASTABLE:  # bfloat16 and the like: made once, in the twin's type
+            if arr.dtype.kind == "f" or arr.dtype.name == "bfloat16":
+                np_type = onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
+                feeds[name] = _derived(arr, derive, np_type)
+            continue
+        stored = CASTABLE[arr.dtype]
+        if stored == init.data_type and derive == "value":
+            continue
+        value, target = name + STORED, int(init.data_type)
+        del feeds[name]
+        feeds[value] = arr
+        init.CopyFrom(_stub(value, stored, init.dims, arr.nbytes))
+        steps = ["Cast"] if target != stored else []
+        steps += ["Abs"] if derive in ("abs", "-abs") else []
+        steps += ["Neg"] if derive == "-abs" else []
+        for k, op in enumerate(steps):
+            result = name if k == len(steps) - 1 else f"{name}::{op.lower()}"
+            node = onnx.helper.make_node(op, [value], [result])
+            if op == "Cast":
+                node.attribute.append(onnx.helper.make_attribute("to", target))
+            top.append(node)
+            value = result
+    nodes = list(g.node)
+    del g.node[:]
+    g.node.extend(top + nodes)
+    return out, feeds
 
 
 # ops that, on non-negative inputs and weights (as in the magnitude twin), sum or scale

@@ -129,7 +129,8 @@ class _Lookups(TorchDispatchMode):
         super().__init__()
         self.module, self.layers = module, layers
         self.tables = stored_tensors(module)
-        self.recorded: set[int] = set()  # ids of the Layer objects this mode added
+        # id of each Layer this mode added -> the data pointer of the lookup's live output
+        self.recorded: dict[int, int] = {}
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
@@ -141,16 +142,40 @@ class _Lookups(TorchDispatchMode):
             if names:
                 layer = Layer(name=lookup_name(self.module, names),
                               kind=f"Embedding {table.shape[0]}x{table.shape[-1]} (lookup)",
-                              output=out)
+                              output=out.detach().clone())  # in-place ops may follow
                 self.layers.append(layer)
-                self.recorded.add(id(layer))
+                self.recorded[id(layer)] = out.data_ptr()
         return out
+
+
+class _Snapshots:
+    """Copies of recorded tensors as they are when their hook fires.
+
+    A hook's ``output`` is the live tensor: an in-place op after the layer (``out += residual``
+    in a ResNet block, ``ReLU(inplace=True)``) rewrites it, so a recorded ``bn2`` would read
+    ``relu(bn2(x) + residual)`` by the end of the run while a functional twin's reads
+    ``bn2(x)``: a spurious divergence, named before the real one. A tensor seen again at the
+    same version (a layer's input that is the previous layer's output) reuses its copy."""
+
+    def __init__(self) -> None:
+        self.kept: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = {}
+
+    def __call__(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None:
+            return None
+        hit = self.kept.get(id(t))
+        if hit is not None and hit[0] is t and hit[1] == t._version:
+            return hit[2]
+        copy = t.detach().clone()
+        self.kept[id(t)] = (t, t._version, copy)  # t held: its id is not reused meanwhile
+        return copy
 
 
 def _run_hooked(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Run:
     layers: list[Layer] = []
     handles = []
     lookups = _Lookups(module, layers)
+    snapshot = _Snapshots()
     for name, sub in module.named_modules():
         if sub is module or isinstance(sub, LAYOUT_MODULES + CONTAINERS):
             continue
@@ -159,10 +184,11 @@ def _run_hooked(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Run:
             out = _first_tensor(output)
             if out is None:
                 return
-            layer = Layer(name=_name, kind=describe(mod), output=out.detach(),
-                          source=source_of(mod), input=_first_tensor(args), module=mod)
-            if (layers and id(layers[-1]) in lookups.recorded and layers[-1].name == _name
-                    and layers[-1].output.data_ptr() == out.data_ptr()):
+            same_as_lookup = (layers and layers[-1].name == _name
+                              and lookups.recorded.get(id(layers[-1])) == out.data_ptr())
+            layer = Layer(name=_name, kind=describe(mod), output=snapshot(out),
+                          source=source_of(mod), input=snapshot(_first_tensor(args)), module=mod)
+            if same_as_lookup:
                 layers[-1] = layer  # an nn.Embedding: its hook's row, with the module
             else:
                 layers.append(layer)

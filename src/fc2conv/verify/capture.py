@@ -160,15 +160,17 @@ class _Snapshots:
     def __init__(self) -> None:
         self.kept: dict[int, tuple[torch.Tensor, int, torch.Tensor]] = {}
 
-    def __call__(self, t: torch.Tensor | None) -> torch.Tensor | None:
-        if t is None:
-            return None
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
         hit = self.kept.get(id(t))
         if hit is not None and hit[0] is t and hit[1] == t._version:
             return hit[2]
         copy = t.detach().clone()
         self.kept[id(t)] = (t, t._version, copy)  # t held: its id is not reused meanwhile
         return copy
+
+
+def _maybe(snapshot: _Snapshots, t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else snapshot(t)
 
 
 def _run_hooked(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Run:
@@ -187,7 +189,8 @@ def _run_hooked(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Run:
             same_as_lookup = (layers and layers[-1].name == _name
                               and lookups.recorded.get(id(layers[-1])) == out.data_ptr())
             layer = Layer(name=_name, kind=describe(mod), output=snapshot(out),
-                          source=source_of(mod), input=snapshot(_first_tensor(args)), module=mod)
+                          source=source_of(mod), input=_maybe(snapshot, _first_tensor(args)),
+                          module=mod)
             if same_as_lookup:
                 layers[-1] = layer  # an nn.Embedding: its hook's row, with the module
             else:

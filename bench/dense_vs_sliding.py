@@ -18,40 +18,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import archs  # noqa: E402
+from dense_throughput import spread, timed  # noqa: E402  (interleaved, rotating order)
 
 from fc2conv import convolutionalize, receptive_field, sliding_window  # noqa: E402
-
-
-def timed(fns, repeats: int) -> tuple[list[list[float]], list[list[float]]]:
-    """(wall, CPU) seconds of ``repeats`` interleaved runs per function; repeat ``r`` starts
-    from function ``r mod n`` (a rotating order), so load from other processes on a shared
-    machine hits every function alike."""
-    wall: list[list[float]] = [[] for _ in fns]
-    cpu: list[list[float]] = [[] for _ in fns]
-    for r in range(repeats):
-        for k in range(len(fns)):
-            i = (r + k) % len(fns)
-            start, start_cpu = time.perf_counter(), time.process_time()
-            fns[i]()
-            wall[i].append(time.perf_counter() - start)
-            cpu[i].append(time.process_time() - start_cpu)
-    return wall, cpu
-
-
-def spread(values: list[float]) -> tuple[float, float, float]:
-    """(median, 10th, 90th percentile)."""
-    m, lo, hi = np.percentile(values, [50, 10, 90])
-    return float(m), float(lo), float(hi)
 
 
 def flops(fn) -> int:

@@ -55,6 +55,7 @@ from fc2conv.onnx.rules.shape_axes import (
     perm_of,
     reshape_axes,
 )
+from fc2conv.onnx.rules.shape_axes import groups as regroups
 from fc2conv.onnx.rules.shape_probe import Probe
 from fc2conv.onnx.weights import linear_to_conv_kernel
 
@@ -892,24 +893,9 @@ class AnePass:
         assert t.perm is not None
         if not all(isinstance(d, int) and d > 0 for d in (*sx, *so)) or len(sx) != len(t.perm):
             return False
-        groups: list[tuple[list[int], list[int]]] = []
-        i = j = 0
-        while i < len(sx) or j < len(so):
-            if i == len(sx) or j == len(so):
-                return False
-            ins, outs = [i], [j]
-            a, b = sx[i], so[j]
-            i, j = i + 1, j + 1
-            while a != b:
-                if a < b and i < len(sx):
-                    a, i = a * sx[i], i + 1
-                    ins.append(i - 1)
-                elif b < a and j < len(so):
-                    b, j = b * so[j], j + 1
-                    outs.append(j - 1)
-                else:
-                    return False
-            groups.append((ins, outs))
+        groups = regroups(sx, so)
+        if groups is None:
+            return False
         if any(t.perm[g[0][k]] != t.perm[g[0][0]] + k for g in groups for k in range(len(g[0]))):
             return False
         phys: list[int] = []

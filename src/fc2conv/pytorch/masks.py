@@ -16,7 +16,7 @@ model computes the same function, without the mask's two passes.
 
 The proof that ``M`` is all True, for every size the model accepts (never a look at one
 example's values): interval arithmetic over the integer values that feed it. Sizes
-(``sym_size``, ``size``) lie in ``[0, inf)``; ``arange(start, end, step > 0)`` in
+(``sym_size``, ``size``, ``shape``) lie in ``[0, inf)``; ``arange(start, end, step > 0)`` in
 ``[start, end)``; ``add``/``sub`` add the intervals; reshapes, expands, slices, selections
 and integer casts keep them. ``x >= c`` is all True when ``lo(x) >= hi(c)`` (``>``, ``<=``,
 ``<`` alike); ``&`` of all-True masks is all True, ``|`` with one is; ``ones``/``full(True)``
@@ -68,7 +68,7 @@ def bounds(value: Any, depth: int = 0) -> Bounds:
         return _UNKNOWN
     name = name_of(value)
     args = list(value.args)
-    if name in _SIZES:
+    if name in _SIZES or (name == "getattr" and args[1:2] == ["shape"]):
         return 0.0, math.inf
     if name == "arange":
         return _arange(args, dict(value.kwargs), depth)

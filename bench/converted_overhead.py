@@ -8,7 +8,7 @@ both alike.
     PYTHONPATH=src python bench/converted_overhead.py --realistic      # BERT-base, Llama-like
     PYTHONPATH=src python bench/converted_overhead.py --device cuda --tf32 both --quick
     PYTHONPATH=src python bench/converted_overhead.py --device cuda --tf32 both --realistic
-    PYTHONPATH=src python bench/converted_overhead.py --profile        # self time per aten op
+    PYTHONPATH=src python bench/converted_overhead.py --profile --only "zoo vit" --threads 1
     PYTHONPATH=src python bench/converted_overhead.py --variants       # forms the pass could pick
     PYTHONPATH=src python bench/converted_overhead.py --quick --plain  # + plain Conv2d calls
     PYTHONPATH=src python bench/converted_overhead.py --quick --plain --threads 1  # shared CPU
@@ -238,31 +238,39 @@ def _conv_as_matmul(conv: torch.nn.Conv2d) -> Callable[[torch.Tensor], torch.Ten
 
 
 @torch.no_grad()
-def profile(device: torch.device, batch: int, length: int) -> None:
-    """Where the converted BERT-base-like model loses time: torch.profiler's self time per
-    aten op, original and converted, side by side (one profiled run of 3 calls each)."""
+def profile(name: str, model: Any, inputs: tuple, device: torch.device, calls: int) -> None:
+    """Where the converted model loses time: torch.profiler's calls and self time per aten op
+    and per call of the model, original and converted side by side, joined by op (``calls``
+    profiled calls each, after two warm-up calls). Ops the converted model calls more often
+    than the original are what the conversion adds."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    name, (model, inputs) = next(iter(realistic(device, batch, length).items()))
     model = model.to(device).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         conv = to_conv(model, inputs, verify=False).to(device)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    tables = []
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    tables: list[dict[str, tuple[float, float]]] = []
     for m in (model, conv):
         m(*inputs)
+        m(*inputs)
         with torch_profile(activities=acts) as prof:
-            for _ in range(3):
+            for _ in range(calls):
                 m(*inputs)
-        key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-        rows = sorted(prof.key_averages(), key=lambda e: -getattr(e, key, 0))[:12]
-        tables.append([(e.key, getattr(e, key, 0) / 3e3) for e in rows])
-    print(f"{name}: self time per call (ms), top ops")
-    print(f"{'original':40} {'ms':>8}   {'to_conv':40} {'ms':>8}")
-    for (ka, ta), (kb, tb) in zip(*tables, strict=False):
-        print(f"{ka[:40]:40} {ta:>8.2f}   {kb[:40]:40} {tb:>8.2f}")
+        tables.append({e.key: (e.count / calls, getattr(e, key, 0) / calls / 1e3)
+                       for e in prof.key_averages()})
+    ops = sorted(set(tables[0]) | set(tables[1]),
+                 key=lambda k: -max(t.get(k, (0, 0))[1] for t in tables))
+    print(f"{name}: per call of the model, {calls} calls profiled")
+    print(f"{'op':44} {'orig calls':>10} {'ms':>8} {'conv calls':>10} {'ms':>8}")
+    for op in ops[:30]:
+        (na, ta), (nb, tb) = (t.get(op, (0.0, 0.0)) for t in tables)
+        print(f"{op[:44]:44} {na:>10.0f} {ta:>8.3f} {nb:>10.0f} {tb:>8.3f}")
+    totals = [(sum(n for n, _ in t.values()), sum(ms for _, ms in t.values())) for t in tables]
+    print(f"{'all ops':44} {totals[0][0]:>10.0f} {totals[0][1]:>8.3f} {totals[1][0]:>10.0f} "
+          f"{totals[1][1]:>8.3f}")
 
 
 def set_tf32(on: bool) -> None:
@@ -300,8 +308,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                         help="also time the converted model with plain Conv calls (each 1x1 "
                         "conv never runs as F.linear), interleaved with the other two")
     parser.add_argument("--profile", action="store_true",
-                        help="only the BERT-base-like model: torch.profiler self time per op, "
-                        "original and converted")
+                        help="torch.profiler calls and self time per op, original and "
+                        "converted, for the models chosen (--only, --quick, --realistic)")
     parser.add_argument("--variants", action="store_true",
                         help="only the BERT-base-like model: the converted graph's variants "
                         "(Conv1d, channels_last, SDPA instead of channel_attention)")
@@ -346,7 +354,9 @@ def main(argv: list[str] | None = None) -> None:
           f"tf32 {'/'.join(settings)}, load {os.getloadavg()[0]:.1f}")
     set_tf32(settings[0] == "on")
     if args.profile:
-        profile(device, args.batch, args.length)
+        for name, build in all_cases(args, device).items():
+            model, inputs = build()
+            profile(name, model, inputs, device, 50 if "zoo" in name else 3)
         return
     if args.variants:
         variants(device, args.batch, args.length, args.rounds or 10, sync)

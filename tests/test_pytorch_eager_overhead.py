@@ -142,6 +142,10 @@ def test_exported_graph_calls_aten_directly_with_the_same_result() -> None:
     assert direct[0] == 0 < through[0]
     assert torch.equal(got, want)  # the same ops in the same order: bit for bit
     assert_matches_reference(got, model, y)
+    conv.recompile()  # what a later pass (or pickling) does: still direct after it
+    with _overload_calls() as after:
+        again = conv(y)
+    assert after[0] == 0 and torch.equal(again, got)
 
 
 @torch.no_grad()

@@ -14,8 +14,9 @@ source, each ``torch.ops.<ns>.<op>.<overload>(`` replaced by a global bound to t
 for bit. It runs in eager PyTorch; while a graph is being captured
 (:func:`~fc2conv.core.pointwise_conv.capturing`: dynamo cannot trace the C++ entry points, and
 ``torch.export`` and the ONNX exporters should record what fx wrote) the standard forward
-runs. The graph, ``gm.code``, printing and pickling are untouched; a ``recompile()`` or a
-deepcopy gives back the standard forward (correct, without the saving).
+runs. The graph, ``gm.code``, printing and pickling are fx's own; a ``recompile()`` installs
+the direct calls of the new code, and a deepcopy gives back fx's forward (correct, without the
+saving).
 """
 
 from __future__ import annotations
@@ -78,4 +79,14 @@ def install_direct_calls(gm: fx.GraphModule) -> int:
         return fast(self, *args, **kwargs)
 
     cls.forward = forward  # type: ignore[method-assign]
+    if "_fc2conv_direct" not in cls.__dict__:  # a later recompile() (pickling makes one) or
+        standard_recompile = cls.recompile  # pass installs the direct calls of its new code
+
+        def recompile(self: fx.GraphModule) -> Any:
+            code = standard_recompile(self)
+            install_direct_calls(self)
+            return code
+
+        cls.recompile = recompile  # type: ignore[method-assign]
+        cls._fc2conv_direct = True  # type: ignore[attr-defined]
     return count

@@ -36,6 +36,8 @@ def _mask(kind: str, b: int, s: int, device: torch.device) -> torch.Tensor:
         return (idx[:, None] >= idx[None, :])[None, None].expand(b, -1, s, s)
     if kind == "from_one":  # key 0 masked out: arange(S) - 1 >= 0 is not provable
         return ((idx - 1)[None, None, None, :] >= 0).expand(b, -1, s, s)
+    if kind == "trunc":  # int(0 + 0.5) = 0 < 0.5: key 0 masked out by the cast's truncation
+        return ((idx + 0.5).long()[None, None, None, :] >= 0.5).expand(b, -1, s, s)
     raise AssertionError(kind)
 
 
@@ -69,7 +71,8 @@ def _masks(gm: torch.fx.GraphModule) -> list[object]:
     return found
 
 
-DROPPED = {"hf": True, "ones": True, "and": True, "causal": False, "from_one": False}
+DROPPED = {"hf": True, "ones": True, "and": True, "causal": False, "from_one": False,
+           "trunc": False}
 
 
 @pytest.mark.parametrize("capture", ["fx", "export"])

@@ -17,10 +17,11 @@ model computes the same function, without the mask's two passes.
 The proof that ``M`` is all True, for every size the model accepts (never a look at one
 example's values): interval arithmetic over the integer values that feed it. Sizes
 (``sym_size``, ``size``, ``shape``) lie in ``[0, inf)``; ``arange(start, end, step > 0)`` in
-``[start, end)``; ``add``/``sub`` add the intervals; reshapes, expands, slices, selections
-and integer casts keep them. ``x >= c`` is all True when ``lo(x) >= hi(c)`` (``>``, ``<=``,
-``<`` alike); ``&`` of all-True masks is all True, ``|`` with one is; ``ones``/``full(True)``
-of bool dtype are. Anything else is unknown, and the mask stays.
+``[start, end)``; ``add``/``sub`` add the intervals; reshapes, expands, slices and selections
+keep them, and a cast to an integer type widens them to whole numbers. ``x >= c`` is all True
+when ``lo(x) >= hi(c)`` (``>``, ``<=``, ``<`` alike); ``&`` of all-True masks is all True,
+``|`` with one is; ``ones``/``full(True)`` of bool dtype are. Anything else is unknown, and
+the mask stays.
 """
 
 from __future__ import annotations
@@ -77,8 +78,10 @@ def bounds(value: Any, depth: int = 0) -> Bounds:
         return (lx + ly, hx + hy) if name == "add" else (lx - hy, hx - ly)
     if name in _SUBSET and args:
         return bounds(args[0], depth + 1)
-    if name in _CASTS and args and _keeps_integers(value):
-        return bounds(args[0], depth + 1)
+    if name in _CASTS and args and _keeps_integers(value):  # truncation stays in these
+        lo, hi = bounds(args[0], depth + 1)
+        return math.floor(lo) if math.isfinite(lo) else lo, \
+            math.ceil(hi) if math.isfinite(hi) else hi
     return _UNKNOWN
 
 

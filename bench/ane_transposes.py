@@ -17,15 +17,12 @@ fixed by the model, so only the batch changes there).
 from __future__ import annotations
 
 import argparse
-import io
 import time
-import warnings
 from collections import Counter
 
 import numpy as np
 import onnx
 import onnxruntime as ort
-import torch
 import zoo_models
 
 from fc2conv.onnx import convert
@@ -34,39 +31,11 @@ FAMILIES = ("bert", "distilbert", "roberta", "vit", "whisper_encoder", "t5_encod
 SIZES = ((2, 8), (3, 11), (1, 5))
 
 
-class _Logits(torch.nn.Module):
-    def __init__(self, model: torch.nn.Module, names: list[str]) -> None:
-        super().__init__()
-        self.model, self.names = model, names
-
-    def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        return zoo_models.logits(self.model(**dict(zip(self.names, args, strict=True))))
-
-
 def export(name: str, exporter: str) -> onnx.ModelProto:
-    zoo = zoo_models.ZOO[name]
-    model = zoo.build()
-    if hasattr(model.config, "use_cache"):
-        model.config.use_cache = False
-    draw = zoo.draw(0)
-    names = list(draw)
-    wrapped = _Logits(model, names)
-    dims = {0: "batch", 1: "length"} if zoo.family == "text" else {0: "batch"}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if exporter == "dynamo":
-            shapes = {i: torch.export.Dim(label, min=1 if i == 0 else 2, max=48)
-                      for i, label in dims.items()}
-            program = torch.onnx.export(wrapped, tuple(draw.values()), dynamo=True,
-                                        dynamic_shapes=(tuple(shapes for _ in names),),
-                                        input_names=names, verbose=False)
-            assert program is not None
-            return program.model_proto
-        buf = io.BytesIO()
-        torch.onnx.export(wrapped, tuple(draw.values()), buf, dynamo=False, input_names=names,
-                          dynamic_axes=dict.fromkeys(names, dims) if exporter == "legacy"
-                          else None)
-        return onnx.load_from_string(buf.getvalue())
+    """``static`` (legacy exporter, fixed shapes), ``legacy`` or ``dynamo`` (dynamic shapes)."""
+    if exporter == "static":
+        return zoo_models.export_onnx(name, "legacy")[0]
+    return zoo_models.export_onnx(name, exporter, dynamic=True)[0]
 
 
 def _session(m: onnx.ModelProto) -> ort.InferenceSession:

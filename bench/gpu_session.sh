@@ -30,7 +30,9 @@ if [[ $part == 1 || $part == all ]]; then
   step dense_monai_cuda 60 python3 bench/dense_monai.py --device cuda
 fi
 if [[ $part == 2 || $part == all ]]; then
-  step overhead_tf32_on 70 python3 bench/converted_overhead.py --device cuda --tf32 on --realistic
-  step overhead_tf32_off 70 python3 bench/converted_overhead.py --device cuda --tf32 off --realistic
-  step overhead_zoo_cuda 70 python3 bench/converted_overhead.py --device cuda --tf32 off --quick
+  # converted / original on CUDA, TF32 on and off side by side (each row's two settings share
+  # one conversion); ORT's CUDA provider when this onnxruntime has one (else a one-line skip)
+  step overhead_realistic_cuda 120 python3 bench/converted_overhead.py --device cuda --tf32 both --realistic
+  step overhead_zoo_cuda 120 python3 bench/converted_overhead.py --device cuda --tf32 both --quick
+  step onnx_overhead_cuda 120 python3 bench/onnx_overhead.py --device cuda --tf32 both --quick
 fi

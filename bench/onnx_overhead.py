@@ -5,7 +5,7 @@ the default, and ``ane``).
 
     PYTHONPATH=src python bench/onnx_overhead.py                  # CPU, zoo + realistic sizes
     PYTHONPATH=src python bench/onnx_overhead.py --quick          # zoo sizes only
-    PYTHONPATH=src python bench/onnx_overhead.py --device cuda    # CUDAExecutionProvider
+    PYTHONPATH=src python bench/onnx_overhead.py --device cuda --tf32 both --quick  # CUDA EP
     PYTHONPATH=src python bench/onnx_overhead.py --quick --profile --only "zoo bert"
     PYTHONPATH=src python bench/onnx_overhead.py --quick --threads 1   # both sessions 1 thread
 
@@ -17,6 +17,11 @@ back-to-back runs, so a 0.1 ms graph is timed over milliseconds; the order flips
 with the 25th-75th percentile of the per-sample ratios; ``cpu`` the same for CPU time
 (``time.process_time``: the process's threads together, less sensitive to a loaded machine
 than wall time when ``--threads 1``).
+
+``--device cuda`` runs both sessions on onnxruntime's ``CUDAExecutionProvider``; ``--tf32
+on|off|both`` sets its ``use_tf32`` option (``both``: a row with each, the same graphs). An
+onnxruntime without that provider prints why and exits 0 (the CPU-only wheel has none); on
+CPU the TF32 column says ``n/a``.
 
 ``--profile``: after the timings, onnxruntime's own profiler (``SessionOptions.enable_profiling``)
 on each graph: the milliseconds per op type as onnxruntime ran them (after its graph
@@ -43,6 +48,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -126,7 +132,7 @@ def spread(ta: list[float], tb: list[float]) -> str:
     return f"{statistics.median(tb) / statistics.median(ta):.2f}x [{q1:.2f}-{q3:.2f}]"
 
 
-def ort_graph(model: onnx.ModelProto, opts: ort.SessionOptions, providers: list[str]
+def ort_graph(model: onnx.ModelProto, opts: ort.SessionOptions, providers: list[Any]
               ) -> collections.Counter[str]:
     """Op types of the graph onnxruntime runs (after its optimizer), counted."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -139,7 +145,7 @@ def ort_graph(model: onnx.ModelProto, opts: ort.SessionOptions, providers: list[
         return collections.Counter(n.op_type for n in onnx.load(path).graph.node)
 
 
-def op_times(model: onnx.ModelProto, feeds: dict, providers: list[str], threads: int = 0,
+def op_times(model: onnx.ModelProto, feeds: dict, providers: list[Any], threads: int = 0,
              runs: int = 20) -> dict[str, float]:
     """Milliseconds per run spent in each op type, from onnxruntime's profiler: the sum over
     the op type's nodes of each node's median over ``runs`` runs (``runs`` more warm up)."""
@@ -176,9 +182,20 @@ def print_profile(name: str, columns: dict[str, dict[str, float]]) -> None:
     print("  " + f"{'total':28}" + "".join(f"{sum(c.values()):>16.3f}" for c in columns.values()))
 
 
-def main() -> None:
+def providers_for(device: str, tf32: str) -> list[str | tuple[str, dict[str, str]]]:
+    """onnxruntime's providers for ``device``: the CUDA provider with ``use_tf32`` set (``tf32``
+    ``on``/``off``) ahead of the CPU provider, or the CPU provider alone."""
+    if device != "cuda":
+        return ["CPUExecutionProvider"]
+    return [("CUDAExecutionProvider", {"use_tf32": "1" if tf32 == "on" else "0"}),
+            "CPUExecutionProvider"]
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--tf32", choices=("on", "off", "both"), default="off",
+                        help="the CUDA provider's use_tf32; both: a row with each")
     parser.add_argument("--quick", action="store_true", help="zoo sizes only")
     parser.add_argument("--rounds", type=int, default=0,
                         help="interleaved samples per model (default: 60 zoo, 12 realistic)")
@@ -190,17 +207,16 @@ def main() -> None:
                         help="also print onnxruntime's time per op type for each graph")
     parser.add_argument("--only", action="append", default=[],
                         help="run only these models (by the name in the first column)")
-    args = parser.parse_args()
-    providers = ["CPUExecutionProvider"]
-    if args.device == "cuda":
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise SystemExit(f"onnxruntime {ort.__version__} here has no CUDAExecutionProvider "
-                             f"(available: {', '.join(ort.get_available_providers())}); "
-                             "install onnxruntime-gpu or run without --device cuda")
-        providers.insert(0, "CUDAExecutionProvider")
-    print(f"onnxruntime {ort.__version__}, providers {providers[0]}, "
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and "CUDAExecutionProvider" not in ort.get_available_providers():
+        print(f"onnxruntime {ort.__version__} here has no CUDAExecutionProvider (available: "
+              f"{', '.join(ort.get_available_providers())}); --device cuda skipped")
+        return
+    settings = (["on", "off"] if args.tf32 == "both" else [args.tf32]) \
+        if args.device == "cuda" else ["n/a"]
+    print(f"onnxruntime {ort.__version__}, {args.device}, tf32 {'/'.join(settings)}, "
           f"{args.threads or 'default'} intra-op threads, load {os.getloadavg()[0]:.1f}")
-    print(f"{'model':20} {'layout':14} {'Transpose':>9} {'ORT T':>7} {'ORT nodes':>9} "
+    print(f"{'model':20} {'layout':14} {'tf32':>4} {'Transpose':>9} {'ORT T':>7} {'ORT nodes':>9} "
           f"{'orig ms':>8} {'conv ms':>8} {'ratio [25-75%]':>18} {'cpu [25-75%]':>18} "
           f"{'max|diff|':>9}")
     opts = ort.SessionOptions()
@@ -211,30 +227,34 @@ def main() -> None:
             continue
         original = export(model, inputs, names)
         profiles: dict[str, dict[str, float]] = {}
+        providers = providers_for(args.device, settings[0])
         if args.profile:
             profiles["original"] = op_times(original, {
                 i.name: t.numpy() for i, t in zip(original.graph.input, inputs, strict=False)},
                 providers, args.threads)
         feeds = {i.name: t.numpy() for i, t in zip(original.graph.input, inputs, strict=False)}
-        base = ort.InferenceSession(original.SerializeToString(), opts, providers=providers)
-        want = base.run(None, feeds)[0]
         rounds = args.rounds or (60 if name.startswith("zoo") else 12)
         ops_a = ort_graph(original, opts, providers)
         for layout in args.layouts:
             converted, report = convert(original, "conv", layout=layout)
-            sess = ort.InferenceSession(converted.SerializeToString(), opts, providers=providers)
-            diff = float(np.abs(sess.run(None, feeds)[0] - want).max())
             ops_b = ort_graph(converted, opts, providers)
-            sa, sb, _ = sample_times(lambda s=base, f=feeds: s.run(None, f),
-                                     lambda s=sess, f=feeds: s.run(None, f), rounds)
-            wa, wb = [w for w, _ in sa], [w for w, _ in sb]
-            moves = f"{report.transposes_before}->{report.transposes_after}"
-            ort_t = f"{ops_a['Transpose']}->{ops_b['Transpose']}"
-            nodes = f"{sum(ops_a.values())}->{sum(ops_b.values())}"
-            print(f"{name:20} {layout:14} {moves:>9} {ort_t:>7} {nodes:>9} "
-                  f"{statistics.median(wa) * 1e3:>8.3f} {statistics.median(wb) * 1e3:>8.3f} "
-                  f"{spread(wa, wb):>18} {spread([c for _, c in sa], [c for _, c in sb]):>18} "
-                  f"{diff:>9.2g}", flush=True)
+            for tf32 in settings:
+                providers = providers_for(args.device, tf32)
+                base, sess = (ort.InferenceSession(m.SerializeToString(), opts,
+                                                   providers=providers)
+                              for m in (original, converted))
+                diff = float(np.abs(sess.run(None, feeds)[0] - base.run(None, feeds)[0]).max())
+                sa, sb, _ = sample_times(lambda s=base, f=feeds: s.run(None, f),
+                                         lambda s=sess, f=feeds: s.run(None, f), rounds)
+                wa, wb = [w for w, _ in sa], [w for w, _ in sb]
+                moves = f"{report.transposes_before}->{report.transposes_after}"
+                ort_t = f"{ops_a['Transpose']}->{ops_b['Transpose']}"
+                nodes = f"{sum(ops_a.values())}->{sum(ops_b.values())}"
+                print(f"{name:20} {layout:14} {tf32:>4} {moves:>9} {ort_t:>7} {nodes:>9} "
+                      f"{statistics.median(wa) * 1e3:>8.3f} {statistics.median(wb) * 1e3:>8.3f} "
+                      f"{spread(wa, wb):>18} "
+                      f"{spread([c for _, c in sa], [c for _, c in sb]):>18} "
+                      f"{diff:>9.2g}", flush=True)
             if args.profile:
                 profiles[layout] = op_times(converted, feeds, providers, args.threads)
         if args.profile:

@@ -8,9 +8,7 @@ other than the export's, against the float64 PyTorch model."""
 from __future__ import annotations
 
 import functools
-import io
 import os
-import warnings
 from collections import Counter
 
 import numpy as np
@@ -20,7 +18,7 @@ import pytest
 import torch
 import zoo_models
 from _onnx_helpers import F32_EPS
-from test_onnx_layout_zoo import BOUNDS, _Logits
+from test_onnx_layout_zoo import BOUNDS
 
 import fc2conv
 from fc2conv.onnx import convert
@@ -30,35 +28,9 @@ SIZES = ((3, 11), (1, 5))
 LAYOUT_OPS = ("Transpose", "Reshape", "Flatten")
 
 
-def _dynamic_dims(zoo: zoo_models.ZooModel) -> dict[int, str]:
-    """Batch, and the sequence length of text (an image's or Whisper's length is fixed)."""
-    return {0: "batch", 1: "length"} if zoo.family == "text" else {0: "batch"}
-
-
 @functools.cache
 def _export(name: str, exporter: str) -> tuple[onnx.ModelProto, list[str]]:
-    zoo = zoo_models.ZOO[name]
-    model = zoo.build()
-    if hasattr(model.config, "use_cache"):
-        model.config.use_cache = False
-    draw = zoo.draw(0)
-    names = list(draw)
-    wrapped = _Logits(model, names)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if exporter == "legacy":
-            buf = io.BytesIO()
-            torch.onnx.export(wrapped, tuple(draw.values()), buf, dynamo=False,
-                              input_names=names,
-                              dynamic_axes=dict.fromkeys(names, _dynamic_dims(zoo)))
-            return onnx.load_from_string(buf.getvalue()), names
-        dims = {i: torch.export.Dim(label, min=1 if i == 0 else 2, max=48)
-                for i, label in _dynamic_dims(zoo).items()}
-        program = torch.onnx.export(wrapped, tuple(draw.values()), dynamo=True,
-                                    dynamic_shapes=(tuple(dims for _ in names),),
-                                    input_names=names, verbose=False)
-        assert program is not None
-        return program.model_proto, names
+    return zoo_models.export_onnx(name, exporter, dynamic=True)
 
 
 def _sizes(name: str) -> list[tuple[int, int]]:
@@ -72,7 +44,7 @@ def _check(m: onnx.ModelProto, graphs: list[onnx.ModelProto], name: str,
     the float64 PyTorch model, within the float32 rounding bound of the deepest dot products
     (as the static test)."""
     zoo = zoo_models.ZOO[name]
-    model = _Logits(zoo.build(), names).double()
+    model = zoo_models.Logits(zoo.build(), names).double()
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     sessions = [ort.InferenceSession(g.SerializeToString(), opts,

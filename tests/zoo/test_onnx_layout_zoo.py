@@ -7,8 +7,6 @@ export and is equivalent to it."""
 from __future__ import annotations
 
 import functools
-import io
-import warnings
 from collections import Counter
 
 import numpy as np
@@ -33,28 +31,9 @@ BOUNDS = {
 }
 
 
-class _Logits(torch.nn.Module):
-    def __init__(self, model: torch.nn.Module, names: list[str]) -> None:
-        super().__init__()
-        self.model, self.names = model, names
-
-    def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        return zoo_models.logits(self.model(**dict(zip(self.names, args, strict=True))))
-
-
 @functools.cache
 def _export(name: str) -> tuple[onnx.ModelProto, list[str]]:
-    zoo = zoo_models.ZOO[name]
-    model = zoo.build()
-    if hasattr(model.config, "use_cache"):
-        model.config.use_cache = False
-    draw = zoo.draw(0)
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(_Logits(model, list(draw)), tuple(draw.values()), buf, dynamo=False,
-                          input_names=list(draw))
-    return onnx.load_from_string(buf.getvalue()), list(draw)
+    return zoo_models.export_onnx(name, "legacy")
 
 
 def _check_equivalent(m: onnx.ModelProto, conv: onnx.ModelProto, name: str,
@@ -63,7 +42,7 @@ def _check_equivalent(m: onnx.ModelProto, conv: onnx.ModelProto, name: str,
     reference: onnx's reference evaluator cannot run these exports), within the float32
     rounding bound of the deepest dot products; the original graph meets the same bound."""
     zoo = zoo_models.ZOO[name]
-    model = _Logits(zoo.build(), names).double()
+    model = zoo_models.Logits(zoo.build(), names).double()
     for seed in (1, 2):
         draw = zoo.draw(seed)
         with torch.no_grad():

@@ -19,15 +19,6 @@ CASES = [("bert", False), ("bert", True), ("distilbert", False), ("gpt2", True),
          ("t5_encoder", False)]
 
 
-class _Positional(torch.nn.Module):
-    def __init__(self, model: torch.nn.Module, names: list[str]) -> None:
-        super().__init__()
-        self.model, self.names = model, names
-
-    def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        return zm.logits(self.model(**dict(zip(self.names, args, strict=True))))
-
-
 def export(name: str, dynamo: bool, folder: Path) -> Path:
     """Zoo model ``name`` exported to ONNX with the chosen torch exporter."""
     entry = zm.ZOO[name]
@@ -36,7 +27,7 @@ def export(name: str, dynamo: bool, folder: Path) -> Path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         extra = {} if dynamo else {"opset_version": 17}
-        torch.onnx.export(_Positional(entry.build(0), list(kw)), tuple(kw.values()), str(path),
+        torch.onnx.export(zm.Logits(entry.build(0), list(kw)), tuple(kw.values()), str(path),
                           input_names=list(kw), dynamo=dynamo, **extra)
     return path
 

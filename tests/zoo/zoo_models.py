@@ -257,6 +257,69 @@ def logits(out: Any) -> torch.Tensor:
     raise TypeError(f"no tensor in {type(out).__name__}")
 
 
+class Logits(nn.Module):
+    """A zoo model called with positional inputs, as ``torch.onnx.export`` passes them:
+    ``logits(model(**dict(zip(names, args))))``, the model's main output tensor."""
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        super().__init__()
+        self.model, self.names = model, names
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        return logits(self.model(**dict(zip(self.names, args, strict=True))))
+
+
+def dynamic_dims(name: str) -> dict[int, str]:
+    """The input axes an export may leave dynamic: the batch, and the sequence length of text
+    (an image's size and Whisper's frame count are fixed by the model; a seq2seq model's two
+    lengths differ, so only its batch)."""
+    return {0: "batch", 1: "length"} if ZOO[name].family == "text" else {0: "batch"}
+
+
+def export_onnx(name: str, exporter: str = "legacy", dynamic: bool = False, *,
+                opset: int | None = None) -> tuple[Any, list[str]]:
+    """Zoo model ``name`` (``build()``, ``use_cache`` off) exported to ONNX at ``draw(0)``'s
+    shapes, wrapped in :class:`Logits`; returns the ``onnx.ModelProto`` and the input names.
+
+    ``exporter``: ``"legacy"`` (``torch.onnx.export(dynamo=False)``; ``dynamic`` gives
+    ``dynamic_axes`` over :func:`dynamic_dims`) or ``"dynamo"`` (``dynamo=True``; ``dynamic``
+    gives ``dynamic_shapes`` with ``torch.export.Dim`` sizes batch in [1, 48], length in
+    [2, 48]). ``opset`` is passed through when given. Warnings of the exporters are silenced.
+    """
+    import io
+    import warnings
+
+    import onnx
+
+    if exporter not in ("legacy", "dynamo"):
+        raise ValueError(f"exporter is 'legacy' or 'dynamo', not {exporter!r}")
+    zoo = ZOO[name]
+    model = zoo.build()
+    if hasattr(getattr(model, "config", None), "use_cache"):
+        model.config.use_cache = False
+    draw = zoo.draw(0)
+    names = list(draw)
+    wrapped, args = Logits(model, names), tuple(draw.values())
+    extra: dict[str, Any] = {} if opset is None else {"opset_version": opset}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if exporter == "dynamo":
+            shapes = None
+            if dynamic:
+                dims = {i: torch.export.Dim(label, min=1 if i == 0 else 2, max=48)
+                        for i, label in dynamic_dims(name).items()}
+                shapes = (tuple(dims for _ in names),)
+            program = torch.onnx.export(wrapped, args, dynamo=True, dynamic_shapes=shapes,
+                                        input_names=names, verbose=False, **extra)
+            assert program is not None
+            return program.model_proto, names
+        buf = io.BytesIO()
+        torch.onnx.export(wrapped, args, buf, dynamo=False, input_names=names,
+                          dynamic_axes=dict.fromkeys(names, dynamic_dims(name)) if dynamic
+                          else None, **extra)
+        return onnx.load_from_string(buf.getvalue()), names
+
+
 FOREIGN_DIR = Path(__file__).resolve().parent / "foreign"
 
 Draw = tuple[dict[str, np.ndarray], dict[str, np.ndarray]]

@@ -26,6 +26,7 @@ from fc2conv.core.layers import conv_class, linear_to_conv
 from fc2conv.core.provenance import mark
 from fc2conv.errors import Fc2ConvError, wrap
 from fc2conv.pytorch.attention import attention_pass
+from fc2conv.pytorch.direct_calls import install_direct_calls
 from fc2conv.pytorch.layout import (
     ChannelLayerNorm,
     Move,
@@ -34,6 +35,7 @@ from fc2conv.pytorch.layout import (
     last_to_channels,
     relayout,
 )
+from fc2conv.pytorch.masks import drop_true_masks
 from fc2conv.pytorch.matmuls import normalize_matmuls
 from fc2conv.pytorch.ops import (
     attr_of,
@@ -132,6 +134,7 @@ def to_conv(model: nn.Module | torch.export.ExportedProgram, example_inputs: Any
     record_shapes(gm, inputs)
     retarget_aliases(gm)
     drop_full_slices(gm.graph)
+    drop_true_masks(gm)  # a mask eager PyTorch would skip (a captured all-True SDPA mask)
     if normalize_matmuls(gm):
         record_shapes(gm, inputs)
     seq_last = layout != "height"
@@ -205,6 +208,7 @@ def to_conv(model: nn.Module | torch.export.ExportedProgram, example_inputs: Any
     gm = finish(gm)
     share_storage(gm, made)
     restore_modules(gm, model)
+    install_direct_calls(gm)  # eager: aten ops without OpOverload's Python frame
     for name, conv in converted.items():
         log.info("%s -> %s", name, describe(conv))
     self_check(original, gm, inputs, "to_conv result")

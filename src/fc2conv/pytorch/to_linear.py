@@ -24,6 +24,7 @@ from fc2conv.core.layers import conv_to_linear
 from fc2conv.core.positionwise import elementwise
 from fc2conv.core.provenance import mark, source_of
 from fc2conv.pytorch.attention import sdpa_pass
+from fc2conv.pytorch.direct_calls import install_direct_calls
 from fc2conv.pytorch.layout import (
     ChannelLayerNorm,
     Move,
@@ -243,6 +244,7 @@ def to_linear(model: nn.Module | torch.export.ExportedProgram, example_inputs: A
     gm = finish(gm)
     share_storage(gm, made)
     restore_modules(gm, model)
+    install_direct_calls(gm)  # eager: aten ops without OpOverload's Python frame
     self_check(original, gm, inputs, "to_linear result")
     return gm
 

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from fc2conv.dense import model as dmodel
+from fc2conv.dense.batch import Chunk, batch_size, batches, run_batch
 from fc2conv.dense.plan import TilePlan, chunk_cells, default_tile, plan_tiles
 from fc2conv.dense.readers import Reader, open_image
 from fc2conv.dense.schedule import DenseArray, LocalScheduler, scheduled
@@ -86,7 +87,8 @@ def dense_map(model: Any, image: Any, *, input_shape: Sequence[int] | None = Non
               level: int = 0, mean: float | Sequence[float] | None = None,
               std: float | Sequence[float] | None = None, argmax: bool = False,
               overwrite: bool = False, threads: int | None = None,
-              progress: Progress | None = None, fuse: bool = True) -> Any:
+              progress: Progress | None = None, fuse: bool = True,
+              batch: int | None = None) -> Any:
     """The dense score map ``(K, *out_spatial)`` of ``model`` on ``image`` ``(C, *spatial)``,
     equal to the untiled ``fcn(image[None])[0]`` and computed tile by tile with Dask.
 
@@ -110,6 +112,11 @@ def dense_map(model: Any, image: Any, *, input_shape: Sequence[int] | None = Non
     time (one chunk, or ``threads=1``) runs in the calling thread; more run on one pool the
     process reuses (:mod:`~fc2conv.dense.schedule`).
     ``progress(done, total)`` is called as chunks finish (first with the chunks skipped).
+    ``batch``: the most same-shaped tiles run as one batched model call
+    (:mod:`~fc2conv.dense.batch`; default: as many as the memory of a task holds, spread over
+    the tasks that run at once; 1: one call per tile). Local maps read from an image only; a
+    ``dask.distributed`` map keeps one task per chunk. Batched blocks equal unbatched ones up
+    to the rounding of torch's kernels (:func:`~fc2conv.dense.model.run_tiles`).
     ``fuse``: fold eval-mode BatchNorm into the conv before it (:mod:`~fc2conv.dense.fuse`,
     on a copy of the net; exact up to rounding); False runs the net's layers as they are.
 
@@ -157,16 +164,21 @@ def dense_map(model: Any, image: Any, *, input_shape: Sequence[int] | None = Non
                     "wastes less", tile_px, geo.size, len(plan))
     mean_a = _per_channel(mean, shape[0], "mean")
     std_a = _per_channel(std, shape[0], "std")
-    # Dask threads: no more than there are chunks; torch's threads share the cores among them
+    # Dask threads: no more than there are tasks; torch's threads share the cores among them
     # (set inside each task and restored, never process-wide)
     cores = n_threads  # ``threads`` caps the cores used, Dask's and torch's together
-    n_threads = min(n_threads, len(plan))
+    n_batch = 1 if distributed or not isinstance(source, Reader) else _batch(
+        geo, dev, plan, cores, batch)
+    tasks = len(plan) if n_batch == 1 else len(batches(_pending(plan, None), n_batch))
+    n_threads = min(n_threads, tasks)
     per_task = max(1, cores // n_threads)
-    log.info("dense map %s -> (%d, %s) in %d chunks of %s cells (tiles up to %s px)", shape,
-             geo.classes, geo.map_size, len(plan), cells, plan.max_tile())
+    log.info("dense map %s -> (%d, %s) in %d chunks of %s cells (tiles up to %s px), %d "
+             "tasks", shape, geo.classes, geo.map_size, len(plan), cells, plan.max_tile(),
+             tasks)
 
     if out is None and not distributed and progress is None:
-        return _lazy(plan, source, fcn, mean_a, std_a, dev, geo.classes, n_threads, per_task)
+        return _lazy(plan, source, fcn, mean_a, std_a, dev, geo.classes, n_threads, per_task,
+                     n_batch)
 
     store = None
     if out is not None:
@@ -207,7 +219,7 @@ def dense_map(model: Any, image: Any, *, input_shape: Sequence[int] | None = Non
                 close.close()
     else:
         result = _eager(plan, source, fcn, mean_a, std_a, dev, store, skipped, progress,
-                        None, geo.classes, n_threads, per_task)
+                        None, geo.classes, n_threads, per_task, n_batch)
     if store is not None:
         store.finish()
         return store.scores()
@@ -275,39 +287,42 @@ def _assemble(plan: TilePlan, blocks: dict[tuple[int, ...], Any], classes: int) 
 
 
 def _graph(plan: TilePlan, source: Reader, net: Any, mean: Any, std: Any, dev: str,
-           store: MapStore | None, per_task: int | None) -> tuple[str, dict[Any, Any]]:
-    """``(name, graph)``: one task per pending chunk, keyed ``(name, 0, *index)`` like the
-    blocks of a dask array, written as plain tuples ``(call,)``: whatever a task needs rides in
-    its partial, so Dask neither tokenizes (hashes) the image and net nor walks the arguments
-    (what ``dask.delayed`` + ``da.block`` did, milliseconds per call and per chunk)."""
+           store: MapStore | None, per_task: int | None, batch: int
+           ) -> tuple[str, dict[Any, Any], list[list[Chunk]]]:
+    """``(name, graph, batches)``: one task per batch of pending same-shaped chunks
+    (:mod:`~fc2conv.dense.batch`), keyed ``(name + '-batch', b)``, written as plain tuples
+    ``(call,)``: whatever a task needs rides in its partial, so Dask neither tokenizes (hashes)
+    the image and net nor walks the arguments (what ``dask.delayed`` + ``da.block`` did,
+    milliseconds per call and per chunk)."""
     name = f"fc2conv-dense-{uuid.uuid4().hex}"  # unique: tasks are not pure (they may write)
-    shared = functools.partial(_block, net=net, mean=mean, std=std, device=dev, store=store,
+    shared = functools.partial(run_batch, net=net, mean=mean, std=std, device=dev, store=store,
                                threads=per_task)
-    dsk: dict[Any, Any] = {}
-    for index, window, crop, origin in _pending(plan, store):
-        dsk[(name, 0, *index)] = (functools.partial(shared, source, window, crop=crop,
-                                                    index=index, origin=origin),)
-    return name, dsk
+    groups = batches(_pending(plan, store), batch)
+    dsk = {(f"{name}-batch", b): (functools.partial(shared, source, group),)
+           for b, group in enumerate(groups)}
+    return name, dsk, groups
 
 
 def _lazy(plan: TilePlan, source: Any, net: Any, mean: Any, std: Any, dev: str, classes: int,
-          workers: int, per_task: int) -> Any:
-    """The map as a dask array computed, by default, ``workers`` chunks at a time (one: in the
+          workers: int, per_task: int, batch: int) -> Any:
+    """The map as a dask array computed, by default, ``workers`` tasks at a time (one: in the
     calling thread) by :class:`~fc2conv.dense.schedule.LocalScheduler`."""
     if not isinstance(source, Reader):  # a dask array: its slices are graph dependencies
         blocks = dict(_tasks(plan, source, net, mean, std, dev, None, per_task))
         return scheduled(_assemble(plan, blocks, classes), workers)
-    name, dsk = _graph(plan, source, net, mean, std, dev, None, per_task)
+    name, dsk, groups = _graph(plan, source, net, mean, std, dev, None, per_task, batch)
     chunks = ((classes,), *(tuple(c.i1 - c.i0 for c in ax) for ax in plan.axes))
     where = {index: (slice(None), *(slice(c.i0, c.i1) for c in chunks))
              for index, chunks in plan.blocks()}
-    calls = [(where[tuple(key[2:])], task[0]) for key, task in dsk.items()]
-    return DenseArray.build(name, chunks, calls, list(dsk), workers)
+    calls = [([where[chunk[0]] for chunk in group], task[0])
+             for group, task in zip(groups, dsk.values(), strict=True)]
+    return DenseArray.build(name, chunks, calls, dsk, [[chunk[0] for chunk in group]
+                                                       for group in groups], workers)
 
 
 def _eager(plan: TilePlan, source: Any, net: Any, mean: Any, std: Any, dev: str,
            store: MapStore | None, skipped: int, progress: Progress | None, client: Any,
-           classes: int, threads: int = 1, per_task: int | None = None) -> Any:
+           classes: int, threads: int = 1, per_task: int | None = None, batch: int = 1) -> Any:
     """Compute every pending chunk now (writing it when ``store``), reporting progress."""
     import dask
     import dask.array as da
@@ -331,25 +346,28 @@ def _eager(plan: TilePlan, source: Any, net: Any, mean: Any, std: Any, dev: str,
         from dask.callbacks import Callback
 
         if plain:
-            _, dsk = _graph(plan, source, net, mean, std, dev, store, per_task)
-            keys = {k: tuple(k[2:]) for k in dsk}
+            _, dsk, groups = _graph(plan, source, net, mean, std, dev, store, per_task, batch)
+            members = {k: [chunk[0] for chunk in group]
+                       for k, group in zip(dsk, groups, strict=True)}
         else:
-            keys = {t.key: i for i, t in tasks}
+            members = {t.key: [i] for i, t in tasks}
 
         class _Count(Callback):  # type: ignore[misc]
             def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, worker_id: Any
                           ) -> None:
                 nonlocal done
-                if key in keys:
-                    done += 1
+                if key in members:
+                    done += len(members[key])
                     if progress is not None:
                         progress(done, total)
 
         local = LocalScheduler(threads)  # one at a time: in the calling thread
         with _Count():
             if plain:
-                values = local(dsk, list(keys))
-                results = {keys[k]: v for k, v in zip(keys, values, strict=True)}
+                values = local(dsk, list(members))
+                if store is None:  # each batch's blocks, in its chunks' order
+                    results = {i: block for k, v in zip(members, values, strict=True)
+                               for i, block in zip(members[k], v, strict=True)}
             else:
                 values = dask.compute(*[t for _, t in tasks], scheduler=local)
                 results = {i: v for (i, _), v in zip(tasks, values, strict=True)}
@@ -373,6 +391,20 @@ def _memory(dev: str) -> float:
     except (ValueError, OSError, AttributeError):
         avail = 8 * 2**30
     return float(min(2**30, avail / 8))
+
+
+def _batch(geo: dmodel.Geometry, dev: str, plan: TilePlan, cores: int, batch: int | None
+           ) -> int:
+    """Tiles per model call (:func:`~fc2conv.dense.batch.batch_size`): as many as fit the
+    memory of one of the tasks that run at once, at most ``batch`` when given."""
+    if batch is not None and int(batch) < 1:
+        raise Fc2ConvError(f"batch must be a positive number of tiles, got {batch}")
+    if len(plan) == 1 or batch == 1:
+        return 1
+    at_once = max(1, min(cores, len(plan)))
+    n = batch_size(geo.bytes_per_pixel, plan.max_tile(), _memory(dev) / at_once, len(plan),
+                   at_once)
+    return n if batch is None else min(n, int(batch))
 
 
 def _auto_tile(geo: dmodel.Geometry, dev: str, tasks_at_once: int) -> tuple[int, ...]:

@@ -390,27 +390,46 @@ def run_tile(net: Any, tile: np.ndarray, crop: tuple[tuple[int, int], ...],
              threads: int | None = None) -> np.ndarray:
     """Scores ``(K, *chunk)`` of one ``(C, *tile)`` input tile, cropped to ``crop``; with
     ``threads`` torch threads (restored afterwards)."""
+    return run_tiles(net, [tile], [crop], mean, std, device, threads)[0]
+
+
+@torch.inference_mode()
+def run_tiles(net: Any, tiles: Sequence[np.ndarray], crops: Sequence[tuple[tuple[int, int], ...]],
+              mean: np.ndarray | None, std: np.ndarray | None, device: str,
+              threads: int | None = None) -> list[np.ndarray]:
+    """Scores ``(K, *chunk)`` per tile of same-shaped ``(C, *tile)`` input tiles, run as ONE
+    batched call ``net(stack(tiles))`` (``(B, C, *tile)``), each cropped to its ``crop``.
+
+    What is guaranteed: every sample of a batch is the net on that tile alone, so each block
+    equals the unbatched :func:`run_tile` up to the rounding of torch's kernels. Whether it
+    is bitwise equal depends on the kernels: a kernel that computes each sample with the same
+    algorithm whatever the batch (CPU convolutions and pools with oneDNN off, measured) gives
+    identical bits; oneDNN's CPU convolutions and BLAS matmuls may block the work differently
+    for another batch size (last-bit differences, about one float32 ulp, were measured), and
+    so may cuDNN. Either way the stitched map stays within compare's rounding judgement of the
+    untiled run."""
     if isinstance(net, Program):
         net = load_program(net)
         device = _device_of(net, device)  # a worker pinned to its own GPU
     with torch_threads(threads if not device.startswith("cuda") else None):
-        return _run(net, tile, crop, mean, std, device)
+        return _run(net, tiles, crops, mean, std, device)
 
 
-def _input(tile: np.ndarray, mean: np.ndarray | None, std: np.ndarray | None, device: str
-           ) -> torch.Tensor:
-    """The ``(C, *tile)`` float32 input on ``device``: the pixels travel in their own dtype
+def _input(tiles: Sequence[np.ndarray], mean: np.ndarray | None, std: np.ndarray | None,
+           device: str) -> torch.Tensor:
+    """The ``(B, C, *tile)`` float32 input on ``device``: the pixels travel in their own dtype
     (uint8 moves 4x fewer bytes to a GPU), are cast there, and normalized in place once they
-    are a copy (the caller's array is never written)."""
+    are a copy (the caller's array is never written). One tile is not copied on the CPU."""
+    batch = tiles[0][None] if len(tiles) == 1 else np.stack(tiles)
     try:
-        raw = torch.from_numpy(np.ascontiguousarray(tile))
+        raw = torch.from_numpy(np.ascontiguousarray(batch))
     except TypeError:  # a dtype torch has no tensor for
-        raw = torch.from_numpy(np.asarray(tile, dtype=np.float32))
+        raw = torch.from_numpy(np.asarray(batch, dtype=np.float32))
     x = raw.to(device)
     if x.dtype != torch.float32:
         x = x.to(torch.float32)
-    owned = x.data_ptr() != raw.data_ptr()
-    shape = (-1,) + (1,) * (x.dim() - 1)
+    owned = x.data_ptr() != raw.data_ptr() or len(tiles) > 1  # a stack is a copy already
+    shape = (1, -1) + (1,) * (x.dim() - 2)
     if mean is not None:
         m = torch.from_numpy(mean).to(x.device).view(shape)
         x = x.sub_(m) if owned else x - m
@@ -421,13 +440,18 @@ def _input(tile: np.ndarray, mean: np.ndarray | None, std: np.ndarray | None, de
     return x
 
 
-def _run(net: Any, tile: np.ndarray, crop: tuple[tuple[int, int], ...],
-         mean: np.ndarray | None, std: np.ndarray | None, device: str) -> np.ndarray:
-    out = net(_input(tile, mean, std, device)[None])[0]
-    index = (slice(None),) + tuple(slice(j0, j1) for j0, j1 in crop)
-    block = out[index].float().cpu().numpy()
-    want = tuple(j1 - j0 for j0, j1 in crop)
-    if block.shape[1:] != want:
-        raise Fc2ConvError(f"a tile gave {tuple(out.shape[1:])} cells, fewer than the plan's "
-                           f"{want}: the model's geometry is not what its layers say")
-    return block
+def _run(net: Any, tiles: Sequence[np.ndarray], crops: Sequence[tuple[tuple[int, int], ...]],
+         mean: np.ndarray | None, std: np.ndarray | None, device: str) -> list[np.ndarray]:
+    out = net(_input(tiles, mean, std, device))
+    host = out.float().cpu().numpy()  # one transfer for the whole batch
+    blocks = []
+    for b, crop in enumerate(crops):
+        index = (b, slice(None)) + tuple(slice(j0, j1) for j0, j1 in crop)
+        block = host[index]
+        want = tuple(j1 - j0 for j0, j1 in crop)
+        if block.shape[1:] != want:
+            raise Fc2ConvError(f"a tile gave {tuple(out.shape[2:])} cells, fewer than the "
+                               f"plan's {want}: the model's geometry is not what its layers "
+                               f"say")
+        blocks.append(block)
+    return blocks

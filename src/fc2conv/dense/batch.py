@@ -53,7 +53,8 @@ def batch_size(bytes_per_pixel: float, tile: Sequence[int], budget: float, chunk
 
 def batches(chunks: Iterable[Chunk], batch: int) -> list[list[Chunk]]:
     """``chunks`` grouped by input window shape, each group split into ``ceil(n / batch)``
-    batches of even size (in the order the chunks came; groups in order of first chunk)."""
+    batches whose sizes differ by one at most (in the order the chunks came; the groups in
+    the order of their first chunk)."""
     by_shape: dict[tuple[int, ...], list[Chunk]] = {}
     for chunk in chunks:
         shape = tuple(w.stop - w.start for w in chunk[1])
@@ -61,8 +62,12 @@ def batches(chunks: Iterable[Chunk], batch: int) -> list[list[Chunk]]:
     out: list[list[Chunk]] = []
     for group in by_shape.values():
         parts = -(-len(group) // max(1, batch))
-        size = -(-len(group) // parts)
-        out.extend(group[k:k + size] for k in range(0, len(group), size))
+        size, extra = divmod(len(group), parts)  # sizes differ by one at most
+        at = 0
+        for k in range(parts):
+            n = size + (k < extra)
+            out.append(group[at:at + n])
+            at += n
     return out
 
 

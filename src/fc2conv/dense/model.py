@@ -403,11 +403,13 @@ def run_tiles(net: Any, tiles: Sequence[np.ndarray], crops: Sequence[tuple[tuple
     What is guaranteed: every sample of a batch is the net on that tile alone, so each block
     equals the unbatched :func:`run_tile` up to the rounding of torch's kernels. Whether it
     is bitwise equal depends on the kernels: a kernel that computes each sample with the same
-    algorithm whatever the batch (CPU convolutions and pools with oneDNN off, measured) gives
-    identical bits; oneDNN's CPU convolutions and BLAS matmuls may block the work differently
-    for another batch size (last-bit differences, about one float32 ulp, were measured), and
-    so may cuDNN. Either way the stitched map stays within compare's rounding judgement of the
-    untiled run."""
+    algorithm whatever the batch gives identical bits (measured and tested: torch's CPU
+    convolutions and pools with ``torch.backends.mkldnn`` and ``torch.backends.nnpack``
+    disabled, one torch thread); oneDNN's CPU convolutions, NNPACK (which torch picks for
+    batches of 16 and more), BLAS matmuls and cuDNN may block the work differently for another
+    batch size (last-bit differences, about one float32 ulp, were measured on the CPU).
+    Either way the stitched map stays within compare's rounding judgement of the untiled
+    run."""
     if isinstance(net, Program):
         net = load_program(net)
         device = _device_of(net, device)  # a worker pinned to its own GPU

@@ -171,3 +171,17 @@ def test_batch_size_fits_the_memory_and_spreads_over_the_workers():
     assert dbatch.batch_size(10, (10, 10), 100, 50, 1) == 1  # not even one fits: one anyway
     assert dbatch.batch_size(10, (10, 10), 6000 * 7, 50, 10) == 5  # 50 chunks over 10 workers
     assert dbatch.batch_size(10, (10, 10), 6e9, 9, 2) == 5
+
+
+def test_a_setting_changed_in_place_is_not_served_from_the_cache():
+    """The cached dense net and geometry key on the module tree's settings, not only on its
+    weights: a conv's dilation changed in place gives the new net's map."""
+    net = _net2d(9)
+    image = np.random.default_rng(10).standard_normal((3, 70, 66)).astype(np.float32)
+    first = np.asarray(dense_map(net, image, tile=30, threads=1))
+    _close(first, _ref64(net, image), len(net))
+    net[3].dilation = (1, 1)  # same module, same weights
+    second = np.asarray(dense_map(net, image, tile=30, threads=1))
+    ref = _ref64(net, image)
+    assert second.shape != first.shape
+    _close(second, ref, len(net))

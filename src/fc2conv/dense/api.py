@@ -59,6 +59,16 @@ def _block(source: Any, window: tuple[slice, ...], *, net: Any,
     return store.write(index, origin, block)
 
 
+@functools.lru_cache(maxsize=64)
+def _plan(tile: tuple[int, ...], image_size: tuple[int, ...], map_size: tuple[int, ...],
+          size: tuple[int, ...], stride: tuple[int, ...], start: tuple[int, ...]
+          ) -> tuple[tuple[int, ...], TilePlan]:
+    """``(cells per chunk, plan)`` (pure arithmetic on integers, kept for the next call: a
+    :class:`TilePlan` is immutable)."""
+    cells = chunk_cells(tile, image_size, map_size, size, stride)
+    return cells, plan_tiles(image_size, map_size, size, stride, start, cells)
+
+
 def _client(scheduler: Any, workers: int | None) -> tuple[Any, Any]:
     """(client, what to close afterwards)."""
     from distributed import Client, LocalCluster
@@ -154,8 +164,7 @@ def dense_map(model: Any, image: Any, *, input_shape: Sequence[int] | None = Non
     n_threads = max(1, threads or os.cpu_count() or 1)
     tile_px = _spatial(tile, dims) if tile is not None else _auto_tile(
         geo, dev, 1 if distributed else n_threads)
-    cells = chunk_cells(tile_px, geo.image_size, geo.map_size, geo.size, geo.stride)
-    plan = plan_tiles(geo.image_size, geo.map_size, geo.size, geo.stride, geo.start, cells)
+    cells, plan = _plan(tile_px, geo.image_size, geo.map_size, geo.size, geo.stride, geo.start)
     small = [(t, s) for t, s, n in zip(tile_px, geo.size, geo.image_size, strict=True)
              if t < min(s, n)]
     if small:

@@ -9,7 +9,6 @@ untiled ``fcn(image)``; see the plan's docstring for the argument.
 from __future__ import annotations
 
 import functools
-import itertools
 import json
 import logging
 import os
@@ -178,7 +177,7 @@ def dense_map(model: Any, image: Any, *, input_shape: Sequence[int] | None = Non
     cores = n_threads  # ``threads`` caps the cores used, Dask's and torch's together
     n_batch = 1 if distributed or not isinstance(source, Reader) else _batch(
         geo, dev, plan, cores, batch)
-    tasks = len(plan) if n_batch == 1 else len(batches(_pending(plan, None), n_batch))
+    tasks = len(plan) if n_batch == 1 else len(_layout(plan, n_batch, geo.classes)[0])
     n_threads = min(n_threads, tasks)
     per_task = max(1, cores // n_threads)
     log.info("dense map %s -> (%d, %s) in %d chunks of %s cells (tiles up to %s px), %d "
@@ -296,20 +295,37 @@ def _assemble(plan: TilePlan, blocks: dict[tuple[int, ...], Any], classes: int) 
 
 
 def _graph(plan: TilePlan, source: Reader, net: Any, mean: Any, std: Any, dev: str,
-           store: MapStore | None, per_task: int | None, batch: int
-           ) -> tuple[str, dict[Any, Any], list[list[Chunk]]]:
+           store: MapStore | None, per_task: int | None, batch: int,
+           groups: Sequence[Sequence[Chunk]] | None = None
+           ) -> tuple[str, dict[Any, Any], Sequence[Sequence[Chunk]]]:
     """``(name, graph, batches)``: one task per batch of pending same-shaped chunks
-    (:mod:`~fc2conv.dense.batch`), keyed ``(name + '-batch', b)``, written as plain tuples
-    ``(call,)``: whatever a task needs rides in its partial, so Dask neither tokenizes (hashes)
-    the image and net nor walks the arguments (what ``dask.delayed`` + ``da.block`` did,
-    milliseconds per call and per chunk)."""
+    (:mod:`~fc2conv.dense.batch`; ``groups`` when the caller has them), keyed
+    ``(name + '-batch', b)``, written as plain tuples ``(call,)``: whatever a task needs rides
+    in its partial, so Dask neither tokenizes (hashes) the image and net nor walks the
+    arguments (what ``dask.delayed`` + ``da.block`` did, milliseconds per call and per
+    chunk)."""
     name = f"fc2conv-dense-{uuid.uuid4().hex}"  # unique: tasks are not pure (they may write)
     shared = functools.partial(run_batch, net=net, mean=mean, std=std, device=dev, store=store,
                                threads=per_task)
-    groups = batches(_pending(plan, store), batch)
+    if groups is None:
+        groups = batches(_pending(plan, store), batch)
     dsk = {(f"{name}-batch", b): (functools.partial(shared, source, group),)
            for b, group in enumerate(groups)}
     return name, dsk, groups
+
+
+@functools.lru_cache(maxsize=64)
+def _layout(plan: TilePlan, batch: int, classes: int) -> tuple[Any, ...]:
+    """What a lazy map's graph needs from its plan alone, kept for the next call (the same
+    plan and batch: mapping many images of one size): ``(batches, the map slices of each
+    batch's chunks, their block indices, the dask chunks)``."""
+    groups = tuple(tuple(group) for group in batches(_pending(plan, None), batch))
+    where = {index: (slice(None), *(slice(c.i0, c.i1) for c in chunks))
+             for index, chunks in plan.blocks()}
+    wheres = tuple([where[chunk[0]] for chunk in group] for group in groups)
+    members = tuple([chunk[0] for chunk in group] for group in groups)
+    chunks = ((classes,), *(tuple(c.i1 - c.i0 for c in ax) for ax in plan.axes))
+    return groups, wheres, members, chunks
 
 
 def _lazy(plan: TilePlan, source: Any, net: Any, mean: Any, std: Any, dev: str, classes: int,
@@ -319,14 +335,10 @@ def _lazy(plan: TilePlan, source: Any, net: Any, mean: Any, std: Any, dev: str, 
     if not isinstance(source, Reader):  # a dask array: its slices are graph dependencies
         blocks = dict(_tasks(plan, source, net, mean, std, dev, None, per_task))
         return scheduled(_assemble(plan, blocks, classes), workers)
-    name, dsk, groups = _graph(plan, source, net, mean, std, dev, None, per_task, batch)
-    chunks = ((classes,), *(tuple(c.i1 - c.i0 for c in ax) for ax in plan.axes))
-    where = {index: (slice(None), *(slice(c.i0, c.i1) for c in chunks))
-             for index, chunks in plan.blocks()}
-    calls = [([where[chunk[0]] for chunk in group], task[0])
-             for group, task in zip(groups, dsk.values(), strict=True)]
-    return DenseArray.build(name, chunks, calls, dsk, [[chunk[0] for chunk in group]
-                                                       for group in groups], workers)
+    groups, wheres, members, chunks = _layout(plan, batch, classes)
+    name, dsk, _ = _graph(plan, source, net, mean, std, dev, None, per_task, batch, groups)
+    calls = [(w, task[0]) for w, task in zip(wheres, dsk.values(), strict=True)]
+    return DenseArray.build(name, chunks, calls, dsk, list(members), workers)
 
 
 def _eager(plan: TilePlan, source: Any, net: Any, mean: Any, std: Any, dev: str,
@@ -431,11 +443,24 @@ def _auto_tile(geo: dmodel.Geometry, dev: str, tasks_at_once: int) -> tuple[int,
 
 
 def _module_device(model: Any) -> Any:
-    """The device of ``model``'s first parameter or buffer (``None`` when it has none)."""
+    """The device of ``model``'s first parameter (else buffer; ``None`` when it has none)."""
     import torch
 
     if not isinstance(model, torch.nn.Module):
         return None
-    # the first one found, not a list of all (named_parameters walks the whole module tree)
-    first = next(itertools.chain(model.parameters(), model.buffers()), None)
+    # the first one found, from the modules' own dicts (``parameters()`` builds generators
+    # and memo sets: ~50 us a call, a fraction of a percent of a small map)
+    first = _first(model, "_parameters")
+    first = _first(model, "_buffers") if first is None else first
     return None if first is None else first.device
+
+
+def _first(module: Any, kind: str) -> Any:
+    for tensor in module.__dict__[kind].values():
+        if tensor is not None:
+            return tensor
+    for child in module.__dict__["_modules"].values():
+        found = None if child is None else _first(child, kind)
+        if found is not None:
+            return found
+    return None

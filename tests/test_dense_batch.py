@@ -171,6 +171,9 @@ def test_batch_size_fits_the_memory_and_spreads_over_the_workers():
     assert dbatch.batch_size(10, (10, 10), 100, 50, 1) == 1  # not even one fits: one anyway
     assert dbatch.batch_size(10, (10, 10), 6000 * 7, 50, 10) == 5  # 50 chunks over 10 workers
     assert dbatch.batch_size(10, (10, 10), 6e9, 9, 2) == 5
+    # on the CPU a call takes at most CPU_PIXELS input pixels: 2^19 / 100^2 = 52 tiles
+    assert dbatch.batch_size(1e-3, (100, 100), 6e9, 1000, 1, dbatch.CPU_PIXELS) == 52
+    assert dbatch.batch_size(1e-3, (1000, 1000), 6e9, 1000, 1, dbatch.CPU_PIXELS) == 1
 
 
 def test_a_setting_changed_in_place_is_not_served_from_the_cache():

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from fc2conv.dense import model as dmodel
-from fc2conv.dense.batch import Chunk, batch_size, batches, run_batch
+from fc2conv.dense.batch import CPU_PIXELS, Chunk, batch_size, batches, run_batch
 from fc2conv.dense.plan import TilePlan, chunk_cells, default_tile, plan_tiles
 from fc2conv.dense.readers import Reader, open_image
 from fc2conv.dense.schedule import DenseArray, LocalScheduler, scheduled
@@ -417,14 +417,16 @@ def _memory(dev: str) -> float:
 def _batch(geo: dmodel.Geometry, dev: str, plan: TilePlan, cores: int, batch: int | None
            ) -> int:
     """Tiles per model call (:func:`~fc2conv.dense.batch.batch_size`): as many as fit the
-    memory of one of the tasks that run at once, at most ``batch`` when given."""
+    memory of one of the tasks that run at once (on the CPU at most
+    :data:`~fc2conv.dense.batch.CPU_PIXELS` input pixels a call), at most ``batch`` when
+    given."""
     if batch is not None and int(batch) < 1:
         raise Fc2ConvError(f"batch must be a positive number of tiles, got {batch}")
     if len(plan) == 1 or batch == 1:
         return 1
     at_once = max(1, min(cores, len(plan)))
     n = batch_size(geo.bytes_per_pixel, plan.max_tile(), _memory(dev) / at_once, len(plan),
-                   at_once)
+                   at_once, None if dev.startswith("cuda") else CPU_PIXELS)
     return n if batch is None else min(n, int(batch))
 
 

@@ -1,9 +1,10 @@
 """``dense_map``: the exact score map of a convolutionalized net on an image of any size.
 
-The map is cut into chunks of output cells (:mod:`fc2conv.dense.plan`); each chunk is one Dask
-task that reads exactly the input tile it needs, runs the dense net on it and keeps the cells
-its field places inside the tile (or across an image border). The stitched chunks equal the
-untiled ``fcn(image)``; see the plan's docstring for the argument.
+The map is cut into chunks of output cells (:mod:`fc2conv.dense.plan`); each chunk reads
+exactly the input tile it needs, runs the dense net on it and keeps the cells its field places
+inside the tile (or across an image border); same-shaped tiles run as one batched call
+(:mod:`fc2conv.dense.batch`), as the tasks of a Dask graph (:mod:`fc2conv.dense.graph`). The
+stitched chunks equal the untiled ``fcn(image)``; see the plan's docstring for the argument.
 """
 
 from __future__ import annotations
@@ -12,23 +13,20 @@ import functools
 import json
 import logging
 import os
-import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from fc2conv.dense import model as dmodel
-from fc2conv.dense.batch import CPU_PIXELS, Chunk, batch_size, batches, run_batch
+from fc2conv.dense.batch import CPU_PIXELS, batch_size
+from fc2conv.dense.graph import Progress, eager, layout, lazy
 from fc2conv.dense.plan import TilePlan, chunk_cells, default_tile, plan_tiles
 from fc2conv.dense.readers import Reader, open_image
-from fc2conv.dense.schedule import DenseArray, LocalScheduler, scheduled
 from fc2conv.dense.writer import MapStore
 from fc2conv.errors import Fc2ConvError
 
 log = logging.getLogger(__name__)
-
-Progress = Callable[[int, int], None]
 
 
 def _per_channel(value: float | Sequence[float] | None, channels: int, name: str
@@ -43,19 +41,6 @@ def _per_channel(value: float | Sequence[float] | None, channels: int, name: str
     if name == "std" and np.any(arr == 0):
         raise Fc2ConvError("std must not be 0")
     return arr
-
-
-def _block(source: Any, window: tuple[slice, ...], *, net: Any,
-           crop: tuple[tuple[int, int], ...], mean: np.ndarray | None, std: np.ndarray | None,
-           device: str, store: MapStore | None = None, index: tuple[int, ...] = (),
-           origin: tuple[int, ...] = (), threads: int | None = None) -> Any:
-    """One Dask task: read the tile, run the net (with ``threads`` torch threads, restored
-    afterwards), crop; write and commit it when ``store``."""
-    tile = source.read(window) if isinstance(source, Reader) else source
-    block = dmodel.run_tile(net, tile, crop, mean, std, device, threads)
-    if store is None:
-        return block
-    return store.write(index, origin, block)
 
 
 @functools.lru_cache(maxsize=64)
@@ -134,6 +119,9 @@ def dense_map(model: Any, image: Any, *, input_shape: Sequence[int] | None = Non
     """
     import torch
 
+    if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int)
+                              or batch < 1):
+        raise Fc2ConvError(f"batch must be a positive number of tiles, got {batch!r}")
     dims_hint = len(input_shape) - 1 if input_shape is not None else None
     source = open_image(image, dims_hint, level)
     shape = tuple(int(n) for n in source.shape)
@@ -177,7 +165,7 @@ def dense_map(model: Any, image: Any, *, input_shape: Sequence[int] | None = Non
     cores = n_threads  # ``threads`` caps the cores used, Dask's and torch's together
     n_batch = 1 if distributed or not isinstance(source, Reader) else _batch(
         geo, dev, plan, cores, batch)
-    tasks = len(plan) if n_batch == 1 else len(_layout(plan, n_batch, geo.classes)[0])
+    tasks = len(plan) if n_batch == 1 else len(layout(plan, n_batch, geo.classes)[0])
     n_threads = min(n_threads, tasks)
     per_task = max(1, cores // n_threads)
     log.info("dense map %s -> (%d, %s) in %d chunks of %s cells (tiles up to %s px), %d "
@@ -185,7 +173,7 @@ def dense_map(model: Any, image: Any, *, input_shape: Sequence[int] | None = Non
              tasks)
 
     if out is None and not distributed and progress is None:
-        return _lazy(plan, source, fcn, mean_a, std_a, dev, geo.classes, n_threads, per_task,
+        return lazy(plan, source, fcn, mean_a, std_a, dev, geo.classes, n_threads, per_task,
                      n_batch)
 
     store = None
@@ -217,7 +205,7 @@ def dense_map(model: Any, image: Any, *, input_shape: Sequence[int] | None = Non
             net: Any = client.scatter(program, broadcast=True, hash=False)
             src: Any = client.scatter(source, broadcast=True, hash=False) if isinstance(
                 source, Reader) and not hasattr(source, "path") else source
-            result = _eager(plan, src, net, mean_a, std_a, dev, store, skipped, progress, client,
+            result = eager(plan, src, net, mean_a, std_a, dev, store, skipped, progress, client,
                             geo.classes)
         finally:
             if isinstance(close, tuple):
@@ -226,176 +214,12 @@ def dense_map(model: Any, image: Any, *, input_shape: Sequence[int] | None = Non
             elif close is not None:
                 close.close()
     else:
-        result = _eager(plan, source, fcn, mean_a, std_a, dev, store, skipped, progress,
+        result = eager(plan, source, fcn, mean_a, std_a, dev, store, skipped, progress,
                         None, geo.classes, n_threads, per_task, n_batch)
     if store is not None:
         store.finish()
         return store.scores()
     return result
-
-
-def _tile_source(source: Any, window: tuple[slice, ...]) -> tuple[Any, tuple[slice, ...]]:
-    """(what the task reads from, window): a dask slice is a graph dependency."""
-    if isinstance(source, Reader) or type(source).__name__ == "Future":
-        return source, window
-    return source[(slice(None), *window)], window
-
-
-def _pending(plan: TilePlan, store: MapStore | None) -> Any:
-    """``(index, window, crop, origin)`` of each chunk not yet in ``store``: the input window
-    the chunk reads, the part of the tile's output it keeps, and its first output cell."""
-    for index, chunks in plan.blocks():
-        if store is not None and store.is_done(index):
-            continue
-        yield (index, tuple(slice(c.a, c.b) for c in chunks),
-               tuple(c.crop(j) for c, j in zip(chunks, plan.stride, strict=True)),
-               tuple(c.i0 for c in chunks))
-
-
-def _tasks(plan: TilePlan, source: Any, net: Any, mean: Any, std: Any, dev: str,
-           store: MapStore | None, per_task: int | None = None
-           ) -> list[tuple[tuple[int, ...], Any]]:
-    import dask
-
-    token = uuid.uuid4().hex  # keys unique to this call (tasks are not pure: they write)
-    # what every task shares rides in a partial, not in the task's arguments, which Dask
-    # walks one by one looking for collections; a scattered net (a Future) must stay one
-    shared = functools.partial(_block, mean=mean, std=std, device=dev, store=store,
-                               threads=per_task)
-    local = type(net).__name__ != "Future"
-    if local:
-        shared = functools.partial(shared, net=net)
-    tasks = []
-    for index, window, crop, origin in _pending(plan, store):
-        src, win = _tile_source(source, window)
-        name = f"fc2conv-tile-{token}-{'-'.join(map(str, index))}"
-        extra = {} if local else {"net": net}
-        task = dask.delayed(shared, pure=False)(src, win, crop=crop, index=index, origin=origin,
-                                                dask_key_name=name, **extra)
-        tasks.append((index, task))
-    return tasks
-
-
-def _assemble(plan: TilePlan, blocks: dict[tuple[int, ...], Any], classes: int) -> Any:
-    import dask.array as da
-
-    def nest(prefix: tuple[int, ...]) -> Any:
-        if len(prefix) == len(plan.grid):
-            chunks = [plan.axes[a][k] for a, k in enumerate(prefix)]
-            value = blocks[prefix]
-            if isinstance(value, np.ndarray):
-                return value
-            return da.from_delayed(value, (classes, *(c.i1 - c.i0 for c in chunks)),
-                                   dtype=np.float32)
-        return [nest((*prefix, k)) for k in range(plan.grid[len(prefix)])]
-
-    if len(plan) == 1:  # one chunk: the array is that task
-        return nest((0,) * len(plan.grid))
-    return da.block(nest(()))
-
-
-def _graph(plan: TilePlan, source: Reader, net: Any, mean: Any, std: Any, dev: str,
-           store: MapStore | None, per_task: int | None, batch: int,
-           groups: Sequence[Sequence[Chunk]] | None = None
-           ) -> tuple[str, dict[Any, Any], Sequence[Sequence[Chunk]]]:
-    """``(name, graph, batches)``: one task per batch of pending same-shaped chunks
-    (:mod:`~fc2conv.dense.batch`; ``groups`` when the caller has them), keyed
-    ``(name + '-batch', b)``, written as plain tuples ``(call,)``: whatever a task needs rides
-    in its partial, so Dask neither tokenizes (hashes) the image and net nor walks the
-    arguments (what ``dask.delayed`` + ``da.block`` did, milliseconds per call and per
-    chunk)."""
-    name = f"fc2conv-dense-{uuid.uuid4().hex}"  # unique: tasks are not pure (they may write)
-    shared = functools.partial(run_batch, net=net, mean=mean, std=std, device=dev, store=store,
-                               threads=per_task)
-    if groups is None:
-        groups = batches(_pending(plan, store), batch)
-    dsk = {(f"{name}-batch", b): (functools.partial(shared, source, group),)
-           for b, group in enumerate(groups)}
-    return name, dsk, groups
-
-
-@functools.lru_cache(maxsize=64)
-def _layout(plan: TilePlan, batch: int, classes: int) -> tuple[Any, ...]:
-    """What a lazy map's graph needs from its plan alone, kept for the next call (the same
-    plan and batch: mapping many images of one size): ``(batches, the map slices of each
-    batch's chunks, their block indices, the dask chunks)``."""
-    groups = tuple(tuple(group) for group in batches(_pending(plan, None), batch))
-    where = {index: (slice(None), *(slice(c.i0, c.i1) for c in chunks))
-             for index, chunks in plan.blocks()}
-    wheres = tuple([where[chunk[0]] for chunk in group] for group in groups)
-    members = tuple([chunk[0] for chunk in group] for group in groups)
-    chunks = ((classes,), *(tuple(c.i1 - c.i0 for c in ax) for ax in plan.axes))
-    return groups, wheres, members, chunks
-
-
-def _lazy(plan: TilePlan, source: Any, net: Any, mean: Any, std: Any, dev: str, classes: int,
-          workers: int, per_task: int, batch: int) -> Any:
-    """The map as a dask array computed, by default, ``workers`` tasks at a time (one: in the
-    calling thread) by :class:`~fc2conv.dense.schedule.LocalScheduler`."""
-    if not isinstance(source, Reader):  # a dask array: its slices are graph dependencies
-        blocks = dict(_tasks(plan, source, net, mean, std, dev, None, per_task))
-        return scheduled(_assemble(plan, blocks, classes), workers)
-    groups, wheres, members, chunks = _layout(plan, batch, classes)
-    name, dsk, _ = _graph(plan, source, net, mean, std, dev, None, per_task, batch, groups)
-    calls = [(w, task[0]) for w, task in zip(wheres, dsk.values(), strict=True)]
-    return DenseArray.build(name, chunks, calls, dsk, list(members), workers)
-
-
-def _eager(plan: TilePlan, source: Any, net: Any, mean: Any, std: Any, dev: str,
-           store: MapStore | None, skipped: int, progress: Progress | None, client: Any,
-           classes: int, threads: int = 1, per_task: int | None = None, batch: int = 1) -> Any:
-    """Compute every pending chunk now (writing it when ``store``), reporting progress."""
-    import dask
-    import dask.array as da
-
-    plain = client is None and isinstance(source, Reader)  # plain tasks (see _graph)
-    tasks = [] if plain else _tasks(plan, source, net, mean, std, dev, store, per_task)
-    total = len(plan)
-    done = skipped
-    results: dict[tuple[int, ...], Any] = {}
-    if client is not None:
-        from distributed import as_completed
-
-        futures = client.compute([t for _, t in tasks])
-        index_of = {f.key: i for f, (i, _) in zip(futures, tasks, strict=True)}
-        for future in as_completed(futures):
-            results[index_of[future.key]] = future.result()
-            done += 1
-            if progress is not None:
-                progress(done, total)
-    else:
-        from dask.callbacks import Callback
-
-        if plain:
-            _, dsk, groups = _graph(plan, source, net, mean, std, dev, store, per_task, batch)
-            members = {k: [chunk[0] for chunk in group]
-                       for k, group in zip(dsk, groups, strict=True)}
-        else:
-            members = {t.key: [i] for i, t in tasks}
-
-        class _Count(Callback):  # type: ignore[misc]
-            def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, worker_id: Any
-                          ) -> None:
-                nonlocal done
-                if key in members:
-                    done += len(members[key])
-                    if progress is not None:
-                        progress(done, total)
-
-        local = LocalScheduler(threads)  # one at a time: in the calling thread
-        with _Count():
-            if plain:
-                values = local(dsk, list(members))
-                if store is None:  # each batch's blocks, in its chunks' order
-                    results = {i: block for k, v in zip(members, values, strict=True)
-                               for i, block in zip(members[k], v, strict=True)}
-            else:
-                values = dask.compute(*[t for _, t in tasks], scheduler=local)
-                results = {i: v for (i, _), v in zip(tasks, values, strict=True)}
-    if store is not None:
-        return None
-    blocks = {i: results[i] for i, _ in plan.blocks()}
-    return scheduled(da.asarray(_assemble(plan, blocks, classes)), 1)  # in memory already
 
 
 def _memory(dev: str) -> float:
@@ -420,14 +244,12 @@ def _batch(geo: dmodel.Geometry, dev: str, plan: TilePlan, cores: int, batch: in
     memory of one of the tasks that run at once (on the CPU at most
     :data:`~fc2conv.dense.batch.CPU_PIXELS` input pixels a call), at most ``batch`` when
     given."""
-    if batch is not None and int(batch) < 1:
-        raise Fc2ConvError(f"batch must be a positive number of tiles, got {batch}")
     if len(plan) == 1 or batch == 1:
         return 1
     at_once = max(1, min(cores, len(plan)))
     n = batch_size(geo.bytes_per_pixel, plan.max_tile(), _memory(dev) / at_once, len(plan),
                    at_once, None if dev.startswith("cuda") else CPU_PIXELS)
-    return n if batch is None else min(n, int(batch))
+    return n if batch is None else min(n, batch)
 
 
 def _auto_tile(geo: dmodel.Geometry, dev: str, tasks_at_once: int) -> tuple[int, ...]:

@@ -33,6 +33,7 @@ from torch.utils._pytree import tree_flatten
 
 from fc2conv.core.receptive import ReceptiveField
 from fc2conv.dense.fuse import fold_batchnorm
+from fc2conv.dense.key import model_token
 from fc2conv.dense.pools import fast_pools
 from fc2conv.errors import Fc2ConvError
 
@@ -183,75 +184,6 @@ def _shape_run(fcn: nn.Module, shape: Sequence[int]) -> tuple[tuple[int, ...], i
     return tuple(out.shape[1:]), peak.peak
 
 
-_PLAIN = (bool, int, float, str, type(None))
-
-
-def _token(model: Any) -> tuple[Any, ...]:
-    """What a cached dense net and geometry depend on: the module tree's structure (every
-    module's type and identity, its plain settings such as a conv's stride or a
-    GraphModule's code, its children's names) and the identity, version, shape and device of
-    every weight (an in-place update bumps ``_version``). One walk of the modules' own dicts:
-    ``repr`` and ``named_parameters`` cost a few hundred microseconds a call on a small net,
-    a few percent of its dense map on a 512^2 image."""
-    out: list[Any] = []
-    _walk(_as_module(model), out)
-    return tuple(out)
-
-
-_SETTINGS: weakref.WeakKeyDictionary[nn.Module, tuple[str, ...]] = weakref.WeakKeyDictionary()
-
-
-def _settings(module: nn.Module, state: dict[str, Any]) -> tuple[str, ...]:
-    """The names of ``module``'s own settings: its public attributes and a GraphModule's
-    ``_code`` (found once per module; torch's private bookkeeping, hooks and the like, is
-    not the structure)."""
-    try:
-        return _SETTINGS[module]
-    except KeyError:
-        names = tuple(k for k in state if not k.startswith("_") or k == "_code")
-        _SETTINGS[module] = names
-        return names
-
-
-def _walk(module: nn.Module, out: list[Any]) -> None:
-    state = module.__dict__
-    out.append((type(module), id(module)))
-    for key in _settings(module, state):
-        value = state.get(key)
-        kind = type(value)
-        if kind in _PLAIN:
-            out.append((key, value))
-        elif isinstance(value, (tuple, list)):  # kernel sizes, strides, paddings
-            frozen = tuple(value)
-            try:
-                hash(frozen)
-            except TypeError:  # something unhashable inside: its text
-                out.append((key, repr(value)))
-            else:
-                out.append((key, frozen))
-    for group in (state["_parameters"], state["_buffers"]):
-        for name, t in group.items():
-            if t is not None:
-                try:
-                    version = t._version
-                except RuntimeError:  # an inference tensor
-                    version = _version(t)
-                out.append((name, t.data_ptr(), version, t.shape, t.device))
-    for name, child in state["_modules"].items():
-        out.append(name)
-        if child is not None:
-            _walk(child, out)
-
-
-def _version(t: torch.Tensor) -> Any:
-    """The tensor's version counter; an inference tensor has none: then its sum."""
-    try:
-        return t._version
-    except RuntimeError:
-        with torch.inference_mode():
-            return float(t.detach().double().sum()) if t.is_floating_point() else int(t.sum())
-
-
 _CACHE: weakref.WeakKeyDictionary[Any, dict[Any, Any]] = weakref.WeakKeyDictionary()
 
 
@@ -265,7 +197,8 @@ def prepare(model: Any, trace_shape: Sequence[int], image_shape: Sequence[int],
     caller's module is never changed or moved: a net that must change (a pool made a
     :class:`~fc2conv.dense.pools.BoxMean`, eval-mode BatchNorm folded into its conv when
     ``fuse``: :mod:`~fc2conv.dense.fuse`) or move to ``device`` is a copy."""
-    key = (tuple(trace_shape), tuple(image_shape), convert, str(device), fuse, _token(model))
+    key = (tuple(trace_shape), tuple(image_shape), convert, str(device), fuse,
+           model_token(_as_module(model)))
     try:
         per_model = _CACHE.setdefault(model, {})
     except TypeError:  # not weak-referenceable

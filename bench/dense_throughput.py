@@ -5,8 +5,13 @@
    same tiles run by a plain loop (no Dask: the inherent cost of tiling, the halo recomputed)
    and dense_map; the speed ratio untiled/tiled is the median of the per-repeat ratios, with
    its 10-90% spread. 'halo' is the tiles' conv/matmul FLOPs over the untiled call's (counted
-   on fake tensors): 1/halo is the best tiled/untiled can be, 'loop/untiled' what the tiles
-   reach without dense_map's machinery, and 'exact' compare's verdict on the stitched map
+   on fake tensors) and '1/px' the image's pixels over the tiles' input pixels: the first
+   layers, at full resolution, recompute the whole pixel halo, so on nets whose time goes to
+   them (pools and convs before the first stride) 1/px, not 1/halo, is the best tiled/untiled
+   can be; 'loop/untiled' what the tiles
+   reach without dense_map's machinery, 'batch=1' dense_map with one model call per tile (no
+   batching of same-shaped tiles, fc2conv.dense.batch; timed in the same rotation), and
+   'exact' compare's verdict on the stitched map
    against a float64 run (fc2conv.dense.check; TF32 allowed for on CUDA). Every run starts
    from the image in host memory and ends with the map in host memory.
 2. dense_map vs sliding_window (every crop classified) against the FLOP ratio
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import os
 import sys
 import time
@@ -132,10 +138,10 @@ def fake_flops(net: nn.Module, shape: tuple[int, ...]) -> int:
 
 
 def tile_loop(fcn: nn.Module, image: np.ndarray, tile: int | None, dev: str
-              ) -> tuple[Callable[[], np.ndarray], int, float]:
+              ) -> tuple[Callable[[], np.ndarray], int, float, float]:
     """(a plain loop over dense_map's own tiles -- the same windows and crops, no Dask, no
     progress, stitched with one copy --, the number of tiles, the halo FLOP factor: the tiles'
-    FLOPs over the untiled call's)."""
+    FLOPs over the untiled call's, the pixel halo: the tiles' input pixels over the image's)."""
     net, geo = dmodel.prepare(fcn, (image.shape[0], *(min(n, 256) for n in image.shape[1:])),
                               image.shape, convert=False, device=dev)
     tiles = (tile,) * (image.ndim - 1) if tile else dmodel_tile(geo, dev)
@@ -151,6 +157,8 @@ def tile_loop(fcn: nn.Module, image: np.ndarray, tile: int | None, dev: str
     tiled = sum(counted[(image.shape[0], *(w.stop - w.start for w in window))]
                 for window, _, _ in jobs)
     halo = tiled / fake_flops(net, image.shape)
+    pixels = sum(math.prod(w.stop - w.start for w in window) for window, _, _ in jobs)
+    px_halo = pixels / math.prod(image.shape[1:])
 
     def run() -> np.ndarray:
         out = np.empty((geo.classes, *geo.map_size), np.float32)
@@ -161,7 +169,7 @@ def tile_loop(fcn: nn.Module, image: np.ndarray, tile: int | None, dev: str
             torch.cuda.synchronize()
         return out
 
-    return run, len(jobs), halo
+    return run, len(jobs), halo, px_halo
 
 
 def dmodel_tile(geo: dmodel.Geometry, dev: str) -> tuple[int, ...]:
@@ -216,11 +224,13 @@ def main() -> None:
 
     print("\n1. tiled vs untiled (one call of the same net); seconds are medians; ratios are "
           "untiled s / tiled s, median of the per-repeat ratios [10%-90%];\n   halo = tiles' "
-          "FLOPs / untiled FLOPs (1/halo is the best tiled/untiled can be); loop = the same "
-          "tiles in a plain loop (no Dask)")
-    print(f"{'net':15} {'tile':>5} {'tiles':>5} {'halo':>5} {'1/halo':>6} {'n':>3} {'':4} "
+          "FLOPs / untiled FLOPs; 1/px = image pixels / the tiles' input pixels (the full-"
+          "resolution layers' floor);\n   loop = the same "
+          "tiles in a plain loop (no Dask); batch=1 = dense_map without batched tiles")
+    print(f"{'net':15} {'tile':>5} {'tiles':>5} {'halo':>5} {'1/halo':>6} {'1/px':>5} "
+          f"{'n':>3} {'':4} "
           f"{'untiled s':>8} {'loop s':>8} {'dense s':>8} {'loop/untiled':>17} "
-          f"{'dense_map/untiled':>17} {'first s':>7}  exact")
+          f"{'dense_map/untiled':>17} {'batch=1/untiled':>17} {'first s':>7}  exact")
     models = nets()
     if args.nets:
         models = {k: v for k, v in models.items() if k in args.nets}
@@ -237,22 +247,31 @@ def main() -> None:
             lazy = dense_map(fcn, image, tile=tile, device=dev, threads=threads)
             got = np.asarray(lazy)
             first = time.perf_counter() - start
-            loop, chunks, halo = tile_loop(fcn, image, tile, dev)
+            loop, chunks, halo, px_halo = tile_loop(fcn, image, tile, dev)
             loop()  # warm
-            (t_full, t_loop, t_tiled), (c_full, c_loop, c_tiled) = timed(
+            unbatched = np.asarray(dense_map(fcn, image, tile=tile, device=dev,
+                                             threads=threads, batch=1))
+            (t_full, t_loop, t_tiled, t_one), (c_full, c_loop, c_tiled, c_one) = timed(
                 [lambda: untiled(fast), loop, lambda: np.asarray(
-                    dense_map(fcn, image, tile=tile, device=dev, threads=threads))],
+                    dense_map(fcn, image, tile=tile, device=dev, threads=threads)),
+                 lambda: np.asarray(dense_map(fcn, image, tile=tile, device=dev,
+                                              threads=threads, batch=1))],
                 args.repeats, args.row_seconds)
-            verdict = check_stitched(got, full, ref, dev)
+            verdict = str(check_stitched(got, full, ref, dev))
+            if not check_stitched(unbatched, full, ref, dev).equal:
+                verdict += f"; batch=1: {check_stitched(unbatched, full, ref, dev)}"
             print(f"{name:15} {spec:>5} {chunks:>5} {halo:>5.2f} {1 / halo:>6.2f} "
+                  f"{1 / px_halo:>5.2f} "
                   f"{len(t_full):>3} wall {spread(t_full)[0]:>8.4f} {spread(t_loop)[0]:>8.4f} "
                   f"{spread(t_tiled)[0]:>8.4f} {ratios(t_full, t_loop):>17} "
-                  f"{ratios(t_full, t_tiled):>17} {first:>7.2f}  {verdict}", flush=True)
+                  f"{ratios(t_full, t_tiled):>17} {ratios(t_full, t_one):>17} "
+                  f"{first:>7.2f}  {verdict}", flush=True)
             if not dev.startswith("cuda"):  # CUDA work runs outside this process's CPU time
-                print(f"{'':15} {'':>5} {'':>5} {'':>5} {'':>6} {'':>3} CPU  "
+                print(f"{'':15} {'':>5} {'':>5} {'':>5} {'':>6} {'':>5} {'':>3} CPU  "
                       f"{spread(c_full)[0]:>8.4f} {spread(c_loop)[0]:>8.4f} "
                       f"{spread(c_tiled)[0]:>8.4f} {ratios(c_full, c_loop):>17} "
-                      f"{ratios(c_full, c_tiled):>17}", flush=True)
+                      f"{ratios(c_full, c_tiled):>17} {ratios(c_full, c_one):>17}",
+                      flush=True)
 
     if not args.no_sliding:
         print("\n2. dense_map (default tile) vs sliding_window (every crop classified) against "

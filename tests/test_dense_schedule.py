@@ -77,7 +77,7 @@ def test_threads_1_runs_every_chunk_in_the_calling_thread(tmp_path, store):
     calls = _Threads(net)
     out = tmp_path / "m.zarr" if store else None
     seen = []
-    got = dense_map(net, image, tile=31, threads=1, out=out,
+    got = dense_map(net, image, tile=31, threads=1, out=out, batch=1,  # a call per chunk
                     progress=lambda done, total: seen.append((done, total)))
     chunks = len(seen) - 1
     assert chunks > 4 and seen[-1] == (chunks, chunks)

@@ -33,6 +33,7 @@ from torch.utils._pytree import tree_flatten
 
 from fc2conv.core.receptive import ReceptiveField
 from fc2conv.dense.fuse import fold_batchnorm
+from fc2conv.dense.key import model_token
 from fc2conv.dense.pools import fast_pools
 from fc2conv.errors import Fc2ConvError
 
@@ -183,26 +184,6 @@ def _shape_run(fcn: nn.Module, shape: Sequence[int]) -> tuple[tuple[int, ...], i
     return tuple(out.shape[1:]), peak.peak
 
 
-def _token(model: Any) -> tuple[Any, ...]:
-    """What a cached dense net and geometry depend on: the module's structure and the
-    identity and version of every weight (an in-place update bumps ``_version``)."""
-    module = _as_module(model)
-    # the modules' own dicts: named_parameters() walks names and memo sets, a few ms a call
-    tensors = [(id(m), n, t) for m in module.modules()
-               for n, t in (*m._parameters.items(), *m._buffers.items()) if t is not None]
-    return (repr(module), tuple((i, n, t.data_ptr(), _version(t), tuple(t.shape),
-                                 t.device.type) for i, n, t in tensors))
-
-
-def _version(t: torch.Tensor) -> Any:
-    """The tensor's version counter; an inference tensor has none: then its sum."""
-    try:
-        return t._version
-    except RuntimeError:
-        with torch.inference_mode():
-            return float(t.detach().double().sum()) if t.is_floating_point() else int(t.sum())
-
-
 _CACHE: weakref.WeakKeyDictionary[Any, dict[Any, Any]] = weakref.WeakKeyDictionary()
 
 
@@ -216,7 +197,8 @@ def prepare(model: Any, trace_shape: Sequence[int], image_shape: Sequence[int],
     caller's module is never changed or moved: a net that must change (a pool made a
     :class:`~fc2conv.dense.pools.BoxMean`, eval-mode BatchNorm folded into its conv when
     ``fuse``: :mod:`~fc2conv.dense.fuse`) or move to ``device`` is a copy."""
-    key = (tuple(trace_shape), tuple(image_shape), convert, str(device), fuse, _token(model))
+    key = (tuple(trace_shape), tuple(image_shape), convert, str(device), fuse,
+           model_token(_as_module(model)))
     try:
         per_model = _CACHE.setdefault(model, {})
     except TypeError:  # not weak-referenceable
@@ -390,27 +372,48 @@ def run_tile(net: Any, tile: np.ndarray, crop: tuple[tuple[int, int], ...],
              threads: int | None = None) -> np.ndarray:
     """Scores ``(K, *chunk)`` of one ``(C, *tile)`` input tile, cropped to ``crop``; with
     ``threads`` torch threads (restored afterwards)."""
+    return run_tiles(net, [tile], [crop], mean, std, device, threads)[0]
+
+
+@torch.inference_mode()
+def run_tiles(net: Any, tiles: Sequence[np.ndarray], crops: Sequence[tuple[tuple[int, int], ...]],
+              mean: np.ndarray | None, std: np.ndarray | None, device: str,
+              threads: int | None = None) -> list[np.ndarray]:
+    """Scores ``(K, *chunk)`` per tile of same-shaped ``(C, *tile)`` input tiles, run as ONE
+    batched call ``net(stack(tiles))`` (``(B, C, *tile)``), each cropped to its ``crop``.
+
+    What is guaranteed: every sample of a batch is the net on that tile alone, so each block
+    equals the unbatched :func:`run_tile` up to the rounding of torch's kernels. Whether it
+    is bitwise equal depends on the kernels: a kernel that computes each sample with the same
+    algorithm whatever the batch gives identical bits (measured and tested: torch's CPU
+    convolutions and pools with ``torch.backends.mkldnn`` and ``torch.backends.nnpack``
+    disabled, one torch thread); oneDNN's CPU convolutions, NNPACK (which torch picks for
+    batches of 16 and more), BLAS matmuls and cuDNN may block the work differently for another
+    batch size (last-bit differences, about one float32 ulp, were measured on the CPU).
+    Either way the stitched map stays within compare's rounding judgement of the untiled
+    run."""
     if isinstance(net, Program):
         net = load_program(net)
         device = _device_of(net, device)  # a worker pinned to its own GPU
     with torch_threads(threads if not device.startswith("cuda") else None):
-        return _run(net, tile, crop, mean, std, device)
+        return _run(net, tiles, crops, mean, std, device)
 
 
-def _input(tile: np.ndarray, mean: np.ndarray | None, std: np.ndarray | None, device: str
-           ) -> torch.Tensor:
-    """The ``(C, *tile)`` float32 input on ``device``: the pixels travel in their own dtype
+def _input(tiles: Sequence[np.ndarray], mean: np.ndarray | None, std: np.ndarray | None,
+           device: str) -> torch.Tensor:
+    """The ``(B, C, *tile)`` float32 input on ``device``: the pixels travel in their own dtype
     (uint8 moves 4x fewer bytes to a GPU), are cast there, and normalized in place once they
-    are a copy (the caller's array is never written)."""
+    are a copy (the caller's array is never written). One tile is not copied on the CPU."""
+    batch = tiles[0][None] if len(tiles) == 1 else np.stack(tiles)
     try:
-        raw = torch.from_numpy(np.ascontiguousarray(tile))
+        raw = torch.from_numpy(np.ascontiguousarray(batch))
     except TypeError:  # a dtype torch has no tensor for
-        raw = torch.from_numpy(np.asarray(tile, dtype=np.float32))
+        raw = torch.from_numpy(np.asarray(batch, dtype=np.float32))
     x = raw.to(device)
     if x.dtype != torch.float32:
         x = x.to(torch.float32)
-    owned = x.data_ptr() != raw.data_ptr()
-    shape = (-1,) + (1,) * (x.dim() - 1)
+    owned = x.data_ptr() != raw.data_ptr() or len(tiles) > 1  # a stack is a copy already
+    shape = (1, -1) + (1,) * (x.dim() - 2)
     if mean is not None:
         m = torch.from_numpy(mean).to(x.device).view(shape)
         x = x.sub_(m) if owned else x - m
@@ -421,13 +424,18 @@ def _input(tile: np.ndarray, mean: np.ndarray | None, std: np.ndarray | None, de
     return x
 
 
-def _run(net: Any, tile: np.ndarray, crop: tuple[tuple[int, int], ...],
-         mean: np.ndarray | None, std: np.ndarray | None, device: str) -> np.ndarray:
-    out = net(_input(tile, mean, std, device)[None])[0]
-    index = (slice(None),) + tuple(slice(j0, j1) for j0, j1 in crop)
-    block = out[index].float().cpu().numpy()
-    want = tuple(j1 - j0 for j0, j1 in crop)
-    if block.shape[1:] != want:
-        raise Fc2ConvError(f"a tile gave {tuple(out.shape[1:])} cells, fewer than the plan's "
-                           f"{want}: the model's geometry is not what its layers say")
-    return block
+def _run(net: Any, tiles: Sequence[np.ndarray], crops: Sequence[tuple[tuple[int, int], ...]],
+         mean: np.ndarray | None, std: np.ndarray | None, device: str) -> list[np.ndarray]:
+    out = net(_input(tiles, mean, std, device))
+    host = out.float().cpu().numpy()  # one transfer for the whole batch
+    blocks = []
+    for b, crop in enumerate(crops):
+        index = (b, slice(None)) + tuple(slice(j0, j1) for j0, j1 in crop)
+        block = host[index]
+        want = tuple(j1 - j0 for j0, j1 in crop)
+        if block.shape[1:] != want:
+            raise Fc2ConvError(f"a tile gave {tuple(out.shape[2:])} cells, fewer than the "
+                               f"plan's {want}: the model's geometry is not what its layers "
+                               f"say")
+        blocks.append(block)
+    return blocks

@@ -97,24 +97,33 @@ def scheduled(array: Any, workers: int) -> Any:
     return array
 
 
-Call = Any  # a task's call: no arguments, returns the chunk's (K, *cells) float32 block
+Call = Any  # a task's call: no arguments, returns its chunks' (K, *cells) float32 blocks
 
 
 class DenseArray(da.Array):  # type: ignore[misc]
-    """A dense map read from an image: a dask array over one plain task per chunk, computed
-    directly when Dask would use its own :class:`LocalScheduler` (see the module).
+    """A dense map read from an image: a dask array over plain tasks, each a batch of one or
+    more chunks (:mod:`fc2conv.dense.batch`), computed directly when Dask would use its own
+    :class:`LocalScheduler` (see the module).
 
-    ``calls``: ``(where, call)`` per chunk, ``where`` the chunk's slices of the map."""
+    ``calls``: ``(wheres, call)`` per task, ``wheres`` the map slices of its chunks, in the
+    order of the blocks ``call()`` returns; ``tasks``: the graph of those calls; ``members``:
+    the block indices of each task's chunks (each block's key is ``(name, 0, *index)``, an
+    item of its task's result)."""
 
     __slots__ = ()
 
     @classmethod
     def build(cls, name: str, chunks: tuple[tuple[int, ...], ...],
-              calls: list[tuple[tuple[slice, ...], Call]], keys: list[Any], workers: int
-              ) -> DenseArray:
+              calls: list[tuple[list[tuple[slice, ...]], Call]], tasks: dict[Any, Any],
+              members: list[list[tuple[int, ...]]], workers: int) -> DenseArray:
+        import operator
+
         from dask.highlevelgraph import HighLevelGraph
 
-        dsk = {key: (call,) for key, (_, call) in zip(keys, calls, strict=True)}
+        dsk = dict(tasks)
+        for key, indices in zip(tasks, members, strict=True):
+            for k, index in enumerate(indices):
+                dsk[(name, 0, *index)] = (operator.getitem, key, k)
         array = cls(HighLevelGraph.from_collections(name, dsk, dependencies=()), name, chunks,
                     dtype=np.float32, meta=np.empty((0,) * len(chunks), np.float32))
         array.__dict__["_fc2conv_calls"] = calls
@@ -127,14 +136,16 @@ class DenseArray(da.Array):  # type: ignore[misc]
         calls = self.__dict__.get("_fc2conv_calls")
         if kwargs or calls is None or get_scheduler(collections=[self]) is not own:
             return super().compute(**kwargs)
-        if len(calls) == 1:  # the whole map: the block is the result
-            return calls[0][1]()
+        if len(calls) == 1 and len(calls[0][0]) == 1:  # the whole map: the block is the result
+            return calls[0][1]()[0]
         out = np.empty(self.shape, np.float32)
         if own.workers == 1:
-            for where, call in calls:
-                out[where] = call()
+            for wheres, call in calls:
+                for where, block in zip(wheres, call(), strict=True):
+                    out[where] = block
         else:
-            futures = [(where, pool(own.workers).submit(call)) for where, call in calls]
-            for where, future in futures:
-                out[where] = future.result()
+            futures = [(wheres, pool(own.workers).submit(call)) for wheres, call in calls]
+            for wheres, future in futures:
+                for where, block in zip(wheres, future.result(), strict=True):
+                    out[where] = block
         return out

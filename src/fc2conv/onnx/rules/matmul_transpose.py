@@ -201,7 +201,7 @@ def _unfold(ctx: Context, node: ir.Node) -> bool:
     if vt is None or pt is None or (_rank(vt) or 0) < 2 or (_rank(pt) or 0) < 2 \
             or y_t.is_graph_output():
         return False
-    uses = y_t.uses()
+    uses = list(y_t.uses())
     reshape = uses[0].node if len(uses) == 1 and uses[0].idx == 0 else None
     target = _keeps_last_two(reshape) if reshape is not None else None
     if target is None:

@@ -35,6 +35,7 @@ import logging
 import onnx_ir as ir
 
 from fc2conv.core.provenance import SOURCE_KEY
+from fc2conv.onnx.rules.ane_twin import _const_array
 from fc2conv.onnx.rules.base import LAYOUT_KEY, Context, Refused, constant, int64_constant
 
 log = logging.getLogger(__name__)
@@ -115,18 +116,119 @@ def _to_layer(value: ir.Value) -> bool:
         for r in readers)
 
 
-def _moved(ctx: Context, x: ir.Value, new: list[ir.Node], base: str) -> ir.Value:
-    """``x`` with its last two axes exchanged: the value a swap Transpose read to give ``x``,
-    or a new Transpose (appended to ``new``)."""
+def _axes(node: ir.Node) -> list[int] | None:
+    if len(node.inputs) > 1 and node.inputs[1] is not None:
+        arr = _const_array(node.inputs[1])
+        return None if arr is None else [int(a) for a in arr.reshape(-1)]
+    attr = node.attributes.get("axes")
+    return None if attr is None else [int(a) for a in attr.value]
+
+
+def _keeps_axes(node: ir.Node) -> bool:
+    """Whether ``node`` (Unsqueeze, Expand or Reshape) leaves its input's last two axes as
+    they are, so that it commutes with exchanging them."""
+    out, x = node.outputs[0], node.inputs[0] if node.inputs else None
+    if node.domain != "" or x is None or len(node.outputs) != 1:
+        return False
+    if node.op_type == "Reshape":
+        return _keeps_last_two(node) is not None
+    dims, rank = _last_two(x), _rank(out)
+    if dims is None or rank is None or _last_two(out) != dims:
+        return False
+    if node.op_type == "Unsqueeze":
+        axes = _axes(node)
+        return axes is not None and all(a % rank < rank - 2 for a in axes)
+    if node.op_type == "Expand":
+        target = _const_array(node.inputs[1]) if len(node.inputs) > 1 else None
+        return target is not None and target.size >= 2
+    return False
+
+
+def _swapped_chain(x: ir.Value, anywhere: bool = False
+                   ) -> tuple[ir.Value, list[ir.Node]] | None:
+    """``x = f(Transpose(u))`` with the Transpose a swap and ``f`` a chain of single-reader
+    ops that keep the last two axes (a grouped-query ``Unsqueeze -> Expand -> Reshape`` of
+    ``V``): ``u`` and the chain, the op next to the Transpose last. ``anywhere``: ``x =
+    f(u)`` for the longest such chain, whatever computes ``u``."""
+    chain: list[ir.Node] = []
+    while len(chain) <= 4:
+        producer = x.producer()
+        if producer is not None and _is_swap(producer) and not anywhere:
+            u = producer.inputs[0]
+            return (u, chain) if u is not None and chain else None
+        if producer is None or producer.op_type not in ("Unsqueeze", "Expand", "Reshape") \
+                or len(x.uses()) != 1 or x.is_graph_output() or not _keeps_axes(producer):
+            return (x, chain) if anywhere and chain else None
+        chain.append(producer)
+        x = producer.inputs[0]  # type: ignore[assignment]
+    return None
+
+
+def _rebuilt(ctx: Context, u: ir.Value, chain: list[ir.Node], new: list[ir.Node]) -> ir.Value:
+    """The chain's ops on ``u`` (whose last two axes are the other way round): the same
+    Unsqueeze, an Expand that leaves the last two axes as they come (target ``1, 1`` there),
+    a Reshape with the target's last two entries exchanged."""
+    for node in reversed(chain):
+        base = node.name or node.op_type
+        if node.op_type == "Unsqueeze":
+            axes = _axes(node)
+            assert axes is not None
+            if ctx.opset >= 13:
+                op = ir.node("Unsqueeze", [u, int64_constant(ctx, axes, "fc2conv_axes")],
+                             name=ctx.unique(base))
+            else:
+                op = ir.node("Unsqueeze", [u], {"axes": axes}, name=ctx.unique(base))
+        else:
+            target = [int(v) for v in _const_array(node.inputs[1]).reshape(-1)]  # type: ignore[union-attr]
+            target = [*target[:-2], 1, 1] if node.op_type == "Expand" \
+                else [*target[:-2], target[-1], target[-2]]
+            op = ir.node(node.op_type, [u, int64_constant(ctx, target, "fc2conv_shape")],
+                         name=ctx.unique(base))
+        op.outputs[0].name = ctx.unique(f"{op.name}_out")
+        new.append(op)
+        u = op.outputs[0]
+    return u
+
+
+def _moved(ctx: Context, x: ir.Value, new: list[ir.Node], base: str, up: bool = False
+           ) -> ir.Value:
+    """``x`` with its last two axes exchanged: the value a swap Transpose read to give ``x``
+    (through a chain that keeps those axes, rebuilt on it), or a new Transpose (appended to
+    ``new``); ``up``: the new Transpose before such a chain, where it may meet a layer's."""
     producer = x.producer()
     if _is_swap(producer) and producer is not None and producer.inputs[0] is not None:
         return producer.inputs[0]
+    found = _swapped_chain(x)
+    if found is not None:
+        return _rebuilt(ctx, found[0], found[1], new)
+    found = _swapped_chain(x, anywhere=True) if up else None
+    if found is not None:
+        return _rebuilt(ctx, _moved(ctx, found[0], new, base), found[1], new)
     rank = _rank(x)
     assert rank is not None
     node = ir.node("Transpose", [x], {"perm": _swap(rank)}, name=ctx.unique(base))
     node.outputs[0].name = ctx.unique(f"{base}_out")
     new.append(node)
     return node.outputs[0]
+
+
+def _cancels(x: ir.Value) -> bool:
+    """Whether :func:`_moved` of ``x`` needs no new Transpose."""
+    return _is_swap(x.producer()) or _swapped_chain(x) is not None
+
+
+def _drop_unread(ctx: Context, x: ir.Value) -> None:
+    """Remove what computed ``x`` while nothing reads it (a head split's move, the chain)."""
+    while not x.uses() and not x.is_graph_output():
+        producer = x.producer()
+        if producer is None or producer.graph is not ctx.graph or len(producer.outputs) != 1 \
+                or producer.op_type not in ("Transpose", "Unsqueeze", "Expand", "Reshape"):
+            return
+        nxt = producer.inputs[0]
+        ctx.graph.remove(producer, safe=True)
+        if nxt is None:
+            return
+        x = nxt
 
 
 def _fold(ctx: Context, move: ir.Node) -> bool:
@@ -154,7 +256,7 @@ def _fold(ctx: Context, move: ir.Node) -> bool:
         return False
     if not (move.metadata_props.get(LAYOUT_KEY) or _to_layer(move.outputs[0])):
         return False
-    if not (_is_swap(a.producer()) or _is_swap(b.producer())):
+    if not (_cancels(a) or _cancels(b)):
         return False  # two new moves for the one that goes: more Transposes to read
     base = producer.name or "matmul"
     new: list[ir.Node] = []
@@ -174,10 +276,8 @@ def _fold(ctx: Context, move: ir.Node) -> bool:
     ir.convenience.replace_all_uses_with(result, new[-1].outputs[0])
     new[-1].outputs[0].type, new[-1].outputs[0].shape = result.type, result.shape
     ctx.graph.remove([n for n in (move, reshape, producer) if n is not None], safe=True)
-    for x in (a, b):  # a head split's move whose only reader was the product
-        gone = x.producer()
-        if _is_swap(gone) and gone is not None and not x.uses() and not x.is_graph_output():
-            ctx.graph.remove(gone, safe=True)
+    for x in (a, b):
+        _drop_unread(ctx, x)
     return True
 
 
@@ -208,7 +308,7 @@ def _unfold(ctx: Context, node: ir.Node) -> bool:
         reshape = None
     base = (node.name or "matmul").removesuffix("_T")
     new: list[ir.Node] = []
-    p, v = _moved(ctx, pt, new, f"{base}_aT"), _moved(ctx, vt, new, f"{base}_bT")
+    p, v = _moved(ctx, pt, new, f"{base}_aT"), _moved(ctx, vt, new, f"{base}_bT", up=True)
     product = ir.node("MatMul", [p, v], name=ctx.unique(base))
     product.metadata_props.update({k: x for k, x in node.metadata_props.items()
                                    if k != PRODUCT_KEY})
@@ -231,9 +331,7 @@ def _unfold(ctx: Context, node: ir.Node) -> bool:
     new[-1].outputs[0].type, new[-1].outputs[0].shape = out.type, out.shape
     ctx.graph.remove([n for n in (reshape, node) if n is not None], safe=True)
     for x in (vt, pt):
-        gone = x.producer()
-        if _is_swap(gone) and gone is not None and not x.uses() and not x.is_graph_output():
-            ctx.graph.remove(gone, safe=True)
+        _drop_unread(ctx, x)
     return True
 
 

@@ -16,16 +16,19 @@ into its ``FusedMatMul`` (``transA`` / ``transB``). The move on the product goes
 
 A Reshape between the product and the move is allowed when it keeps the last two axes (the
 exporter's ``(B, -1, S, D)``): such a Reshape commutes with the swap, its target's last two
-entries swapped.
+entries swapped. So may ops that keep the last two axes lie between ``V``'s move and the
+product (Llama's grouped-query ``Unsqueeze -> Expand -> Reshape`` of ``V``): they are rebuilt
+on ``V^T`` (the same Unsqueeze; an Expand with ``1, 1`` as its target's last two entries,
+leaving those axes as they come; the Reshape's target's last two entries swapped).
 
-``to_linear`` of such a graph meets the mirror image, ``Transpose(V^T @ P^T)`` before the
-output projection's MatMul, and gives the model's own ``P @ V`` back the same way.
+``to_linear`` of such a graph (the products tagged ``fc2conv.product``) computes ``P @ V``
+again, with one swap of ``V^T`` above any such chain, where the layout folds meet it with the
+projection's move: the model's own Transposes come back.
 
 Only a product of two computed values (never a weight: that is a layer, not attention) is
 rewritten, only when the moved result goes to a layer fc2conv wrote (or the move is one fc2conv
 added), and only when at least one operand's move cancels, so the graph never gains a
-Transpose (Llama's ``V`` reaches the product through the grouped-query expansion, not a move,
-and is left as it is).
+Transpose.
 """
 
 from __future__ import annotations

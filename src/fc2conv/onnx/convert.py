@@ -26,6 +26,10 @@ from fc2conv.onnx.rules.layout import (
     merge_duplicate_moves,
     share_layout_changes,
 )
+from fc2conv.onnx.rules.matmul_transpose import (
+    fold_transposed_products,
+    unfold_transposed_products,
+)
 from fc2conv.onnx.rules.transpose_reshape import fold_transposes_through_reshapes
 
 log = logging.getLogger(__name__)
@@ -155,6 +159,8 @@ def convert_model(
         )
     _infer_shapes(model)
     ctx = Context(graph, opset, dynamic_spatial=dynamic_spatial)
+    if to == "linear" and unfold_transposed_products(ctx):
+        _infer_shapes(model)
     report = ConversionReport(to, transposes_before=_count(graph, "Transpose"), context=ctx,
                               layout=layout)
     rules = TO_CONV if to == "conv" else TO_LINEAR
@@ -204,6 +210,10 @@ def convert_model(
     if fold_transposes_through_reshapes(ctx):
         report.layout_changes_shared += fold_transpose_pairs(ctx)
     report.layout_changes_shared += merge_duplicate_moves(ctx)
+    products = fold_transposed_products(ctx)
+    if products:  # to_linear: the head split's move may now meet a layer's move
+        report.layout_changes_shared += products + fold_transposes_through_reshapes(ctx)
+        report.layout_changes_shared += fold_transpose_pairs(ctx)
     drop_dead_constant_moves(graph)
     for value in ctx.shape_constants.values():
         if not value.uses() and value.name and value.name in graph.initializers:

@@ -40,8 +40,8 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_ir as ir
 
-from fc2conv.onnx.rules.ane import (
-    AnePass,
+from fc2conv.onnx.rules.ane import AnePass
+from fc2conv.onnx.rules.ane_twin import (
     AneResult,
     Twin,
     _const_array,

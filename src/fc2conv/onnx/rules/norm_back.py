@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from fc2conv.onnx.rules.ane import _const_array
+from fc2conv.onnx.rules.ane_twin import _const_array
 from fc2conv.onnx.rules.base import Context
 
 LAYER_NORM_OPSET = 17

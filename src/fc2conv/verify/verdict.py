@@ -147,7 +147,7 @@ def _noise_note(ma: Model, draws: list[tuple[torch.Tensor, ...]], runs: list[Dra
         return False, None
     try:
         # only the gated draws, against the float64 outputs their references already hold
-        noise = elementwise_noise(ma, draws, u, runs[0].ref.stats.longest,
+        noise = elementwise_noise(ma, draws, u,
                                   exact=[list(run.ref.outputs) for run in runs],
                                   only={k for k, _ in gated})
     except Exception as err:  # no estimate: B's error beyond 10x A's decides

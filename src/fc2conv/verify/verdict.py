@@ -9,8 +9,8 @@ Given, per draw, A's outputs, B's outputs in A's layout and model A's float64
 2. Each output of each draw is judged by :meth:`Judge.check <fc2conv.verify.judge.Judge.check>`:
    bitwise equal is ``identical``, always; in the same precision an output differs when B's error
    against the float64 reference exceeds 10x A's own and rounding cannot explain it (B beyond
-   its worst-case bound; or, decided here draw by draw, ``|A - B|`` beyond 16x the rounding
-   noise measured on A there, :mod:`fc2conv.verify.noise`, 4x for ONNX), or NaN/Inf appear in
+   its worst-case bound; or, decided here draw by draw, ``|A - B|`` beyond 4x the rounding
+   noise measured on A there, op by op, :mod:`fc2conv.verify.noise`), or NaN/Inf appear in
    one model only.
 3. ``suspect``: an output where B's error exceeds 10x A's though within both the worst-case
    bound and the measured noise; the layer table may confirm it

@@ -148,7 +148,11 @@ class _ShakeOps(TorchDispatchMode):
 
 
 def _storage(t: torch.Tensor) -> int:
-    return int(t.untyped_storage().data_ptr())
+    """The address of ``t``'s storage (shared by its views); 0 for a tensor without one."""
+    try:
+        return int(t.untyped_storage().data_ptr())
+    except (RuntimeError, NotImplementedError):  # sparse, nested, meta
+        return 0
 
 
 class _ReadLengths(TorchDispatchMode):
@@ -163,6 +167,7 @@ class _ReadLengths(TorchDispatchMode):
         self.holds: dict[int, set[int]] = {}
         for k, t in enumerate(stored):
             self.holds.setdefault(_storage(t), set()).add(k)
+        self.holds.pop(0, None)
         self.n: dict[int, int] = {}
         self._alive: list[torch.Tensor] = []
 
@@ -170,14 +175,14 @@ class _ReadLengths(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         read: set[int] = set()
         for a in tree_flatten((args, kwargs or {}))[0]:
-            if isinstance(a, torch.Tensor) and a.device.type != "meta":
+            if isinstance(a, torch.Tensor):
                 read |= self.holds.get(_storage(a), set())
         if not read:
             return out
         n = _reduction_length(str(func.__name__), tuple(args), out)
         if n is None:
             for o in tree_flatten(out)[0]:
-                if isinstance(o, torch.Tensor):
+                if isinstance(o, torch.Tensor) and _storage(o):
                     self.holds.setdefault(_storage(o), set()).update(read)
                     self._alive.append(o)
         else:

@@ -39,7 +39,7 @@ def test_measured_noise_is_the_size_of_real_rounding_errors():
     mlp = random_mlp()
     x = torch.rand(16, 5, 256)
     model = load(mlp, "A")
-    ((noise,),) = rounding_noise(model, [(x,)], 2**-24, 256)
+    ((noise,),) = rounding_noise(model, [(x,)], 2**-24)
     with torch.no_grad():
         exact = copy.deepcopy(mlp).double()(x.double())
         real = float((mlp(x).double() - exact).abs().max())

@@ -184,7 +184,7 @@ def test_the_check_catches_one_changed_weight(name: str) -> None:
 COMPARE_FALSE_ALARM: dict[str, str] = {}
 # Fixed: tf_cnn_flatten, +1e-3 in the first Dense weight (B's error ~67x A's) was called
 # equivalent: its noise, measured with the model's longest reduction for every weight and a 16x
-# limit, excused it; ONNX noise is now measured op by op (verify/onnx_noise.py, limit 4x).
+# limit, excused it; the noise is now measured op by op (verify/onnx_noise.py, limit 4x).
 COMPARE_MISS: dict[str, str] = {}
 
 

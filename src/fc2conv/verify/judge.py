@@ -6,8 +6,8 @@
   an element disagrees when B's error against the float64 reference ``r`` exceeds
   :data:`B_ERROR_RATIO` (10) times A's largest error on that tensor (at least one unit roundoff
   of the tensor's scale; :func:`judge_relative`) *and* rounding cannot explain it: B is beyond
-  its worst-case bound there, or (decided in ``compare``) ``|A - B|`` is beyond 16x the rounding
-  noise measured on A (4x for ONNX, measured op by op: :mod:`fc2conv.verify.onnx_noise`). In
+  its worst-case bound there, or (decided in ``compare``) ``|A - B|`` is beyond 4x the rounding
+  noise measured on A, op by op (:mod:`fc2conv.verify.noise`, :mod:`fc2conv.verify.onnx_noise`). In
   the layer table, the first layer beyond both is the first divergence; where the worst-case
   bound singles out no layer, the first where B's error exceeds 10x A's. The ratio is a
   necessary condition, so an element whose worst-case bound happens to be ~0 raises no false

@@ -9,8 +9,8 @@ Given, per draw, A's outputs, B's outputs in A's layout and model A's float64
 2. Each output of each draw is judged by :meth:`Judge.check <fc2conv.verify.judge.Judge.check>`:
    bitwise equal is ``identical``, always; in the same precision an output differs when B's error
    against the float64 reference exceeds 10x A's own and rounding cannot explain it (B beyond
-   its worst-case bound; or, decided here draw by draw, ``|A - B|`` beyond 16x the rounding
-   noise measured on A there, :mod:`fc2conv.verify.noise`, 4x for ONNX), or NaN/Inf appear in
+   its worst-case bound; or, decided here draw by draw, ``|A - B|`` beyond 4x the rounding
+   noise measured on A there, op by op, :mod:`fc2conv.verify.noise`), or NaN/Inf appear in
    one model only.
 3. ``suspect``: an output where B's error exceeds 10x A's though within both the worst-case
    bound and the measured noise; the layer table may confirm it
@@ -147,7 +147,7 @@ def _noise_note(ma: Model, draws: list[tuple[torch.Tensor, ...]], runs: list[Dra
         return False, None
     try:
         # only the gated draws, against the float64 outputs their references already hold
-        noise = elementwise_noise(ma, draws, u, runs[0].ref.stats.longest,
+        noise = elementwise_noise(ma, draws, u,
                                   exact=[list(run.ref.outputs) for run in runs],
                                   only={k for k, _ in gated})
     except Exception as err:  # no estimate: B's error beyond 10x A's decides

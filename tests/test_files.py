@@ -42,3 +42,36 @@ def test_check_output_path_refuses_a_folder(tmp_path):
     (tmp_path / "out.onnx").mkdir()
     with pytest.raises(Fc2ConvError, match="is a folder"):
         check_output_path(src, tmp_path / "out.onnx")
+
+
+@pytest.mark.parametrize("when", ["at", "after"])
+def test_a_signal_at_the_commit_lets_the_write_finish_then_arrives(tmp_path, monkeypatch, when):
+    """SIGTERM landing as the output is renamed into place (the commit) or just after: the
+    output is whole, so the write is not reported as stopped (the CLI had said "stopped
+    mid-write", exit 143, with the file in place); the signal goes to the handler installed
+    before, once the temporary folder is gone. A signal during the write itself is
+    tests/faults' SIGTERM test (Interrupted, nothing written)."""
+    import signal
+
+    received: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    real_replace = os.replace
+    out = tmp_path / "out.bin"
+    payload = os.urandom(1000)
+
+    def replace(src, dst):
+        if os.fspath(dst) == os.fspath(out) and when == "at":
+            signal.raise_signal(signal.SIGTERM)
+        real_replace(src, dst)
+        if os.fspath(dst) == os.fspath(out) and when == "after":
+            signal.raise_signal(signal.SIGTERM)
+
+    monkeypatch.setattr(os, "replace", replace)
+    try:
+        with atomic_output(out) as tmp:
+            tmp.write_bytes(payload)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert out.read_bytes() == payload
+    assert received == [signal.SIGTERM]
+    assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]

@@ -9,6 +9,9 @@ owns temporaries:
   removed. A reader sees the old output or the new one, never a half-written one.
 * On any error, Ctrl-C (SIGINT), SIGTERM or SIGHUP the folder is removed; a signal becomes
   :class:`~fc2conv.errors.Interrupted`, which the CLI turns into one line and exit 128+signum.
+  From the rename of ``OUT`` on (the commit) a signal no longer stops the write: it waits for
+  the folder's removal and then reaches the handler that was there before (by default it ends
+  the process), so "stopped" always means "nothing written".
 * A run killed with SIGKILL cannot clean up. The writer's pid is in the folder's name, so the
   next run writing the same output removes folders whose writer is no longer alive, saying so
   in one log line.
@@ -147,19 +150,39 @@ def _human(n: int) -> str:
     return f"{n} bytes"
 
 
+class _Signals:
+    """What :func:`_signals_raise` knows: the signals that fired, and whether the output was
+    committed (after which a signal no longer stops the write, see :meth:`committed`)."""
+
+    def __init__(self) -> None:
+        self.fired: list[int] = []
+        self.deferred: list[int] = []
+        self.done = False
+
+    def committed(self) -> None:
+        """The output is in place: a signal from now on waits for the cleanup and is then
+        delivered to the handler that was there before (by default it ends the process, as it
+        would have a moment later), instead of reporting a write that was stopped."""
+        self.done = True
+
+
 @contextlib.contextmanager
-def _signals_raise() -> Iterator[None]:
+def _signals_raise() -> Iterator[_Signals]:
     """Turn SIGTERM/SIGHUP into :class:`Interrupted` while the block runs (main thread only);
-    a second signal during the cleanup that follows is ignored so the cleanup can finish."""
+    a second signal during the cleanup that follows is ignored so the cleanup can finish, and a
+    signal after :meth:`_Signals.committed` is delivered once the block has finished."""
+    state = _Signals()
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield state
         return
-    fired: list[int] = []
 
     def handler(signum: int, frame: FrameType | None) -> None:
-        if fired:
+        if state.done:
+            state.deferred.append(signum)
             return
-        fired.append(signum)
+        if state.fired:
+            return
+        state.fired.append(signum)
         raise Interrupted(signum)
 
     old = {}
@@ -167,12 +190,14 @@ def _signals_raise() -> Iterator[None]:
         with contextlib.suppress(ValueError, OSError):
             old[s] = signal.signal(s, handler)
     try:
-        yield
+        yield state
     finally:
-        fired.append(0)  # from here on, a signal only waits for the cleanup to finish
+        state.fired.append(0)  # from here on, a signal only waits for the cleanup to finish
         for s, h in old.items():
             with contextlib.suppress(ValueError, OSError):
                 signal.signal(s, h)
+        if state.deferred:
+            signal.raise_signal(state.deferred[0])
 
 
 def _no_space(exc: BaseException) -> tuple[int, int] | None:
@@ -212,7 +237,7 @@ def atomic_output(
     if reclaim_dead:
         reclaim(dst)
     folder = dst.parent / f".{dst.name}.{TEMP_TAG}-{os.getpid()}-{secrets.token_hex(4)}.tmp"
-    with _signals_raise():
+    with _signals_raise() as signals:
         try:
             folder.mkdir()
             tmp = folder / dst.name
@@ -225,6 +250,8 @@ def atomic_output(
                 if item.name.startswith("."):
                     continue
                 os.chmod(item, 0o666 & ~umask)  # temporaries may be 0600: normal permissions
+                if item == tmp:
+                    signals.committed()  # the rename below is the commit: not undone by a signal
                 os.replace(item, dst.parent / item.name)
         except OSError as exc:
             short = _no_space(exc)

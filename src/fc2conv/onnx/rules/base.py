@@ -225,6 +225,12 @@ def drop_if_unused(ctx: Context, *values: ir.Value | None) -> None:
             ctx.graph.remove(producer, safe=True)
 
 
+def rewrite_each(ctx: Context, rewrite: Callable[[Context, ir.Node], bool]) -> int:
+    """Offer every node of the main graph (a snapshot: rewrites add and remove nodes) to
+    ``rewrite``, which returns whether it changed the graph there; returns how many did."""
+    return sum(1 for node in list(ctx.graph) if node.graph is ctx.graph and rewrite(ctx, node))
+
+
 def fmt(shape: Sequence[int | None] | None) -> str:
     if shape is None:
         return "?"

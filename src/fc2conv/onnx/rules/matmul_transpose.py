@@ -39,7 +39,14 @@ import onnx_ir as ir
 
 from fc2conv.core.provenance import SOURCE_KEY
 from fc2conv.onnx.rules.ane_twin import _const_array
-from fc2conv.onnx.rules.base import LAYOUT_KEY, Context, Refused, constant, int64_constant
+from fc2conv.onnx.rules.base import (
+    LAYOUT_KEY,
+    Context,
+    Refused,
+    constant,
+    int64_constant,
+    rewrite_each,
+)
 
 log = logging.getLogger(__name__)
 
@@ -287,10 +294,7 @@ def _fold(ctx: Context, move: ir.Node) -> bool:
 def fold_transposed_products(ctx: Context) -> int:
     """Compute every ``Transpose(MatMul(P, V))`` that feeds a converted Conv as
     ``MatMul(V^T, P^T)`` (see the module docstring); returns how many moves went."""
-    folded = 0
-    for node in list(ctx.graph):
-        if node.graph is ctx.graph and _fold(ctx, node):
-            folded += 1
+    folded = rewrite_each(ctx, _fold)
     log.debug("computed %d attention products transposed", folded)
     return folded
 
@@ -342,8 +346,4 @@ def unfold_transposed_products(ctx: Context) -> int:
     """The way back (``to_linear``): every product :func:`fold_transposed_products` computed
     transposed, ``V^T @ P^T``, is ``Transpose(P @ V)`` again, the model's own product followed
     by the move the layout folds then merge with the projection's; returns how many."""
-    unfolded = 0
-    for node in list(ctx.graph):
-        if _unfold(ctx, node):
-            unfolded += 1
-    return unfolded
+    return rewrite_each(ctx, _unfold)

@@ -30,7 +30,14 @@ from collections.abc import Sequence
 
 import onnx_ir as ir
 
-from fc2conv.onnx.rules.base import LAYOUT_KEY, Context, Refused, constant, int64_constant
+from fc2conv.onnx.rules.base import (
+    LAYOUT_KEY,
+    Context,
+    Refused,
+    constant,
+    int64_constant,
+    rewrite_each,
+)
 from fc2conv.onnx.rules.layout import BINARY, UNARY
 
 log = logging.getLogger(__name__)
@@ -250,9 +257,6 @@ def fold_transposes_through_reshapes(ctx: Context) -> int:
     """Replace every ``Transpose -> regrouping Reshape -> Transpose`` chain where fc2conv added
     one of the Transposes by one move and one Reshape (see the module docstring); returns how
     many."""
-    folded = 0
-    for node in list(ctx.graph):
-        if node.graph is ctx.graph and _fold(ctx, node):
-            folded += 1
+    folded = rewrite_each(ctx, _fold)
     log.debug("folded %d transpose pairs through reshapes", folded)
     return folded

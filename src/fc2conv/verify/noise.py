@@ -78,16 +78,6 @@ error is "different"; the noise decides only within the bound, in deep graphs wh
 is loose. A +1e-3 weight bug erring 11.2 units there (10.8x A's 1.04, A at its floor, its clean
 conversion at 1.93) is within 2x of what correct orders do and is not called a miss
 (:data:`fc2conv.verify.bound.B_ERROR_RATIO`)."""
-ONNX_NOISE_FACTOR = NOISE_FACTOR
-"""The ONNX models' limit: the same as the PyTorch one (:data:`NOISE_FACTOR`)."""
-
-
-def noise_factor(model: Any) -> float:
-    """How many times the measured noise ``|A - B|`` may reach before rounding cannot explain
-    it: :data:`NOISE_FACTOR`, for ONNX and PyTorch models alike (``model`` is kept for the
-    callers that pass it)."""
-    return ONNX_NOISE_FACTOR if getattr(model, "kind", None) == "onnx" else NOISE_FACTOR
-
 
 # Op-level rounding of parameterless ops (attention scores, layer-norm statistics, softmax)
 _EXACT = ("view", "reshape", "permute", "transpose", "t", "expand", "squeeze", "unsqueeze",

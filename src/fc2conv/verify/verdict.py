@@ -30,7 +30,7 @@ from fc2conv.core.rounding import ulp_distance
 from fc2conv.verify import bound as bnd
 from fc2conv.verify.judge import Judge, exact_equal, nonfinite_counts
 from fc2conv.verify.models import Model
-from fc2conv.verify.noise import elementwise_noise, noise_factor
+from fc2conv.verify.noise import NOISE_FACTOR, elementwise_noise
 from fc2conv.verify.report import OutputStats
 from fc2conv.verify.values import Reference
 
@@ -157,7 +157,7 @@ def _noise_note(ma: Model, draws: list[tuple[torch.Tensor, ...]], runs: list[Dra
                       f"exceeds 10x A's; the rounding noise of A could not be measured to "
                       f"excuse it ({err})")
     worst_ratio = 0.0
-    limit = noise_factor(ma)
+    limit = NOISE_FACTOR
     # what the noise twin perturbs: ONNX graphs op by op (verify/onnx_noise.py) leave the
     # inputs as they are; PyTorch models perturb them too (verify/noise.py)
     shaken = ("every weight and op result" if ma.kind == "onnx"

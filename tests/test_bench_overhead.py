@@ -47,7 +47,9 @@ def test_converted_overhead_rows_on_cpu(capsys: pytest.CaptureFixture[str],
     assert bench.tf32_settings("off", torch.device("cuda")) == ["off"]
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the skip without CUDA")
+@pytest.mark.skipif(torch.cuda.is_available(),
+                    reason="with CUDA the bench runs on the GPU (bench/gpu_session.sh); this "
+                    "checks its one-line skip on a machine without CUDA")
 def test_converted_overhead_skips_cuda_cleanly(capsys: pytest.CaptureFixture[str]) -> None:
     _bench("converted_overhead").main(["--device", "cuda", "--tf32", "both", "--quick"])
     assert "--device cuda skipped" in capsys.readouterr().out
@@ -60,6 +62,7 @@ def test_onnx_overhead_cuda_providers_and_skip(capsys: pytest.CaptureFixture[str
         assert bench.providers_for("cuda", tf32) == [
             ("CUDAExecutionProvider", {"use_tf32": flag}), "CPUExecutionProvider"]
     if "CUDAExecutionProvider" in ort.get_available_providers():
-        pytest.skip("this onnxruntime has the CUDA provider: the skip is not reached")
+        pytest.skip("this onnxruntime has the CUDA provider, so the bench runs on it "
+                    "(bench/gpu_session.sh); the one-line skip checked here is not reached")
     bench.main(["--device", "cuda", "--tf32", "both", "--quick"])
     assert "--device cuda skipped" in capsys.readouterr().out

@@ -10,7 +10,9 @@
    them (pools and convs before the first stride) 1/px, not 1/halo, is the best tiled/untiled
    can be; 'loop/untiled' what the tiles
    reach without dense_map's machinery, 'batch=1' dense_map with one model call per tile (no
-   batching of same-shaped tiles, fc2conv.dense.batch; timed in the same rotation), and
+   batching of same-shaped tiles, fc2conv.dense.batch; timed in the same rotation),
+   'stages=1' dense_map without staged tiling (fc2conv.dense.stages: the column 'dense_map'
+   is dense_map's default, auto stages, or --stages N; 'st' is how many stages it ran), and
    'exact' compare's verdict on the stitched map
    against a float64 run (fc2conv.dense.check; TF32 allowed for on CUDA). Every run starts
    from the image in host memory and ends with the map in host memory.
@@ -26,6 +28,8 @@ the CPU ratios compare the work itself; wall ratios on a shared machine carry it
 
     PYTHONPATH=src python bench/dense_throughput.py                    # CPU, 384 px
     PYTHONPATH=src python bench/dense_throughput.py --size 768 --tiles auto 384 --threads 1
+    PYTHONPATH=src python bench/dense_throughput.py --size 768 --tiles auto 384 --repeats 15 \
+        --threads 1 --no-sliding                                          # staged vs not
     PYTHONPATH=src python bench/dense_throughput.py --device cuda --size 2048
 """
 
@@ -137,14 +141,19 @@ def fake_flops(net: nn.Module, shape: tuple[int, ...]) -> int:
     return c.get_total_flops()
 
 
-def tile_loop(fcn: nn.Module, image: np.ndarray, tile: int | None, dev: str
-              ) -> tuple[Callable[[], np.ndarray], int, float, float]:
+def tile_loop(fcn: nn.Module, image: np.ndarray, tile: int | None, dev: str,
+              stages: int | None = None
+              ) -> tuple[Callable[[], np.ndarray], int, float, float, int]:
     """(a plain loop over dense_map's own tiles -- the same windows and crops, no Dask, no
     progress, stitched with one copy --, the number of tiles, the halo FLOP factor: the tiles'
-    FLOPs over the untiled call's, the pixel halo: the tiles' input pixels over the image's)."""
-    net, geo = dmodel.prepare(fcn, (image.shape[0], *(min(n, 256) for n in image.shape[1:])),
-                              image.shape, convert=False, device=dev)
+    FLOPs over the untiled call's, the pixel halo: the tiles' input pixels over the image's,
+    the number of stages dense_map runs with ``stages``; the loop is one stage)."""
+    from fc2conv.dense.api import _stages
+
+    trace = (image.shape[0], *(min(n, 256) for n in image.shape[1:]))
+    net, geo = dmodel.prepare(fcn, trace, image.shape, convert=False, device=dev)
     tiles = (tile,) * (image.ndim - 1) if tile else dmodel_tile(geo, dev)
+    staged = _stages(net, geo, trace, image.shape, tuple(tiles), stages, dev, False)
     cells = chunk_cells(tiles, geo.image_size, geo.map_size, geo.size, geo.stride)
     plan = plan_tiles(geo.image_size, geo.map_size, geo.size, geo.stride, geo.start, cells)
     jobs = [(tuple(slice(c.a, c.b) for c in chunks),
@@ -169,7 +178,7 @@ def tile_loop(fcn: nn.Module, image: np.ndarray, tile: int | None, dev: str
             torch.cuda.synchronize()
         return out
 
-    return run, len(jobs), halo, px_halo
+    return run, len(jobs), halo, px_halo, 1 if staged is None else len(staged)
 
 
 def dmodel_tile(geo: dmodel.Geometry, dev: str) -> tuple[int, ...]:
@@ -200,6 +209,8 @@ def main() -> None:
                              "resnet-gap)")
     parser.add_argument("--workers", action="store_true", help="also 2 vs 1 worker processes")
     parser.add_argument("--no-sliding", action="store_true")
+    parser.add_argument("--stages", type=int, default=None,
+                        help="dense_map's stages in part 1's 'dense_map' column (default: auto)")
     parser.add_argument("--no-fuse", action="store_true",
                         help="part 2 without the unfused (BatchNorm not folded) dense_map row")
     parser.add_argument("--batch", type=int, default=None,
@@ -230,7 +241,8 @@ def main() -> None:
     print(f"{'net':15} {'tile':>5} {'tiles':>5} {'halo':>5} {'1/halo':>6} {'1/px':>5} "
           f"{'n':>3} {'':4} "
           f"{'untiled s':>8} {'loop s':>8} {'dense s':>8} {'loop/untiled':>17} "
-          f"{'dense_map/untiled':>17} {'batch=1/untiled':>17} {'first s':>7}  exact")
+          f"{'dense_map/untiled':>17} {'st':>2} {'stages=1/untiled':>17} "
+          f"{'batch=1/untiled':>17} {'first s':>7}  exact")
     models = nets()
     if args.nets:
         models = {k: v for k, v in models.items() if k in args.nets}
@@ -244,33 +256,43 @@ def main() -> None:
             tile = None if spec == "auto" else int(spec)
             dmodel._CACHE.clear()  # a cold first call
             start = time.perf_counter()
-            lazy = dense_map(fcn, image, tile=tile, device=dev, threads=threads)
+            lazy = dense_map(fcn, image, tile=tile, device=dev, threads=threads,
+                             stages=args.stages)
             got = np.asarray(lazy)
             first = time.perf_counter() - start
-            loop, chunks, halo, px_halo = tile_loop(fcn, image, tile, dev)
+            loop, chunks, halo, px_halo, n_stages = tile_loop(fcn, image, tile, dev,
+                                                              args.stages)
             loop()  # warm
             unbatched = np.asarray(dense_map(fcn, image, tile=tile, device=dev,
                                              threads=threads, batch=1))
-            (t_full, t_loop, t_tiled, t_one), (c_full, c_loop, c_tiled, c_one) = timed(
+            single = np.asarray(dense_map(fcn, image, tile=tile, device=dev,
+                                          threads=threads, stages=1))
+            (t_full, t_loop, t_tiled, t_single, t_one), (
+                c_full, c_loop, c_tiled, c_single, c_one) = timed(
                 [lambda: untiled(fast), loop, lambda: np.asarray(
-                    dense_map(fcn, image, tile=tile, device=dev, threads=threads)),
+                    dense_map(fcn, image, tile=tile, device=dev, threads=threads,
+                              stages=args.stages)),
+                 lambda: np.asarray(dense_map(fcn, image, tile=tile, device=dev,
+                                              threads=threads, stages=1)),
                  lambda: np.asarray(dense_map(fcn, image, tile=tile, device=dev,
                                               threads=threads, batch=1))],
                 args.repeats, args.row_seconds)
             verdict = str(check_stitched(got, full, ref, dev))
-            if not check_stitched(unbatched, full, ref, dev).equal:
-                verdict += f"; batch=1: {check_stitched(unbatched, full, ref, dev)}"
+            for label, other in (("stages=1", single), ("batch=1", unbatched)):
+                if not check_stitched(other, full, ref, dev).equal:
+                    verdict += f"; {label}: {check_stitched(other, full, ref, dev)}"
             print(f"{name:15} {spec:>5} {chunks:>5} {halo:>5.2f} {1 / halo:>6.2f} "
                   f"{1 / px_halo:>5.2f} "
                   f"{len(t_full):>3} wall {spread(t_full)[0]:>8.4f} {spread(t_loop)[0]:>8.4f} "
                   f"{spread(t_tiled)[0]:>8.4f} {ratios(t_full, t_loop):>17} "
-                  f"{ratios(t_full, t_tiled):>17} {ratios(t_full, t_one):>17} "
-                  f"{first:>7.2f}  {verdict}", flush=True)
+                  f"{ratios(t_full, t_tiled):>17} {n_stages:>2} {ratios(t_full, t_single):>17} "
+                  f"{ratios(t_full, t_one):>17} {first:>7.2f}  {verdict}", flush=True)
             if not dev.startswith("cuda"):  # CUDA work runs outside this process's CPU time
                 print(f"{'':15} {'':>5} {'':>5} {'':>5} {'':>6} {'':>5} {'':>3} CPU  "
                       f"{spread(c_full)[0]:>8.4f} {spread(c_loop)[0]:>8.4f} "
                       f"{spread(c_tiled)[0]:>8.4f} {ratios(c_full, c_loop):>17} "
-                      f"{ratios(c_full, c_tiled):>17} {ratios(c_full, c_one):>17}",
+                      f"{ratios(c_full, c_tiled):>17} {'':>2} {ratios(c_full, c_single):>17} "
+                      f"{ratios(c_full, c_one):>17}",
                       flush=True)
 
     if not args.no_sliding:

@@ -37,6 +37,9 @@ Examples:
 @click.option("--out", required=True, type=click.Path(), help="Output zarr group (resumes).")
 @click.option("--input-shape", help="The classifier's input C,H,W (convolutionalized first).")
 @click.option("--tile", type=int, help="Input pixels per tile side.")
+@click.option("--stages", type=int,
+              help="Split the net into N stages, each tiled with its own receptive field "
+                   "(default: one stage for an image read from a file).")
 @click.option("--workers", type=int, help="Start a LocalCluster of N worker processes.")
 @click.option("--scheduler", help="Address of a running dask scheduler.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
@@ -47,7 +50,7 @@ Examples:
 @click.option("--preview", type=click.Path(dir_okay=False), help="Write a PNG preview.")
 @click.option("--preview-class", type=int, help="Class shown in the preview (default argmax).")
 def dense(model: str, image: str, out: str, input_shape: str | None, tile: int | None,
-          workers: int | None, scheduler: str | None, device: str, level: int,
+          stages: int | None, workers: int | None, scheduler: str | None, device: str, level: int,
           mean: str | None, std: str | None, argmax: bool, preview: str | None,
           preview_class: int | None) -> None:
     """Score every window of IMAGE with MODEL (.pt2): an exact dense map, tile by tile."""
@@ -101,7 +104,7 @@ def dense(model: str, image: str, out: str, input_shape: str | None, tile: int |
 
         scores = dense_map(net, image, input_shape=shape, tile=tile, out=out, device=device,
                            scheduler=scheduler, workers=workers, level=level, mean=mean_v,
-                           std=std_v, argmax=argmax, progress=progress)
+                           std=std_v, argmax=argmax, progress=progress, stages=stages)
     click.echo(f"wrote {out}: scores {tuple(scores.shape)}")
     if preview:
         import zarr

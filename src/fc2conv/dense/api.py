@@ -22,7 +22,7 @@ from fc2conv.dense import model as dmodel
 from fc2conv.dense.batch import CPU_PIXELS, batch_size
 from fc2conv.dense.graph import Progress, eager, layout, lazy
 from fc2conv.dense.plan import TilePlan, chunk_cells, default_tile, plan_tiles
-from fc2conv.dense.readers import Reader, open_image
+from fc2conv.dense.readers import ArrayReader, Reader, StageMap, open_image
 from fc2conv.dense.writer import MapStore
 from fc2conv.errors import Fc2ConvError
 
@@ -82,7 +82,7 @@ def dense_map(model: Any, image: Any, *, input_shape: Sequence[int] | None = Non
               std: float | Sequence[float] | None = None, argmax: bool = False,
               overwrite: bool = False, threads: int | None = None,
               progress: Progress | None = None, fuse: bool = True,
-              batch: int | None = None) -> Any:
+              batch: int | None = None, stages: int | None = None) -> Any:
     """The dense score map ``(K, *out_spatial)`` of ``model`` on ``image`` ``(C, *spatial)``,
     equal to the untiled ``fcn(image[None])[0]`` and computed tile by tile with Dask.
 
@@ -113,6 +113,14 @@ def dense_map(model: Any, image: Any, *, input_shape: Sequence[int] | None = Non
     to the rounding of torch's kernels (:func:`~fc2conv.dense.model.run_tiles`).
     ``fuse``: fold eval-mode BatchNorm into the conv before it (:mod:`~fc2conv.dense.fuse`,
     on a copy of the net; exact up to rounding); False runs the net's layers as they are.
+    ``stages``: split the net at layer boundaries into stages, each tiled with only its own
+    receptive field, the map between stages held whole in memory
+    (:mod:`~fc2conv.dense.stages`): ``None`` (default) when its cost model predicts it is
+    cheaper (on the CPU, for a local map of an image held in memory as an array, and only when
+    every map between stages fits in half of the memory budget), ``1`` never, ``N`` exactly
+    ``N`` stages (a local map of an array or a file).
+    Each stage's tile gets the memory of ``tile``. The staged map equals the one-stage map up
+    to the rounding of torch's kernels (the same values through the same layers).
 
     Returns a dask array (``np.asarray`` computes it), read from the zarr store when ``out``
     is given (the map is then already computed).
@@ -151,30 +159,39 @@ def dense_map(model: Any, image: Any, *, input_shape: Sequence[int] | None = Non
     n_threads = max(1, threads or os.cpu_count() or 1)
     tile_px = _spatial(tile, dims) if tile is not None else _auto_tile(
         geo, dev, 1 if distributed else n_threads)
-    cells, plan = _plan(tile_px, geo.image_size, geo.map_size, geo.size, geo.stride, geo.start)
+    staged = _stages(fcn, geo, trace, shape, tile_px, stages, dev,
+                     distributed or not isinstance(source, Reader),
+                     isinstance(source, ArrayReader))
+    mean_a = _per_channel(mean, shape[0], "mean")
+    std_a = _per_channel(std, shape[0], "std")
+    cores = n_threads  # ``threads`` caps the cores used, Dask's and torch's together
+    run_net, run_geo, run_tile, run_mean, run_std = fcn, geo, tile_px, mean_a, std_a
+    if staged is not None:  # every stage but the last: a lazy map the next stage reads
+        for stage in staged[:-1]:
+            _, stage_plan = _plan(stage.tile, stage.geo.image_size, stage.geo.map_size,
+                                  stage.geo.size, stage.geo.stride, stage.geo.start)
+            n_b, n_t, per = _threads(stage.geo, dev, stage_plan, source, cores, batch, False)
+            source = StageMap(lazy(stage_plan, source, stage.net, run_mean, run_std, dev,
+                                   stage.geo.classes, n_t, per, n_b))
+            run_mean = run_std = None
+        run_net, run_geo, run_tile = staged[-1].net, staged[-1].geo, staged[-1].tile
+    cells, plan = _plan(run_tile, run_geo.image_size, run_geo.map_size, run_geo.size,
+                        run_geo.stride, run_geo.start)
     small = [(t, s) for t, s, n in zip(tile_px, geo.size, geo.image_size, strict=True)
              if t < min(s, n)]
-    if small:
+    if small and staged is None:
         log.warning("tile %s is smaller than the receptive field %s: every chunk recomputes a "
                     "whole field for one cell (%d chunks); a tile of 2x the field or more "
                     "wastes less", tile_px, geo.size, len(plan))
-    mean_a = _per_channel(mean, shape[0], "mean")
-    std_a = _per_channel(std, shape[0], "std")
-    # Dask threads: no more than there are tasks; torch's threads share the cores among them
-    # (set inside each task and restored, never process-wide)
-    cores = n_threads  # ``threads`` caps the cores used, Dask's and torch's together
-    n_batch = 1 if distributed or not isinstance(source, Reader) else _batch(
-        geo, dev, plan, cores, batch)
-    tasks = len(plan) if n_batch == 1 else len(layout(plan, n_batch, geo.classes)[0])
-    n_threads = min(n_threads, tasks)
-    per_task = max(1, cores // n_threads)
+    n_batch, n_threads, per_task = _threads(run_geo, dev, plan, source, cores, batch,
+                                            distributed)
     log.info("dense map %s -> (%d, %s) in %d chunks of %s cells (tiles up to %s px), %d "
-             "tasks", shape, geo.classes, geo.map_size, len(plan), cells, plan.max_tile(),
-             tasks)
+             "stage(s)", shape, geo.classes, geo.map_size, len(plan), cells, plan.max_tile(),
+             1 if staged is None else len(staged))
 
     if out is None and not distributed and progress is None:
-        return lazy(plan, source, fcn, mean_a, std_a, dev, geo.classes, n_threads, per_task,
-                     n_batch)
+        return lazy(plan, source, run_net, run_mean, run_std, dev, geo.classes, n_threads,
+                    per_task, n_batch)
 
     store = None
     if out is not None:
@@ -214,12 +231,53 @@ def dense_map(model: Any, image: Any, *, input_shape: Sequence[int] | None = Non
             elif close is not None:
                 close.close()
     else:
-        result = eager(plan, source, fcn, mean_a, std_a, dev, store, skipped, progress,
-                        None, geo.classes, n_threads, per_task, n_batch)
+        if isinstance(source, StageMap) and skipped < len(plan):
+            source.materialize()  # here, before the last stage's tasks read it
+        try:
+            result = eager(plan, source, run_net, run_mean, run_std, dev, store, skipped,
+                           progress, None, geo.classes, n_threads, per_task, n_batch)
+        finally:
+            if isinstance(source, StageMap):
+                source.release()
     if store is not None:
         store.finish()
         return store.scores()
     return result
+
+
+def _threads(geo: dmodel.Geometry, dev: str, plan: TilePlan, source: Any, cores: int,
+             batch: int | None, distributed: bool) -> tuple[int, int, int]:
+    """``(tiles per call, Dask threads, torch threads per task)`` of one map: Dask threads no
+    more than there are tasks, torch's threads sharing the cores among them (set inside each
+    task and restored, never process-wide)."""
+    n_batch = 1 if distributed or not isinstance(source, Reader) else _batch(
+        geo, dev, plan, cores, batch)
+    tasks = len(plan) if n_batch == 1 else len(layout(plan, n_batch, geo.classes)[0])
+    n_threads = min(cores, tasks)
+    return n_batch, n_threads, max(1, cores // n_threads)
+
+
+def _stages(fcn: Any, geo: dmodel.Geometry, trace: Sequence[int], shape: Sequence[int],
+            tile: tuple[int, ...], stages: int | None, dev: str, elsewhere: bool,
+            in_memory: bool = True) -> list[Any] | None:
+    """The stages of the map (:mod:`fc2conv.dense.staged`), ``None`` for one. Staged maps
+    run in this process from a :class:`~fc2conv.dense.readers.Reader`. Auto (``None``)
+    stages only an image held in memory (an array: the maps between stages, at most half of
+    :func:`_memory` each, sit beside it), never an image read from a file, which may exceed
+    memory: its map keeps peak RSS independent of the image's size; and it stays one stage
+    on a GPU, where the map between stages would travel through host memory."""
+    if stages is not None and (isinstance(stages, bool) or not isinstance(stages, int)
+                               or stages < 1):
+        raise Fc2ConvError(f"stages must be a positive number, got {stages!r}")
+    if stages == 1 or (stages is None and (elsewhere or not in_memory
+                                           or dev.startswith("cuda"))):
+        return None
+    if elsewhere:
+        raise Fc2ConvError("stages > 1 run in this process on an image read from an array or "
+                           "a file, not on a dask array image or a dask.distributed cluster")
+    from fc2conv.dense.staged import plan_stages
+
+    return plan_stages(fcn, geo, trace, shape, tile, stages, dev, _memory(dev))
 
 
 def _memory(dev: str) -> float:

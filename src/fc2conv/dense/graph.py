@@ -21,7 +21,7 @@ import numpy as np
 from fc2conv.dense import model as dmodel
 from fc2conv.dense.batch import Chunk, batches, run_batch
 from fc2conv.dense.plan import TilePlan
-from fc2conv.dense.readers import Reader
+from fc2conv.dense.readers import Reader, StageMap
 from fc2conv.dense.schedule import DenseArray, LocalScheduler, scheduled
 from fc2conv.dense.writer import MapStore
 
@@ -145,7 +145,19 @@ def lazy(plan: TilePlan, source: Any, net: Any, mean: Any, std: Any, dev: str, c
     groups, wheres, members, chunks = layout(plan, batch, classes)
     name, dsk, _ = _graph(plan, source, net, mean, std, dev, None, per_task, batch, groups)
     calls = [(w, task[0]) for w, task in zip(wheres, dsk.values(), strict=True)]
-    return DenseArray.build(name, chunks, calls, dsk, list(members), workers)
+    if not isinstance(source, StageMap):
+        return DenseArray.build(name, chunks, calls, dsk, list(members), workers)
+    # the previous stage's map is computed before any task reads it (not inside one: a task
+    # of the pool would wait on the pool)
+    first = (f"{name}-stage",)
+    dsk = {key: (functools.partial(_after, task[0]), first) for key, task in dsk.items()}
+    return DenseArray.build(name, chunks, calls, dsk, list(members), workers, [source],
+                            {first: (source.materialize,)})
+
+
+def _after(call: Callable[[], Any], _: Any) -> Any:
+    """``call()``, as a task that depends on another (whose result it ignores)."""
+    return call()
 
 
 def eager(plan: TilePlan, source: Any, net: Any, mean: Any, std: Any, dev: str,

@@ -74,6 +74,45 @@ class ArrayReader(Reader):
         return np.asarray(self.array[(slice(None), *window)])
 
 
+class StageMap(Reader):
+    """The map between two stages of a staged dense map (:mod:`fc2conv.dense.stages`): a
+    lazily computed ``(C, *cells)`` dask array, computed whole by :meth:`materialize` (once,
+    in the thread that asks first) and held until :meth:`release`. ``read`` hands out copies
+    (the next stage may start with an in-place op on its tile)."""
+
+    source = "stage"
+
+    def __init__(self, array: Any) -> None:
+        import threading
+
+        self.array = array
+        self.shape = tuple(int(n) for n in array.shape)
+        self.dtype = np.dtype(np.float32)
+        self._data: np.ndarray | None = None
+        self._lock = threading.Lock()
+
+    def materialize(self) -> None:
+        with self._lock:
+            if self._data is None:
+                self._data = np.asarray(self.array)
+
+    def release(self) -> None:
+        with self._lock:
+            self._data = None
+
+    def read(self, window: Window) -> np.ndarray:
+        data = self._data
+        if data is None:
+            self.materialize()
+            data = self._data
+        assert data is not None
+        return np.array(data[(slice(None), *window)])
+
+    def __reduce__(self) -> Any:  # a stage map lives in this process only
+        raise Fc2ConvError("a staged dense map runs in one process (not on a dask.distributed "
+                           "cluster)")
+
+
 class ZarrReader(Reader):
     """A zarr array ``(C, *spatial)``, by path (reopened per process) or as an object."""
 

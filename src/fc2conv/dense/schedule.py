@@ -108,14 +108,18 @@ class DenseArray(da.Array):  # type: ignore[misc]
     ``calls``: ``(wheres, call)`` per task, ``wheres`` the map slices of its chunks, in the
     order of the blocks ``call()`` returns; ``tasks``: the graph of those calls; ``members``:
     the block indices of each task's chunks (each block's key is ``(name, 0, *index)``, an
-    item of its task's result)."""
+    item of its task's result); ``before``: :class:`~fc2conv.dense.readers.StageMap` s the
+    calls read, computed before them and released after (``extra``: their tasks in the
+    graph, which the calls' tasks depend on)."""
 
     __slots__ = ()
 
     @classmethod
     def build(cls, name: str, chunks: tuple[tuple[int, ...], ...],
               calls: list[tuple[list[tuple[slice, ...]], Call]], tasks: dict[Any, Any],
-              members: list[list[tuple[int, ...]]], workers: int) -> DenseArray:
+              members: list[list[tuple[int, ...]]], workers: int,
+              before: Sequence[Any] = (), extra: Mapping[Any, Any] | None = None
+              ) -> DenseArray:
         import operator
 
         from dask.highlevelgraph import HighLevelGraph
@@ -124,9 +128,11 @@ class DenseArray(da.Array):  # type: ignore[misc]
         for key, indices in zip(tasks, members, strict=True):
             for k, index in enumerate(indices):
                 dsk[(name, 0, *index)] = (operator.getitem, key, k)
+        dsk.update(extra or {})  # tasks the calls' tasks depend on
         array = cls(HighLevelGraph.from_collections(name, dsk, dependencies=()), name, chunks,
                     dtype=np.float32, meta=np.empty((0,) * len(chunks), np.float32))
         array.__dict__["_fc2conv_calls"] = calls
+        array.__dict__["_fc2conv_before"] = tuple(before)
         return scheduled(array, workers)
 
     def compute(self, **kwargs: Any) -> Any:
@@ -136,15 +142,25 @@ class DenseArray(da.Array):  # type: ignore[misc]
         calls = self.__dict__.get("_fc2conv_calls")
         if kwargs or calls is None or get_scheduler(collections=[self]) is not own:
             return super().compute(**kwargs)
+        before = self.__dict__.get("_fc2conv_before", ())
+        for stage in before:  # maps of earlier stages, computed here before the calls
+            stage.materialize()
+        try:
+            return self._direct(calls, own.workers)
+        finally:
+            for stage in before:  # held only while this map is computed
+                stage.release()
+
+    def _direct(self, calls: list[tuple[list[tuple[slice, ...]], Call]], workers: int) -> Any:
         if len(calls) == 1 and len(calls[0][0]) == 1:  # the whole map: the block is the result
             return calls[0][1]()[0]
         out = np.empty(self.shape, np.float32)
-        if own.workers == 1:
+        if workers == 1:
             for wheres, call in calls:
                 for where, block in zip(wheres, call(), strict=True):
                     out[where] = block
         else:
-            futures = [(wheres, pool(own.workers).submit(call)) for wheres, call in calls]
+            futures = [(wheres, pool(workers).submit(call)) for wheres, call in calls]
             for wheres, future in futures:
                 for where, block in zip(wheres, future.result(), strict=True):
                     out[where] = block

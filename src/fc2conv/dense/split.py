@@ -85,6 +85,15 @@ def cuts(gm: fx.GraphModule) -> list[str]:
     return out
 
 
+def _result(output: fx.Node) -> Any:
+    """What an output node returns: its one tensor when it is a one-element tuple (as the
+    module of an exported program writes it), else its argument."""
+    value = output.args[0]
+    if isinstance(value, (tuple, list)) and len(value) == 1 and isinstance(value[0], fx.Node):
+        return value[0]
+    return value
+
+
 def split(gm: fx.GraphModule, at: Sequence[str]) -> list[fx.GraphModule]:
     """The stages of ``gm`` cut after the nodes named ``at`` (cuts, in graph order): stage
     ``k`` takes the tensor of cut ``k - 1`` (the input for the first) and returns cut ``k``'s
@@ -119,7 +128,7 @@ def split(gm: fx.GraphModule, at: Sequence[str]) -> list[fx.GraphModule]:
             if node.op == "placeholder" or (node in const and node.op == "get_attr"):
                 continue
             if node.op == "output":
-                result = fx.map_arg(node.args[0], get)
+                result = fx.map_arg(_result(node), get)
                 break
             if node not in env:
                 env[node] = graph.node_copy(node, lambda a: get(a))
@@ -238,8 +247,10 @@ def profile(gm: fx.GraphModule, trace_shape: Sequence[int], image_shape: Sequenc
             candidates.append(name)
             seen = j
     order = [n.name for n in gm.graph.nodes]
-    out_name = next(n for n in gm.graph.nodes if n.op == "output").args[0]
-    out_name = out_name.name if isinstance(out_name, fx.Node) else order[-2]
+    result = _result(next(n for n in gm.graph.nodes if n.op == "output"))
+    if not isinstance(result, fx.Node):
+        raise Fc2ConvError("the net cannot be split into stages: it returns no single tensor")
+    out_name = result.name
     boundaries = [Boundary((1,) * dims, (1,) * dims, (0,) * dims, int(image_shape[0]),
                            tuple(int(n) for n in image_shape[1:]))]
     kept: list[str] = []

@@ -126,14 +126,14 @@ def test_a_run_killed_mid_batch_resumes_from_its_committed_chunks(tmp_path, monk
         return real(self, index, origin, block)
 
     monkeypatch.setattr(MapStore, "write", dies_on_the_fourth)
-    with pytest.raises(RuntimeError, match="killed"):
-        dense_map(net, image, tile=25, out=out, threads=1)
+    with pytest.raises(RuntimeError, match="killed"):  # one stage (staged: test_dense_staged)
+        dense_map(net, image, tile=25, out=out, threads=1, stages=1)
     assert max(seen.sizes) > 3  # the fourth chunk died inside a batch
     done = {p.name for p in (out / ".fc2conv-done").iterdir()}
     assert done == {".".join(map(str, i)) for i in written}
     monkeypatch.setattr(MapStore, "write", real)
     progress = []
-    result = dense_map(net, image, tile=25, out=out, threads=1,
+    result = dense_map(net, image, tile=25, out=out, threads=1, stages=1,
                        progress=lambda d, t: progress.append((d, t)))
     total = progress[0][1]
     assert progress[0] == (3, total) and progress[-1] == (total, total)

@@ -78,7 +78,8 @@ def test_threads_1_runs_every_chunk_in_the_calling_thread(tmp_path, store):
     out = tmp_path / "m.zarr" if store else None
     seen = []
     got = dense_map(net, image, tile=31, threads=1, out=out, batch=1,  # a call per chunk
-                    progress=lambda done, total: seen.append((done, total)))
+                    progress=lambda done, total: seen.append((done, total)),
+                    stages=1)  # one stage: its tiles (staged maps: test_dense_staged)
     chunks = len(seen) - 1
     assert chunks > 4 and seen[-1] == (chunks, chunks)
     assert calls.seen == [threading.current_thread()] * chunks
@@ -104,7 +105,7 @@ def test_parallel_chunks_run_on_one_pool_reused_across_calls():
 def test_a_map_computes_with_other_dask_arrays_and_under_another_scheduler():
     net, image = _net(7), _image(8)
     ref = _ref64(net, image)
-    lazy = dense_map(net, image, tile=40, threads=2)
+    lazy = dense_map(net, image, tile=40, threads=2, stages=1)  # staged: test_dense_staged
     other = da.ones((5,), chunks=2)
     got, ones = dask.compute(lazy, other)  # one default scheduler for both
     _close(got, ref)

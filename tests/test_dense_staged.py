@@ -173,8 +173,9 @@ def test_auto_stages_only_where_cheaper_and_in_memory(tmp_path, monkeypatch, cho
     ref = _ref64(net, image)
     _close(dense_map(net, image, tile=150, threads=1), ref, len(net))
     assert chosen[-1] > 1  # small tiles, a wide field: staged
+    before = len(chosen)
     _close(dense_map(net, image, threads=1), ref, len(net))
-    assert chosen[-1] == 1  # the whole image in one tile: no halo to save
+    assert chosen[before:] in ([], [1])  # the whole image in one tile: no halo to save
     path = tmp_path / "img.zarr"
     zarr.create_array(str(path), shape=image.shape, dtype="float32")[...] = image
     before = len(chosen)

@@ -264,12 +264,14 @@ def _stages(fcn: Any, geo: dmodel.Geometry, trace: Sequence[int], shape: Sequenc
     run in this process from a :class:`~fc2conv.dense.readers.Reader`. Auto (``None``)
     stages only an image held in memory (an array: the maps between stages, at most half of
     :func:`_memory` each, sit beside it), never an image read from a file, which may exceed
-    memory: its map keeps peak RSS independent of the image's size; and it stays one stage
-    on a GPU, where the map between stages would travel through host memory."""
+    memory: its map keeps peak RSS independent of the image's size; never a map in one tile
+    (no halo to save); and it stays one stage on a GPU, where the map between stages would
+    travel through host memory."""
     if stages is not None and (isinstance(stages, bool) or not isinstance(stages, int)
                                or stages < 1):
         raise Fc2ConvError(f"stages must be a positive number, got {stages!r}")
-    if stages == 1 or (stages is None and (elsewhere or not in_memory
+    whole = all(t >= n for t, n in zip(tile, shape[1:], strict=True))  # no halo to save
+    if stages == 1 or (stages is None and (elsewhere or not in_memory or whole
                                            or dev.startswith("cuda"))):
         return None
     if elsewhere:

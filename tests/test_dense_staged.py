@@ -188,6 +188,15 @@ def test_auto_stages_only_where_cheaper_and_in_memory(tmp_path, monkeypatch, cho
         dense_map(net, image, tile=150, threads=1, stages=2)
 
 
+def test_a_setting_changed_in_place_gets_new_stages(chosen):
+    net = _net2d(15)
+    image = np.random.default_rng(16).standard_normal((3, 150, 140)).astype(np.float32)
+    _close(dense_map(net, image, tile=60, threads=1, stages=2), _ref64(net, image), len(net))
+    net[3].dilation = (1, 1)  # same module, same weights: another field
+    _close(dense_map(net, image, tile=60, threads=1, stages=2), _ref64(net, image), len(net))
+    assert chosen == [2, 2]
+
+
 def test_stage_errors():
     import dask.array as da
 

@@ -41,10 +41,20 @@ _CACHE: weakref.WeakKeyDictionary[nn.Module, dict[Any, Any]] = weakref.WeakKeyDi
 
 
 def _entry(fcn: nn.Module) -> dict[Any, Any]:
+    """The cache of ``fcn``: emptied when its structure or weights changed (a module's
+    settings changed in place change its stages' geometry; :func:`~fc2conv.dense.key.
+    model_token`) and when it holds many image shapes and tiles."""
+    from fc2conv.dense.key import model_token
+
+    token = model_token(fcn)
     try:
-        return _CACHE.setdefault(fcn, {})
+        entry = _CACHE.setdefault(fcn, {})
     except TypeError:  # not weak-referenceable: no cache
         return {}
+    if entry.get("token") != token or len(entry) > 64:
+        entry.clear()
+        entry["token"] = token
+    return entry
 
 
 def _cpu(fcn: nn.Module, cache: dict[Any, Any]) -> Any:
@@ -58,10 +68,11 @@ def _cpu(fcn: nn.Module, cache: dict[Any, Any]) -> Any:
 
 
 def net_profile(fcn: nn.Module, geo: dmodel.Geometry, trace: Sequence[int],
-                shape: Sequence[int]) -> tuple[Profile, list[str]]:
+                shape: Sequence[int], cache: dict[Any, Any] | None = None
+                ) -> tuple[Profile, list[str]]:
     """The planner's :class:`~fc2conv.dense.stages.Profile` of ``fcn`` on a ``shape`` image,
     and its candidate cuts' names (cached)."""
-    cache = _entry(fcn)
+    cache = _entry(fcn) if cache is None else cache
     key = ("profile", tuple(trace), tuple(shape))
     if key not in cache:
         cache[key] = dsplit.profile(_cpu(fcn, cache), trace, shape, geo.field)
@@ -81,7 +92,7 @@ def plan_stages(fcn: nn.Module, geo: dmodel.Geometry, trace: Sequence[int],
         hit: list[Stage] | None = cache[key]
         return hit
     try:
-        prof, names = net_profile(fcn, geo, trace, shape)
+        prof, names = net_profile(fcn, geo, trace, shape, cache)
     except Fc2ConvError:
         if stages not in (None, 1):
             raise

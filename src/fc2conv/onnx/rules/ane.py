@@ -69,6 +69,7 @@ class AnePass(StreamRewrites, HeadRewrites, ShapeRewrites):
             except Refused as exc:
                 log.info("ane: %s (%s) stays: %s", node.name, node.op_type, exc)
         self._finish()
+        self.result.convs = self.convs
         return self.result
 
     # -- leaving the layout, clean-up --------------------------------------------------------

@@ -153,7 +153,11 @@ def _match(div: ir.Node) -> tuple | None:
     if x is None or not isinstance(channels, int) or channels < 2 \
             or any(v is not None and v.size not in (1, channels) for v in (w, b)):
         return None
-    w = None if w is None else np.broadcast_to(w, (channels,))
+    if w is None:  # LayerNormalization's scale has the normalized shape (ORT checks it)
+        dtype = x.dtype.numpy() if x.dtype is not None else (
+            b.dtype if b is not None else np.float32)
+        w = np.ones(channels, dtype)
+    w = np.broadcast_to(w, (channels,))
     b = None if b is None else np.broadcast_to(b, (channels,))
     return x, float(eps.reshape(-1)[0]), w, b, out, nodes
 

@@ -32,6 +32,8 @@ sys.path.insert(0, str(ROOT))
 
 from onnx_overhead import cases, export, spread  # noqa: E402
 
+sys.path.insert(0, str(ROOT.parent / "tests" / "zoo"))
+
 from fc2conv.onnx import convert  # noqa: E402
 
 
@@ -39,7 +41,7 @@ def _unfolded(model: onnx.ModelProto) -> onnx.ModelProto:
     """``to_conv(layout="ane")`` with the folds switched off (what it wrote before them)."""
     with mock.patch("fc2conv.onnx.convert.fold_affine_into_convs", return_value=0), \
             mock.patch("fc2conv.onnx.convert.move_scales_onto_convs", return_value=0):
-        return convert(model, "conv", layout="ane")[0]
+        return convert(model, "conv", layout="ane", verify=False)[0]
 
 
 def _nodes(model: onnx.ModelProto, opts: ort.SessionOptions, disabled: list[str]) -> int:
@@ -53,6 +55,23 @@ def _nodes(model: onnx.ModelProto, opts: ort.SessionOptions, disabled: list[str]
         finally:
             opts.optimized_model_filepath = ""
         return len(onnx.load(os.path.join(tmp, "o.onnx")).graph.node)
+
+
+def _cases(realistic: bool, only: list[str]) -> dict:
+    """``onnx_overhead.cases``, building only the zoo models named in ``only`` (if any)."""
+    if realistic:
+        return {k: v for k, v in cases(False).items() if not only or k in only}
+    import zoo_models
+    from converted_overhead import ZOO_NAMES
+
+    out = {}
+    for name in ZOO_NAMES:
+        if only and f"zoo {name}" not in only:
+            continue
+        zoo = zoo_models.ZOO[name]
+        draw = zoo.draw(0)
+        out[f"zoo {name}"] = (zoo.build(), tuple(draw.values()), list(draw))
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -72,11 +91,10 @@ def main(argv: list[str] | None = None) -> None:
           f"disabled: {', '.join(args.disable) or 'none'}, load {os.getloadavg()[0]:.1f}")
     print(f"{'model':22} {'nodes orig/before/after':>24} {'orig ms':>8} "
           f"{'before (wall)':>20} {'after (wall)':>20} {'before (cpu)':>20} {'after (cpu)':>20}")
-    for name, (model, inputs, names) in cases(not args.realistic).items():
-        if args.only and name not in args.only:
-            continue
+    for name, (model, inputs, names) in _cases(args.realistic, args.only).items():
         original = export(model, inputs, names)
-        graphs = [original, _unfolded(original), convert(original, "conv", layout="ane")[0]]
+        graphs = [original, _unfolded(original),
+                  convert(original, "conv", layout="ane", verify=False)[0]]
         feeds = {i.name: t.numpy() for i, t in zip(original.graph.input, inputs, strict=False)}
         sessions = [ort.InferenceSession(g.SerializeToString(), opts,
                                          providers=["CPUExecutionProvider"],

@@ -13,7 +13,8 @@ from fc2conv.onnx import to_conv, to_linear
 
 
 def _block(rng: np.random.Generator, eps: float, bias: bool) -> onnx.ModelProto:
-    """``LayerNorm(x @ W + x)`` on ``(B, S, 12)``, then another MatMul."""
+    """``LayerNorm(x @ W + x)`` on ``(B, S, 12)``, then another MatMul and a residual (so
+    that the ane layout keeps the norm's weight and bias: they are not read by Convs only)."""
     c = 12
     inits = [init(rng, "w0", c, c), init(rng, "w1", c, c), init(rng, "g", c)]
     ln_in = ["r", "g"]
@@ -23,7 +24,8 @@ def _block(rng: np.random.Generator, eps: float, bias: bool) -> onnx.ModelProto:
     nodes = [helper.make_node("MatMul", ["x", "w0"], ["a"]),
              helper.make_node("Add", ["a", "x"], ["r"]),
              helper.make_node("LayerNormalization", ln_in, ["n"], axis=-1, epsilon=eps),
-             helper.make_node("MatMul", ["n", "w1"], ["y"])]
+             helper.make_node("MatMul", ["n", "w1"], ["o"]),
+             helper.make_node("Add", ["o", "n"], ["y"])]
     return model(nodes, [vinfo("x", [2, 5, c])], [vinfo("y", [2, 5, c])], inits, opset=18)
 
 

@@ -19,6 +19,7 @@ from fc2conv.errors import Fc2ConvError
 from fc2conv.onnx.rules import TO_CONV, TO_LINEAR
 from fc2conv.onnx.rules.ane import ane_layout
 from fc2conv.onnx.rules.ane_back import linear_layout
+from fc2conv.onnx.rules.ane_fold import fold_affine_into_convs, move_scales_onto_convs
 from fc2conv.onnx.rules.base import LAYOUT_KEY, Context, Refused, drop_dead_constant_moves
 from fc2conv.onnx.rules.layout import (
     collapse_flat_round_trips,
@@ -167,9 +168,12 @@ def convert_model(
     anchors = {op for r in rules for op in r.op_types}
     wanted = set(only) if only else None
     seen: set[str] = set()
+    ane_convs: set[ir.Node] = set()
     if layout == "ane" or to == "linear":
         walk = ane_layout if to == "conv" else linear_layout
-        for node, detail in walk(ctx, wanted).converted:
+        walked = walk(ctx, wanted)
+        ane_convs = walked.convs
+        for node, detail in walked.converted:
             label = node.name or node.outputs[0].name or node.op_type
             seen.update({label, node.outputs[0].name or ""} & (wanted or set()))
             report.entries.append(Entry(label, node.op_type, "converted", detail))
@@ -222,6 +226,9 @@ def convert_model(
         _make_spatial_dynamic(ctx)
     graph.sort()
     _infer_shapes(model)
+    if ane_convs and fold_affine_into_convs(ctx, ane_convs) + move_scales_onto_convs(ctx):
+        graph.sort()  # the folds read the shapes just inferred (a constant must not broadcast)
+        _infer_shapes(model)
     report.transposes_after = _count(graph, "Transpose")
     report.layout_changes = layout_changes(graph)
     if on_node is not None:

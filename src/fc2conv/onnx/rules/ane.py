@@ -23,7 +23,9 @@ in topological order gives each op whose inputs have twins a twin op, reading
 A value enters the conv layout once (``Unsqueeze + Transpose``, or a Reshape when ``S == 1``
 or a Transpose ``(B, C, S) -> (B, S, C)`` is undone); wherever an op outside the table reads a
 twinned value, or it is a graph output, the value leaves once (``Transpose + Squeeze``). The
-original nodes left without readers are removed.
+original nodes left without readers are removed. Once the graph's shapes are inferred again,
+:mod:`~fc2conv.onnx.rules.ane_fold` gives the constant scalings next to the Convs made here (a
+pre-norm's weight and bias, a query's scale) to those Convs (``AneResult.convs``).
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ class AnePass(StreamRewrites, HeadRewrites, ShapeRewrites):
             except Refused as exc:
                 log.info("ane: %s (%s) stays: %s", node.name, node.op_type, exc)
         self._finish()
+        self.result.convs = self.convs
         return self.result
 
     # -- leaving the layout, clean-up --------------------------------------------------------

@@ -53,6 +53,7 @@ class AneBase:
         self.anchor: ir.Node | None = None
         self.read: set[ir.Value] = set()
         self.probe: Probe | None = None
+        self.convs: set[ir.Node] = set()  # the 1x1 Convs made for MatMuls
 
 
     # -- building blocks ------------------------------------------------------------------

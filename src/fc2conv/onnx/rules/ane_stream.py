@@ -72,6 +72,7 @@ class StreamRewrites(AneBase):
         y = self._add("Conv", inputs, {"kernel_shape": [1, 1]}, base)
         producer = y.producer()
         assert producer is not None
+        self.convs.add(producer)
         provenance(producer, node.name or base, f"MatMul {in_f}->{out_f}"
                    + (" + Add" if add is not None else ""))
         if add is not None:

@@ -44,6 +44,7 @@ class Twin:
 class AneResult:
     converted: list[tuple[ir.Node, str]] = field(default_factory=list)
     refused: list[tuple[ir.Node, str]] = field(default_factory=list)
+    convs: set[ir.Node] = field(default_factory=set)  # the 1x1 Convs made for MatMuls
 
 
 def _shape(v: ir.Value | None) -> tuple[int | str | None, ...] | None:

@@ -9,7 +9,9 @@ put the channels last again the same ops read::
 
 which is ``LayerNormalization(x, w, b, axis=-1, epsilon=eps)`` term for term, so from opset 17
 (where the op exists) they are fused back: the same epsilon (read from the constant), ``w``
-and ``b`` the constants flattened to ``(C,)``. A match is refused when any intermediate value
+and ``b`` the constants flattened to ``(C,)`` (ones and none when absent: the ane layout
+folds a pre-norm's weight and bias into the layers that read it, whose ``(C, O)`` weight then
+gives ``C`` where the shapes do not). A match is refused when any intermediate value
 has another reader, or ``w`` / ``b`` vary along any axis but the last.
 """
 
@@ -146,12 +148,29 @@ def _match(div: ir.Node) -> tuple | None:
     channels = x.shape[-1] if x is not None and x.shape is not None else None
     if not isinstance(channels, int):  # a value the linear pass made: read the weights
         channels = max((v.size for v in (w, b) if v is not None), default=None)
+    if channels is None:  # no weight left (to_conv folded it into the layers that read it)
+        channels = _rows_read(out)
     if x is None or not isinstance(channels, int) or channels < 2 \
             or any(v is not None and v.size not in (1, channels) for v in (w, b)):
         return None
-    w = None if w is None else np.broadcast_to(w, (channels,))
+    if w is None:  # LayerNormalization's scale has the normalized shape (ORT checks it)
+        dtype = x.dtype.numpy() if x.dtype is not None else (
+            b.dtype if b is not None else np.float32)
+        w = np.ones(channels, dtype)
+    w = np.broadcast_to(w, (channels,))
     b = None if b is None else np.broadcast_to(b, (channels,))
     return x, float(eps.reshape(-1)[0]), w, b, out, nodes
+
+
+def _rows_read(value: ir.Value) -> int | None:
+    """The input width of the ``MatMul`` by a constant ``(C, O)`` weight that reads ``value``."""
+    for use in value.uses():
+        node = use.node
+        if node.op_type == "MatMul" and node.domain == "" and use.idx == 0:
+            weight = _const_array(node.inputs[1])
+            if weight is not None and weight.ndim == 2:
+                return int(weight.shape[0])
+    return None
 
 
 def _initializer(ctx: Context, array: np.ndarray, name: str) -> ir.Value:

@@ -30,6 +30,7 @@ from fc2conv.onnx.rules.matmul_transpose import (
     fold_transposed_products,
     unfold_transposed_products,
 )
+from fc2conv.onnx.rules.swap_sink import lift_swaps, sink_swaps
 from fc2conv.onnx.rules.transpose_reshape import fold_transposes_through_reshapes
 
 log = logging.getLogger(__name__)
@@ -159,7 +160,7 @@ def convert_model(
         )
     _infer_shapes(model)
     ctx = Context(graph, opset, dynamic_spatial=dynamic_spatial)
-    if to == "linear" and unfold_transposed_products(ctx):
+    if to == "linear" and unfold_transposed_products(ctx) + lift_swaps(ctx):
         _infer_shapes(model)
     report = ConversionReport(to, transposes_before=_count(graph, "Transpose"), context=ctx,
                               layout=layout)
@@ -214,6 +215,8 @@ def convert_model(
     if products:  # to_linear: the head split's move may now meet a layer's move
         report.layout_changes_shared += products + fold_transposes_through_reshapes(ctx)
         report.layout_changes_shared += fold_transpose_pairs(ctx)
+    if to == "conv" and layout == "channels_first":
+        report.layout_changes_shared += sink_swaps(ctx)
     drop_dead_constant_moves(graph)
     for value in ctx.shape_constants.values():
         if not value.uses() and value.name and value.name in graph.initializers:

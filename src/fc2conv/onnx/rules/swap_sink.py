@@ -73,6 +73,12 @@ def _other(axis: int, rank: int) -> int:
     return rank - 1 if a == rank - 2 else rank - 2 if a == rank - 1 else a
 
 
+def _swapped(shape: ir.Shape | None) -> ir.Shape | None:
+    if shape is None or len(shape) < 2:
+        return shape
+    return ir.Shape([*shape[:-2], shape[-1], shape[-2]])
+
+
 def _is_const(value: ir.Value | None) -> bool:
     try:
         constant(value, "operand")
@@ -202,9 +208,23 @@ def _grow(entries: Iterable[ir.Node]) -> Region:
 
 @dataclass
 class _Cost:
-    removed: int = 0  # entries and cancelled swaps that go
-    free: int = 0  # new moves into a MatMul operand (folded by onnxruntime)
-    added: int = 0  # other new moves
+    """Transposes the rewrite removes and adds: ``run`` counts the moves a runtime executes
+    (a swap into a MatMul operand is free: onnxruntime's ``FusedMatMul`` takes it as
+    ``transA`` / ``transB``), ``raw`` the Transpose nodes in the graph."""
+
+    run_removed: int = 0
+    run_added: int = 0
+    raw_removed: int = 0
+    raw_added: int = 0
+
+    def gains(self) -> bool:
+        return self.run_removed > self.run_added and self.raw_removed >= self.raw_added
+
+
+def _into_matmul(uses: Iterable[Usage]) -> bool:
+    uses = list(uses)
+    return bool(uses) and all(u.node.op_type == "MatMul" and u.node.domain == ""
+                              and u.idx in (0, 1) for u in uses)
 
 
 def _exit_readers(region: Region) -> dict[ir.Value, list[Usage]]:
@@ -235,17 +255,21 @@ def _cost(region: Region) -> _Cost:
     inside = set(region.nodes)
     for entry in region.entries:
         if all(u.node in inside for u in entry.outputs[0].uses()):
-            cost.removed += 1
+            cost.run_removed += 1
+            cost.raw_removed += 1
     for uses in _exit_readers(region).values():
         rest = [u for u in uses if not _is_swap(u.node)]
-        cost.removed += len(uses) - len(rest)
-        if rest and all(u.node.op_type == "MatMul" and u.node.domain == "" for u in rest):
-            cost.free += 1
-        elif rest:
-            cost.added += 1
+        for use in uses:
+            if _is_swap(use.node):  # cancels: both moves go
+                cost.raw_removed += 1
+                cost.run_removed += not _into_matmul(use.node.outputs[0].uses())
+        if rest:
+            cost.raw_added += 1
+            cost.run_added += not _into_matmul(rest)
     for x in _external(region):
         if not (_is_const(x) or _unit_tail(x) or _is_swap(x.producer())):
-            cost.added += 1
+            cost.raw_added += 1
+            cost.run_added += 1
     return cost
 
 
@@ -257,16 +281,14 @@ class _Swapper:
         self.moved: dict[ir.Value, ir.Value] = {}
         self.dropped: list[ir.Value] = []
 
-    def _transpose(self, x: ir.Value, before: ir.Node, base: str) -> ir.Value:
+    def _transpose(self, x: ir.Value, before: ir.Node, base: str,
+                   shape: ir.Shape | None) -> ir.Value:
         rank = _rank(x)
         assert rank is not None
         node = ir.node("Transpose", [x], {"perm": _swap(rank)}, name=self.ctx.unique(base))
         node.metadata_props[LAYOUT_KEY] = "swap"
         node.outputs[0].name = self.ctx.unique(f"{base}_out")
-        dims = _dims(x)
-        if dims is not None:
-            node.outputs[0].shape = ir.Shape([*x.shape[:-2], x.shape[-1], x.shape[-2]])  # type: ignore[index]
-        node.outputs[0].type = x.type
+        node.outputs[0].shape, node.outputs[0].type = shape, x.type
         self.ctx.graph.insert_before(before, node)
         return node.outputs[0]
 
@@ -293,7 +315,7 @@ class _Swapper:
         elif _is_swap(producer) and producer is not None and producer.inputs[0] is not None:
             out = producer.inputs[0]
         else:
-            out = self._transpose(x, reader, f"{x.name or 'operand'}_swap")
+            out = self._transpose(x, reader, f"{x.name or 'operand'}_swap", _swapped(x.shape))
         self.moved[x] = out
         if out is not x:
             self.dropped.append(x)
@@ -348,7 +370,8 @@ class _Swapper:
                 else:
                     rest.append(use)
             if rest:
-                moved = self._transpose(value, rest[0].node, f"{value.name or 'value'}_swap")
+                moved = self._transpose(value, rest[0].node, f"{value.name or 'value'}_swap",
+                                        value.shape)  # the region's value is swapped below
                 for use in rest:
                     use.node.replace_input_with(use.idx, moved)
         for node in region.nodes:  # entries' outputs and outside operands, swapped
@@ -361,8 +384,7 @@ class _Swapper:
         for node in region.nodes:
             self._params(node)
             for o in node.outputs:
-                if o.shape is not None and len(o.shape) >= 2:
-                    o.shape = ir.Shape([*o.shape[:-2], o.shape[-1], o.shape[-2]])
+                o.shape = _swapped(o.shape)
             if self.tag is None:
                 node.metadata_props.pop(SWAPPED_KEY, None)
             else:
@@ -402,8 +424,7 @@ def sink_swaps(ctx: Context) -> int:
     if not entries:
         return 0
     regions = [_grow(entries)]
-    cost = _cost(regions[0])
-    if not _gains(cost):
+    if not _cost(regions[0]).gains():
         regions = [_grow([e]) for e in entries]
     gone = 0
     swapper = _Swapper(ctx, "rotary")
@@ -411,18 +432,14 @@ def sink_swaps(ctx: Context) -> int:
         if region.entries[0].graph is not ctx.graph:
             continue
         cost = _cost(region)
-        if not region.nodes or not _gains(cost):
+        if not region.nodes or not cost.gains():
             log.debug("left %d head split(s): %s", len(region.entries), cost)
             continue
         swapper.rewrite(region)
-        gone += cost.removed - cost.added
+        gone += cost.run_removed - cost.run_added
     swapper.drop_unread()
     log.debug("computed rotary embeddings swapped: %d moves went", gone)
     return gone
-
-
-def _gains(cost: _Cost) -> bool:
-    return cost.removed > cost.added and cost.removed >= cost.added + cost.free
 
 
 def lift_swaps(ctx: Context) -> int:

@@ -202,3 +202,30 @@ def test_ort_runs_no_head_moves(monkeypatch: pytest.MonkeyPatch) -> None:
     original, before, after = counts
     assert after["Transpose"] == 2 * 2 < before["Transpose"] < original["Transpose"], counts
     assert after["FusedMatMul"] == 2 * 2 and after["MatMul"] == 0, after
+
+
+def _unread(m: onnx.ModelProto) -> set[str]:
+    """Initializers and Constant-node outputs no node and no graph output reads."""
+    read = {i for n in m.graph.node for i in n.input} | {o.name for o in m.graph.output}
+    consts = {t.name for t in m.graph.initializer} | {
+        n.output[0] for n in m.graph.node if n.op_type == "Constant"}
+    return consts - read
+
+
+def test_constants_the_conversion_orphaned_are_dropped() -> None:
+    """The head splits' and merges' shapes, replaced by the conversion, are not left in the
+    written graph (before: ``split_q``, ``split_kv`` and ``merge`` stayed, onnxruntime said
+    "Removing initializer"); a Constant node likewise; what the input left unread stays."""
+    m = _rotary_block(np.random.default_rng(4), layers=1)
+    nodes = list(m.graph.node)
+    m.graph.initializer.remove(next(t for t in m.graph.initializer if t.name == "merge"))
+    nodes.insert(0, helper.make_node("Constant", [], ["merge"], value=_ints("v", [B, S, C])))
+    del m.graph.node[:]
+    m.graph.node.extend(nodes)
+    unread = _unread(m)
+    assert {"split_q", "split_kv", "merge"}.isdisjoint(unread) and "heads" in unread
+    for graph in (convert(m, "conv")[0], convert(m, "conv", layout="ane")[0]):
+        assert _unread(graph) == unread, _unread(graph) - unread
+        assert {"split_q", "split_kv", "merge"}.isdisjoint(
+            {t.name for t in graph.graph.initializer} | {
+                o for n in graph.graph.node for o in n.output})

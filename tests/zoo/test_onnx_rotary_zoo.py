@@ -17,6 +17,7 @@ import pytest
 import zoo_models
 from _onnx_helpers import run_ort
 from test_onnx_layout_zoo import _check_equivalent
+from test_onnx_swap_sink import _unread
 
 import fc2conv
 from fc2conv.onnx import convert
@@ -62,6 +63,7 @@ def test_rotary_runs_in_the_conv_layout(exporter: str, monkeypatch: pytest.Monke
     assert _head_moves(conv) == 0, report.layout_changes
     assert _counts(conv)["Transpose"] == _counts(before)["Transpose"] - 2 * layers
     assert sum(any(p.key == SWAPPED_KEY for p in n.metadata_props) for n in conv.graph.node)
+    assert _unread(conv) <= _unread(m)  # no shape or table left behind
     zoo = zoo_models.ZOO[name]
     for seed in (3, 4):
         feeds = {k: v.numpy() for k, v in zoo.draw(seed).items()}

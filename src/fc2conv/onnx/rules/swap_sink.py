@@ -179,6 +179,7 @@ def _grow(entries: Iterable[ir.Node]) -> Region:
     """The region reached from ``entries``: readers that join, downward, then producers whose
     every output only region nodes read (as data), upward, until nothing more joins."""
     region = Region(entries=list(entries))
+    graph = region.entries[0].graph
     inside: set[ir.Node] = set()
     todo = [e.outputs[0] for e in region.entries]
     grew = True
@@ -187,7 +188,8 @@ def _grow(entries: Iterable[ir.Node]) -> Region:
             value = todo.pop()
             for use in value.uses():
                 node = use.node
-                if node not in inside and use.idx in _data(node) and _joins(node):
+                if node not in inside and use.idx in _data(node) and node.graph is graph \
+                        and _joins(node):
                     inside.add(node)
                     region.nodes.append(node)
                     todo.extend(node.outputs)
@@ -196,7 +198,8 @@ def _grow(entries: Iterable[ir.Node]) -> Region:
             for i in _data(node):
                 x = node.inputs[i]
                 p = x.producer() if x is not None else None
-                if p is None or p in inside or p in region.entries or not _joins(p):
+                if p is None or p in inside or p in region.entries or p.graph is not graph \
+                        or not _joins(p):
                     continue
                 if all(u.node in inside and u.idx in _data(u.node)
                        for o in p.outputs for u in o.uses()):
@@ -217,8 +220,11 @@ class _Cost:
     raw_removed: int = 0
     raw_added: int = 0
 
+    inner: bool = False  # a subgraph (If / Loop body) reads a value of the region
+
     def gains(self) -> bool:
-        return self.run_removed > self.run_added and self.raw_removed >= self.raw_added
+        return not self.inner and self.run_removed > self.run_added \
+            and self.raw_removed >= self.raw_added
 
 
 def _into_matmul(uses: Iterable[Usage]) -> bool:
@@ -258,6 +264,7 @@ def _cost(region: Region) -> _Cost:
             cost.run_removed += 1
             cost.raw_removed += 1
     for uses in _exit_readers(region).values():
+        cost.inner |= any(u.node.graph is not region.nodes[0].graph for u in uses)
         rest = [u for u in uses if not _is_swap(u.node)]
         for use in uses:
             if _is_swap(use.node):  # cancels: both moves go

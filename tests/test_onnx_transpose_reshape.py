@@ -99,3 +99,32 @@ def test_encoder_block_default_layout_keeps_one_move_per_head_transpose() -> Non
     assert op_counts(back)["Transpose"] == op_counts(m)["Transpose"]  # the model's own back
     assert op_counts(back)["Reshape"] == op_counts(m)["Reshape"]
     assert_matches_reference(m, back, _feeds(rng), depth=4 * C)
+
+
+
+def test_allowzero_without_a_zero_folds() -> None:
+    """torch.export writes head splits as ``Reshape(allowzero=1)``; with no 0 in the target
+    that is the same Reshape, and the chain folds (before: left, two moves)."""
+    shape, p, target, q = (2, 12, 5), (0, 2, 1), (2, 5, 3, 4), (0, 2, 1, 3)
+    m = _chain(shape, p, target, q, scaled=False, dynamic=False)
+    next(n for n in m.graph.node if n.op_type == "Reshape").attribute.append(
+        helper.make_attribute("allowzero", 1))
+    out, folded = _fold(m)
+    assert folded == 1 and op_counts(out)["Transpose"] == 1
+    x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+    assert np.array_equal(run_ort(out, {"x": x})[0], np.reshape(np.transpose(x, p), target)
+                          .transpose(q))
+
+
+@pytest.mark.parametrize(("allowzero", "target", "same"), [
+    (None, [2, 0, 4], True), (0, [2, 0, 4], True), (1, [2, 3, 4], True),
+    (1, [2, 0, 4], False),  # a literal empty axis, not "copy the input's"
+    (1, None, False)])  # a target computed at run time
+def test_zeros_copied(allowzero: int | None, target: list[int] | None, same: bool) -> None:
+    from fc2conv.onnx.rules.base import zeros_copied
+
+    shape = ir.Value(name="s") if target is None else ir.Value(
+        name="s", const_value=ir.tensor(np.asarray(target, np.int64)))
+    attrs = {} if allowzero is None else {"allowzero": allowzero}
+    node = ir.node("Reshape", [ir.Value(name="x"), shape], attrs)
+    assert zeros_copied(node) is same

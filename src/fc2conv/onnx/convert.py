@@ -31,6 +31,7 @@ from fc2conv.onnx.rules.matmul_transpose import (
     fold_transposed_products,
     unfold_transposed_products,
 )
+from fc2conv.onnx.rules.swap_sink import lift_swaps, sink_swaps
 from fc2conv.onnx.rules.transpose_reshape import fold_transposes_through_reshapes
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,31 @@ def _readers(value: ir.Value) -> list[str]:
     return out
 
 
+def _constants_read(graph: ir.Graph) -> list[ir.Value]:
+    """The initializers and Constant-node outputs something in ``graph`` reads."""
+    values = [*graph.initializers.values(),
+              *(n.outputs[0] for n in graph if n.op_type == "Constant" and n.domain == "")]
+    return [v for v in values if v.uses() or v.is_graph_output()]
+
+
+def drop_orphaned_constants(graph: ir.Graph, read_before: list[ir.Value]) -> int:
+    """Remove the constants of ``read_before`` (initializers, Constant nodes) that nothing
+    reads any more: the shapes, axes and weights of the nodes a conversion replaced. A
+    constant the input model already left unread, or a graph input's default, stays."""
+    dropped = 0
+    for value in read_before:
+        if value.uses() or value.is_graph_output() or value.is_graph_input():
+            continue
+        producer = value.producer()
+        if value.name and graph.initializers.get(value.name) is value:
+            del graph.initializers[value.name]
+            dropped += 1
+        elif producer is not None and producer.graph is graph:
+            graph.remove(producer, safe=True)
+            dropped += 1
+    return dropped
+
+
 def layout_changes(graph: ir.Graph) -> list[str]:
     """Each Transpose of ``graph``, where it sits: ``"name [perm]: reads <op name> -> <op names
     reading it>"`` (graph inputs and outputs named as such; a Squeeze/Unsqueeze next to it is
@@ -159,8 +185,9 @@ def convert_model(
             f"(upgrade it with onnx.version_converter)"
         )
     _infer_shapes(model)
+    read_before = _constants_read(graph)
     ctx = Context(graph, opset, dynamic_spatial=dynamic_spatial)
-    if to == "linear" and unfold_transposed_products(ctx):
+    if to == "linear" and unfold_transposed_products(ctx) + lift_swaps(ctx):
         _infer_shapes(model)
     report = ConversionReport(to, transposes_before=_count(graph, "Transpose"), context=ctx,
                               layout=layout)
@@ -218,10 +245,13 @@ def convert_model(
     if products:  # to_linear: the head split's move may now meet a layer's move
         report.layout_changes_shared += products + fold_transposes_through_reshapes(ctx)
         report.layout_changes_shared += fold_transpose_pairs(ctx)
+    if to == "conv" and layout == "channels_first":
+        report.layout_changes_shared += sink_swaps(ctx)
     drop_dead_constant_moves(graph)
     for value in ctx.shape_constants.values():
         if not value.uses() and value.name and value.name in graph.initializers:
             del graph.initializers[value.name]
+    drop_orphaned_constants(graph, read_before)
     if dynamic_spatial:
         _make_spatial_dynamic(ctx)
     graph.sort()

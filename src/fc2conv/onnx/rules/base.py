@@ -137,6 +137,20 @@ def drop_dead_constant_moves(graph: ir.Graph) -> int:
     return removed
 
 
+def zeros_copied(reshape: ir.Node) -> bool:
+    """Whether a Reshape reads a ``0`` in its target as "copy the input's size" (the default,
+    ``allowzero=0``) -- or means the same either way: ``allowzero=1`` only changes a Reshape
+    whose target holds a 0 (torch.export's Reshapes set it on targets without one)."""
+    attr = reshape.attributes.get("allowzero")
+    if attr is None or int(attr.value) == 0:
+        return True
+    try:
+        target = constant(reshape.inputs[1] if len(reshape.inputs) > 1 else None, "shape")
+    except Refused:
+        return False
+    return bool(np.all(target.numpy() != 0))
+
+
 def dims(tensor: ir.TensorProtocol) -> tuple[int, ...]:
     """The (always concrete) dims of a constant tensor as ints."""
     return tuple(int(d) for d in tensor.shape.numpy())

@@ -46,6 +46,7 @@ from fc2conv.onnx.rules.base import (
     constant,
     int64_constant,
     rewrite_each,
+    zeros_copied,
 )
 
 log = logging.getLogger(__name__)
@@ -100,8 +101,7 @@ def _keeps_last_two(reshape: ir.Node) -> list[int] | None:
     same at the end of the target), else ``None``."""
     if reshape.op_type != "Reshape" or reshape.domain != "" or len(reshape.inputs) != 2:
         return None
-    allowzero = reshape.attributes.get("allowzero")
-    if allowzero is not None and int(allowzero.value) != 0:
+    if not zeros_copied(reshape):
         return None
     x = reshape.inputs[0]
     dims = _last_two(x) if x is not None else None

@@ -37,6 +37,7 @@ from fc2conv.onnx.rules.base import (
     constant,
     int64_constant,
     rewrite_each,
+    zeros_copied,
 )
 from fc2conv.onnx.rules.layout import BINARY, UNARY
 
@@ -179,8 +180,7 @@ def _fold(ctx: Context, second: ir.Node) -> bool:
     q = _perm(second)
     reshape = second.inputs[0].producer() if q is not None and second.inputs[0] else None
     if reshape is None or reshape.op_type != "Reshape" or reshape.domain != "" \
-            or reshape.graph is not ctx.graph or reshape.attributes.get("allowzero") is not None \
-            and int(reshape.attributes["allowzero"].value) != 0:
+            or reshape.graph is not ctx.graph or not zeros_copied(reshape):
         return False
     found = _through_pointwise(reshape.inputs[0])
     if found is None:

@@ -92,3 +92,17 @@ def test_to_linear_checks_itself(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(conv_to_matmul, "conv_kernel_to_linear", wrong)
     with pytest.raises(Fc2ConvError, match="first diverging at node '[^']*fc2"):
         fc2conv.onnx.to_linear(conv)
+
+
+def test_a_conversion_onnxruntime_cannot_load_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rule that writes a graph onnxruntime refuses (here fc2's kernel in float64 beside a
+    float32 input) is a broken conversion, not a model compare cannot draw inputs for."""
+    right = gemm_to_conv.linear_weight
+
+    def wrong(m: gemm_to_conv.GemmMatch) -> np.ndarray:
+        w = right(m)
+        return w.astype(np.float64) if m.node.name == "fc2" else w
+
+    monkeypatch.setattr(gemm_to_conv, "linear_weight", wrong)
+    with pytest.raises(Fc2ConvError, match="onnxruntime loads the original but not the model"):
+        fc2conv.onnx.to_conv(_mlp())

@@ -7,8 +7,9 @@ did not expect, a shared initializer). :func:`self_check` runs both models; a ``
 verdict raises :class:`~fc2conv.errors.Fc2ConvError` naming the first node whose outputs
 diverge (from compare's layer-by-layer walk). Models whose inputs ``compare`` cannot draw
 (symbolic dimensions without a size, inputs that are not tensors) are not checked, with a
-warning that says why. ``verify=False`` on the public functions skips the check; the CLI's
-``convert --check`` runs its own compare and passes ``verify=False``.
+warning that says why; but a converted model that onnxruntime cannot load while it loads the
+original is a broken conversion and raises. ``verify=False`` on the public functions skips
+the check; the CLI's ``convert --check`` runs its own compare and passes ``verify=False``.
 """
 
 from __future__ import annotations
@@ -38,6 +39,21 @@ def _as_compare_input(model: Any) -> Any:
     raise Fc2ConvError(f"cannot check a {type(model).__name__}")
 
 
+def _ort_load_error(model: Any) -> str | None:
+    """The first line of onnxruntime's error when it cannot build a CPU session for ``model``
+    (None when it can)."""
+    import onnxruntime as ort
+
+    src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else os.fspath(model)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    try:
+        ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types
+        return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return None
+
+
 def self_check(original: Any, converted: Any, *, what: str = "converted model",
                seed: int = 0) -> None:
     """Raise :class:`Fc2ConvError` when ``converted`` computes another function than
@@ -50,6 +66,11 @@ def self_check(original: Any, converted: Any, *, what: str = "converted model",
     try:
         report = compare(a, b, samples=SAMPLES, layers=False, seed=seed)
     except Fc2ConvError as err:  # e.g. a symbolic input dimension compare cannot size
+        broken = _ort_load_error(b)
+        if broken is not None and _ort_load_error(a) is None:
+            raise Fc2ConvError(
+                f"onnxruntime loads the original but not the {what}: {broken}; please report "
+                f"this model (verify=False skips the check)") from err
         log.warning("could not check the %s: %s (verify=False skips the check)", what, err)
         return
     if report.verdict != "different":

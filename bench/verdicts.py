@@ -48,6 +48,12 @@ given); a rerun with the same file skips the rows already there with at least ``
 draws, so a long sweep can be stopped and resumed model by model. ``--table`` prints the table
 of one or more such files and runs nothing.
 
+Each row also counts the draws where compare consulted B's own float64 twin (its grey zone:
+B's error beyond 10x A's, within the worst-case bound and the measured noise;
+``fc2conv.verify.verdict``), those it decided "different", those where it fell back (no float64
+twin for B), and the share of B's error the twin attributed to another function (%; above 50
+is "different"): a rule never consulted on a clean row cannot false-alarm there.
+
 The cause check (column ``wrong_cause``): a caught bug draw whose diagnosis names a cause
 (flatten order, transposed weight, bias, constant scale, shared kernel, train/eval mode) other
 than the planted one. A planted change no hypothesis models (+1e-3 on one weight, two rows
@@ -60,6 +66,7 @@ import argparse
 import copy
 import inspect
 import json
+import re
 import resource
 import statistics
 import sys
@@ -368,7 +375,26 @@ def row(model: str, path: str, planted: bool) -> dict[str, Any]:
             "bug_draws": 0 if planted else None, "significant": 0 if planted else None,
             "misses": 0 if planted else None, "mislocalized": 0 if planted else None,
             "wrong_cause": 0 if planted else None, "causes": {}, "worst": 0.0, "events": [],
-            "seconds": 0.0}
+            "seconds": 0.0, "twin": {"consulted": 0, "different": 0, "fallback": 0,
+                                     "shares": []}}
+
+
+SHARE = re.compile(r"\(([0-9.e+-]+)% of B's error")
+
+
+def count_twin(r: dict[str, Any], rep: Any) -> None:
+    """Count whether B's float64 twin was consulted on this draw (the verdict's grey zone), what
+    it decided, and the share of B's error it attributed to another function (in %)."""
+    t = r.setdefault("twin", {"consulted": 0, "different": 0, "fallback": 0, "shares": []})
+    for n in rep.notes:
+        if "B's own float64 twin is" in n:
+            t["consulted"] += 1
+            t["different"] += "B computes something else" in n
+            m = SHARE.search(n)
+            if m:
+                t["shares"].append(float(m.group(1)))
+        elif "B's float64 twin was not consulted" in n or "B's float64 twin could not" in n:
+            t["fallback"] += 1
 
 
 def event(r: dict[str, Any], kind: str, k: int, rep: Any = None, **extra: Any) -> None:
@@ -389,6 +415,7 @@ def judge_draw(r: dict[str, Any], k: int, rep: Any, planted: str | tuple[str, ..
     """Count draw ``k``'s report ``rep`` into row ``r`` (``errs``: A's and B's errors;
     ``localized``: the report has a layer table, so localization and cause are judged)."""
     r["draws"] += 1
+    count_twin(r, rep)
     if rep.bound > 0:
         r["worst"] = max(r["worst"], rep.max_abs_error / rep.bound)
     if planted is None:
@@ -535,7 +562,11 @@ COMMIT = _commit()
 def _finish(r: dict[str, Any], t0: float, out: Path | None) -> dict[str, Any]:
     r["seconds"] = round(time.perf_counter() - t0, 1)
     r["commit"] = COMMIT
-    print(*_cells(r), f"({r['seconds']} s)", sep="\t", flush=True)
+    t = r.get("twin", {})
+    print(*_cells(r), f"({r['seconds']} s; B's float64 twin consulted on "
+          f"{t.get('consulted', 0)} draws, decided 'different' on {t.get('different', 0)}, "
+          f"fell back on {t.get('fallback', 0)}; shares % {t.get('shares', [])})",
+          sep="\t", flush=True)
     if out is not None:
         with out.open("a") as f:
             f.write(json.dumps(r) + "\n")
@@ -592,6 +623,13 @@ def table(rows: list[dict[str, Any]]) -> None:
           f"of {sig} significant bug draws (of {total('bug_draws')}); mislocalized {loc} of "
           f"{judged} caught bug draws with a planted layer ({pct:.1f}% "
           f"localized); wrong cause named {total('wrong_cause')}")
+    consulted = [(r["model"], r["path"], r["twin"]) for r in rows
+                 if r.get("twin", {}).get("consulted") or r.get("twin", {}).get("fallback")]
+    print("B's float64 twin (the grey zone) per row: consulted / decided different / fell "
+          "back; share of B's error it attributed to another function (%):")
+    for m, p, t in consulted:
+        print(f"  {m}\t{p}\t{t['consulted']}/{t['different']}/{t['fallback']}\t"
+              + ", ".join(f"{s:.3g}" for s in t["shares"]))
     print("causes named on caught draws, by planted bug:")
     for kind, cs in sorted(causes.items()):
         print(f"  {kind}: " + ", ".join(f"{c} {n}" for c, n in sorted(cs.items())))

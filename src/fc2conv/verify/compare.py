@@ -161,6 +161,26 @@ def _run_all(ma: Model, mb: Model, draws: list[tuple[torch.Tensor, ...]],
     return runs, relayout
 
 
+def _float64_b(mb: Model, x: tuple[torch.Tensor, ...],
+               run: DrawRun) -> tuple[list[torch.Tensor], str]:
+    """B's float64 twin on draw ``x`` (PyTorch: the float64 copy of the module; ONNX: the same
+    engines, with the same fallbacks, as A's reference), its outputs aligned to A's layout, and
+    the engine that ran it. Asked for only in the verdict's grey zone
+    (:func:`fc2conv.verify.verdict.judge_outputs`); a PyTorch twin is dropped again after the
+    call (unless it was there before), so B's float64 weights are not kept beside A's twins."""
+    built = "reference" not in mb._twins
+    try:
+        b64 = mb.run(x, "reference")
+    finally:
+        if built:
+            mb._twins.pop("reference", None)
+    outs = []
+    for ta, tb in zip(run.ref.outputs, b64.outputs, strict=True):
+        al = align(ta, tb)
+        outs.append(tb if al is None else al[0])
+    return outs, b64.engine
+
+
 def _run_native(model: Model, x: tuple[torch.Tensor, ...], which: str) -> list[torch.Tensor]:
     try:
         return model.run(x).outputs
@@ -177,7 +197,8 @@ def _compare_loaded(ma: Model, mb: Model, draws: list[tuple[torch.Tensor, ...]],
                     input_text: str, budget_note: str | None = None) -> Report:
     ra, rb = _rounding(ma), _rounding(mb)
     runs, relayout = _run_all(ma, mb, draws, ra, rb)
-    seen = judge_outputs(ma, draws, runs, relayout, ra, rb)
+    seen = judge_outputs(ma, draws, runs, relayout, ra, rb,
+                         twin_b=lambda k: _float64_b(mb, draws[k], runs[k]))
     notes = [*reference_notes([run.ref for run in runs], budget_note), *seen.notes]
     verdict = seen.verdict
     loc: Localization | None = None

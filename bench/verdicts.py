@@ -41,6 +41,8 @@ against the models' weight size.
     PYTHONPATH=src:tests/zoo python bench/verdicts.py --models gpt2 --no-cost --out r.jsonl
     PYTHONPATH=src:tests/zoo python bench/verdicts.py --table r.jsonl   # table from saved rows
     PYTHONPATH=src:tests/zoo python bench/verdicts.py --models foreign:tf_mlp  # one foreign file
+    PYTHONPATH=src:tests/zoo python bench/verdicts.py --models monai_efficientnet3d \
+        --paths bugs,onnx_bugs --bugs "+1e-3 weight" --no-cost          # one planted bug
 
 With ``--out FILE.jsonl`` every finished model x path row is appended as one JSON line (with
 the draws that false-alarmed, missed or mislocalized, and the cause each caught bug draw was
@@ -307,10 +309,12 @@ def weight_bytes(*models: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for m in models for p in m.parameters())
 
 
-def model_pairs(name: str, paths: list[str], done: frozenset[str] = frozenset()
+def model_pairs(name: str, paths: list[str], done: frozenset[str] = frozenset(),
+                only_bugs: set[str] | None = None
                 ) -> tuple[Any, list[tuple[str, Any, Any, tuple[str, ...] | None, Any]]]:
     """(A's float64 twin, [(path, A, B, planted layer (:func:`readers`) or None, B without the
-    bug)]) for one zoo model, without the paths in ``done`` (rows already saved)."""
+    bug)]) for one zoo model, without the paths in ``done`` (rows already saved); ``only_bugs``:
+    the planted bugs to build (all when None)."""
     import fc2conv.onnx
 
     a = build(name)
@@ -359,6 +363,8 @@ def model_pairs(name: str, paths: list[str], done: frozenset[str] = frozenset()
         lname, lin = pl
         planted = readers(a, lname)
         for bug, change in bugs(name, lin).items():
+            if only_bugs is not None and bug not in only_bugs:
+                continue
             a_bug = copy.deepcopy(a)
             change(a_bug.get_submodule(lname))
             if "bugs" in paths:
@@ -643,6 +649,7 @@ def main() -> None:
     ap.add_argument("--no-cost", action="store_true", help="skip the time/memory measurement")
     ap.add_argument("--out", type=Path, help="append finished rows (JSON lines); skip saved ones")
     ap.add_argument("--table", type=Path, nargs="+", help="print the table of saved rows only")
+    ap.add_argument("--bugs", help="only these planted bugs, comma-separated ('+1e-3 weight')")
     args = ap.parse_args()
     if args.table:
         table(list(load(args.table).values()))
@@ -661,7 +668,8 @@ def main() -> None:
             continue
         done = frozenset(p for (m, p) in saved if m == name and _done(saved, m, p, args.draws))
         rows += [saved[(name, p)] for p in sorted(done)]
-        a64, pairs = model_pairs(name, paths, done)
+        a64, pairs = model_pairs(name, paths, done,
+                                 set(args.bugs.split(",")) if args.bugs else None)
         for path, a, b, planted, b_clean in pairs:
             r, t0 = row(name, path, planted is not None), time.perf_counter()
             for k in range(args.draws):

@@ -12,7 +12,9 @@ stage's value and returning its own:
 3. The outputs alone decide the verdict (:mod:`fc2conv.verify.verdict`, by the rule of
    :class:`fc2conv.verify.judge.Judge`): bitwise equal is ``identical``, always; in the same
    precision an output differs when B's error against the float64 reference exceeds 10x A's own
-   and rounding cannot explain it, or NaN/Inf appear in one model only.
+   and rounding cannot explain it, or NaN/Inf appear in one model only. Where only the 10x rule
+   fires (the grey zone), B's own float64 twin (:func:`_float64_b`, run for those draws only)
+   tells B's rounding from another function.
 4. With ``layers=True`` (or a "different" or suspect verdict), the layer table
    (:mod:`fc2conv.verify.localize`) pairs both models' layers and finds the first that parts;
    the layer table localizes, it never turns agreeing outputs into "different" (a suspect

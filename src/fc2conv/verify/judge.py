@@ -186,7 +186,8 @@ def float64_split(yb: torch.Tensor, b64: torch.Tensor, r: torch.Tensor,
     17), B erring 11-33x A's: share 97-102% (B's own float32 rounding 1-3% of its error); a
     pooling summed position by position, or shifted by a constant, erring >10x A's, and the
     export of the shifted one with its BatchNorm folded in float32
-    (``tests/test_verify_float64_split.py``): share ~3%. The zoo's clean rows: see the README.
+    (``tests/test_verify_float64_split.py``): share a few % (3.2% on the export). The zoo's clean
+    rows: see the README.
     """
     r64, b32, bt = r.double(), yb.double(), b64.double().reshape(r.shape)
     eb, own, d64 = (b32 - r64).abs(), (b32 - bt).abs(), (bt - r64).abs()

@@ -41,12 +41,20 @@ against the models' weight size.
     PYTHONPATH=src:tests/zoo python bench/verdicts.py --models gpt2 --no-cost --out r.jsonl
     PYTHONPATH=src:tests/zoo python bench/verdicts.py --table r.jsonl   # table from saved rows
     PYTHONPATH=src:tests/zoo python bench/verdicts.py --models foreign:tf_mlp  # one foreign file
+    PYTHONPATH=src:tests/zoo python bench/verdicts.py --models monai_efficientnet3d \
+        --paths bugs,onnx_bugs --bugs "+1e-3 weight" --no-cost          # one planted bug
 
 With ``--out FILE.jsonl`` every finished model x path row is appended as one JSON line (with
 the draws that false-alarmed, missed or mislocalized, and the cause each caught bug draw was
 given); a rerun with the same file skips the rows already there with at least ``--draws``
 draws, so a long sweep can be stopped and resumed model by model. ``--table`` prints the table
 of one or more such files and runs nothing.
+
+Each row also counts the draws where compare consulted B's own float64 twin (its grey zone:
+B's error beyond 10x A's, within the worst-case bound and the measured noise;
+``fc2conv.verify.verdict``), those it decided "different", those where it fell back (no float64
+twin for B), and the share of B's error the twin attributed to another function (%; above 50
+is "different"): a rule never consulted on a clean row cannot false-alarm there.
 
 The cause check (column ``wrong_cause``): a caught bug draw whose diagnosis names a cause
 (flatten order, transposed weight, bias, constant scale, shared kernel, train/eval mode) other
@@ -60,6 +68,7 @@ import argparse
 import copy
 import inspect
 import json
+import re
 import resource
 import statistics
 import sys
@@ -300,10 +309,12 @@ def weight_bytes(*models: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for m in models for p in m.parameters())
 
 
-def model_pairs(name: str, paths: list[str], done: frozenset[str] = frozenset()
+def model_pairs(name: str, paths: list[str], done: frozenset[str] = frozenset(),
+                only_bugs: set[str] | None = None
                 ) -> tuple[Any, list[tuple[str, Any, Any, tuple[str, ...] | None, Any]]]:
     """(A's float64 twin, [(path, A, B, planted layer (:func:`readers`) or None, B without the
-    bug)]) for one zoo model, without the paths in ``done`` (rows already saved)."""
+    bug)]) for one zoo model, without the paths in ``done`` (rows already saved); ``only_bugs``:
+    the planted bugs to build (all when None)."""
     import fc2conv.onnx
 
     a = build(name)
@@ -352,6 +363,8 @@ def model_pairs(name: str, paths: list[str], done: frozenset[str] = frozenset()
         lname, lin = pl
         planted = readers(a, lname)
         for bug, change in bugs(name, lin).items():
+            if only_bugs is not None and bug not in only_bugs:
+                continue
             a_bug = copy.deepcopy(a)
             change(a_bug.get_submodule(lname))
             if "bugs" in paths:
@@ -368,7 +381,26 @@ def row(model: str, path: str, planted: bool) -> dict[str, Any]:
             "bug_draws": 0 if planted else None, "significant": 0 if planted else None,
             "misses": 0 if planted else None, "mislocalized": 0 if planted else None,
             "wrong_cause": 0 if planted else None, "causes": {}, "worst": 0.0, "events": [],
-            "seconds": 0.0}
+            "seconds": 0.0, "twin": {"consulted": 0, "different": 0, "fallback": 0,
+                                     "shares": []}}
+
+
+SHARE = re.compile(r"\(([0-9.e+-]+)% of B's error")
+
+
+def count_twin(r: dict[str, Any], rep: Any) -> None:
+    """Count whether B's float64 twin was consulted on this draw (the verdict's grey zone), what
+    it decided, and the share of B's error it attributed to another function (in %)."""
+    t = r.setdefault("twin", {"consulted": 0, "different": 0, "fallback": 0, "shares": []})
+    for n in rep.notes:
+        if "B's own float64 twin is" in n:
+            t["consulted"] += 1
+            t["different"] += "B computes something else" in n
+            m = SHARE.search(n)
+            if m:
+                t["shares"].append(float(m.group(1)))
+        elif "B's float64 twin was not consulted" in n or "B's float64 twin could not" in n:
+            t["fallback"] += 1
 
 
 def event(r: dict[str, Any], kind: str, k: int, rep: Any = None, **extra: Any) -> None:
@@ -389,6 +421,7 @@ def judge_draw(r: dict[str, Any], k: int, rep: Any, planted: str | tuple[str, ..
     """Count draw ``k``'s report ``rep`` into row ``r`` (``errs``: A's and B's errors;
     ``localized``: the report has a layer table, so localization and cause are judged)."""
     r["draws"] += 1
+    count_twin(r, rep)
     if rep.bound > 0:
         r["worst"] = max(r["worst"], rep.max_abs_error / rep.bound)
     if planted is None:
@@ -535,7 +568,11 @@ COMMIT = _commit()
 def _finish(r: dict[str, Any], t0: float, out: Path | None) -> dict[str, Any]:
     r["seconds"] = round(time.perf_counter() - t0, 1)
     r["commit"] = COMMIT
-    print(*_cells(r), f"({r['seconds']} s)", sep="\t", flush=True)
+    t = r.get("twin", {})
+    print(*_cells(r), f"({r['seconds']} s; B's float64 twin consulted on "
+          f"{t.get('consulted', 0)} draws, decided 'different' on {t.get('different', 0)}, "
+          f"fell back on {t.get('fallback', 0)}; shares % {t.get('shares', [])})",
+          sep="\t", flush=True)
     if out is not None:
         with out.open("a") as f:
             f.write(json.dumps(r) + "\n")
@@ -592,6 +629,13 @@ def table(rows: list[dict[str, Any]]) -> None:
           f"of {sig} significant bug draws (of {total('bug_draws')}); mislocalized {loc} of "
           f"{judged} caught bug draws with a planted layer ({pct:.1f}% "
           f"localized); wrong cause named {total('wrong_cause')}")
+    consulted = [(r["model"], r["path"], r["twin"]) for r in rows
+                 if r.get("twin", {}).get("consulted") or r.get("twin", {}).get("fallback")]
+    print("B's float64 twin (the grey zone) per row: consulted / decided different / fell "
+          "back; share of B's error it attributed to another function (%):")
+    for m, p, t in consulted:
+        print(f"  {m}\t{p}\t{t['consulted']}/{t['different']}/{t['fallback']}\t"
+              + ", ".join(f"{s:.3g}" for s in t["shares"]))
     print("causes named on caught draws, by planted bug:")
     for kind, cs in sorted(causes.items()):
         print(f"  {kind}: " + ", ".join(f"{c} {n}" for c, n in sorted(cs.items())))
@@ -605,6 +649,7 @@ def main() -> None:
     ap.add_argument("--no-cost", action="store_true", help="skip the time/memory measurement")
     ap.add_argument("--out", type=Path, help="append finished rows (JSON lines); skip saved ones")
     ap.add_argument("--table", type=Path, nargs="+", help="print the table of saved rows only")
+    ap.add_argument("--bugs", help="only these planted bugs, comma-separated ('+1e-3 weight')")
     args = ap.parse_args()
     if args.table:
         table(list(load(args.table).values()))
@@ -623,7 +668,8 @@ def main() -> None:
             continue
         done = frozenset(p for (m, p) in saved if m == name and _done(saved, m, p, args.draws))
         rows += [saved[(name, p)] for p in sorted(done)]
-        a64, pairs = model_pairs(name, paths, done)
+        a64, pairs = model_pairs(name, paths, done,
+                                 set(args.bugs.split(",")) if args.bugs else None)
         for path, a, b, planted, b_clean in pairs:
             r, t0 = row(name, path, planted is not None), time.perf_counter()
             for k in range(args.draws):

@@ -16,7 +16,9 @@ scheduling a second beside it). On top of what is held, the largest of three pas
 - the float64 twin's casts (``2 L``);
 - while the rounding noise is measured, one shaken twin (``T``: ``a``'s weights in float64).
 
-A PyTorch model: the module (``W``) and, for ``a``, its two float64 twins. Plus a fixed
+A PyTorch model: the module (``W``) and, for ``a``, its two float64 twins (on a draw in the
+verdict's grey zone, ``b``'s float64 twin instead of ``a``'s shaken one, which is released by
+then: ``T_b`` in place of ``T_a``, the same for a conversion). Plus a fixed
 ~1.5 GB for torch and onnxruntime themselves, and the activations of the draws (small beside
 the weights for the models this bounds). So::
 

@@ -12,7 +12,9 @@ stage's value and returning its own:
 3. The outputs alone decide the verdict (:mod:`fc2conv.verify.verdict`, by the rule of
    :class:`fc2conv.verify.judge.Judge`): bitwise equal is ``identical``, always; in the same
    precision an output differs when B's error against the float64 reference exceeds 10x A's own
-   and rounding cannot explain it, or NaN/Inf appear in one model only.
+   and rounding cannot explain it, or NaN/Inf appear in one model only. Where only the 10x rule
+   fires (the grey zone), B's own float64 twin (:func:`_float64_b`, run for those draws only)
+   tells B's rounding from another function.
 4. With ``layers=True`` (or a "different" or suspect verdict), the layer table
    (:mod:`fc2conv.verify.localize`) pairs both models' layers and finds the first that parts;
    the layer table localizes, it never turns agreeing outputs into "different" (a suspect
@@ -161,6 +163,26 @@ def _run_all(ma: Model, mb: Model, draws: list[tuple[torch.Tensor, ...]],
     return runs, relayout
 
 
+def _float64_b(mb: Model, x: tuple[torch.Tensor, ...],
+               run: DrawRun) -> tuple[list[torch.Tensor], str]:
+    """B's float64 twin on draw ``x`` (PyTorch: the float64 copy of the module; ONNX: the same
+    engines, with the same fallbacks, as A's reference), its outputs aligned to A's layout, and
+    the engine that ran it. Asked for only in the verdict's grey zone
+    (:func:`fc2conv.verify.verdict.judge_outputs`); a PyTorch twin is dropped again after the
+    call (unless it was there before), so B's float64 weights are not kept beside A's twins."""
+    built = "reference" not in mb._twins
+    try:
+        b64 = mb.run(x, "reference")
+    finally:
+        if built:
+            mb._twins.pop("reference", None)
+    outs = []
+    for ta, tb in zip(run.ref.outputs, b64.outputs, strict=True):
+        al = align(ta, tb)
+        outs.append(tb if al is None else al[0])
+    return outs, b64.engine
+
+
 def _run_native(model: Model, x: tuple[torch.Tensor, ...], which: str) -> list[torch.Tensor]:
     try:
         return model.run(x).outputs
@@ -177,7 +199,8 @@ def _compare_loaded(ma: Model, mb: Model, draws: list[tuple[torch.Tensor, ...]],
                     input_text: str, budget_note: str | None = None) -> Report:
     ra, rb = _rounding(ma), _rounding(mb)
     runs, relayout = _run_all(ma, mb, draws, ra, rb)
-    seen = judge_outputs(ma, draws, runs, relayout, ra, rb)
+    seen = judge_outputs(ma, draws, runs, relayout, ra, rb,
+                         twin_b=lambda k: _float64_b(mb, draws[k], runs[k]))
     notes = [*reference_notes([run.ref for run in runs], budget_note), *seen.notes]
     verdict = seen.verdict
     loc: Localization | None = None

@@ -105,6 +105,15 @@ def constant(value: ir.Value | None, what: str) -> ir.TensorProtocol:
     return tensor
 
 
+def is_constant(value: ir.Value | None) -> bool:
+    """Whether ``value`` is a constant tensor (an initializer or a Constant node)."""
+    try:
+        constant(value, "operand")
+    except Refused:
+        return False
+    return True
+
+
 def drop_dead_constant_moves(graph: ir.Graph) -> int:
     """Remove Transpose / Identity nodes of constants that no node or graph output reads any
     more (left behind when a rule folded them into a weight), and initializers they alone read.

@@ -45,6 +45,7 @@ from fc2conv.onnx.rules.base import (
     Refused,
     constant,
     int64_constant,
+    is_constant,
     rewrite_each,
     zeros_copied,
 )
@@ -86,14 +87,6 @@ def _last_two(value: ir.Value) -> tuple[int, int] | None:
         return None
     a, b = value.shape[-2], value.shape[-1]
     return (a, b) if isinstance(a, int) and isinstance(b, int) else None
-
-
-def _is_constant(value: ir.Value | None) -> bool:
-    try:
-        constant(value, "operand")
-    except Refused:
-        return False
-    return True
 
 
 def _keeps_last_two(reshape: ir.Node) -> list[int] | None:
@@ -260,7 +253,7 @@ def _fold(ctx: Context, move: ir.Node) -> bool:
             or value.is_graph_output():
         return False
     a, b = producer.inputs
-    if a is None or b is None or _is_constant(a) or _is_constant(b):
+    if a is None or b is None or is_constant(a) or is_constant(b):
         return False
     if (_rank(a) or 0) < 2 or (_rank(b) or 0) < 2:
         return False

@@ -16,7 +16,7 @@ from onnx_ir._core import Usage
 
 from fc2conv.core.provenance import SOURCE_KEY
 from fc2conv.onnx.rules.ane_twin import _const_array
-from fc2conv.onnx.rules.base import Refused, constant
+from fc2conv.onnx.rules.base import is_constant
 from fc2conv.onnx.rules.layout import BINARY, UNARY
 from fc2conv.onnx.rules.matmul_transpose import _axes, _is_swap, _keeps_last_two
 
@@ -47,14 +47,6 @@ def swapped_shape(shape: ir.Shape | None) -> ir.Shape | None:
     if shape is None or len(shape) < 2:
         return shape
     return ir.Shape([*shape[:-2], shape[-1], shape[-2]])
-
-
-def is_const(value: ir.Value | None) -> bool:
-    try:
-        constant(value, "operand")
-    except Refused:
-        return False
-    return True
 
 
 def unit_tail(value: ir.Value) -> bool:
@@ -96,7 +88,7 @@ def joins(node: ir.Node) -> bool:
             return False
         for v in node.inputs:
             k = rank_of(v)
-            if v is None or k is None or (k < 2 and not (is_const(v) or unit_tail(v))):
+            if v is None or k is None or (k < 2 and not (is_constant(v) or unit_tail(v))):
                 return False
         return True
     if op == "Split":
@@ -245,7 +237,7 @@ def cost_of(region: Region) -> Cost:
             cost.raw_added += 1
             cost.run_added += not into_matmul(rest)
     for x in outside_operands(region):
-        if not (is_const(x) or unit_tail(x) or _is_swap(x.producer())):
+        if not (is_constant(x) or unit_tail(x) or _is_swap(x.producer())):
             cost.raw_added += 1
             cost.run_added += 1
     return cost

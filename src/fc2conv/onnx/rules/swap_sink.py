@@ -39,7 +39,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from fc2conv.onnx.rules.base import LAYOUT_KEY, Context, constant, int64_constant
+from fc2conv.onnx.rules.base import LAYOUT_KEY, Context, constant, int64_constant, is_constant
 from fc2conv.onnx.rules.matmul_transpose import _is_swap, _swap
 from fc2conv.onnx.rules.swap_region import (
     SWAPPED_KEY,
@@ -49,7 +49,6 @@ from fc2conv.onnx.rules.swap_region import (
     exit_readers,
     grow,
     int_list,
-    is_const,
     is_entry,
     other_axis,
     outside_operands,
@@ -98,9 +97,9 @@ class _Swapper:
         if x in self.moved:
             return self.moved[x]
         producer = x.producer()
-        if unit_tail(x) or is_const(x) and constant(x, "operand").size == 1:
+        if unit_tail(x) or is_constant(x) and constant(x, "operand").size == 1:
             out = x
-        elif is_const(x):
+        elif is_constant(x):
             out = self._constant(x)
         elif _is_swap(producer) and producer is not None and producer.inputs[0] is not None:
             out = producer.inputs[0]

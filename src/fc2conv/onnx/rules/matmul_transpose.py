@@ -34,6 +34,7 @@ Transpose.
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 import onnx_ir as ir
 
@@ -48,6 +49,17 @@ from fc2conv.onnx.rules.base import (
     is_constant,
     rewrite_each,
     zeros_copied,
+)
+from fc2conv.onnx.rules.transpose_reshape import (
+    Dim,
+    Sizes,
+    _dims,
+    _runtime_targets,
+    _shape_input,
+    data_uses,
+    drop_dead,
+    probed_sizes,
+    reread_shapes,
 )
 
 log = logging.getLogger(__name__)
@@ -82,22 +94,33 @@ def _is_swap(node: ir.Node | None) -> bool:
     return perm is not None and len(perm) >= 2 and perm == _swap(len(perm))
 
 
-def _last_two(value: ir.Value) -> tuple[int, int] | None:
-    if value.shape is None or len(value.shape) < 2:
+def _last_two(value: ir.Value, sizes: Sizes | None = None) -> tuple[Dim, Dim] | None:
+    """The sizes of ``value``'s last two axes: static, or probed (``sizes``; a size computed
+    at run time is a symbol naming its sizes in the probes)."""
+    dims = _dims(value, sizes)
+    if dims is None or len(dims) < 2:
         return None
-    a, b = value.shape[-2], value.shape[-1]
+    a, b = dims[-2], dims[-1]
+    if sizes and value in sizes:
+        return a, b
     return (a, b) if isinstance(a, int) and isinstance(b, int) else None
 
 
-def _keeps_last_two(reshape: ir.Node) -> list[int] | None:
+def _keeps_last_two(reshape: ir.Node, sizes: Sizes | None = None) -> list[int] | None:
     """The target of ``reshape`` when it keeps its input's last two axes (static sizes, the
-    same at the end of the target), else ``None``."""
+    same at the end of the target), else ``None``; with ``sizes``, a target computed at run
+    time is ``[]`` when the probes show the last two axes kept."""
     if reshape.op_type != "Reshape" or reshape.domain != "" or len(reshape.inputs) != 2:
         return None
+    x = reshape.inputs[0]
+    if x is None:
+        return None
+    if sizes and not is_constant(reshape.inputs[1]):
+        dims, out = _last_two(x, sizes), _last_two(reshape.outputs[0], sizes)
+        return [] if dims is not None and dims == out else None
     if not zeros_copied(reshape):
         return None
-    x = reshape.inputs[0]
-    dims = _last_two(x) if x is not None else None
+    dims = _last_two(x)
     try:
         target = [int(v) for v in constant(reshape.inputs[1], "shape").numpy().reshape(-1)]
     except Refused:
@@ -105,6 +128,28 @@ def _keeps_last_two(reshape: ir.Node) -> list[int] | None:
     if dims is None or len(target) < 2 or tuple(target[-2:]) != dims:
         return None
     return target
+
+
+def _swapped_target(ctx: Context, reshape: ir.Node, target: list[int], sizes: Sizes | None,
+                    new: list[ir.Node]) -> ir.Value:
+    """The target of ``reshape`` (which keeps its input's last two axes) for the input with
+    those axes exchanged: a constant target's last two entries swapped; a run-time one as a
+    constant from the probed sizes (``0`` copies a size, ``-1`` one other), or ``Gather``-ed
+    when they give none."""
+    if target:
+        return int64_constant(ctx, [*target[:-2], target[-1], target[-2]], "fc2conv_shape")
+    out, x = _dims(reshape.outputs[0], sizes), _dims(reshape.inputs[0], sizes)
+    assert out is not None and x is not None
+    swap = _swap(len(out))
+    shape = _shape_input(ctx, [out[i] for i in swap], [x[i] for i in _swap(len(x))]) \
+        if len(x) == len(out) else None
+    if shape is not None:
+        return shape
+    gather = ir.node("Gather", [reshape.inputs[1], int64_constant(ctx, swap, "fc2conv_axes")],
+                     {"axis": 0}, name=ctx.unique(f"{reshape.name or 'reshape'}_target"))
+    gather.outputs[0].name = ctx.unique(f"{gather.name}_out")
+    new.append(gather)
+    return gather.outputs[0]
 
 
 def _to_layer(value: ir.Value) -> bool:
@@ -127,27 +172,31 @@ def _axes(node: ir.Node) -> list[int] | None:
     return None if attr is None else [int(a) for a in attr.value]
 
 
-def _keeps_axes(node: ir.Node) -> bool:
+def _keeps_axes(node: ir.Node, sizes: Sizes | None = None) -> bool:
     """Whether ``node`` (Unsqueeze, Expand or Reshape) leaves its input's last two axes as
     they are, so that it commutes with exchanging them."""
     out, x = node.outputs[0], node.inputs[0] if node.inputs else None
     if node.domain != "" or x is None or len(node.outputs) != 1:
         return False
     if node.op_type == "Reshape":
-        return _keeps_last_two(node) is not None
-    dims, rank = _last_two(x), _rank(out)
-    if dims is None or rank is None or _last_two(out) != dims:
+        return _keeps_last_two(node, sizes) is not None
+    dims, rank = _last_two(x, sizes), _rank(out)
+    if dims is None or rank is None or _last_two(out, sizes) != dims:
         return False
     if node.op_type == "Unsqueeze":
         axes = _axes(node)
         return axes is not None and all(a % rank < rank - 2 for a in axes)
     if node.op_type == "Expand":
-        target = _const_array(node.inputs[1]) if len(node.inputs) > 1 else None
-        return target is not None and target.size >= 2
+        if len(node.inputs) < 2 or node.inputs[1] is None:
+            return False
+        target = _const_array(node.inputs[1])
+        if target is None:  # computed at run time: its length is the rank of the result
+            return bool(sizes) and out in sizes  # type: ignore[operator]
+        return target.size >= 2
     return False
 
 
-def _swapped_chain(x: ir.Value, anywhere: bool = False
+def _swapped_chain(x: ir.Value, anywhere: bool = False, sizes: Sizes | None = None
                    ) -> tuple[ir.Value, list[ir.Node]] | None:
     """``x = f(Transpose(u))`` with the Transpose a swap and ``f`` a chain of single-reader
     ops that keep the last two axes (a grouped-query ``Unsqueeze -> Expand -> Reshape`` of
@@ -160,14 +209,43 @@ def _swapped_chain(x: ir.Value, anywhere: bool = False
             u = producer.inputs[0]
             return (u, chain) if u is not None and chain else None
         if producer is None or producer.op_type not in ("Unsqueeze", "Expand", "Reshape") \
-                or len(x.uses()) != 1 or x.is_graph_output() or not _keeps_axes(producer):
+                or len(x.uses()) != 1 or x.is_graph_output() \
+                or not _keeps_axes(producer, sizes):
             return (x, chain) if anywhere and chain else None
         chain.append(producer)
         x = producer.inputs[0]  # type: ignore[assignment]
     return None
 
 
-def _rebuilt(ctx: Context, u: ir.Value, chain: list[ir.Node], new: list[ir.Node]) -> ir.Value:
+def _expand_target(ctx: Context, node: ir.Node, sizes: Sizes | None, new: list[ir.Node]
+                   ) -> ir.Value:
+    """An Expand target that leaves the last two axes as they come: a constant target with
+    ``1, 1`` there; a run-time one, from the probed sizes, ``1`` on each axis it does not
+    broadcast and the size on one it does, or ``Concat(target[:-2], [1, 1])``."""
+    arr = _const_array(node.inputs[1])
+    if arr is not None:
+        target = [int(v) for v in arr.reshape(-1)]
+        return int64_constant(ctx, [*target[:-2], 1, 1], "fc2conv_shape")
+    x, out = _dims(node.inputs[0], sizes), _dims(node.outputs[0], sizes)
+    if x is not None and out is not None and len(x) <= len(out):
+        padded: list[Dim] = [*([1] * (len(out) - len(x))), *x]
+        fixed = [1 if a == b else b for a, b in zip(padded, out, strict=True)]
+        ints = [d for d in fixed if isinstance(d, int)]
+        if len(ints) == len(fixed):
+            return int64_constant(ctx, [*ints[:-2], 1, 1], "fc2conv_shape")
+    base = node.name or "expand"
+    head = ir.node("Slice", [node.inputs[1], int64_constant(ctx, [0], "fc2conv_start"),
+                             int64_constant(ctx, [-2], "fc2conv_end")], name=ctx.unique(base))
+    tail = ir.node("Concat", [head.outputs[0], int64_constant(ctx, [1, 1], "fc2conv_ones")],
+                   {"axis": 0}, name=ctx.unique(base))
+    for n in (head, tail):
+        n.outputs[0].name = ctx.unique(f"{n.name}_out")
+        new.append(n)
+    return tail.outputs[0]
+
+
+def _rebuilt(ctx: Context, u: ir.Value, chain: list[ir.Node], new: list[ir.Node],
+             sizes: Sizes | None = None) -> ir.Value:
     """The chain's ops on ``u`` (whose last two axes are the other way round): the same
     Unsqueeze, an Expand that leaves the last two axes as they come (target ``1, 1`` there),
     a Reshape with the target's last two entries exchanged."""
@@ -181,11 +259,13 @@ def _rebuilt(ctx: Context, u: ir.Value, chain: list[ir.Node], new: list[ir.Node]
                              name=ctx.unique(base))
             else:
                 op = ir.node("Unsqueeze", [u], {"axes": axes}, name=ctx.unique(base))
+        elif node.op_type == "Expand":
+            op = ir.node("Expand", [u, _expand_target(ctx, node, sizes, new)],
+                         name=ctx.unique(base))
         else:
-            target = [int(v) for v in _const_array(node.inputs[1]).reshape(-1)]  # type: ignore[union-attr]
-            target = [*target[:-2], 1, 1] if node.op_type == "Expand" \
-                else [*target[:-2], target[-1], target[-2]]
-            op = ir.node(node.op_type, [u, int64_constant(ctx, target, "fc2conv_shape")],
+            target = _keeps_last_two(node, sizes)
+            assert target is not None
+            op = ir.node("Reshape", [u, _swapped_target(ctx, node, target, sizes, new)],
                          name=ctx.unique(base))
         op.outputs[0].name = ctx.unique(f"{op.name}_out")
         new.append(op)
@@ -193,20 +273,21 @@ def _rebuilt(ctx: Context, u: ir.Value, chain: list[ir.Node], new: list[ir.Node]
     return u
 
 
-def _moved(ctx: Context, x: ir.Value, new: list[ir.Node], base: str, up: bool = False
-           ) -> ir.Value:
+def _moved(ctx: Context, x: ir.Value, new: list[ir.Node], base: str, up: bool = False,
+           sizes: Sizes | None = None) -> ir.Value:
     """``x`` with its last two axes exchanged: the value a swap Transpose read to give ``x``
     (through a chain that keeps those axes, rebuilt on it), or a new Transpose (appended to
     ``new``); ``up``: the new Transpose before such a chain, where it may meet a layer's."""
     producer = x.producer()
     if _is_swap(producer) and producer is not None and producer.inputs[0] is not None:
         return producer.inputs[0]
-    found = _swapped_chain(x)
+    found = _swapped_chain(x, sizes=sizes)
     if found is not None:
-        return _rebuilt(ctx, found[0], found[1], new)
-    found = _swapped_chain(x, anywhere=True) if up else None
+        return _rebuilt(ctx, found[0], found[1], new, sizes)
+    found = _swapped_chain(x, anywhere=True, sizes=sizes) if up else None
     if found is not None:
-        return _rebuilt(ctx, _moved(ctx, found[0], new, base), found[1], new)
+        return _rebuilt(ctx, _moved(ctx, found[0], new, base, sizes=sizes), found[1], new,
+                        sizes)
     rank = _rank(x)
     assert rank is not None
     node = ir.node("Transpose", [x], {"perm": _swap(rank)}, name=ctx.unique(base))
@@ -215,26 +296,31 @@ def _moved(ctx: Context, x: ir.Value, new: list[ir.Node], base: str, up: bool = 
     return node.outputs[0]
 
 
-def _cancels(x: ir.Value) -> bool:
+def _cancels(x: ir.Value, sizes: Sizes | None = None) -> bool:
     """Whether :func:`_moved` of ``x`` needs no new Transpose."""
-    return _is_swap(x.producer()) or _swapped_chain(x) is not None
+    return _is_swap(x.producer()) or _swapped_chain(x, sizes=sizes) is not None
 
 
 def _drop_unread(ctx: Context, x: ir.Value) -> None:
-    """Remove what computed ``x`` while nothing reads it (a head split's move, the chain)."""
+    """Remove what computed ``x`` while nothing reads it (a head split's move, the chain),
+    and the run-time targets of the chain's ops that nothing else reads."""
     while not x.uses() and not x.is_graph_output():
         producer = x.producer()
         if producer is None or producer.graph is not ctx.graph or len(producer.outputs) != 1 \
                 or producer.op_type not in ("Transpose", "Unsqueeze", "Expand", "Reshape"):
             return
         nxt = producer.inputs[0]
+        rest = list(producer.inputs[1:])
         ctx.graph.remove(producer, safe=True)
+        for target in rest:
+            if target is not None and not is_constant(target):
+                drop_dead(ctx, target)
         if nxt is None:
             return
         x = nxt
 
 
-def _fold(ctx: Context, move: ir.Node) -> bool:
+def _fold(ctx: Context, move: ir.Node, sizes: Sizes | None = None) -> bool:
     if not _is_swap(move) or move.graph is not ctx.graph or move.outputs[0].is_graph_output():
         return False
     value = move.inputs[0]
@@ -242,14 +328,14 @@ def _fold(ctx: Context, move: ir.Node) -> bool:
     reshape, target = None, None
     producer = value.producer()
     if producer is not None and producer.op_type == "Reshape":
-        target = _keeps_last_two(producer)
-        if target is None or len(value.uses()) != 1 or value.is_graph_output():
+        target = _keeps_last_two(producer, sizes)
+        if target is None or len(data_uses(value)) != 1 or value.is_graph_output():
             return False
         reshape, value = producer, producer.inputs[0]
         assert value is not None
         producer = value.producer()
     if producer is None or producer.op_type != "MatMul" or producer.domain != "" \
-            or producer.graph is not ctx.graph or len(value.uses()) != 1 \
+            or producer.graph is not ctx.graph or len(data_uses(value)) != 1 \
             or value.is_graph_output():
         return False
     a, b = producer.inputs
@@ -259,18 +345,19 @@ def _fold(ctx: Context, move: ir.Node) -> bool:
         return False
     if not (move.metadata_props.get(LAYOUT_KEY) or _to_layer(move.outputs[0])):
         return False
-    if not (_cancels(a) or _cancels(b)):
+    if not (_cancels(a, sizes) or _cancels(b, sizes)):
         return False  # two new moves for the one that goes: more Transposes to read
     base = producer.name or "matmul"
     new: list[ir.Node] = []
-    bt, at = _moved(ctx, b, new, f"{base}_bT"), _moved(ctx, a, new, f"{base}_aT")
+    bt = _moved(ctx, b, new, f"{base}_bT", sizes=sizes)
+    at = _moved(ctx, a, new, f"{base}_aT", sizes=sizes)
     product = ir.node("MatMul", [bt, at], name=ctx.unique(f"{base}_T"))
     product.metadata_props.update(producer.metadata_props)
     product.metadata_props[PRODUCT_KEY] = "transposed"
     product.outputs[0].name = ctx.unique(f"{base}_T_out")
     new.append(product)
     if reshape is not None and target is not None:
-        shape = int64_constant(ctx, [*target[:-2], target[-1], target[-2]], "fc2conv_shape")
+        shape = _swapped_target(ctx, reshape, target, sizes, new)
         new.append(ir.node("Reshape", [product.outputs[0], shape],
                            name=ctx.unique(reshape.name or f"{base}_reshape")))
         new[-1].outputs[0].name = ctx.unique(f"{new[-1].name}_out")
@@ -278,7 +365,13 @@ def _fold(ctx: Context, move: ir.Node) -> bool:
     ctx.graph.insert_before(move, new)
     ir.convenience.replace_all_uses_with(result, new[-1].outputs[0])
     new[-1].outputs[0].type, new[-1].outputs[0].shape = result.type, result.shape
+    old_target = reshape.inputs[1] if reshape is not None else None
+    swap = _swap(len(new[-1].outputs[0].shape or []) or _rank(value) or 2)
+    reread_shapes(ctx, value, product.outputs[0], swap)  # a Shape of P @ V: of its transpose
+    if reshape is not None:
+        reread_shapes(ctx, reshape.outputs[0], new[-1].outputs[0], swap)
     ctx.graph.remove([n for n in (move, reshape, producer) if n is not None], safe=True)
+    drop_dead(ctx, old_target)
     for x in (a, b):
         _drop_unread(ctx, x)
     return True
@@ -288,11 +381,13 @@ def fold_transposed_products(ctx: Context) -> int:
     """Compute every ``Transpose(MatMul(P, V))`` that feeds a converted Conv as
     ``MatMul(V^T, P^T)`` (see the module docstring); returns how many moves went."""
     folded = rewrite_each(ctx, _fold)
+    if _runtime_targets(ctx.graph):  # sizes computed at run time: read them from probes
+        folded += rewrite_each(ctx, partial(_fold, sizes=probed_sizes(ctx.graph)))
     log.debug("computed %d attention products transposed", folded)
     return folded
 
 
-def _unfold(ctx: Context, node: ir.Node) -> bool:
+def _unfold(ctx: Context, node: ir.Node, sizes: Sizes | None = None) -> bool:
     if node.op_type != "MatMul" or node.metadata_props.get(PRODUCT_KEY) != "transposed" \
             or node.graph is not ctx.graph:
         return False
@@ -303,12 +398,13 @@ def _unfold(ctx: Context, node: ir.Node) -> bool:
         return False
     uses = list(y_t.uses())
     reshape = uses[0].node if len(uses) == 1 and uses[0].idx == 0 else None
-    target = _keeps_last_two(reshape) if reshape is not None else None
+    target = _keeps_last_two(reshape, sizes) if reshape is not None else None
     if target is None:
         reshape = None
     base = (node.name or "matmul").removesuffix("_T")
     new: list[ir.Node] = []
-    p, v = _moved(ctx, pt, new, f"{base}_aT"), _moved(ctx, vt, new, f"{base}_bT", up=True)
+    p = _moved(ctx, pt, new, f"{base}_aT", sizes=sizes)
+    v = _moved(ctx, vt, new, f"{base}_bT", up=True, sizes=sizes)
     product = ir.node("MatMul", [p, v], name=ctx.unique(base))
     product.metadata_props.update({k: x for k, x in node.metadata_props.items()
                                    if k != PRODUCT_KEY})
@@ -316,7 +412,7 @@ def _unfold(ctx: Context, node: ir.Node) -> bool:
     new.append(product)
     out = y_t
     if reshape is not None and target is not None:
-        shape = int64_constant(ctx, [*target[:-2], target[-1], target[-2]], "fc2conv_shape")
+        shape = _swapped_target(ctx, reshape, target, sizes, new)
         new.append(ir.node("Reshape", [product.outputs[0], shape],
                            name=ctx.unique(reshape.name or f"{base}_reshape")))
         new[-1].outputs[0].name = ctx.unique(f"{new[-1].name}_out")
@@ -339,4 +435,7 @@ def unfold_transposed_products(ctx: Context) -> int:
     """The way back (``to_linear``): every product :func:`fold_transposed_products` computed
     transposed, ``V^T @ P^T``, is ``Transpose(P @ V)`` again, the model's own product followed
     by the move the layout folds then merge with the projection's; returns how many."""
-    return rewrite_each(ctx, _unfold)
+    sizes = probed_sizes(ctx.graph) if _runtime_targets(ctx.graph) or any(
+        isinstance(d, str) for node in ctx.graph for v in node.outputs
+        for d in (_dims(v) or [])) else None
+    return rewrite_each(ctx, partial(_unfold, sizes=sizes))

@@ -21,12 +21,22 @@ the result is bit-identical. An identity move is dropped, so ``(B, C, S) -> (B, 
 move instead of two. onnxruntime's transpose optimizer cannot push a Transpose through such a
 Reshape on its own. Only pairs where fc2conv added at least one of the two Transposes are
 touched; after ``to_linear`` of a converted graph the same fold gives the model's own form back.
+
+Sizes computed at run time (an export with dynamic batch and length: the head split's target is
+``Concat(Shape(x)[:2], [H, D])``) are read from :class:`~fc2conv.onnx.rules.shape_probe.Probe`:
+an axis whose size differs between the two probes gets a symbol naming its sizes there, so two
+axes are the same size when their symbols are equal in both probes. The new Reshape's target is
+then a constant (``0`` copies a size the input holds on the same axis, ``-1`` stands for one
+other), valid at every size, and the arithmetic that computed the old one is dropped. A
+``Shape`` that read the removed move's result reads its input instead, through a ``Gather`` of
+the permutation: ``shape(Transpose(x, p))[k] = shape(x)[p[k]]``.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from functools import partial
 
 import onnx_ir as ir
 
@@ -40,10 +50,36 @@ from fc2conv.onnx.rules.base import (
     zeros_copied,
 )
 from fc2conv.onnx.rules.layout import BINARY, UNARY
+from fc2conv.onnx.rules.shape_probe import Probe
 
 log = logging.getLogger(__name__)
 
 Dim = int | str | None
+Sizes = dict[ir.Value, list[Dim]]  # dims read from the probes, where inference has none
+
+
+def probed_sizes(graph: ir.Graph) -> Sizes:
+    """The dims of ``graph``'s values from two probes (:class:`Probe`): a size the same in both
+    is that number, one that differs the symbol ``"~a,b"`` of its two sizes."""
+    probe = Probe(graph)
+    out: Sizes = {}
+    values = [*graph.inputs, *(v for node in graph for v in node.outputs)]
+    for v in values:
+        found = probe.shapes.get(v.name or "")
+        if found is not None:
+            out[v] = [a if all(f[k] == a for f in found)
+                      else "~" + ",".join(str(f[k]) for f in found)
+                      for k, a in enumerate(found[0])]
+    return out
+
+
+def _runtime_targets(graph: ir.Graph) -> bool:
+    """Whether a Reshape of ``graph`` has a target computed at run time."""
+    return any(node.op_type == "Reshape" and node.domain == "" and len(node.inputs) > 1
+               and node.inputs[1] is not None and node.inputs[1].const_value is None
+               and (node.inputs[1].producer() is None
+                    or node.inputs[1].producer().op_type != "Constant")  # type: ignore[union-attr]
+               for node in graph)
 
 
 def _perm(node: ir.Node | None) -> list[int] | None:
@@ -53,18 +89,20 @@ def _perm(node: ir.Node | None) -> list[int] | None:
     return None if attr is None else [int(p) for p in attr.value]
 
 
-def _dims(value: ir.Value | None) -> list[Dim] | None:
+def _dims(value: ir.Value | None, sizes: Sizes | None = None) -> list[Dim] | None:
+    if sizes and value is not None and value in sizes:
+        return sizes[value]
     if value is None or value.shape is None:
         return None
     return [d if isinstance(d, int) else d.value for d in value.shape]
 
 
-def _input_dims(first: ir.Node, p: list[int]) -> list[Dim] | None:
-    """The shape of ``Transpose(x, p)``: inferred, or ``x``'s permuted."""
-    known = _dims(first.outputs[0])
+def _input_dims(first: ir.Node, p: list[int], sizes: Sizes | None) -> list[Dim] | None:
+    """The shape of ``Transpose(x, p)``: inferred (or probed), or ``x``'s permuted."""
+    known = _dims(first.outputs[0], sizes)
     if known is not None and len(known) == len(p):
         return known
-    x = _dims(first.inputs[0])
+    x = _dims(first.inputs[0], sizes)
     return None if x is None or len(x) != len(p) else [x[i] for i in p]
 
 
@@ -135,6 +173,61 @@ def _operand(node: ir.Node) -> int:
     return 1 if len(node.inputs) == 2 and _is_scalar(node.inputs[0]) else 0
 
 
+def data_uses(value: ir.Value) -> list[ir.Node]:
+    """The readers of ``value`` other than ``Shape`` nodes."""
+    return [u.node for u in value.uses() if not (u.node.op_type == "Shape"
+                                                 and u.node.domain == "")]
+
+
+def reread_shapes(ctx: Context, old: ir.Value, x: ir.Value, p: Sequence[int]) -> None:
+    """Every ``Shape`` reading ``old`` (the value ``Transpose(x, p)``) reads ``x`` instead:
+    ``Gather(Shape(x), p[start:end])``."""
+    for use in list(old.uses()):
+        shape = use.node
+        if shape.op_type != "Shape" or shape.domain != "":
+            continue
+        start, end = (shape.attributes.get(k) for k in ("start", "end"))
+        picked = list(p)[slice(None if start is None else int(start.value),
+                         None if end is None else int(end.value))]
+        name = ctx.unique(shape.name or "shape")
+        whole = ir.node("Shape", [x], name=name)
+        whole.outputs[0].name = ctx.unique(f"{name}_out")
+        index = int64_constant(ctx, picked, "fc2conv_axes")
+        gather = ir.node("Gather", [whole.outputs[0], index], {"axis": 0},
+                         name=ctx.unique(f"{name}_axes"))
+        gather.outputs[0].name = ctx.unique(f"{gather.name}_out")
+        ctx.graph.insert_before(shape, [whole, gather])
+        out = shape.outputs[0]
+        ir.convenience.replace_all_uses_with(out, gather.outputs[0], replace_graph_outputs=True)
+        gather.outputs[0].type, gather.outputs[0].shape = out.type, out.shape
+        if gather.outputs[0].is_graph_output():
+            out_name, out.name = out.name, ctx.unique(f"{out.name}_unused")
+            gather.outputs[0].name = out_name
+        ctx.graph.remove(shape, safe=True)
+
+
+def drop_dead(ctx: Context, value: ir.Value | None) -> None:
+    """Remove the nodes of the main graph that computed ``value`` (a Reshape's old target) and
+    nothing else that is still read, walking up; and initializers left unread."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if v is None or v.uses() or v.is_graph_output():
+            continue
+        node = v.producer()
+        if node is None:
+            if v.is_initializer() and v.name in ctx.graph.initializers \
+                    and not v.is_graph_input():
+                del ctx.graph.initializers[v.name]  # type: ignore[arg-type]
+            continue
+        if node.graph is not ctx.graph or any(o.uses() or o.is_graph_output()
+                                              for o in node.outputs):
+            continue
+        ins = list(node.inputs)
+        ctx.graph.remove(node, safe=True)
+        stack.extend(ins)
+
+
 def _through_pointwise(value: ir.Value | None) -> tuple[ir.Node, list[ir.Node]] | None:
     """The Transpose ``value`` is computed from through single-reader elementwise ops with
     scalar constant operands (they commute with any move: a query's scaling ``q * s``), and
@@ -142,10 +235,12 @@ def _through_pointwise(value: ir.Value | None) -> tuple[ir.Node, list[ir.Node]] 
     chain: list[ir.Node] = []
     while value is not None and len(chain) < 8:
         node = value.producer()
-        if node is None or len(value.uses()) != 1 or value.is_graph_output():
+        if node is None or value.is_graph_output():
             return None
-        if node.op_type == "Transpose":
-            return node, chain
+        if node.op_type == "Transpose":  # its Shape readers read its input instead
+            return (node, chain) if len(data_uses(value)) == 1 else None
+        if len(value.uses()) != 1:
+            return None
         if node.domain != "" or len(node.outputs) != 1:
             return None
         if node.op_type in BINARY and len(node.inputs) == 2:
@@ -176,11 +271,14 @@ def _shape_input(ctx: Context, dims: Sequence[Dim], source: Sequence[Dim]) -> ir
     return int64_constant(ctx, out, "fc2conv_shape")
 
 
-def _fold(ctx: Context, second: ir.Node) -> bool:
+def _fold(ctx: Context, second: ir.Node, sizes: Sizes | None = None) -> bool:
     q = _perm(second)
     reshape = second.inputs[0].producer() if q is not None and second.inputs[0] else None
     if reshape is None or reshape.op_type != "Reshape" or reshape.domain != "" \
-            or reshape.graph is not ctx.graph or not zeros_copied(reshape):
+            or reshape.graph is not ctx.graph:
+        return False
+    # a probed Reshape's sizes are all positive in both probes: its target held no 0
+    if not zeros_copied(reshape) and not (sizes and reshape.outputs[0] in sizes):
         return False
     found = _through_pointwise(reshape.inputs[0])
     if found is None:
@@ -191,10 +289,10 @@ def _fold(ctx: Context, second: ir.Node) -> bool:
             first.metadata_props.get(LAYOUT_KEY) or second.metadata_props.get(LAYOUT_KEY)):
         return False
     mid, x = reshape.outputs[0], first.inputs[0]
-    if x is None or len(first.outputs[0].uses()) != 1 or len(mid.uses()) != 1 \
+    if x is None or len(data_uses(first.outputs[0])) != 1 or len(mid.uses()) != 1 \
             or mid.is_graph_output() or first.outputs[0].is_graph_output():
         return False
-    a, b = _input_dims(first, p), _dims(mid)
+    a, b = _input_dims(first, p, sizes), _dims(mid, sizes)
     assert q is not None
     if a is None or b is None or len(b) != len(q):
         return False
@@ -237,6 +335,8 @@ def _fold(ctx: Context, second: ir.Node) -> bool:
         chain[-1].replace_input_with(_operand(chain[-1]), x)
         for node in chain:
             node.outputs[0].shape = None
+            if sizes:
+                sizes.pop(node.outputs[0], None)  # its probed dims were of the moved value
         new[0].replace_input_with(0, chain[0].outputs[0])
     for node in new:
         node.outputs[0].name = ctx.unique(f"{node.name}_out")
@@ -247,7 +347,10 @@ def _fold(ctx: Context, second: ir.Node) -> bool:
     if new[-1].outputs[0].is_graph_output():
         result.name = ctx.unique(f"{name}_unused")
         new[-1].outputs[0].name = name
+    old_target = reshape.inputs[1] if len(reshape.inputs) > 1 else None
     ctx.graph.remove([second, reshape], safe=True)
+    drop_dead(ctx, old_target)
+    reread_shapes(ctx, first.outputs[0], x, p)
     if not first.outputs[0].uses():
         ctx.graph.remove(first, safe=True)
     return True
@@ -258,5 +361,7 @@ def fold_transposes_through_reshapes(ctx: Context) -> int:
     one of the Transposes by one move and one Reshape (see the module docstring); returns how
     many."""
     folded = rewrite_each(ctx, _fold)
+    if _runtime_targets(ctx.graph):  # sizes computed at run time: read them from probes
+        folded += rewrite_each(ctx, partial(_fold, sizes=probed_sizes(ctx.graph)))
     log.debug("folded %d transpose pairs through reshapes", folded)
     return folded

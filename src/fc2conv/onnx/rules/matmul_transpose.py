@@ -209,7 +209,7 @@ def _swapped_chain(x: ir.Value, anywhere: bool = False, sizes: Sizes | None = No
             u = producer.inputs[0]
             return (u, chain) if u is not None and chain else None
         if producer is None or producer.op_type not in ("Unsqueeze", "Expand", "Reshape") \
-                or len(x.uses()) != 1 or x.is_graph_output() \
+                or len(data_uses(x)) != 1 or x.is_graph_output() \
                 or not _keeps_axes(producer, sizes):
             return (x, chain) if anywhere and chain else None
         chain.append(producer)
@@ -246,9 +246,31 @@ def _expand_target(ctx: Context, node: ir.Node, sizes: Sizes | None, new: list[i
 
 def _rebuilt(ctx: Context, u: ir.Value, chain: list[ir.Node], new: list[ir.Node],
              sizes: Sizes | None = None) -> ir.Value:
+    rebuilt = _rebuilt_ops(ctx, u, chain, new, sizes)
+    for node, value in zip(reversed(chain), rebuilt, strict=True):
+        _REREAD.append((node.outputs[0], value))  # its Shape readers, once the ops are placed
+    return rebuilt[-1] if rebuilt else u
+
+
+# (a value of a chain rebuilt on the swapped input, its swapped twin): Shape readers to move
+_REREAD: list[tuple[ir.Value, ir.Value]] = []
+
+
+def _reread(ctx: Context) -> None:
+    """The Shape readers of each rebuilt chain's values read their swapped twins' sizes."""
+    while _REREAD:
+        old, value = _REREAD.pop()
+        if any(u.node.op_type == "Shape" for u in old.uses()):
+            reread_shapes(ctx, old, value, _swap(_rank(old) or 2))
+            ctx.graph.sort()
+
+
+def _rebuilt_ops(ctx: Context, u: ir.Value, chain: list[ir.Node], new: list[ir.Node],
+                 sizes: Sizes | None = None) -> list[ir.Value]:
     """The chain's ops on ``u`` (whose last two axes are the other way round): the same
     Unsqueeze, an Expand that leaves the last two axes as they come (target ``1, 1`` there),
-    a Reshape with the target's last two entries exchanged."""
+    a Reshape with the target's last two entries exchanged; their results in order."""
+    out: list[ir.Value] = []
     for node in reversed(chain):
         base = node.name or node.op_type
         if node.op_type == "Unsqueeze":
@@ -270,7 +292,8 @@ def _rebuilt(ctx: Context, u: ir.Value, chain: list[ir.Node], new: list[ir.Node]
         op.outputs[0].name = ctx.unique(f"{op.name}_out")
         new.append(op)
         u = op.outputs[0]
-    return u
+        out.append(u)
+    return out
 
 
 def _moved(ctx: Context, x: ir.Value, new: list[ir.Node], base: str, up: bool = False,
@@ -372,6 +395,7 @@ def _fold(ctx: Context, move: ir.Node, sizes: Sizes | None = None) -> bool:
         reread_shapes(ctx, reshape.outputs[0], new[-1].outputs[0], swap)
     ctx.graph.remove([n for n in (move, reshape, producer) if n is not None], safe=True)
     drop_dead(ctx, old_target)
+    _reread(ctx)
     for x in (a, b):
         _drop_unread(ctx, x)
     return True
@@ -426,6 +450,7 @@ def _unfold(ctx: Context, node: ir.Node, sizes: Sizes | None = None) -> bool:
     ir.convenience.replace_all_uses_with(out, new[-1].outputs[0])
     new[-1].outputs[0].type, new[-1].outputs[0].shape = out.type, out.shape
     ctx.graph.remove([n for n in (reshape, node) if n is not None], safe=True)
+    _reread(ctx)
     for x in (vt, pt):
         _drop_unread(ctx, x)
     return True

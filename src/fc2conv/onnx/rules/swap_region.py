@@ -19,6 +19,7 @@ from fc2conv.onnx.rules.ane_twin import _const_array
 from fc2conv.onnx.rules.base import is_constant
 from fc2conv.onnx.rules.layout import BINARY, UNARY
 from fc2conv.onnx.rules.matmul_transpose import _axes, _is_swap, _keeps_last_two
+from fc2conv.onnx.rules.transpose_reshape import Sizes
 
 SWAPPED_KEY = "fc2conv.swapped"  # metadata on the nodes computing in the swapped layout
 
@@ -68,7 +69,20 @@ def int_list(value: ir.Value | None) -> list[int] | None:
     return None if arr is None else [int(v) for v in arr.reshape(-1)]
 
 
-def joins(node: ir.Node) -> bool:
+def is_shape_read(use: Usage) -> bool:
+    """Whether ``use`` is a ``Shape`` node reading the value's sizes (no data moves: the
+    rewrite gives it ``Gather(Shape(sigma(x)), sigma)``)."""
+    return use.node.op_type == "Shape" and use.node.domain == ""
+
+
+def runtime_target(node: ir.Node, sizes: Sizes | None) -> bool:
+    """Whether ``node``'s shape target is computed at run time and the probes size its
+    result (it then keeps the last two axes when the probes say so)."""
+    return bool(sizes) and len(node.inputs) > 1 and node.inputs[1] is not None \
+        and not is_constant(node.inputs[1]) and node.outputs[0] in sizes  # type: ignore[operator]
+
+
+def joins(node: ir.Node, sizes: Sizes | None = None) -> bool:
     """Whether ``node`` can compute in the swapped layout (see the module docstring)."""
     if node.domain != "" or not node.outputs or any(o.is_graph_output() for o in node.outputs):
         return False
@@ -110,9 +124,9 @@ def joins(node: ir.Node) -> bool:
     if op == "Expand":
         k = rank_of(x)
         return k is not None and k >= 2 and len(node.inputs) > 1 \
-            and int_list(node.inputs[1]) is not None
+            and (int_list(node.inputs[1]) is not None or runtime_target(node, sizes))
     if op == "Reshape":
-        return _keeps_last_two(node) is not None
+        return _keeps_last_two(node, sizes) is not None
     return False
 
 
@@ -138,7 +152,7 @@ class Region:
         return {o for n in self.nodes for o in n.outputs}
 
 
-def grow(entries: Iterable[ir.Node]) -> Region:
+def grow(entries: Iterable[ir.Node], sizes: Sizes | None = None) -> Region:
     """The region reached from ``entries``: readers that join, downward, then producers whose
     every output only region nodes read (as data), upward, until nothing more joins."""
     region = Region(entries=list(entries))
@@ -152,7 +166,7 @@ def grow(entries: Iterable[ir.Node]) -> Region:
             for use in value.uses():
                 node = use.node
                 if node not in inside and use.idx in data_inputs(node) and node.graph is graph \
-                        and joins(node):
+                        and joins(node, sizes):
                     inside.add(node)
                     region.nodes.append(node)
                     todo.extend(node.outputs)
@@ -162,7 +176,7 @@ def grow(entries: Iterable[ir.Node]) -> Region:
                 x = node.inputs[i]
                 p = x.producer() if x is not None else None
                 if p is None or p in inside or p in region.entries or p.graph is not graph \
-                        or not joins(p):
+                        or not joins(p, sizes):
                     continue
                 if all(u.node in inside and u.idx in data_inputs(u.node)
                        for o in p.outputs for u in o.uses()):
@@ -201,7 +215,9 @@ def exit_readers(region: Region) -> dict[ir.Value, list[Usage]]:
     out: dict[ir.Value, list[Usage]] = {}
     for node in region.nodes:
         for o in node.outputs:
-            uses = [u for u in o.uses() if u.node not in inside or u.idx not in data_inputs(u.node)]
+            uses = [u for u in o.uses() if (u.node not in inside
+                                            or u.idx not in data_inputs(u.node))
+                    and not is_shape_read(u)]
             if uses:
                 out[o] = uses
     return out

@@ -40,7 +40,13 @@ import numpy as np
 import onnx_ir as ir
 
 from fc2conv.onnx.rules.base import LAYOUT_KEY, Context, constant, int64_constant, is_constant
-from fc2conv.onnx.rules.matmul_transpose import _is_swap, _swap
+from fc2conv.onnx.rules.matmul_transpose import (
+    _expand_target,
+    _is_swap,
+    _keeps_last_two,
+    _swap,
+    _swapped_target,
+)
 from fc2conv.onnx.rules.swap_region import (
     SWAPPED_KEY,
     Region,
@@ -50,11 +56,19 @@ from fc2conv.onnx.rules.swap_region import (
     grow,
     int_list,
     is_entry,
+    is_shape_read,
     other_axis,
     outside_operands,
     rank_of,
+    runtime_target,
     swapped_shape,
     unit_tail,
+)
+from fc2conv.onnx.rules.transpose_reshape import (
+    Sizes,
+    _runtime_targets,
+    probed_sizes,
+    reread_shapes,
 )
 
 log = logging.getLogger(__name__)
@@ -65,10 +79,11 @@ __all__ = ["SWAPPED_KEY", "lift_swaps", "sink_swaps"]
 class _Swapper:
     """Rewrites a region in place to compute ``sigma`` of each value it computed."""
 
-    def __init__(self, ctx: Context, tag: str | None) -> None:
-        self.ctx, self.tag = ctx, tag
+    def __init__(self, ctx: Context, tag: str | None, sizes: Sizes | None = None) -> None:
+        self.ctx, self.tag, self.sizes = ctx, tag, sizes
         self.moved: dict[ir.Value, ir.Value] = {}
         self.dropped: list[ir.Value] = []
+        self.targets: dict[ir.Node, ir.Value] = {}  # run-time targets, swapped
 
     def _transpose(self, x: ir.Value, before: ir.Node, base: str,
                    shape: ir.Shape | None) -> ir.Value:
@@ -130,6 +145,8 @@ class _Swapper:
             if len(node.inputs) == 3:
                 node.resize_inputs(4)
             self._replace(node, 3, new)
+        elif node in self.targets:
+            self._replace(node, 1, self.targets.pop(node))
         elif op in ("Expand", "Reshape"):
             target = int_list(node.inputs[1])
             assert target is not None
@@ -145,10 +162,30 @@ class _Swapper:
         if old is not None:
             self.dropped.append(old)
 
+    def _runtime_targets(self, region: Region) -> None:
+        """The swapped run-time targets of the region's Expand / Reshape nodes, built while
+        their inputs are still the model's own (their probed sizes describe them)."""
+        for node in region.nodes:
+            if node.op_type in ("Expand", "Reshape") and runtime_target(node, self.sizes):
+                new: list[ir.Node] = []
+                if node.op_type == "Expand":
+                    value = _expand_target(self.ctx, node, self.sizes, new)
+                else:
+                    target = _keeps_last_two(node, self.sizes)
+                    assert target is not None
+                    value = _swapped_target(self.ctx, node, target, self.sizes, new)
+                if new:
+                    self.ctx.graph.insert_before(node, new)
+                self.targets[node] = value
+
     def rewrite(self, region: Region) -> None:
+        self._runtime_targets(region)
         exits = exit_readers(region)
         external = set(outside_operands(region))
         entry_of = {e.outputs[0]: e.inputs[0] for e in region.entries}
+        # a Shape of a region value reads the swapped value's sizes back in the model's order
+        shape_reads = [o for n in region.nodes for o in n.outputs
+                       if any(is_shape_read(u) for u in o.uses())]
         for value, uses in exits.items():  # the region's results where they leave it
             rest = []
             for use in uses:
@@ -169,10 +206,15 @@ class _Swapper:
                     node.replace_input_with(i, entry_of[x])  # type: ignore[arg-type]
                 elif x is not None and x in external:
                     node.replace_input_with(i, self.operand(x, node))
+        for value in shape_reads:
+            reread_shapes(self.ctx, value, value, _swap(rank_of(value) or 2))
         for node in region.nodes:
             self._params(node)
             for o in node.outputs:
                 o.shape = swapped_shape(o.shape)
+                if self.sizes and o in self.sizes:  # its probed sizes, swapped as well
+                    dims = self.sizes[o]
+                    self.sizes[o] = [*dims[:-2], *dims[-1:], *dims[-2:-1]]
             if self.tag is None:
                 node.metadata_props.pop(SWAPPED_KEY, None)
             else:
@@ -211,11 +253,18 @@ def sink_swaps(ctx: Context) -> int:
     if not entries:
         return 0
     ctx.graph.sort()  # new moves go before their first reader
-    regions = [grow(entries)]
+    sizes = None
+    if _runtime_targets(ctx.graph):  # sizes computed at run time: Shape reads the swaps'
+        for node in list(ctx.graph):  # inputs, targets are read from probes
+            if _is_swap(node) and node.inputs[0] is not None:
+                reread_shapes(ctx, node.outputs[0], node.inputs[0], _swap(rank_of(
+                    node.outputs[0]) or len(node.attributes["perm"].as_ints())))
+        sizes = probed_sizes(ctx.graph)
+    regions = [grow(entries, sizes)]
     if not cost_of(regions[0]).gains():
-        regions = [grow([e]) for e in entries]
+        regions = [grow([e], sizes) for e in entries]
     gone = 0
-    swapper = _Swapper(ctx, "rotary")
+    swapper = _Swapper(ctx, "rotary", sizes)
     for region in regions:
         if region.entries[0].graph is not ctx.graph:
             continue

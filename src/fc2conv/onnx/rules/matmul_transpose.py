@@ -115,9 +115,10 @@ def _keeps_last_two(reshape: ir.Node, sizes: Sizes | None = None) -> list[int] |
     x = reshape.inputs[0]
     if x is None:
         return None
-    if sizes and not is_constant(reshape.inputs[1]):
-        dims, out = _last_two(x, sizes), _last_two(reshape.outputs[0], sizes)
-        return [] if dims is not None and dims == out else None
+    probed = bool(sizes) and x in sizes and reshape.outputs[0] in sizes  # type: ignore[operator]
+    kept = probed and _last_two(x, sizes) == _last_two(reshape.outputs[0], sizes)
+    if probed and not is_constant(reshape.inputs[1]):
+        return [] if kept else None
     if not zeros_copied(reshape):
         return None
     dims = _last_two(x)
@@ -125,7 +126,7 @@ def _keeps_last_two(reshape: ir.Node, sizes: Sizes | None = None) -> list[int] |
         target = [int(v) for v in constant(reshape.inputs[1], "shape").numpy().reshape(-1)]
     except Refused:
         return None
-    if dims is None or len(target) < 2 or tuple(target[-2:]) != dims:
+    if len(target) < 2 or not kept and (dims is None or tuple(target[-2:]) != dims):
         return None
     return target
 

@@ -287,7 +287,8 @@ def lift_swaps(ctx: Context) -> int:
     if not nodes:
         return 0
     ctx.graph.sort()
-    swapper = _Swapper(ctx, None)
+    swapper = _Swapper(ctx, None, probed_sizes(ctx.graph) if _runtime_targets(ctx.graph)
+                       else None)
     swapper.rewrite(Region(nodes=nodes))
     swapper.drop_unread()
     return len(nodes)

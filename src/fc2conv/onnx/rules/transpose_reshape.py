@@ -38,6 +38,7 @@ import logging
 from collections.abc import Sequence
 from functools import partial
 
+import numpy as np
 import onnx_ir as ir
 
 from fc2conv.onnx.rules.base import (
@@ -46,6 +47,7 @@ from fc2conv.onnx.rules.base import (
     Refused,
     constant,
     int64_constant,
+    is_constant,
     rewrite_each,
     zeros_copied,
 )
@@ -74,7 +76,11 @@ def probed_sizes(graph: ir.Graph) -> Sizes:
 
 
 def _runtime_targets(graph: ir.Graph) -> bool:
-    """Whether a Reshape of ``graph`` has a target computed at run time."""
+    """Whether ``graph`` computes sizes at run time: an input has a size not fixed, or a
+    Reshape a target computed from values."""
+    if any(v.shape is None or any(not isinstance(d, int) for d in v.shape)
+           for v in graph.inputs):
+        return True
     return any(node.op_type == "Reshape" and node.domain == "" and len(node.inputs) > 1
                and node.inputs[1] is not None and node.inputs[1].const_value is None
                and (node.inputs[1].producer() is None
@@ -192,6 +198,8 @@ def reread_shapes(ctx: Context, old: ir.Value, x: ir.Value, p: Sequence[int]) ->
         name = ctx.unique(shape.name or "shape")
         whole = ir.node("Shape", [x], name=name)
         whole.outputs[0].name = ctx.unique(f"{name}_out")
+        if _compose(ctx, shape, whole, picked):
+            continue
         index = int64_constant(ctx, picked, "fc2conv_axes")
         gather = ir.node("Gather", [whole.outputs[0], index], {"axis": 0},
                          name=ctx.unique(f"{name}_axes"))
@@ -204,6 +212,31 @@ def reread_shapes(ctx: Context, old: ir.Value, x: ir.Value, p: Sequence[int]) ->
             out_name, out.name = out.name, ctx.unique(f"{out.name}_unused")
             gather.outputs[0].name = out_name
         ctx.graph.remove(shape, safe=True)
+
+
+def _compose(ctx: Context, shape: ir.Node, whole: ir.Node, picked: list[int]) -> bool:
+    """When only ``Gather(axis=0)`` nodes with constant indices ``I`` read ``shape``: each
+    reads ``whole`` at ``picked[I]`` instead (no Gather added), and ``shape`` goes."""
+    out = shape.outputs[0]
+    uses = list(out.uses())
+    if not uses or out.is_graph_output() or any(
+            u.node.op_type != "Gather" or u.node.domain != "" or u.idx != 0
+            or int(getattr(u.node.attributes.get("axis"), "value", 0) or 0) != 0
+            or not is_constant(u.node.inputs[1]) for u in uses):
+        return False
+    ctx.graph.insert_before(shape, whole)
+    for use in uses:
+        indices = constant(use.node.inputs[1], "indices").numpy()
+        composed = np.asarray(picked, np.int64)[indices.astype(np.int64)]
+        value = ir.Value(name=ctx.unique("fc2conv_axes"), shape=ir.Shape(list(composed.shape)),
+                         type=ir.TensorType(ir.DataType.INT64), const_value=ir.tensor(composed))
+        ctx.graph.register_initializer(value)
+        old_indices = use.node.inputs[1]
+        use.node.replace_input_with(0, whole.outputs[0])
+        use.node.replace_input_with(1, value)
+        drop_dead(ctx, old_indices)
+    ctx.graph.remove(shape, safe=True)
+    return True
 
 
 def drop_dead(ctx: Context, value: ir.Value | None) -> None:
@@ -289,7 +322,7 @@ def _fold(ctx: Context, second: ir.Node, sizes: Sizes | None = None) -> bool:
             first.metadata_props.get(LAYOUT_KEY) or second.metadata_props.get(LAYOUT_KEY)):
         return False
     mid, x = reshape.outputs[0], first.inputs[0]
-    if x is None or len(data_uses(first.outputs[0])) != 1 or len(mid.uses()) != 1 \
+    if x is None or len(data_uses(first.outputs[0])) != 1 or len(data_uses(mid)) != 1 \
             or mid.is_graph_output() or first.outputs[0].is_graph_output():
         return False
     a, b = _input_dims(first, p, sizes), _dims(mid, sizes)
@@ -348,6 +381,9 @@ def _fold(ctx: Context, second: ir.Node, sizes: Sizes | None = None) -> bool:
         result.name = ctx.unique(f"{name}_unused")
         new[-1].outputs[0].name = name
     old_target = reshape.inputs[1] if len(reshape.inputs) > 1 else None
+    if len(mid.uses()) > 1:  # Shape(mid): mid = Transpose(result, q^-1)
+        reread_shapes(ctx, mid, new[-1].outputs[0], [q.index(k) for k in range(len(q))])
+        ctx.graph.sort()
     ctx.graph.remove([second, reshape], safe=True)
     drop_dead(ctx, old_target)
     reread_shapes(ctx, first.outputs[0], x, p)

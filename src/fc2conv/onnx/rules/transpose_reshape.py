@@ -384,10 +384,10 @@ def _fold(ctx: Context, second: ir.Node, sizes: Sizes | None = None) -> bool:
     if len(mid.uses()) > 1:  # Shape(mid): mid = Transpose(result, q^-1)
         reread_shapes(ctx, mid, new[-1].outputs[0], [q.index(k) for k in range(len(q))])
         ctx.graph.sort()
-    ctx.graph.remove([second, reshape], safe=True)
-    drop_dead(ctx, old_target)
     reread_shapes(ctx, first.outputs[0], x, p)
-    if not first.outputs[0].uses():
+    ctx.graph.remove([second, reshape], safe=True)
+    drop_dead(ctx, old_target)  # may take the move too, when only the target read its sizes
+    if first.graph is ctx.graph and not first.outputs[0].uses():
         ctx.graph.remove(first, safe=True)
     return True
 

@@ -42,8 +42,8 @@ def _block(rng: np.random.Generator, dynamic: bool, rotary: bool, kv: int
     inits += [_const("scale", 1 / np.sqrt(D), np.float32), _const("zero", [0]),
               _const("one", [1]), _const("axis0", [0]), _const("ax01", [0, 1]),
               _const("ax2", [2]), _const("h", [H]), _const("kv", [kv]), _const("d", [D]),
-              _const("c", [C]), _const("rep", [rep]), _const("i0", 0), _const("i1", 1), _const("i2", 2),
-              _const("half", [D // 2]), _const("end", [D]), _const("last", [-1])]
+              _const("c", [C]), _const("rep", [rep]), _const("i0", 0), _const("i1", 1),
+              _const("i2", 2), _const("half", [D // 2]), _const("end", [D]), _const("last", [-1])]
     nodes = []
     targets: dict[str, str] = {}
 

@@ -1,0 +1,54 @@
+"""``fc2conv.onnx.to_conv`` (default layout) on the zoo's transformers exported with a dynamic
+batch and sequence length (legacy ``dynamic_axes``; ``dynamo=True`` with ``dynamic_shapes``):
+the head split / merge targets, grouped-query Expand shapes and rotary tables are computed from
+``Shape`` ops at run time there, and the layout folds read them through two shape probes.
+
+* onnxruntime runs no more Transposes on the converted graph than on the export, up to what is
+  still left per family (``LEFT``; before the folds read run-time sizes: BERT 8 -> 24, Llama
+  8 -> 26 after onnxruntime);
+* ``to_linear`` gives the export's own Transpose / Reshape / Flatten counts back;
+* the export, the converted graph and the round trip run at batch sizes and lengths other than
+  the export's and the probes', against the float64 PyTorch model.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+
+import pytest
+from test_onnx_layout_dynamic import LAYOUT_OPS, _check, _export
+from test_onnx_ort_graph import _ort_ops
+
+from fc2conv.onnx import convert
+
+# family -> Transposes onnxruntime still runs on the converted graph beyond the export's own.
+# Llama: the lm_head's move in and out after the last norm (as on the static export); its
+# legacy export also reads the rotary tables through a Gather of position ids the static
+# one folds away, so each table gets its one move per model (+2). T5: its relative position
+# bias is added to the scores, which the swapped Q does not reach (+2).
+LEFT = {"llama": 4, "t5_encoder": 2}
+NAMES = ("bert", "distilbert", "roberta", "vit", "whisper_encoder", "t5_encoder", "llama")
+# dynamo=True fails inside torch on T5's encoder. The legacy exports are shared with the ane
+# test (cached); one dynamo export each of an encoder and of Llama keep the budget; the rest
+# with FC2CONV_ALL_EXPORTERS=1
+CASES = [(name, "legacy") for name in NAMES] + [("bert", "dynamo"), ("llama", "dynamo")] + (
+    [(n, "dynamo") for n in NAMES if n not in ("bert", "llama", "t5_encoder")]
+    if os.environ.get("FC2CONV_ALL_EXPORTERS") else [])
+
+
+@pytest.mark.parametrize(("name", "exporter"), CASES)
+def test_dynamic_export_default_layout(name: str, exporter: str) -> None:
+    m, names = _export(name, exporter)
+    assert any(d.dim_param or not d.HasField("dim_value")
+               for d in m.graph.input[0].type.tensor_type.shape.dim)  # it is dynamic
+    conv, report = convert(m, "conv", verify=False)
+    before, after = _ort_ops(m), _ort_ops(conv)
+    assert after["Transpose"] <= before["Transpose"] + LEFT.get(name, 0), \
+        (before["Transpose"], after["Transpose"], "\n".join(report.layout_changes))
+    back, report = convert(conv, "linear", verify=False)
+    ops, ops_back = Counter(n.op_type for n in m.graph.node), \
+        Counter(n.op_type for n in back.graph.node)
+    assert all(ops_back[k] <= ops[k] for k in LAYOUT_OPS), (ops, ops_back)
+    _check(m, [conv, back], name, names)
+

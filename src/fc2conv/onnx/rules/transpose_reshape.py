@@ -392,12 +392,26 @@ def _fold(ctx: Context, second: ir.Node, sizes: Sizes | None = None) -> bool:
     return True
 
 
+def _size_only_move(ctx: Context, node: ir.Node) -> bool:
+    """A Transpose only ``Shape`` nodes read (an exporter's size of the moved value) goes:
+    they read ``Gather(Shape(x), perm)``. Whether it went."""
+    p = _perm(node)
+    out = node.outputs[0]
+    if p is None or node.inputs[0] is None or out.is_graph_output() or not out.uses() \
+            or data_uses(out) or node.graph is not ctx.graph:
+        return False
+    reread_shapes(ctx, out, node.inputs[0], p)
+    ctx.graph.remove(node, safe=True)
+    return True
+
+
 def fold_transposes_through_reshapes(ctx: Context) -> int:
     """Replace every ``Transpose -> regrouping Reshape -> Transpose`` chain where fc2conv added
     one of the Transposes by one move and one Reshape (see the module docstring); returns how
     many."""
     folded = rewrite_each(ctx, _fold)
     if _runtime_targets(ctx.graph):  # sizes computed at run time: read them from probes
+        folded += rewrite_each(ctx, _size_only_move)
         folded += rewrite_each(ctx, partial(_fold, sizes=probed_sizes(ctx.graph)))
     log.debug("folded %d transpose pairs through reshapes", folded)
     return folded

@@ -19,7 +19,7 @@ from fc2conv.onnx.rules.ane_twin import _const_array
 from fc2conv.onnx.rules.base import is_constant
 from fc2conv.onnx.rules.layout import BINARY, UNARY
 from fc2conv.onnx.rules.matmul_transpose import _axes, _is_swap, _keeps_last_two
-from fc2conv.onnx.rules.transpose_reshape import Sizes
+from fc2conv.onnx.rules.transpose_reshape import Sizes, shape_read
 
 SWAPPED_KEY = "fc2conv.swapped"  # metadata on the nodes computing in the swapped layout
 
@@ -72,7 +72,7 @@ def int_list(value: ir.Value | None) -> list[int] | None:
 def is_shape_read(use: Usage) -> bool:
     """Whether ``use`` is a ``Shape`` node reading the value's sizes (no data moves: the
     rewrite gives it ``Gather(Shape(sigma(x)), sigma)``)."""
-    return use.node.op_type == "Shape" and use.node.domain == ""
+    return shape_read(use)
 
 
 def runtime_target(node: ir.Node, sizes: Sizes | None) -> bool:

@@ -40,6 +40,7 @@ from functools import partial
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir._core import Usage
 
 from fc2conv.onnx.rules.base import (
     LAYOUT_KEY,
@@ -179,10 +180,17 @@ def _operand(node: ir.Node) -> int:
     return 1 if len(node.inputs) == 2 and _is_scalar(node.inputs[0]) else 0
 
 
+def shape_read(use: Usage) -> bool:
+    """Whether ``use`` is a ``Shape`` node of the graph that computes the value it reads (it
+    reads sizes, not data; one in an If / Loop body is left as a data reader)."""
+    node, value = use.node, use.node.inputs[use.idx]
+    return node.op_type == "Shape" and node.domain == "" and value is not None \
+        and node.graph is value.graph
+
+
 def data_uses(value: ir.Value) -> list[ir.Node]:
-    """The readers of ``value`` other than ``Shape`` nodes."""
-    return [u.node for u in value.uses() if not (u.node.op_type == "Shape"
-                                                 and u.node.domain == "")]
+    """The readers of ``value`` other than ``Shape`` nodes (:func:`shape_read`)."""
+    return [u.node for u in value.uses() if not shape_read(u)]
 
 
 def reread_shapes(ctx: Context, old: ir.Value, x: ir.Value, p: Sequence[int]) -> None:
@@ -190,7 +198,7 @@ def reread_shapes(ctx: Context, old: ir.Value, x: ir.Value, p: Sequence[int]) ->
     ``Gather(Shape(x), p[start:end])``."""
     for use in list(old.uses()):
         shape = use.node
-        if shape.op_type != "Shape" or shape.domain != "":
+        if not shape_read(use) or shape.graph is not ctx.graph:
             continue
         start, end = (shape.attributes.get(k) for k in ("start", "end"))
         picked = list(p)[slice(None if start is None else int(start.value),

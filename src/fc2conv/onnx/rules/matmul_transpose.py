@@ -245,22 +245,22 @@ def _expand_target(ctx: Context, node: ir.Node, sizes: Sizes | None, new: list[i
     return tail.outputs[0]
 
 
+Reread = list[tuple[ir.Value, ir.Value]]  # (a rebuilt chain's value, its swapped twin)
+
+
 def _rebuilt(ctx: Context, u: ir.Value, chain: list[ir.Node], new: list[ir.Node],
-             sizes: Sizes | None = None) -> ir.Value:
+             sizes: Sizes | None, rereads: Reread) -> ir.Value:
+    """:func:`_rebuilt_ops`; each chain value and its twin go to ``rereads`` (its Shape
+    readers read the twin's sizes once the new ops are placed, :func:`_reread`)."""
     rebuilt = _rebuilt_ops(ctx, u, chain, new, sizes)
-    for node, value in zip(reversed(chain), rebuilt, strict=True):
-        _REREAD.append((node.outputs[0], value))  # its Shape readers, once the ops are placed
+    rereads.extend((node.outputs[0], value)
+                   for node, value in zip(reversed(chain), rebuilt, strict=True))
     return rebuilt[-1] if rebuilt else u
 
 
-# (a value of a chain rebuilt on the swapped input, its swapped twin): Shape readers to move
-_REREAD: list[tuple[ir.Value, ir.Value]] = []
-
-
-def _reread(ctx: Context) -> None:
+def _reread(ctx: Context, rereads: Reread) -> None:
     """The Shape readers of each rebuilt chain's values read their swapped twins' sizes."""
-    while _REREAD:
-        old, value = _REREAD.pop()
+    for old, value in rereads:
         if any(u.node.op_type == "Shape" for u in old.uses()):
             reread_shapes(ctx, old, value, _swap(_rank(old) or 2))
             ctx.graph.sort()
@@ -298,7 +298,7 @@ def _rebuilt_ops(ctx: Context, u: ir.Value, chain: list[ir.Node], new: list[ir.N
 
 
 def _moved(ctx: Context, x: ir.Value, new: list[ir.Node], base: str, up: bool = False,
-           sizes: Sizes | None = None) -> ir.Value:
+           sizes: Sizes | None = None, rereads: Reread | None = None) -> ir.Value:
     """``x`` with its last two axes exchanged: the value a swap Transpose read to give ``x``
     (through a chain that keeps those axes, rebuilt on it), or a new Transpose (appended to
     ``new``); ``up``: the new Transpose before such a chain, where it may meet a layer's."""
@@ -307,11 +307,13 @@ def _moved(ctx: Context, x: ir.Value, new: list[ir.Node], base: str, up: bool = 
         return producer.inputs[0]
     found = _swapped_chain(x, sizes=sizes)
     if found is not None:
-        return _rebuilt(ctx, found[0], found[1], new, sizes)
+        return _rebuilt(ctx, found[0], found[1], new, sizes, rereads if rereads is not None
+                        else [])
     found = _swapped_chain(x, anywhere=True, sizes=sizes) if up else None
     if found is not None:
-        return _rebuilt(ctx, _moved(ctx, found[0], new, base, sizes=sizes), found[1], new,
-                        sizes)
+        inner = _moved(ctx, found[0], new, base, sizes=sizes, rereads=rereads)
+        return _rebuilt(ctx, inner, found[1], new, sizes, rereads if rereads is not None
+                        else [])
     rank = _rank(x)
     assert rank is not None
     node = ir.node("Transpose", [x], {"perm": _swap(rank)}, name=ctx.unique(base))
@@ -373,8 +375,9 @@ def _fold(ctx: Context, move: ir.Node, sizes: Sizes | None = None) -> bool:
         return False  # two new moves for the one that goes: more Transposes to read
     base = producer.name or "matmul"
     new: list[ir.Node] = []
-    bt = _moved(ctx, b, new, f"{base}_bT", sizes=sizes)
-    at = _moved(ctx, a, new, f"{base}_aT", sizes=sizes)
+    rereads: Reread = []
+    bt = _moved(ctx, b, new, f"{base}_bT", sizes=sizes, rereads=rereads)
+    at = _moved(ctx, a, new, f"{base}_aT", sizes=sizes, rereads=rereads)
     product = ir.node("MatMul", [bt, at], name=ctx.unique(f"{base}_T"))
     product.metadata_props.update(producer.metadata_props)
     product.metadata_props[PRODUCT_KEY] = "transposed"
@@ -396,7 +399,7 @@ def _fold(ctx: Context, move: ir.Node, sizes: Sizes | None = None) -> bool:
         reread_shapes(ctx, reshape.outputs[0], new[-1].outputs[0], swap)
     ctx.graph.remove([n for n in (move, reshape, producer) if n is not None], safe=True)
     drop_dead(ctx, old_target)
-    _reread(ctx)
+    _reread(ctx, rereads)
     for x in (a, b):
         _drop_unread(ctx, x)
     return True
@@ -428,8 +431,9 @@ def _unfold(ctx: Context, node: ir.Node, sizes: Sizes | None = None) -> bool:
         reshape = None
     base = (node.name or "matmul").removesuffix("_T")
     new: list[ir.Node] = []
-    p = _moved(ctx, pt, new, f"{base}_aT", sizes=sizes)
-    v = _moved(ctx, vt, new, f"{base}_bT", up=True, sizes=sizes)
+    rereads: Reread = []
+    p = _moved(ctx, pt, new, f"{base}_aT", sizes=sizes, rereads=rereads)
+    v = _moved(ctx, vt, new, f"{base}_bT", up=True, sizes=sizes, rereads=rereads)
     product = ir.node("MatMul", [p, v], name=ctx.unique(base))
     product.metadata_props.update({k: x for k, x in node.metadata_props.items()
                                    if k != PRODUCT_KEY})
@@ -451,7 +455,7 @@ def _unfold(ctx: Context, node: ir.Node, sizes: Sizes | None = None) -> bool:
     ir.convenience.replace_all_uses_with(out, new[-1].outputs[0])
     new[-1].outputs[0].type, new[-1].outputs[0].shape = out.type, out.shape
     ctx.graph.remove([n for n in (reshape, node) if n is not None], safe=True)
-    _reread(ctx)
+    _reread(ctx, rereads)
     for x in (vt, pt):
         _drop_unread(ctx, x)
     return True

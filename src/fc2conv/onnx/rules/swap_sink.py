@@ -257,8 +257,8 @@ def sink_swaps(ctx: Context) -> int:
     if _runtime_targets(ctx.graph):  # sizes computed at run time: Shape reads the swaps'
         for node in list(ctx.graph):  # inputs, targets are read from probes
             if _is_swap(node) and node.inputs[0] is not None:
-                reread_shapes(ctx, node.outputs[0], node.inputs[0], _swap(rank_of(
-                    node.outputs[0]) or len(node.attributes["perm"].as_ints())))
+                reread_shapes(ctx, node.outputs[0], node.inputs[0],
+                              list(node.attributes["perm"].as_ints()))
         sizes = probed_sizes(ctx.graph)
     regions = [grow(entries, sizes)]
     if not cost_of(regions[0]).gains():

@@ -50,16 +50,17 @@ from fc2conv.onnx.rules.base import (
     rewrite_each,
     zeros_copied,
 )
-from fc2conv.onnx.rules.transpose_reshape import (
+from fc2conv.onnx.rules.run_sizes import (
     Dim,
     Sizes,
-    _dims,
-    _runtime_targets,
-    _shape_input,
     data_uses,
+    dims_of,
     drop_dead,
+    expand_target,
     probed_sizes,
     reread_shapes,
+    runtime_sizes,
+    swapped_target,
 )
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ def _is_swap(node: ir.Node | None) -> bool:
 def _last_two(value: ir.Value, sizes: Sizes | None = None) -> tuple[Dim, Dim] | None:
     """The sizes of ``value``'s last two axes: static, or probed (``sizes``; a size computed
     at run time is a symbol naming its sizes in the probes)."""
-    dims = _dims(value, sizes)
+    dims = dims_of(value, sizes)
     if dims is None or len(dims) < 2:
         return None
     a, b = dims[-2], dims[-1]
@@ -129,28 +130,6 @@ def _keeps_last_two(reshape: ir.Node, sizes: Sizes | None = None) -> list[int] |
     if len(target) < 2 or not kept and (dims is None or tuple(target[-2:]) != dims):
         return None
     return target
-
-
-def _swapped_target(ctx: Context, reshape: ir.Node, target: list[int], sizes: Sizes | None,
-                    new: list[ir.Node]) -> ir.Value:
-    """The target of ``reshape`` (which keeps its input's last two axes) for the input with
-    those axes exchanged: a constant target's last two entries swapped; a run-time one as a
-    constant from the probed sizes (``0`` copies a size, ``-1`` one other), or ``Gather``-ed
-    when they give none."""
-    if target:
-        return int64_constant(ctx, [*target[:-2], target[-1], target[-2]], "fc2conv_shape")
-    out, x = _dims(reshape.outputs[0], sizes), _dims(reshape.inputs[0], sizes)
-    assert out is not None and x is not None
-    swap = _swap(len(out))
-    shape = _shape_input(ctx, [out[i] for i in swap], [x[i] for i in _swap(len(x))]) \
-        if len(x) == len(out) else None
-    if shape is not None:
-        return shape
-    gather = ir.node("Gather", [reshape.inputs[1], int64_constant(ctx, swap, "fc2conv_axes")],
-                     {"axis": 0}, name=ctx.unique(f"{reshape.name or 'reshape'}_target"))
-    gather.outputs[0].name = ctx.unique(f"{gather.name}_out")
-    new.append(gather)
-    return gather.outputs[0]
 
 
 def _to_layer(value: ir.Value) -> bool:
@@ -218,33 +197,6 @@ def _swapped_chain(x: ir.Value, anywhere: bool = False, sizes: Sizes | None = No
     return None
 
 
-def _expand_target(ctx: Context, node: ir.Node, sizes: Sizes | None, new: list[ir.Node]
-                   ) -> ir.Value:
-    """An Expand target that leaves the last two axes as they come: a constant target with
-    ``1, 1`` there; a run-time one, from the probed sizes, ``1`` on each axis it does not
-    broadcast and the size on one it does, or ``Concat(target[:-2], [1, 1])``."""
-    arr = _const_array(node.inputs[1])
-    if arr is not None:
-        target = [int(v) for v in arr.reshape(-1)]
-        return int64_constant(ctx, [*target[:-2], 1, 1], "fc2conv_shape")
-    x, out = _dims(node.inputs[0], sizes), _dims(node.outputs[0], sizes)
-    if x is not None and out is not None and len(x) <= len(out):
-        padded: list[Dim] = [*([1] * (len(out) - len(x))), *x]
-        fixed = [1 if a == b else b for a, b in zip(padded, out, strict=True)]
-        ints = [d for d in fixed if isinstance(d, int)]
-        if len(ints) == len(fixed):
-            return int64_constant(ctx, [*ints[:-2], 1, 1], "fc2conv_shape")
-    base = node.name or "expand"
-    head = ir.node("Slice", [node.inputs[1], int64_constant(ctx, [0], "fc2conv_start"),
-                             int64_constant(ctx, [-2], "fc2conv_end")], name=ctx.unique(base))
-    tail = ir.node("Concat", [head.outputs[0], int64_constant(ctx, [1, 1], "fc2conv_ones")],
-                   {"axis": 0}, name=ctx.unique(base))
-    for n in (head, tail):
-        n.outputs[0].name = ctx.unique(f"{n.name}_out")
-        new.append(n)
-    return tail.outputs[0]
-
-
 Reread = list[tuple[ir.Value, ir.Value]]  # (a rebuilt chain's value, its swapped twin)
 
 
@@ -283,12 +235,12 @@ def _rebuilt_ops(ctx: Context, u: ir.Value, chain: list[ir.Node], new: list[ir.N
             else:
                 op = ir.node("Unsqueeze", [u], {"axes": axes}, name=ctx.unique(base))
         elif node.op_type == "Expand":
-            op = ir.node("Expand", [u, _expand_target(ctx, node, sizes, new)],
+            op = ir.node("Expand", [u, expand_target(ctx, node, sizes, new)],
                          name=ctx.unique(base))
         else:
             target = _keeps_last_two(node, sizes)
             assert target is not None
-            op = ir.node("Reshape", [u, _swapped_target(ctx, node, target, sizes, new)],
+            op = ir.node("Reshape", [u, swapped_target(ctx, node, target, sizes, new)],
                          name=ctx.unique(base))
         op.outputs[0].name = ctx.unique(f"{op.name}_out")
         new.append(op)
@@ -384,7 +336,7 @@ def _fold(ctx: Context, move: ir.Node, sizes: Sizes | None = None) -> bool:
     product.outputs[0].name = ctx.unique(f"{base}_T_out")
     new.append(product)
     if reshape is not None and target is not None:
-        shape = _swapped_target(ctx, reshape, target, sizes, new)
+        shape = swapped_target(ctx, reshape, target, sizes, new)
         new.append(ir.node("Reshape", [product.outputs[0], shape],
                            name=ctx.unique(reshape.name or f"{base}_reshape")))
         new[-1].outputs[0].name = ctx.unique(f"{new[-1].name}_out")
@@ -409,7 +361,7 @@ def fold_transposed_products(ctx: Context) -> int:
     """Compute every ``Transpose(MatMul(P, V))`` that feeds a converted Conv as
     ``MatMul(V^T, P^T)`` (see the module docstring); returns how many moves went."""
     folded = rewrite_each(ctx, _fold)
-    if _runtime_targets(ctx.graph):  # sizes computed at run time: read them from probes
+    if runtime_sizes(ctx.graph):  # sizes computed at run time: read them from probes
         folded += rewrite_each(ctx, partial(_fold, sizes=probed_sizes(ctx.graph)))
     log.debug("computed %d attention products transposed", folded)
     return folded
@@ -441,7 +393,7 @@ def _unfold(ctx: Context, node: ir.Node, sizes: Sizes | None = None) -> bool:
     new.append(product)
     out = y_t
     if reshape is not None and target is not None:
-        shape = _swapped_target(ctx, reshape, target, sizes, new)
+        shape = swapped_target(ctx, reshape, target, sizes, new)
         new.append(ir.node("Reshape", [product.outputs[0], shape],
                            name=ctx.unique(reshape.name or f"{base}_reshape")))
         new[-1].outputs[0].name = ctx.unique(f"{new[-1].name}_out")
@@ -465,7 +417,7 @@ def unfold_transposed_products(ctx: Context) -> int:
     """The way back (``to_linear``): every product :func:`fold_transposed_products` computed
     transposed, ``V^T @ P^T``, is ``Transpose(P @ V)`` again, the model's own product followed
     by the move the layout folds then merge with the projection's; returns how many."""
-    sizes = probed_sizes(ctx.graph) if _runtime_targets(ctx.graph) or any(
+    sizes = probed_sizes(ctx.graph) if runtime_sizes(ctx.graph) or any(
         isinstance(d, str) for node in ctx.graph for v in node.outputs
-        for d in (_dims(v) or [])) else None
+        for d in (dims_of(v) or [])) else None
     return rewrite_each(ctx, partial(_unfold, sizes=sizes))

@@ -19,7 +19,7 @@ from fc2conv.onnx.rules.ane_twin import _const_array
 from fc2conv.onnx.rules.base import is_constant
 from fc2conv.onnx.rules.layout import BINARY, UNARY
 from fc2conv.onnx.rules.matmul_transpose import _axes, _is_swap, _keeps_last_two
-from fc2conv.onnx.rules.transpose_reshape import Sizes, shape_read
+from fc2conv.onnx.rules.run_sizes import Sizes, shape_read
 
 SWAPPED_KEY = "fc2conv.swapped"  # metadata on the nodes computing in the swapped layout
 

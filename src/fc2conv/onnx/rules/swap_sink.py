@@ -40,12 +40,14 @@ import numpy as np
 import onnx_ir as ir
 
 from fc2conv.onnx.rules.base import LAYOUT_KEY, Context, constant, int64_constant, is_constant
-from fc2conv.onnx.rules.matmul_transpose import (
-    _expand_target,
-    _is_swap,
-    _keeps_last_two,
-    _swap,
-    _swapped_target,
+from fc2conv.onnx.rules.matmul_transpose import _is_swap, _keeps_last_two, _swap
+from fc2conv.onnx.rules.run_sizes import (
+    Sizes,
+    expand_target,
+    probed_sizes,
+    reread_shapes,
+    runtime_sizes,
+    swapped_target,
 )
 from fc2conv.onnx.rules.swap_region import (
     SWAPPED_KEY,
@@ -63,12 +65,6 @@ from fc2conv.onnx.rules.swap_region import (
     runtime_target,
     swapped_shape,
     unit_tail,
-)
-from fc2conv.onnx.rules.transpose_reshape import (
-    Sizes,
-    _runtime_targets,
-    probed_sizes,
-    reread_shapes,
 )
 
 log = logging.getLogger(__name__)
@@ -169,11 +165,11 @@ class _Swapper:
             if node.op_type in ("Expand", "Reshape") and runtime_target(node, self.sizes):
                 new: list[ir.Node] = []
                 if node.op_type == "Expand":
-                    value = _expand_target(self.ctx, node, self.sizes, new)
+                    value = expand_target(self.ctx, node, self.sizes, new)
                 else:
                     target = _keeps_last_two(node, self.sizes)
                     assert target is not None
-                    value = _swapped_target(self.ctx, node, target, self.sizes, new)
+                    value = swapped_target(self.ctx, node, target, self.sizes, new)
                 if new:
                     self.ctx.graph.insert_before(node, new)
                 self.targets[node] = value
@@ -254,7 +250,7 @@ def sink_swaps(ctx: Context) -> int:
         return 0
     ctx.graph.sort()  # new moves go before their first reader
     sizes = None
-    if _runtime_targets(ctx.graph):  # sizes computed at run time: Shape reads the swaps'
+    if runtime_sizes(ctx.graph):  # sizes computed at run time: Shape reads the swaps'
         for node in list(ctx.graph):  # inputs, targets are read from probes
             if _is_swap(node) and node.inputs[0] is not None:
                 reread_shapes(ctx, node.outputs[0], node.inputs[0],
@@ -287,7 +283,7 @@ def lift_swaps(ctx: Context) -> int:
     if not nodes:
         return 0
     ctx.graph.sort()
-    swapper = _Swapper(ctx, None, probed_sizes(ctx.graph) if _runtime_targets(ctx.graph)
+    swapper = _Swapper(ctx, None, probed_sizes(ctx.graph) if runtime_sizes(ctx.graph)
                        else None)
     swapper.rewrite(Region(nodes=nodes))
     swapper.drop_unread()

@@ -23,13 +23,10 @@ Reshape on its own. Only pairs where fc2conv added at least one of the two Trans
 touched; after ``to_linear`` of a converted graph the same fold gives the model's own form back.
 
 Sizes computed at run time (an export with dynamic batch and length: the head split's target is
-``Concat(Shape(x)[:2], [H, D])``) are read from :class:`~fc2conv.onnx.rules.shape_probe.Probe`:
-an axis whose size differs between the two probes gets a symbol naming its sizes there, so two
-axes are the same size when their symbols are equal in both probes. The new Reshape's target is
-then a constant (``0`` copies a size the input holds on the same axis, ``-1`` stands for one
-other), valid at every size, and the arithmetic that computed the old one is dropped. A
-``Shape`` that read the removed move's result reads its input instead, through a ``Gather`` of
-the permutation: ``shape(Transpose(x, p))[k] = shape(x)[p[k]]``.
+``Concat(Shape(x)[:2], [H, D])``) are read from two shape probes
+(:mod:`~fc2conv.onnx.rules.run_sizes`); the new Reshape's target is then a constant valid at
+every size, the arithmetic that computed the old one is dropped, and a ``Shape`` that read the
+removed move's result reads its input instead, ``Gather(Shape(x), p)``.
 """
 
 from __future__ import annotations
@@ -38,56 +35,31 @@ import logging
 from collections.abc import Sequence
 from functools import partial
 
-import numpy as np
 import onnx_ir as ir
-from onnx_ir._core import Usage
 
 from fc2conv.onnx.rules.base import (
     LAYOUT_KEY,
     Context,
     Refused,
     constant,
-    int64_constant,
-    is_constant,
     rewrite_each,
     zeros_copied,
 )
 from fc2conv.onnx.rules.layout import BINARY, UNARY
-from fc2conv.onnx.rules.shape_probe import Probe
+from fc2conv.onnx.rules.run_sizes import (
+    Dim,
+    Sizes,
+    data_uses,
+    dims_of,
+    drop_dead,
+    probed_sizes,
+    reread_shapes,
+    runtime_sizes,
+    shape_input,
+    size_only_move,
+)
 
 log = logging.getLogger(__name__)
-
-Dim = int | str | None
-Sizes = dict[ir.Value, list[Dim]]  # dims read from the probes, where inference has none
-
-
-def probed_sizes(graph: ir.Graph) -> Sizes:
-    """The dims of ``graph``'s values from two probes (:class:`Probe`): a size the same in both
-    is that number, one that differs the symbol ``"~a,b"`` of its two sizes."""
-    probe = Probe(graph)
-    out: Sizes = {}
-    values = [*graph.inputs, *(v for node in graph for v in node.outputs)]
-    for v in values:
-        found = probe.shapes.get(v.name or "")
-        if found is not None:
-            out[v] = [a if all(f[k] == a for f in found)
-                      else "~" + ",".join(str(f[k]) for f in found)
-                      for k, a in enumerate(found[0])]
-    return out
-
-
-def _runtime_targets(graph: ir.Graph) -> bool:
-    """Whether ``graph`` computes sizes at run time: an input has a size not fixed, or a
-    Reshape a target computed from values."""
-    if any(v.shape is None or any(not isinstance(d, int) for d in v.shape)
-           for v in graph.inputs):
-        return True
-    return any(node.op_type == "Reshape" and node.domain == "" and len(node.inputs) > 1
-               and node.inputs[1] is not None and node.inputs[1].const_value is None
-               and (node.inputs[1].producer() is None
-                    or node.inputs[1].producer().op_type != "Constant")  # type: ignore[union-attr]
-               for node in graph)
-
 
 def _perm(node: ir.Node | None) -> list[int] | None:
     if node is None or node.op_type != "Transpose" or node.domain != "":
@@ -96,20 +68,12 @@ def _perm(node: ir.Node | None) -> list[int] | None:
     return None if attr is None else [int(p) for p in attr.value]
 
 
-def _dims(value: ir.Value | None, sizes: Sizes | None = None) -> list[Dim] | None:
-    if sizes and value is not None and value in sizes:
-        return sizes[value]
-    if value is None or value.shape is None:
-        return None
-    return [d if isinstance(d, int) else d.value for d in value.shape]
-
-
 def _input_dims(first: ir.Node, p: list[int], sizes: Sizes | None) -> list[Dim] | None:
     """The shape of ``Transpose(x, p)``: inferred (or probed), or ``x``'s permuted."""
-    known = _dims(first.outputs[0], sizes)
+    known = dims_of(first.outputs[0], sizes)
     if known is not None and len(known) == len(p):
         return known
-    x = _dims(first.inputs[0], sizes)
+    x = dims_of(first.inputs[0], sizes)
     return None if x is None or len(x) != len(p) else [x[i] for i in p]
 
 
@@ -180,95 +144,6 @@ def _operand(node: ir.Node) -> int:
     return 1 if len(node.inputs) == 2 and _is_scalar(node.inputs[0]) else 0
 
 
-def shape_read(use: Usage) -> bool:
-    """Whether ``use`` is a ``Shape`` node of the graph that computes the value it reads (it
-    reads sizes, not data; one in an If / Loop body is left as a data reader)."""
-    node, value = use.node, use.node.inputs[use.idx]
-    return node.op_type == "Shape" and node.domain == "" and value is not None \
-        and node.graph is value.graph
-
-
-def data_uses(value: ir.Value) -> list[ir.Node]:
-    """The readers of ``value`` other than ``Shape`` nodes (:func:`shape_read`)."""
-    return [u.node for u in value.uses() if not shape_read(u)]
-
-
-def reread_shapes(ctx: Context, old: ir.Value, x: ir.Value, p: Sequence[int]) -> None:
-    """Every ``Shape`` reading ``old`` (the value ``Transpose(x, p)``) reads ``x`` instead:
-    ``Gather(Shape(x), p[start:end])``."""
-    for use in list(old.uses()):
-        shape = use.node
-        if not shape_read(use) or shape.graph is not ctx.graph:
-            continue
-        start, end = (shape.attributes.get(k) for k in ("start", "end"))
-        picked = list(p)[slice(None if start is None else int(start.value),
-                         None if end is None else int(end.value))]
-        name = ctx.unique(shape.name or "shape")
-        whole = ir.node("Shape", [x], name=name)
-        whole.outputs[0].name = ctx.unique(f"{name}_out")
-        if _compose(ctx, shape, whole, picked):
-            continue
-        index = int64_constant(ctx, picked, "fc2conv_axes")
-        gather = ir.node("Gather", [whole.outputs[0], index], {"axis": 0},
-                         name=ctx.unique(f"{name}_axes"))
-        gather.outputs[0].name = ctx.unique(f"{gather.name}_out")
-        ctx.graph.insert_before(shape, [whole, gather])
-        out = shape.outputs[0]
-        ir.convenience.replace_all_uses_with(out, gather.outputs[0], replace_graph_outputs=True)
-        gather.outputs[0].type, gather.outputs[0].shape = out.type, out.shape
-        if gather.outputs[0].is_graph_output():
-            out_name, out.name = out.name, ctx.unique(f"{out.name}_unused")
-            gather.outputs[0].name = out_name
-        ctx.graph.remove(shape, safe=True)
-
-
-def _compose(ctx: Context, shape: ir.Node, whole: ir.Node, picked: list[int]) -> bool:
-    """When only ``Gather(axis=0)`` nodes with constant indices ``I`` read ``shape``: each
-    reads ``whole`` at ``picked[I]`` instead (no Gather added), and ``shape`` goes."""
-    out = shape.outputs[0]
-    uses = list(out.uses())
-    if not uses or out.is_graph_output() or any(
-            u.node.op_type != "Gather" or u.node.domain != "" or u.idx != 0
-            or int(getattr(u.node.attributes.get("axis"), "value", 0) or 0) != 0
-            or not is_constant(u.node.inputs[1]) for u in uses):
-        return False
-    ctx.graph.insert_before(shape, whole)
-    for use in uses:
-        indices = constant(use.node.inputs[1], "indices").numpy()
-        composed = np.asarray(picked, np.int64)[indices.astype(np.int64)]
-        value = ir.Value(name=ctx.unique("fc2conv_axes"), shape=ir.Shape(list(composed.shape)),
-                         type=ir.TensorType(ir.DataType.INT64), const_value=ir.tensor(composed))
-        ctx.graph.register_initializer(value)
-        old_indices = use.node.inputs[1]
-        use.node.replace_input_with(0, whole.outputs[0])
-        use.node.replace_input_with(1, value)
-        drop_dead(ctx, old_indices)
-    ctx.graph.remove(shape, safe=True)
-    return True
-
-
-def drop_dead(ctx: Context, value: ir.Value | None) -> None:
-    """Remove the nodes of the main graph that computed ``value`` (a Reshape's old target) and
-    nothing else that is still read, walking up; and initializers left unread."""
-    stack = [value]
-    while stack:
-        v = stack.pop()
-        if v is None or v.uses() or v.is_graph_output():
-            continue
-        node = v.producer()
-        if node is None:
-            if v.is_initializer() and v.name in ctx.graph.initializers \
-                    and not v.is_graph_input():
-                del ctx.graph.initializers[v.name]  # type: ignore[arg-type]
-            continue
-        if node.graph is not ctx.graph or any(o.uses() or o.is_graph_output()
-                                              for o in node.outputs):
-            continue
-        ins = list(node.inputs)
-        ctx.graph.remove(node, safe=True)
-        stack.extend(ins)
-
-
 def _through_pointwise(value: ir.Value | None) -> tuple[ir.Node, list[ir.Node]] | None:
     """The Transpose ``value`` is computed from through single-reader elementwise ops with
     scalar constant operands (they commute with any move: a query's scaling ``q * s``), and
@@ -294,24 +169,6 @@ def _through_pointwise(value: ir.Value | None) -> tuple[ir.Node, list[ir.Node]] 
     return None
 
 
-def _shape_input(ctx: Context, dims: Sequence[Dim], source: Sequence[Dim]) -> ir.Value | None:
-    """A Reshape target for ``dims``: static sizes as they are, a symbolic one as ``0`` where
-    the Reshape's input has it on the same axis, else ``-1`` (once)."""
-    out: list[int] = []
-    for k, d in enumerate(dims):
-        if isinstance(d, int):
-            if d <= 0:
-                return None
-            out.append(d)
-        elif k < len(source) and source[k] is not None and source[k] == d:
-            out.append(0)
-        elif -1 not in out:
-            out.append(-1)
-        else:
-            return None
-    return int64_constant(ctx, out, "fc2conv_shape")
-
-
 def _fold(ctx: Context, second: ir.Node, sizes: Sizes | None = None) -> bool:
     q = _perm(second)
     reshape = second.inputs[0].producer() if q is not None and second.inputs[0] else None
@@ -333,7 +190,7 @@ def _fold(ctx: Context, second: ir.Node, sizes: Sizes | None = None) -> bool:
     if x is None or len(data_uses(first.outputs[0])) != 1 or len(data_uses(mid)) != 1 \
             or mid.is_graph_output() or first.outputs[0].is_graph_output():
         return False
-    a, b = _input_dims(first, p, sizes), _dims(mid, sizes)
+    a, b = _input_dims(first, p, sizes), dims_of(mid, sizes)
     assert q is not None
     if a is None or b is None or len(b) != len(q):
         return False
@@ -353,7 +210,7 @@ def _fold(ctx: Context, second: ir.Node, sizes: Sizes | None = None) -> bool:
         if src is None:
             new.append(ir.node("Transpose", [x], {"perm": move}, name=ctx.unique(base)))
             src = new[-1].outputs[0]
-        shape = _shape_input(ctx, target, [x_dims[i] for i in move])
+        shape = shape_input(ctx, target, [x_dims[i] for i in move])
         if shape is None:
             return False
         new.append(ir.node("Reshape", [src, shape], name=ctx.unique(reshape.name or base)))
@@ -364,7 +221,7 @@ def _fold(ctx: Context, second: ir.Node, sizes: Sizes | None = None) -> bool:
             return False
         # a split: reshape in x's own order, then move once
         outs = [o for g in order for o in groups[g][1]]
-        shape = _shape_input(ctx, [b[o] for o in outs], x_dims)
+        shape = shape_input(ctx, [b[o] for o in outs], x_dims)
         if shape is None:
             return False
         new.append(ir.node("Reshape", [x, shape], name=ctx.unique(reshape.name or base)))
@@ -400,26 +257,13 @@ def _fold(ctx: Context, second: ir.Node, sizes: Sizes | None = None) -> bool:
     return True
 
 
-def _size_only_move(ctx: Context, node: ir.Node) -> bool:
-    """A Transpose only ``Shape`` nodes read (an exporter's size of the moved value) goes:
-    they read ``Gather(Shape(x), perm)``. Whether it went."""
-    p = _perm(node)
-    out = node.outputs[0]
-    if p is None or node.inputs[0] is None or out.is_graph_output() or not out.uses() \
-            or data_uses(out) or node.graph is not ctx.graph:
-        return False
-    reread_shapes(ctx, out, node.inputs[0], p)
-    ctx.graph.remove(node, safe=True)
-    return True
-
-
 def fold_transposes_through_reshapes(ctx: Context) -> int:
     """Replace every ``Transpose -> regrouping Reshape -> Transpose`` chain where fc2conv added
     one of the Transposes by one move and one Reshape (see the module docstring); returns how
     many."""
     folded = rewrite_each(ctx, _fold)
-    if _runtime_targets(ctx.graph):  # sizes computed at run time: read them from probes
-        folded += rewrite_each(ctx, _size_only_move)
+    if runtime_sizes(ctx.graph):  # sizes computed at run time: read them from probes
+        folded += rewrite_each(ctx, size_only_move)
         folded += rewrite_each(ctx, partial(_fold, sizes=probed_sizes(ctx.graph)))
     log.debug("folded %d transpose pairs through reshapes", folded)
     return folded

@@ -233,10 +233,22 @@ class LinearPass(AnePass):
             return
         k, fa, fb = next(iter(summed)), next(iter(free_a)), next(iter(free_b))
         base = node.name or "attn"
-        a_order = [*batch, fa, k]
-        b_order = [*batch, k, fb]
-        va = self._arrange(stored[0][0], [stored[0][1].index(c) for c in a_order], base)
-        vb = self._arrange(stored[1][0], [stored[1][1].index(c) for c in b_order], base)
+
+        def orders(first: int) -> tuple[list[int], list[int]]:
+            (xa, fx), (xb, fy) = ((stored[0], fa), (stored[1], fb))[::1 if first == 0 else -1]
+            return ([xa[1].index(c) for c in [*batch, fx, k]],
+                    [xb[1].index(c) for c in [*batch, k, fy]])
+
+        def moves(first: int) -> int:
+            return sum(o != sorted(o) for o in orders(first))
+
+        first = 1 if moves(1) < moves(0) else 0  # either product; the one with fewer moves
+        if first == 1:
+            stored.reverse()
+            fa, fb = fb, fa
+        oa, ob = orders(0)
+        va = self._arrange(stored[0][0], oa, base)
+        vb = self._arrange(stored[1][0], ob, base)
         y = self._add("MatMul", [va, vb], {}, base)
         product = [*batch, fa, fb]
         perm = tuple(product.index(c) for c in out)

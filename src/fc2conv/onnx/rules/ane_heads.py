@@ -5,6 +5,15 @@ A value split into heads ``v[b, s, h, d]`` has the twin ``v'[b, h, d, s]`` (``pe
 is one ``Einsum`` on the twins (``scores[b,h,q,k] = sum_d Q'[b,h,d,q] K'[b,h,d,k]``,
 ``out'[b,h,d,q] = sum_k P[b,h,q,k] V'[b,h,d,k]``); Softmax, Gather, Slice and Concat map
 their axis by ``perm``.
+
+Operand order: onnxruntime's CPU Einsum computes a two-operand contraction as one batched
+MatMul of ``left[batch, free_left, summed]`` and ``right[batch, summed, free_right]`` into
+``[batch, free_left, free_right]``, transposing an operand or the product (a copy each) where
+it is stored otherwise. The equation is therefore written with the operand whose free label
+comes first in the output on the left: ``out'[b,h,d,q] = sum_k V'[b,h,d,k] P[b,h,q,k]`` is
+``Einsum("zhjk,zhik->zhji", V', P)``, which needs one copy (of ``P``), where ``(P, V')``
+needs two (of ``V'`` and of the product). The terms and their order of summation are the
+same either way.
 """
 
 from __future__ import annotations
@@ -45,7 +54,10 @@ class HeadRewrites(AneBase):
         swapped = phys_b.index("j") < phys_b.index("k")
         out_perm = (0, 1, 3, 2) if swapped else IDENTITY
         out_labels = "zhji" if swapped else "zhij"
-        equation = f"{''.join(phys_a)},{''.join(phys_b)}->{out_labels}"
+        sa, sb = "".join(phys_a), "".join(phys_b)
+        if swapped:  # the operand whose free label leads the output goes first (see below)
+            va, vb, sa, sb = vb, va, sb, sa
+        equation = f"{sa},{sb}->{out_labels}"
         y = self._add("Einsum", [va, vb], {"equation": equation}, node.name or "attn")
         if out_perm == IDENTITY:
             ir.convenience.replace_all_uses_with(node.outputs[0], y, replace_graph_outputs=False)

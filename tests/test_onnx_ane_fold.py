@@ -91,10 +91,12 @@ def test_scales_go_to_the_convs_and_the_result_matches_the_reference() -> None:
     # the pre-norm's weight and bias are in the Q/K/V kernels: three Convs read its Div
     divs = [node for node in conv.graph.node if node.op_type == "Div"]
     assert sorted(sum(r.op_type == "Conv" for r in readers[d.output[0]]) for d in divs) == [0, 3]
-    # the post-norm's are kept (the residual reads the norm too), as the same numbers
+    # the post-norm's are kept (the residual reads the norm too), as the same numbers (the
+    # weight times sqrt(C): its variance is a ReduceSumSquare, ane_norm.py)
     kept = [consts[i].reshape(-1) for node in conv.graph.node if node.op_type in ("Mul", "Add")
             for i in node.input if i in consts and consts[i].size == C]
-    assert any(np.array_equal(k, weights["ln2_w"]) for k in kept)
+    scaled = (weights["ln2_w"].astype(np.float64) * np.sqrt(C)).astype(np.float32)
+    assert any(np.array_equal(k, scaled) for k in kept)
     assert any(np.array_equal(k, weights["ln2_b"]) for k in kept)
     assert not any(np.array_equal(k, weights["ln_w"]) or np.array_equal(k, weights["ln_b"])
                    for k in kept)
@@ -120,8 +122,9 @@ def test_scales_go_to_the_convs_and_the_result_matches_the_reference() -> None:
 
 
 def test_to_linear_gives_both_norms_back() -> None:
-    """The folded pre-norm is a ``LayerNormalization`` with unit scale and no bias again (its
-    affine map stays in the Q/K/V MatMuls), the post-norm one with its own weight and bias."""
+    """The folded pre-norm is a ``LayerNormalization`` with a constant scale and no bias again
+    (its affine map stays in the Q/K/V MatMuls), the post-norm one with its own weight and
+    bias."""
     rng = np.random.default_rng(21)
     m = _block(rng)
     conv, _ = convert(m, "conv", layout="ane", verify=False)
@@ -132,7 +135,10 @@ def test_to_linear_gives_both_norms_back() -> None:
     _, _, consts = _graph(back)
     assert sorted(len(node.input) for node in norms) == [2, 3]
     unit = next(node for node in norms if len(node.input) == 2)
-    assert np.array_equal(consts[unit.input[1]], np.ones(C, np.float32))
+    # a unit scale but for the 1/sqrt(C) of the variance's sum of squares (ane_norm.py), whose
+    # sqrt(C) went into the Q/K/V kernels with the norm's weight
+    unit_scale = np.full(C, 1 / np.sqrt(np.float64(C))).astype(np.float32)
+    assert np.array_equal(consts[unit.input[1]], unit_scale)
     for seed in (22, 23):
         x = np.random.default_rng(seed).standard_normal((B, S, C)).astype(np.float32)
         assert_matches_reference(m, back, {"x": x}, depth=4 * F)

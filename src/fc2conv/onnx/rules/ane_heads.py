@@ -27,6 +27,10 @@ from fc2conv.onnx.rules.ane_twin import IDENTITY, STREAM, Twin, _compose, _const
 class HeadRewrites(AneBase):
     """Batched MatMuls, Softmax, Transpose, Gather, Concat and Slice on twins."""
 
+    #: write an Einsum's operands in the order onnxruntime multiplies them without moving the
+    #: product (False: the original MatMul's order; ``bench/ane_folds.py`` times both)
+    LEADING_OPERAND_FIRST = True
+
     def _on_batched_matmul(self, node: ir.Node) -> None:
         a, b = node.inputs[0], node.inputs[1]
         ta, tb = self._twin(a), self._twin(b)
@@ -54,10 +58,10 @@ class HeadRewrites(AneBase):
         swapped = phys_b.index("j") < phys_b.index("k")
         out_perm = (0, 1, 3, 2) if swapped else IDENTITY
         out_labels = "zhji" if swapped else "zhij"
-        sa, sb = "".join(phys_a), "".join(phys_b)
-        if swapped:  # the operand whose free label leads the output goes first (see below)
-            va, vb, sa, sb = vb, va, sb, sa
-        equation = f"{sa},{sb}->{out_labels}"
+        left, right = "".join(phys_a), "".join(phys_b)
+        if swapped and self.LEADING_OPERAND_FIRST:  # see the module docstring
+            va, vb, left, right = vb, va, right, left
+        equation = f"{left},{right}->{out_labels}"
         y = self._add("Einsum", [va, vb], {"equation": equation}, node.name or "attn")
         if out_perm == IDENTITY:
             ir.convenience.replace_all_uses_with(node.outputs[0], y, replace_graph_outputs=False)

@@ -13,12 +13,14 @@ Variants (``--variants``, default ``stop19 now``):
 
 * ``now``: ``to_conv(layout="ane")`` as it is;
 * ``no-folds``: without ``onnx/rules/ane_fold.py`` (a pre-norm's weight and bias into the
-  Convs, a query's scale onto its Conv) and without the two below (the ane graph of stop 18);
-* ``stop19``: with the folds, without the two below;
+  Convs, a query's scale onto its Conv) and without the three below (the ane graph of stop 18);
+* ``stop19``: with those folds, without the three below;
 * ``no-sumsq``: without ``onnx/rules/ane_norm.py`` (a norm's variance as one
   ``ReduceSumSquare``);
 * ``no-order``: the attention product's Einsum with the original MatMul's operand order
-  (``HeadRewrites.LEADING_OPERAND_FIRST = False``).
+  (``HeadRewrites.LEADING_OPERAND_FIRST = False``);
+* ``no-shift``: a post-norm's bias not moved into its residual's Conv
+  (``ane_fold.fold_shifts_into_residuals``).
 
 ``--disable NAME``: onnxruntime graph optimizers to switch off in every session
 (``InferenceSession(..., disabled_optimizers=[NAME])``), e.g. ``NchwcTransformer``, whose
@@ -50,7 +52,7 @@ sys.path.insert(0, str(ROOT.parent / "tests" / "zoo"))
 
 from fc2conv.onnx import convert  # noqa: E402
 
-VARIANTS = ("now", "no-folds", "stop19", "no-sumsq", "no-order")
+VARIANTS = ("now", "no-folds", "stop19", "no-sumsq", "no-order", "no-shift")
 
 
 def _variant(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
@@ -58,13 +60,17 @@ def _variant(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
     from fc2conv.onnx.rules.ane_heads import HeadRewrites
 
     folds = name != "no-folds"
-    sumsq = name in ("now", "no-order")
-    order = name in ("now", "no-sumsq")
+    sumsq = name in ("now", "no-order", "no-shift")
+    order = name in ("now", "no-sumsq", "no-shift")
+    shift = name in ("now", "no-sumsq", "no-order")
     with contextlib.ExitStack() as stack:
         if not folds:
             stack.enter_context(mock.patch("fc2conv.onnx.convert.fold_affine_into_convs",
                                            return_value=0))
             stack.enter_context(mock.patch("fc2conv.onnx.convert.move_scales_onto_convs",
+                                           return_value=0))
+        if not shift:
+            stack.enter_context(mock.patch("fc2conv.onnx.convert.fold_shifts_into_residuals",
                                            return_value=0))
         if not sumsq:
             stack.enter_context(mock.patch("fc2conv.onnx.convert.square_sums", return_value=0))

@@ -31,41 +31,49 @@ def _mean(n, src: str, out: str, opset: int) -> onnx.NodeProto:
 
 
 def _norms(rng: np.random.Generator, opset: int) -> onnx.ModelProto:
-    """Four RMSNorm forms on ``x`` (three with a weight), a LayerNorm read by a MatMul and by a
-    residual, each followed by a MatMul."""
-    inits = [init(rng, f"w{i}", C, C) for i in range(6)]
+    """Four RMSNorm forms on ``h = x @ w6`` (three with a weight), one with a weight on ``x``
+    itself (as it enters the layout), a LayerNorm read by a MatMul and by a residual, each
+    followed by a MatMul."""
+    inits = [init(rng, f"w{i}", C, C) for i in range(8)]
     inits += [numpy_helper.from_array((1 + 0.1 * rng.standard_normal(C)).astype(np.float32),
-                                      f"g{i}") for i in range(4)]
+                                      f"g{i}") for i in range(5)]
     inits += [init(rng, "lb", C)]
     inits += [numpy_helper.from_array(np.asarray(v, dtype), name) for name, v, dtype in (
         ("two", 2.0, np.float32), ("one", 1.0, np.float32), ("eps", 1e-6, np.float32),
         ("ax", [-1], np.int64))]
     n = helper.make_node
-    nodes = [  # Pow, Div(1, s), Mul(x, r), weight
-        n("Pow", ["x", "two"], ["a0"]), _mean(n, "a0", "a1", opset),
+    nodes = [
+        n("MatMul", ["x", "w6"], ["h"]),
+        # Pow, Div(1, s), Mul(h, r), weight
+        n("Pow", ["h", "two"], ["a0"]), _mean(n, "a0", "a1", opset),
         n("Add", ["a1", "eps"], ["a2"]),
-        n("Sqrt", ["a2"], ["a3"]), n("Div", ["one", "a3"], ["a4"]), n("Mul", ["x", "a4"], ["a5"]),
+        n("Sqrt", ["a2"], ["a3"]), n("Div", ["one", "a3"], ["a4"]), n("Mul", ["h", "a4"], ["a5"]),
         n("Mul", ["g0", "a5"], ["a6"]), n("MatMul", ["a6", "w0"], ["y0"]),
-        # Mul square, Reciprocal, Mul(r, x), a same-type Cast, weight
-        n("Mul", ["x", "x"], ["b0"]), _mean(n, "b0", "b1", opset), n("Add", ["eps", "b1"], ["b2"]),
-        n("Sqrt", ["b2"], ["b3"]), n("Reciprocal", ["b3"], ["b4"]), n("Mul", ["b4", "x"], ["b5"]),
+        # Mul square, Reciprocal, Mul(r, h), a same-type Cast, weight
+        n("Mul", ["h", "h"], ["b0"]), _mean(n, "b0", "b1", opset), n("Add", ["eps", "b1"], ["b2"]),
+        n("Sqrt", ["b2"], ["b3"]), n("Reciprocal", ["b3"], ["b4"]), n("Mul", ["b4", "h"], ["b5"]),
         n("Cast", ["b5"], ["b6"], to=onnx.TensorProto.FLOAT), n("Mul", ["b6", "g1"], ["b7"]),
         n("MatMul", ["b7", "w1"], ["y1"]),
-        # Div(x, s), weight
-        n("Pow", ["x", "two"], ["c0"]), _mean(n, "c0", "c1", opset),
+        # Div(h, s), weight
+        n("Pow", ["h", "two"], ["c0"]), _mean(n, "c0", "c1", opset),
         n("Add", ["c1", "eps"], ["c2"]),
-        n("Sqrt", ["c2"], ["c3"]), n("Div", ["x", "c3"], ["c4"]), n("Mul", ["c4", "g2"], ["c5"]),
+        n("Sqrt", ["c2"], ["c3"]), n("Div", ["h", "c3"], ["c4"]), n("Mul", ["c4", "g2"], ["c5"]),
         n("MatMul", ["c5", "w2"], ["y2"]),
         # no weight: kept
-        n("Pow", ["x", "two"], ["d0"]), _mean(n, "d0", "d1", opset),
+        n("Pow", ["h", "two"], ["d0"]), _mean(n, "d0", "d1", opset),
         n("Add", ["d1", "eps"], ["d2"]),
-        n("Sqrt", ["d2"], ["d3"]), n("Div", ["x", "d3"], ["d4"]), n("MatMul", ["d4", "w3"], ["y3"]),
+        n("Sqrt", ["d2"], ["d3"]), n("Div", ["h", "d3"], ["d4"]), n("MatMul", ["d4", "w3"], ["y3"]),
         # a post-LN: read by a MatMul and by the residual
         n("MatMul", ["x", "w4"], ["e0"]),
         n("LayerNormalization", ["e0", "g3", "lb"], ["e1"], axis=-1, epsilon=1e-5),
         n("MatMul", ["e1", "w5"], ["e2"]), n("Add", ["e1", "e2"], ["y4"]),
+        # a weighted norm of x as it enters the layout: kept (module docstring of ane_norm)
+        n("Pow", ["x", "two"], ["f0"]), _mean(n, "f0", "f1", opset),
+        n("Add", ["f1", "eps"], ["f2"]),
+        n("Sqrt", ["f2"], ["f3"]), n("Div", ["x", "f3"], ["f4"]), n("Mul", ["f4", "g4"], ["f5"]),
+        n("MatMul", ["f5", "w7"], ["y5"]),
     ]
-    outs = [vinfo(f"y{i}", [B, S, C]) for i in range(5)]
+    outs = [vinfo(f"y{i}", [B, S, C]) for i in range(6)]
     return model(nodes, [vinfo("x", [B, S, C])], outs, inits, opset=opset)
 
 
@@ -88,8 +96,8 @@ def test_weighted_norms_take_one_sum_of_squares(opset: int) -> None:
     conv, _ = convert(m, "conv", layout="ane")
     counts = op_counts(conv)
     assert counts["ReduceSumSquare"] == 4, counts  # three weighted RMSNorms and the LayerNorm
-    assert _squares_averaged(conv) == 1  # the norm without a weight
-    assert counts["Pow"] == 1 and counts["Transpose"] == op_counts(m)["Transpose"] + 1 + 5
+    assert _squares_averaged(conv) == 2  # the norm without a weight, the one of x as it enters
+    assert counts["Pow"] == 2 and counts["Transpose"] == op_counts(m)["Transpose"] + 1 + 6
     for seed in (6, 7):
         x = np.random.default_rng(seed).standard_normal((B, S, C)).astype(np.float32) * 3
         assert_matches_reference(m, conv, {"x": x}, depth=2 * C)

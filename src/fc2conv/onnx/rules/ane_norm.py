@@ -20,6 +20,9 @@ one-element constant, read only by ``Sqrt``, read only by ``Div(d, s)``, or by `
 or ``Reciprocal(s)`` whose only reader is ``Mul(d, r)``; the result read (through ``Cast``\\ s
 that keep its dtype) only by a ``Mul`` by a constant that broadcasts along axis 1 (the norm's
 weight). A norm without such a weight keeps its form: ``sqrt(C)`` would need an op of its own.
+So does a norm of the value just moved into the layout (``d`` a Transpose's output, through
+Casts): onnxruntime's transpose optimizer pushes that Transpose through a ``ReduceSumSquare``
+(not through the square and mean) and then runs one Transpose more.
 This runs before :mod:`~fc2conv.onnx.rules.ane_fold`, which then gives ``sqrt(C) w`` (and a
 bias) to the Convs that read a pre-norm. ``to_linear`` reads the form back
 (:mod:`~fc2conv.onnx.rules.ane_back` maps the axis, :mod:`~fc2conv.onnx.rules.norm_back`
@@ -61,6 +64,15 @@ def _squared(node: ir.Node | None) -> ir.Value | None:
         if e is not None and e.size == 1 and float(e.reshape(-1)[0]) == 2.0:
             return a
     return None
+
+
+def _entered(value: ir.Value) -> bool:
+    """Whether ``value`` is (through Casts) a Transpose's output: the move into the layout."""
+    node = value.producer()
+    while node is not None and node.op_type == "Cast" and node.domain == "" \
+            and node.inputs[0] is not None:
+        node = node.inputs[0].producer()
+    return node is not None and node.op_type == "Transpose" and node.domain == ""
 
 
 def _weight_mul(value: ir.Value) -> tuple[ir.Node, int] | None:
@@ -105,7 +117,7 @@ def _match(mean: ir.Node) -> tuple | None:
         return None
     shape = d.shape
     if shape is None or shape.rank() != 4 or not isinstance(shape[1], int) \
-            or d.dtype not in FLOAT_TYPES:
+            or d.dtype not in FLOAT_TYPES or _entered(d):
         return None
     keep = mean.attributes.get("keepdims")
     if (keep is not None and int(keep.value) != 1) or _axes(mean) not in ([1], [-3]):

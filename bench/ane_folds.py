@@ -1,22 +1,38 @@
-"""What the ane layout's constant folds (``fc2conv/onnx/rules/ane_fold.py``) save on
-onnxruntime: the original export, the ane graph without the folds and the ane graph as
-``to_conv`` writes it, timed side by side in one run (interleaved, the order rotating every
-sample), as medians with the 25th-75th percentile of the per-sample ratios to the original.
+"""What the ane layout's own forms save on onnxruntime: the original export and the ane graph
+as ``to_conv`` writes it with some of its forms switched off, timed side by side in one run
+(interleaved, the order rotating every sample), as medians with the 25th-75th percentile of
+the per-sample ratios to the original.
 
     PYTHONPATH=src python bench/ane_folds.py --threads 1 --rounds 200
     PYTHONPATH=src python bench/ane_folds.py --threads 1 --rounds 8 --realistic \\
         --only "bert-base-like 8x128" --only "llama-like 8x128"
     PYTHONPATH=src python bench/ane_folds.py --threads 1 --disable NchwcTransformer
+    PYTHONPATH=src python bench/ane_folds.py --threads 1 --variants no-folds no-sumsq now
+
+Variants (``--variants``, default ``stop19 now``):
+
+* ``now``: ``to_conv(layout="ane")`` as it is;
+* ``no-folds``: without ``onnx/rules/ane_fold.py`` (a pre-norm's weight and bias into the
+  Convs, a query's scale onto its Conv) and without the three below (the ane graph of stop 18);
+* ``stop19``: with those folds, without the three below;
+* ``no-sumsq``: without ``onnx/rules/ane_norm.py`` (a norm's variance as one
+  ``ReduceSumSquare``);
+* ``no-order``: the attention product's Einsum with the original MatMul's operand order
+  (``HeadRewrites.LEADING_OPERAND_FIRST = False``);
+* ``no-shift``: a post-norm's bias not moved into its residual's Conv
+  (``ane_fold.fold_shifts_into_residuals``).
 
 ``--disable NAME``: onnxruntime graph optimizers to switch off in every session
 (``InferenceSession(..., disabled_optimizers=[NAME])``), e.g. ``NchwcTransformer``, whose
 reorders wrap each 1x1 Conv on the CPU. ``nodes``: how many nodes onnxruntime runs after its
-optimizer. ``cpu``: ``time.process_time`` per run (the machine's other load counts less).
+optimizer (original, then each variant). ``cpu``: ``time.process_time`` per run (the
+machine's other load counts less).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -36,11 +52,29 @@ sys.path.insert(0, str(ROOT.parent / "tests" / "zoo"))
 
 from fc2conv.onnx import convert  # noqa: E402
 
+VARIANTS = ("now", "no-folds", "stop19", "no-sumsq", "no-order", "no-shift")
 
-def _unfolded(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``to_conv(layout="ane")`` with the folds switched off (what it wrote before them)."""
-    with mock.patch("fc2conv.onnx.convert.fold_affine_into_convs", return_value=0), \
-            mock.patch("fc2conv.onnx.convert.move_scales_onto_convs", return_value=0):
+
+def _variant(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
+    """``to_conv(layout="ane")`` with the forms ``name`` switches off (module docstring)."""
+    from fc2conv.onnx.rules.ane_heads import HeadRewrites
+
+    folds = name != "no-folds"
+    sumsq = name in ("now", "no-order", "no-shift")
+    order = name in ("now", "no-sumsq", "no-shift")
+    shift = name in ("now", "no-sumsq", "no-order")
+    with contextlib.ExitStack() as stack:
+        if not folds:
+            stack.enter_context(mock.patch("fc2conv.onnx.convert.fold_affine_into_convs",
+                                           return_value=0))
+            stack.enter_context(mock.patch("fc2conv.onnx.convert.move_scales_onto_convs",
+                                           return_value=0))
+        if not shift:
+            stack.enter_context(mock.patch("fc2conv.onnx.convert.fold_shifts_into_residuals",
+                                           return_value=0))
+        if not sumsq:
+            stack.enter_context(mock.patch("fc2conv.onnx.convert.square_sums", return_value=0))
+        stack.enter_context(mock.patch.object(HeadRewrites, "LEADING_OPERAND_FIRST", order))
         return convert(model, "conv", layout="ane", verify=False)[0]
 
 
@@ -83,18 +117,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", action="append", default=[])
     parser.add_argument("--disable", action="append", default=[],
                         help="onnxruntime optimizers to switch off in every session")
+    parser.add_argument("--variants", nargs="+", default=["stop19", "now"], choices=VARIANTS)
     args = parser.parse_args(argv)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     opts.intra_op_num_threads = args.threads
     print(f"onnxruntime {ort.__version__}, {args.threads or 'default'} intra-op threads, "
           f"disabled: {', '.join(args.disable) or 'none'}, load {os.getloadavg()[0]:.1f}")
-    print(f"{'model':22} {'nodes orig/before/after':>24} {'orig ms':>8} "
-          f"{'before (wall)':>20} {'after (wall)':>20} {'before (cpu)':>20} {'after (cpu)':>20}")
+    print(f"{'model':22} {'nodes':>16} {'orig ms':>8} "
+          + " ".join(f"{v + ' (wall)':>20} {v + ' (cpu)':>20}" for v in args.variants))
     for name, (model, inputs, names) in _cases(args.realistic, args.only).items():
         original = export(model, inputs, names)
-        graphs = [original, _unfolded(original),
-                  convert(original, "conv", layout="ane", verify=False)[0]]
+        graphs = [original, *(_variant(original, v) for v in args.variants)]
         feeds = {i.name: t.numpy() for i, t in zip(original.graph.input, inputs, strict=False)}
         sessions = [ort.InferenceSession(g.SerializeToString(), opts,
                                          providers=["CPUExecutionProvider"],
@@ -108,16 +142,18 @@ def main(argv: list[str] | None = None) -> None:
         reps = max(1, min(200, int(2e-3 / max(time.perf_counter() - t, 1e-6))))
         wall: list[list[float]] = [[] for _ in runs]
         cpu: list[list[float]] = [[] for _ in runs]
+        k = len(runs)
         for i in range(args.rounds):
-            for k in (i % 3, (i + 1) % 3, (i + 2) % 3):
+            for j in range(k):
+                idx = (i + j) % k
                 w, c = time.perf_counter(), time.process_time()
                 for _ in range(reps):
-                    runs[k]()
-                wall[k].append((time.perf_counter() - w) / reps)
-                cpu[k].append((time.process_time() - c) / reps)
-        print(f"{name:22} {nodes:>24} {statistics.median(wall[0]) * 1e3:>8.3f} "
-              f"{spread(wall[0], wall[1]):>20} {spread(wall[0], wall[2]):>20} "
-              f"{spread(cpu[0], cpu[1]):>20} {spread(cpu[0], cpu[2]):>20}", flush=True)
+                    runs[idx]()
+                wall[idx].append((time.perf_counter() - w) / reps)
+                cpu[idx].append((time.process_time() - c) / reps)
+        print(f"{name:22} {nodes:>16} {statistics.median(wall[0]) * 1e3:>8.3f} "
+              + " ".join(f"{spread(wall[0], wall[v]):>20} {spread(cpu[0], cpu[v]):>20}"
+                         for v in range(1, k)), flush=True)
 
 
 if __name__ == "__main__":

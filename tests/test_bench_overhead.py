@@ -70,13 +70,16 @@ def test_onnx_overhead_cuda_providers_and_skip(capsys: pytest.CaptureFixture[str
 
 def test_ane_folds_compares_the_graphs_with_and_without_the_folds(
         capsys: pytest.CaptureFixture[str]) -> None:
-    """One row per model: onnxruntime's node counts original/before/after (the folds run
-    fewer nodes on ViT: its pre-norms' weights and the queries' scales go into the Convs) and
-    four ratios; the switches the bench patches exist."""
+    """One row per model: onnxruntime's node counts original/variants (on ViT the folds run
+    fewer nodes -- its pre-norms' weights and the queries' scales go into the Convs -- and the
+    norms' ReduceSumSquare fewer again) and two ratios per variant; the switches the bench
+    patches exist."""
     bench = _bench("ane_folds")
-    bench.main(["--only", "zoo vit", "--rounds", "4", "--threads", "1"])
+    bench.main(["--only", "zoo vit", "--rounds", "4", "--threads", "1",
+                "--variants", "no-folds", "stop19", "no-order", "now"])
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if line.startswith("zoo vit"))
-    nodes = re.search(r"(\d+)/(\d+)/(\d+)", row)
-    assert nodes is not None and int(nodes[3]) < int(nodes[2]), row
-    assert len(re.findall(RATIO, row)) == 4, row
+    nodes = re.search(r"(\d+)/(\d+)/(\d+)/(\d+)/(\d+)", row)
+    assert nodes is not None and int(nodes[4]) < int(nodes[3]) < int(nodes[2]), row
+    assert int(nodes[5]) == int(nodes[4]), row  # the operand order changes no node count
+    assert len(re.findall(RATIO, row)) == 8, row

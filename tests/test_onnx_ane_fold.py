@@ -88,14 +88,24 @@ def test_scales_go_to_the_convs_and_the_result_matches_the_reference() -> None:
     conv, _ = convert(m, "conv", layout="ane")
     producer, readers, consts = _graph(conv)
 
-    # the pre-norm's weight and bias are in the Q/K/V kernels: three Convs read its Div
+    # the pre-norm's weight and bias are in the Q/K/V kernels: three Convs read its Div; the
+    # post-norm's (read by the MLP and by the residual) are in the MLP's first kernel too
     divs = [node for node in conv.graph.node if node.op_type == "Div"]
-    assert sorted(sum(r.op_type == "Conv" for r in readers[d.output[0]]) for d in divs) == [0, 3]
-    # the post-norm's are kept (the residual reads the norm too), as the same numbers
+    assert sorted(sum(r.op_type == "Conv" for r in readers[d.output[0]]) for d in divs) == [1, 3]
+    # the residual adds the post-norm times its weight (times sqrt(C): its variance is a
+    # ReduceSumSquare, ane_norm.py), the same numbers; its bias went into the bias of the
+    # residual's Conv (w2 had none: the bias is ln2_b itself)
     kept = [consts[i].reshape(-1) for node in conv.graph.node if node.op_type in ("Mul", "Add")
             for i in node.input if i in consts and consts[i].size == C]
-    assert any(np.array_equal(k, weights["ln2_w"]) for k in kept)
-    assert any(np.array_equal(k, weights["ln2_b"]) for k in kept)
+    scaled = (weights["ln2_w"].astype(np.float64) * np.sqrt(C)).astype(np.float32)
+    assert any(np.array_equal(k, scaled) for k in kept)
+    assert not any(np.array_equal(k, weights["ln2_b"]) for k in kept)
+    weighted = next(node for node in conv.graph.node if node.op_type == "Mul" and any(
+        i in consts and np.array_equal(consts[i].reshape(-1), scaled) for i in node.input))
+    (residual,) = readers[weighted.output[0]]
+    w2_conv = next(producer[i] for i in residual.input if i != weighted.output[0])
+    assert residual.op_type == "Add" and w2_conv.op_type == "Conv"
+    assert np.array_equal(consts[w2_conv.input[2]], weights["ln2_b"])
     assert not any(np.array_equal(k, weights["ln_w"]) or np.array_equal(k, weights["ln_b"])
                    for k in kept)
     # the mean scaled up to C channels is not folded (its Conv reads C channels, it has 1)
@@ -120,8 +130,9 @@ def test_scales_go_to_the_convs_and_the_result_matches_the_reference() -> None:
 
 
 def test_to_linear_gives_both_norms_back() -> None:
-    """The folded pre-norm is a ``LayerNormalization`` with unit scale and no bias again (its
-    affine map stays in the Q/K/V MatMuls), the post-norm one with its own weight and bias."""
+    """The folded pre-norm is a ``LayerNormalization`` with a constant scale and no bias again
+    (its affine map stays in the Q/K/V MatMuls), the post-norm one with its own weight and
+    bias."""
     rng = np.random.default_rng(21)
     m = _block(rng)
     conv, _ = convert(m, "conv", layout="ane", verify=False)
@@ -130,9 +141,12 @@ def test_to_linear_gives_both_norms_back() -> None:
     assert counts["LayerNormalization"] == 2 and counts["Conv"] == 0, counts
     norms = [node for node in back.graph.node if node.op_type == "LayerNormalization"]
     _, _, consts = _graph(back)
-    assert sorted(len(node.input) for node in norms) == [2, 3]
+    assert sorted(len(node.input) for node in norms) == [2, 2]  # both biases are in MatMuls
     unit = next(node for node in norms if len(node.input) == 2)
-    assert np.array_equal(consts[unit.input[1]], np.ones(C, np.float32))
+    # a unit scale but for the 1/sqrt(C) of the variance's sum of squares (ane_norm.py), whose
+    # sqrt(C) went into the Q/K/V kernels with the norm's weight
+    unit_scale = np.full(C, 1 / np.sqrt(np.float64(C))).astype(np.float32)
+    assert np.array_equal(consts[unit.input[1]], unit_scale)
     for seed in (22, 23):
         x = np.random.default_rng(seed).standard_normal((B, S, C)).astype(np.float32)
         assert_matches_reference(m, back, {"x": x}, depth=4 * F)
@@ -151,3 +165,26 @@ def test_a_models_own_conv_keeps_its_input_scale() -> None:
     assert op_counts(conv) == {"Mul": 1, "Conv": 1}
     x = rng.standard_normal((B, C, 3, 5)).astype(np.float32)
     assert_matches_reference(m, conv, {"x": x}, depth=C)
+
+
+def test_a_post_norm_bias_stays_when_the_residual_adds_no_conv() -> None:
+    """``y = n w + t`` read by a MatMul and by ``Add(y, x)`` with ``x`` no Conv of the pass
+    (the model's input): ``t`` has no Conv bias to go to, so the ``Add`` of ``t`` stays (a
+    residual over a Conv takes it, ``test_scales_go_to_the_convs_...``)."""
+    rng = np.random.default_rng(41)
+    inits = [init(rng, "w0", C, C), init(rng, "w1", C, C), init(rng, "g", C), init(rng, "t", C)]
+    n = helper.make_node
+    nodes = [n("MatMul", ["x", "w0"], ["a"]),
+             n("LayerNormalization", ["a", "g", "t"], ["h"], axis=-1, epsilon=1e-5),
+             n("MatMul", ["h", "w1"], ["c"]), n("Add", ["h", "x"], ["r"]),
+             n("Add", ["r", "c"], ["y"])]
+    m = model(nodes, [vinfo("x", [B, S, C])], [vinfo("y", [B, S, C])], inits, opset=18)
+    conv, _ = convert(m, "conv", layout="ane")
+    _, _, consts = _graph(conv)
+    weights = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    shifts = [node for node in conv.graph.node if node.op_type == "Add" and any(
+        i in consts and np.array_equal(consts[i].reshape(-1), weights["t"]) for i in node.input)]
+    assert len(shifts) == 1
+    for seed in (42, 43):
+        x = np.random.default_rng(seed).standard_normal((B, S, C)).astype(np.float32)
+        assert_matches_reference(m, conv, {"x": x}, depth=2 * C)

@@ -19,7 +19,12 @@ from fc2conv.errors import Fc2ConvError
 from fc2conv.onnx.rules import TO_CONV, TO_LINEAR
 from fc2conv.onnx.rules.ane import ane_layout
 from fc2conv.onnx.rules.ane_back import linear_layout
-from fc2conv.onnx.rules.ane_fold import fold_affine_into_convs, move_scales_onto_convs
+from fc2conv.onnx.rules.ane_fold import (
+    fold_affine_into_convs,
+    fold_shifts_into_residuals,
+    move_scales_onto_convs,
+)
+from fc2conv.onnx.rules.ane_norm import square_sums
 from fc2conv.onnx.rules.base import LAYOUT_KEY, Context, Refused, drop_dead_constant_moves
 from fc2conv.onnx.rules.layout import (
     collapse_flat_round_trips,
@@ -256,7 +261,10 @@ def convert_model(
         _make_spatial_dynamic(ctx)
     graph.sort()
     _infer_shapes(model)
-    if ane_convs and fold_affine_into_convs(ctx, ane_convs) + move_scales_onto_convs(ctx):
+    if to == "conv" and layout == "ane":
+        square_sums(ctx)  # before the folds: they give the norm's sqrt(C) w to the Convs
+    if ane_convs and fold_affine_into_convs(ctx, ane_convs) + move_scales_onto_convs(ctx) \
+            + fold_shifts_into_residuals(ctx, ane_convs):
         graph.sort()  # the folds read the shapes just inferred (a constant must not broadcast)
         _infer_shapes(model)
     report.transposes_after = _count(graph, "Transpose")

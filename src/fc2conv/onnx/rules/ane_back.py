@@ -11,8 +11,8 @@ gets a twin op:
   (:func:`fc2conv.onnx.weights.conv_kernel_to_linear`);
 * elementwise ops: the same op on the twins; a constant ``c'`` (broadcast to rank 4) moves back
   once, ``c[i, j, k] = c'[i, k, 0, j]`` (``c = c'.transpose(p^-1)`` for a permuted twin);
-* ``ReduceMean`` over axis 1: over the last axis; ``Softmax``, ``Slice``, ``Concat``: their axes
-  mapped (``0, 1, 3 -> 0, 2, 1``, or by ``p``);
+* ``ReduceMean`` and ``ReduceSumSquare`` over axis 1: over the last axis; ``Softmax``,
+  ``Slice``, ``Concat``: their axes mapped (``0, 1, 3 -> 0, 2, 1``, or by ``p``);
 * the head split ``Reshape(x', [B, H, D, S])``: ``Reshape(x, [B, S, H, D])`` with
   ``p = (0, 2, 3, 1)``; the head merge ``Reshape(o', [B, C, 1, S])``: ``Reshape(o, [B, S, C])``
   of ``o`` stored as ``(B, S, H, D)`` (one Transpose when it is stored otherwise);
@@ -233,10 +233,22 @@ class LinearPass(AnePass):
             return
         k, fa, fb = next(iter(summed)), next(iter(free_a)), next(iter(free_b))
         base = node.name or "attn"
-        a_order = [*batch, fa, k]
-        b_order = [*batch, k, fb]
-        va = self._arrange(stored[0][0], [stored[0][1].index(c) for c in a_order], base)
-        vb = self._arrange(stored[1][0], [stored[1][1].index(c) for c in b_order], base)
+
+        def orders(first: int) -> tuple[list[int], list[int]]:
+            (xa, fx), (xb, fy) = ((stored[0], fa), (stored[1], fb))[::1 if first == 0 else -1]
+            return ([xa[1].index(c) for c in [*batch, fx, k]],
+                    [xb[1].index(c) for c in [*batch, k, fy]])
+
+        def moves(first: int) -> int:
+            return sum(o != sorted(o) for o in orders(first))
+
+        first = 1 if moves(1) < moves(0) else 0  # either product; the one with fewer moves
+        if first == 1:
+            stored.reverse()
+            fa, fb = fb, fa
+        oa, ob = orders(0)
+        va = self._arrange(stored[0][0], oa, base)
+        vb = self._arrange(stored[1][0], ob, base)
         y = self._add("MatMul", [va, vb], {}, base)
         product = [*batch, fa, fb]
         perm = tuple(product.index(c) for c in out)
@@ -416,8 +428,10 @@ class LinearPass(AnePass):
         if (keep is not None and int(keep.value) != 1) or axes is None \
                 or [a % 4 for a in axes] != [1]:
             return
-        y = self._axes_op("ReduceMean", t.value, [-1], node.name or "mean", keepdims=1)
+        y = self._axes_op(node.op_type, t.value, [-1], node.name or "mean", keepdims=1)
         self._set(node, Twin(y))
+
+    _on_ReduceSumSquare = _on_ReduceMean  # noqa: N815 (a channel norm's sum of squares)
 
     def _on_LayerNormalization(self, node: ir.Node) -> None:  # noqa: N802
         return  # over (B, C, 1, S)'s last axis: positions, not channels; it stays

@@ -26,6 +26,9 @@ microsecond. Two rewrites give those constants to the Convs instead:
   not identical. A Conv is taken only when it is a 1x1, group-1, unpadded Conv with a
   constant 4-D kernel ``(O, C, 1, 1)``; the chain stops at a value with another reader, and a
   value read by anything but such Convs (a residual Add, a graph output) is not folded.
+* :func:`fold_shifts_into_residuals` -- a post-norm's ``y = n * w + t``, read by such Convs
+  and by one residual ``Add(Conv_c(h), y)``: the Convs take ``w`` and ``t`` as above, the
+  residual's Conv takes ``t`` into its bias and the residual adds ``n * w``, one op fewer.
 """
 
 from __future__ import annotations
@@ -186,6 +189,90 @@ def _fold(ctx: Context, conv: ir.Node, kernel: np.ndarray, scale: np.ndarray,
             conv.resize_inputs(3)
         conv.replace_input_with(2, b_new)
     drop_if_unused(ctx, k_value, bias_value)
+
+
+def fold_shifts_into_residuals(ctx: Context, convs: Collection[ir.Node]) -> int:
+    """A post-norm's bias, ``z = Add(Mul(n, w), t)`` read by 1x1 Convs among ``convs`` and by
+    one residual ``Add(c, z)`` whose other operand ``c`` is the output of a Conv among
+    ``convs`` read only there: the Convs read ``n`` with ``w`` and ``t`` folded in (as
+    :func:`fold_affine_into_convs`), ``t`` goes into ``c``'s Conv bias, and the residual adds
+    ``Mul(n, w)``::
+
+        Conv_c(h) + b_c + (n w + t) = (Conv_c(h) + (b_c + t)) + n w
+
+    ``b_c + t`` summed in float64 and rounded once; one op fewer per such norm. Return how
+    many were folded."""
+    folded = 0
+    for add in list(ctx.graph):
+        if add.graph is not ctx.graph or add.op_type != "Add" or add.domain != "":
+            continue
+        z = add.outputs[0]
+        found = _const_operand(add)
+        y = found[0] if found is not None else None
+        mul = y.producer() if y is not None else None
+        if found is None or y is None or mul is None or mul.op_type != "Mul" \
+                or mul.domain != "" or _only_reader(y) is not add or z.is_graph_output():
+            continue
+        scaled = _const_operand(mul)
+        if scaled is None or z.shape is None or z.shape.rank() != 4 \
+                or not isinstance(z.shape[1], int) or z.dtype not in FLOAT_TYPES:
+            continue
+        channels = int(z.shape[1])
+        n, w = scaled
+        t = _channel_vector(found[1], channels)
+        scale = _channel_vector(w, channels)
+        if t is None or scale is None or n.shape is None or list(n.shape) != list(z.shape):
+            continue  # (a constant must not broadcast n up to z)
+        readers = _readers(z)
+        residuals = [r for r in readers if r not in convs]
+        if len(residuals) != 1 or residuals[0].op_type != "Add" or residuals[0].domain != "" \
+                or len(residuals[0].inputs) != 2:
+            continue
+        residual = residuals[0]
+        other = residual.inputs[1] if residual.inputs[0] is z else residual.inputs[0]
+        source = other.producer() if other is not None else None
+        if other is None or other is z or source is None or source not in convs \
+                or _only_reader(other) is not residual or other.shape is None \
+                or list(other.shape) != list(z.shape):
+            continue
+        source_kernel = _pointwise_kernel(source)
+        if source_kernel is None or source_kernel.shape[0] != channels:
+            continue
+        pointwise = [r for r in readers if r is not residual]
+        kernels = [_pointwise_kernel(r) for r in pointwise]
+        if any(k is None or k.shape[1] != channels or r.inputs[0] is not z or z in r.inputs[1:]
+               for r, k in zip(pointwise, kernels, strict=True)):
+            continue
+        for conv, kernel in zip(pointwise, kernels, strict=True):
+            _fold(ctx, conv, kernel, scale, t, n)  # type: ignore[arg-type]
+        _shift_bias(ctx, source, t)
+        residual.replace_input_with(0 if residual.inputs[0] is z else 1, y)
+        operands = [v for v in add.inputs if v is not y]
+        ctx.graph.remove(add, safe=True)
+        drop_if_unused(ctx, *operands)
+        folded += 1
+    if folded:
+        log.debug("ane: %d post-norm biases folded into the residual's Conv", folded)
+    return folded
+
+
+def _shift_bias(ctx: Context, conv: ir.Node, t: np.ndarray) -> None:
+    """``conv``'s bias plus ``t`` (float64, rounded once to the kernel's dtype)."""
+    kernel = _pointwise_kernel(conv)
+    assert kernel is not None
+    dtype = kernel.dtype
+    bias_value = conv.inputs[2] if len(conv.inputs) > 2 else None
+    base = constant(bias_value, "Conv bias").numpy().astype(np.float64).reshape(-1) \
+        if bias_value is not None else np.zeros(kernel.shape[0])
+    assert base.shape == t.shape
+    new_b = (base + t).astype(dtype)
+    name = (bias_value.name if bias_value is not None else None) or "bias"
+    b_new = new_initializer(ctx, f"{name}_shift", lambda: new_b, ir.DataType.from_numpy(dtype),
+                            new_b.shape)
+    if len(conv.inputs) < 3:
+        conv.resize_inputs(3)
+    conv.replace_input_with(2, b_new)
+    drop_if_unused(ctx, bias_value)
 
 
 def _scalar_operand(node: ir.Node) -> ir.Value | None:

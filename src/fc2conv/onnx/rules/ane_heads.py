@@ -5,6 +5,15 @@ A value split into heads ``v[b, s, h, d]`` has the twin ``v'[b, h, d, s]`` (``pe
 is one ``Einsum`` on the twins (``scores[b,h,q,k] = sum_d Q'[b,h,d,q] K'[b,h,d,k]``,
 ``out'[b,h,d,q] = sum_k P[b,h,q,k] V'[b,h,d,k]``); Softmax, Gather, Slice and Concat map
 their axis by ``perm``.
+
+Operand order: onnxruntime's CPU Einsum computes a two-operand contraction as one batched
+MatMul of ``left[batch, free_left, summed]`` and ``right[batch, summed, free_right]`` into
+``[batch, free_left, free_right]``, transposing an operand or the product (a copy each) where
+it is stored otherwise. The equation is therefore written with the operand whose free label
+comes first in the output on the left: ``out'[b,h,d,q] = sum_k V'[b,h,d,k] P[b,h,q,k]`` is
+``Einsum("zhjk,zhik->zhji", V', P)``, which needs one copy (of ``P``), where ``(P, V')``
+needs two (of ``V'`` and of the product). The terms and their order of summation are the
+same either way.
 """
 
 from __future__ import annotations
@@ -17,6 +26,10 @@ from fc2conv.onnx.rules.ane_twin import IDENTITY, STREAM, Twin, _compose, _const
 
 class HeadRewrites(AneBase):
     """Batched MatMuls, Softmax, Transpose, Gather, Concat and Slice on twins."""
+
+    #: write an Einsum's operands in the order onnxruntime multiplies them without moving the
+    #: product (False: the original MatMul's order; ``bench/ane_folds.py`` times both)
+    LEADING_OPERAND_FIRST = True
 
     def _on_batched_matmul(self, node: ir.Node) -> None:
         a, b = node.inputs[0], node.inputs[1]
@@ -45,7 +58,10 @@ class HeadRewrites(AneBase):
         swapped = phys_b.index("j") < phys_b.index("k")
         out_perm = (0, 1, 3, 2) if swapped else IDENTITY
         out_labels = "zhji" if swapped else "zhij"
-        equation = f"{''.join(phys_a)},{''.join(phys_b)}->{out_labels}"
+        left, right = "".join(phys_a), "".join(phys_b)
+        if swapped and self.LEADING_OPERAND_FIRST:  # see the module docstring
+            va, vb, left, right = vb, va, right, left
+        equation = f"{left},{right}->{out_labels}"
         y = self._add("Einsum", [va, vb], {"equation": equation}, node.name or "attn")
         if out_perm == IDENTITY:
             ir.convenience.replace_all_uses_with(node.outputs[0], y, replace_graph_outputs=False)

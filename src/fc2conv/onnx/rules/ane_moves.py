@@ -75,8 +75,9 @@ class AneBase:
 
     def _axes_op(self, op: str, x: ir.Value, axes: Sequence[int], name: str,
                  tag: str | None = None, keepdims: int | None = None) -> ir.Value:
-        """Squeeze / Unsqueeze / ReduceMean with ``axes`` as attribute or input by opset."""
-        as_input = self.ctx.opset >= (18 if op == "ReduceMean" else 13)
+        """Squeeze / Unsqueeze / ReduceMean / ReduceSumSquare with ``axes`` as attribute or
+        input by opset."""
+        as_input = self.ctx.opset >= (18 if op.startswith("Reduce") else 13)
         attrs: dict = {} if keepdims is None else {"keepdims": keepdims}
         if as_input:
             return self._add(op, [x, self._ints(axes, "fc2conv_axes")], attrs, name, tag)

@@ -13,6 +13,11 @@ and ``b`` the constants flattened to ``(C,)`` (ones and none when absent: the an
 folds a pre-norm's weight and bias into the layers that read it, whose ``(C, O)`` weight then
 gives ``C`` where the shapes do not). A match is refused when any intermediate value
 has another reader, or ``w`` / ``b`` vary along any axis but the last.
+
+The ane layout's other form of the variance, ``v = ReduceSumSquare(d, [-1])`` with the
+epsilon and weight scaled to ``C eps`` and ``sqrt(C) w`` (:mod:`~fc2conv.onnx.rules.ane_norm`),
+is fused with ``epsilon = (C eps) / C`` and ``w = (sqrt(C) w) / sqrt(C)`` (float64, rounded
+once).
 """
 
 from __future__ import annotations
@@ -42,9 +47,9 @@ def _producer(value: ir.Value | None, op: str) -> ir.Node | None:
     return node if node is not None and node.op_type == op and node.domain == "" else None
 
 
-def _last_axis_mean(node: ir.Node | None, x: ir.Value | None) -> bool:
-    """Whether ``node`` is ``ReduceMean(x, [-1], keepdims=1)`` (axes as attribute or input)."""
-    if node is None or node.op_type != "ReduceMean" or node.inputs[0] is not x or x is None:
+def _last_axis_mean(node: ir.Node | None, x: ir.Value | None, op: str = "ReduceMean") -> bool:
+    """Whether ``node`` is ``op(x, [-1], keepdims=1)`` (axes as attribute or input)."""
+    if node is None or node.op_type != op or node.inputs[0] is not x or x is None:
         return False
     keep = node.attributes.get("keepdims")
     if keep is not None and int(keep.value) != 1:
@@ -123,19 +128,27 @@ def _match(div: ir.Node) -> tuple | None:
     if add is None or _only(sqrt.outputs[0], "Div") is not div \
             or _only(add.outputs[0], "Sqrt") is not sqrt:
         return None
-    var = next((v for v in add.inputs if v is not None and _producer(v, "ReduceMean")), None)
+    var = next((v for v in add.inputs if v is not None and (
+        _producer(v, "ReduceMean") or _producer(v, "ReduceSumSquare"))), None)
     eps_value = _other(add, var) if var is not None else None
     eps = _const_array(eps_value)
     if var is None or eps is None or eps.size != 1 or _only(var, "Add") is not add:
         return None
-    mean_var = _producer(var, "ReduceMean")
-    square = _producer(mean_var.inputs[0] if mean_var else None, "Mul")
-    if square is None or square.inputs[0] is not d or square.inputs[1] is not d \
-            or not _last_axis_mean(mean_var, square.outputs[0]) \
-            or _only(square.outputs[0], "ReduceMean") is not mean_var \
-            or {u.node for u in d.uses()} != {square, div} or d.is_graph_output():
-        return None
-    nodes = [div, sqrt, add, mean_var, square, sub, _producer(mean, "ReduceMean")]
+    sum_sq = _producer(var, "ReduceSumSquare")  # the ane layout's form (ane_norm.py)
+    if sum_sq is not None:
+        if not _last_axis_mean(sum_sq, d, "ReduceSumSquare") \
+                or {u.node for u in d.uses()} != {sum_sq, div} or d.is_graph_output():
+            return None
+        nodes = [div, sqrt, add, sum_sq, sub, _producer(mean, "ReduceMean")]
+    else:
+        mean_var = _producer(var, "ReduceMean")
+        square = _producer(mean_var.inputs[0] if mean_var else None, "Mul")
+        if square is None or square.inputs[0] is not d or square.inputs[1] is not d \
+                or not _last_axis_mean(mean_var, square.outputs[0]) \
+                or _only(square.outputs[0], "ReduceMean") is not mean_var \
+                or {u.node for u in d.uses()} != {square, div} or d.is_graph_output():
+            return None
+        nodes = [div, sqrt, add, mean_var, square, sub, _producer(mean, "ReduceMean")]
     out, w, b = div.outputs[0], None, None
     mul = _only(out, "Mul")
     if mul is not None and (w := _channel_vector(_other(mul, out))) is not None:
@@ -159,7 +172,11 @@ def _match(div: ir.Node) -> tuple | None:
         w = np.ones(channels, dtype)
     w = np.broadcast_to(w, (channels,))
     b = None if b is None else np.broadcast_to(b, (channels,))
-    return x, float(eps.reshape(-1)[0]), w, b, out, nodes
+    epsilon = float(eps.reshape(-1)[0])
+    if sum_sq is not None:  # d / sqrt(sum d^2 + C eps) * w = d / sqrt(mean d^2 + eps) * w/sqrt(C)
+        epsilon /= channels
+        w = (w.astype(np.float64) / np.sqrt(channels)).astype(w.dtype)
+    return x, epsilon, w, b, out, nodes
 
 
 def _rows_read(value: ir.Value) -> int | None:

@@ -313,17 +313,62 @@ def _batch(geo: dmodel.Geometry, dev: str, plan: TilePlan, cores: int, batch: in
 
 
 def _auto_tile(geo: dmodel.Geometry, dev: str, tasks_at_once: int) -> tuple[int, ...]:
-    """The default tile (:func:`fc2conv.dense.plan.default_tile`): the whole image when its
-    activations fit in :func:`_memory`, else tiles of that memory shared by the tasks that
-    run at once. A tile's memory is taken as 6x the net's largest tensor (the float input,
-    a layer's input and output, pool indices, workspace: measured 3.4-5.8x on VGG-style
-    nets on the CPU)."""
+    """The default tile (:func:`fc2conv.dense.plan.default_tile`). Memory: the whole image
+    when its activations fit in :func:`_memory`, else tiles of that memory shared by the tasks
+    that run at once; a tile's memory is taken as 6x the net's largest tensor (the float
+    input, a layer's input and output, pool indices, workspace: measured 3.4-5.8x on
+    VGG-style nets on the CPU). Speed, on the CPU: tiles whose largest activation stays
+    within :func:`_call_bytes` (the cache's share of each task that runs at once) once the
+    image holds more than two such calls; on a GPU the memory rule alone."""
     budget = _memory(dev)
+    cpu = not dev.startswith("cuda")
+    call = _call_bytes(tasks_at_once) if cpu else None
     tile = default_tile(geo.image_size, geo.size, 6 * geo.bytes_per_pixel, budget,
-                        budget / max(1, tasks_at_once))
+                        budget / max(1, tasks_at_once), stride=geo.stride, start=geo.start,
+                        map_size=geo.map_size, call_bytes=None if call is None else 6 * call,
+                        tasks=tasks_at_once)
     log.info("default tile %s px (largest activation ~%.0f bytes per input pixel, %.0f MiB "
-             "for activations)", tile, geo.bytes_per_pixel, budget / 2**20)
+             "for activations%s)", tile, geo.bytes_per_pixel, budget / 2**20,
+             "" if call is None else f", {call / 2**20:.1f} MiB a call in the cache")
     return tile
+
+
+CACHE_SHARE = 4
+"""A call's largest activation gets ``1 / CACHE_SHARE`` of the last-level cache (of the share
+of each task that runs at once): its input, its output and the layer's workspace beside it."""
+
+
+def _call_bytes(tasks_at_once: int) -> float:
+    """Bytes of a CPU call's largest activation that keep it in the cache: the last-level
+    cache shared by the tasks that run at once, a quarter each (:data:`CACHE_SHARE`); 32 MiB
+    assumed where the size cannot be read."""
+    return _last_cache() / CACHE_SHARE / max(1, tasks_at_once)
+
+
+@functools.lru_cache(maxsize=1)
+def _last_cache() -> float:
+    """The largest CPU cache in bytes (Linux: sysfs; else ``sysconf``; else 32 MiB), within
+    [4 MiB, 512 MiB]."""
+    size = 0.0
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        entries = os.listdir(base)
+    except OSError:
+        entries = []
+    for entry in entries:
+        try:
+            with open(os.path.join(base, entry, "size")) as f:
+                text = f.read().strip().upper()
+            scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+            size = max(size, float(text.rstrip("KMG") or 0) * scale)
+        except (OSError, ValueError):
+            continue
+    if not size:
+        try:
+            size = float(os.sysconf("SC_LEVEL3_CACHE_SIZE"))
+        except (ValueError, OSError, AttributeError):
+            size = 0.0
+    return min(max(size or 32 * 2**20, 4 * 2**20), 512 * 2**20)
 
 
 def _module_device(model: Any) -> Any:

@@ -94,10 +94,14 @@ def dense_map(model: Any, image: Any, *, input_shape: Sequence[int] | None = Non
     ``(x - mean) / std`` per channel when given.
     ``tile``: input pixels per tile side, at most; each axis gets as many chunks as tiles of
     that size need, evened out (:func:`~fc2conv.dense.plan.chunk_cells`). By default it comes
-    from memory and the receptive field (:func:`_auto_tile`): the whole image in one model
-    call when its activations fit (no halo, no per-task cost; torch's threads share the cores
-    inside the call), else the largest tiles that fit the memory shared by the chunks that
-    run at once.
+    from memory, speed and the receptive field (:func:`_auto_tile`,
+    :func:`~fc2conv.dense.plan.default_tile`): the whole image in one model call when it is
+    small (no halo, no per-task cost; torch's threads share the cores inside the call); on
+    the CPU, once the image holds more than two cache-sized calls, tiles whose largest
+    activation stays in each running task's share of the last-level cache, reading at most
+    1.3x the image's pixels, at least one chunk per core; else (and on a GPU) the whole image
+    when its activations fit in memory, or the largest tiles that fit the memory shared by the
+    chunks that run at once.
     ``out``: a zarr group written chunk by chunk (``scores``,
     ``labels`` when ``argmax``); re-running resumes. ``scheduler``: None (Dask's threads),
     a scheduler address, or a ``distributed.Client``; ``workers=N`` starts a LocalCluster.
@@ -166,13 +170,17 @@ def dense_map(model: Any, image: Any, *, input_shape: Sequence[int] | None = Non
     std_a = _per_channel(std, shape[0], "std")
     cores = n_threads  # ``threads`` caps the cores used, Dask's and torch's together
     run_net, run_geo, run_tile, run_mean, run_std = fcn, geo, tile_px, mean_a, std_a
+    early: list[tuple[Any, ...]] = []  # the stages before the last, to run with progress
     if staged is not None:  # every stage but the last: a lazy map the next stage reads
         for stage in staged[:-1]:
             _, stage_plan = _plan(stage.tile, stage.geo.image_size, stage.geo.map_size,
                                   stage.geo.size, stage.geo.stride, stage.geo.start)
             n_b, n_t, per = _threads(stage.geo, dev, stage_plan, source, cores, batch, False)
-            source = StageMap(lazy(stage_plan, source, stage.net, run_mean, run_std, dev,
-                                   stage.geo.classes, n_t, per, n_b))
+            stage_map = StageMap(lazy(stage_plan, source, stage.net, run_mean, run_std, dev,
+                                      stage.geo.classes, n_t, per, n_b))
+            early.append((stage_plan, source, stage.net, run_mean, run_std, stage.geo.classes,
+                          n_t, per, n_b, stage_map))
+            source = stage_map
             run_mean = run_std = None
         run_net, run_geo, run_tile = staged[-1].net, staged[-1].geo, staged[-1].tile
     cells, plan = _plan(run_tile, run_geo.image_size, run_geo.map_size, run_geo.size,
@@ -210,8 +218,10 @@ def dense_map(model: Any, image: Any, *, input_shape: Sequence[int] | None = Non
             log.warning("resuming %s: %d of %d chunks already done", out, skipped, len(plan))
     else:
         skipped = 0
+    # progress counts every stage's chunks; a resumed run recomputes the early stages
+    before = sum(len(stage[0]) for stage in early) if skipped < len(plan) else 0
     if progress is not None:
-        progress(skipped, len(plan))
+        progress(skipped, before + len(plan))
 
     if distributed:
         client, close = _client(scheduler, workers)
@@ -231,18 +241,44 @@ def dense_map(model: Any, image: Any, *, input_shape: Sequence[int] | None = Non
             elif close is not None:
                 close.close()
     else:
-        if isinstance(source, StageMap) and skipped < len(plan):
-            source.materialize()  # here, before the last stage's tasks read it
         try:
+            last = progress
+            if isinstance(source, StageMap) and skipped < len(plan):
+                if progress is not None:  # stage by stage, counted
+                    _run_early(early, dev, progress, skipped, before + len(plan))
+                    last = functools.partial(_shifted, progress, before, before + len(plan))
+                source.materialize()  # here, before the last stage's tasks read it
             result = eager(plan, source, run_net, run_mean, run_std, dev, store, skipped,
-                           progress, None, geo.classes, n_threads, per_task, n_batch)
+                           last, None, geo.classes, n_threads, per_task, n_batch)
         finally:
-            if isinstance(source, StageMap):
-                source.release()
+            for stage_map in [*(stage[-1] for stage in early), source]:
+                if isinstance(stage_map, StageMap):
+                    stage_map.release()
     if store is not None:
         store.finish()
         return store.scores()
     return result
+
+
+def _shifted(progress: Progress, offset: int, total: int, done: int, _: int) -> None:
+    progress(offset + done, total)
+
+
+def _run_early(early: list[tuple[Any, ...]], dev: str, progress: Progress, skipped: int,
+               total: int) -> None:
+    """Compute the maps of the stages before the last, in order, each held by its
+    :class:`~fc2conv.dense.readers.StageMap`, reporting their chunks as done after the
+    ``skipped`` chunks of the last stage (of ``total`` in all)."""
+    offset = skipped
+    for plan, source, net, mean, std, classes, threads, per, batch, stage_map in early:
+        if stage_map.held:
+            offset += len(plan)
+            continue
+        result = eager(plan, source, net, mean, std, dev, None, 0,
+                       functools.partial(_shifted, progress, offset, total), None, classes,
+                       threads, per, batch)
+        stage_map.hold(np.asarray(result))
+        offset += len(plan)
 
 
 def _threads(geo: dmodel.Geometry, dev: str, plan: TilePlan, source: Any, cores: int,

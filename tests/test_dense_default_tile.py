@@ -58,7 +58,7 @@ def test_default_tile_properties(case):
                         map_size=maps, call_bytes=call, tasks=tasks)
     assert all(1 <= t <= n for t, n in zip(tile, image, strict=True))
     pixels = math.prod(image)
-    if pixels * bpp <= whole and pixels <= WHOLE_CALLS * call * tasks / bpp:
+    if pixels * bpp <= whole and pixels <= WHOLE_CALLS * call / bpp:
         assert tile == image  # small enough: one call, the untiled run
     if tile == memory:
         return
@@ -70,7 +70,7 @@ def test_default_tile_properties(case):
     assert read <= (1 + MAX_HALO) * pixels
     assert len(plan) >= tasks  # no core left idle for want of a chunk
     # a speed tile is taken only for an image of more than WHOLE_CALLS calls
-    assert pixels > WHOLE_CALLS * call * tasks / bpp
+    assert pixels > WHOLE_CALLS * call / bpp
 
 
 def test_default_tile_measured_nets():

@@ -142,8 +142,9 @@ def plan_tiles(image_size: Sequence[int], map_size: Sequence[int], field_size: S
 
 MAX_HALO = 0.3
 """The most a speed tile adds to the image's pixels: its tiles read at most ``1.3 x`` them."""
-WHOLE_CALLS = 2.0
-"""A map is tiled for speed only when the image holds more than this many calls' pixels."""
+WHOLE_CALLS = 4.0
+"""A map is tiled for speed only when the image holds more than this many calls' pixels (with
+calls of a quarter of a task's cache share: its largest activation is past that share)."""
 SPLITS = 2**16
 """The most chunk grids a speed tile is chosen among: ``SPLITS ** (1 / dims)`` chunk counts
 per axis, at most (256 in 2-D, 40 in 3-D)."""
@@ -165,26 +166,31 @@ def default_tile(image_size: Sequence[int], field_size: Sequence[int], bytes_per
 
     **Speed** (when ``call_bytes`` is given, with the plan's ``stride``, ``start`` and
     ``map_size``: the CPU). A model call runs fastest per pixel while its working set stays in
-    the cache: ``P = call_bytes / bytes_per_pixel`` pixels a call. Measured on a 2-core EPYC
-    (L3 32 MiB, ``bench/dense_tile_sweep.py``, 2 threads, untiled s / tiled s): one call's cost
-    per pixel is flat from ~256^2 pixels up to where the largest activation passes ~16-32 MiB,
-    then rises 1.2-3.5x (VGG-style past 768^2, AlexNet-style past 1024-1536^2, a ResNet
-    past 512^2, at 1 thread); so tiles within ``P`` run 1.5-2.9x faster than the untiled call on
-    1536^2 and 3072^2 images, while on 768^2 (``<= 2 P``) four tiles of an AlexNet-style net
-    ran 0.6-0.7x (each tile's fixed cost and halo on a 15 ms call). The rule, per axis ``a``
-    with ``k_a`` chunks of the plan (:func:`chunk_cells`, :func:`axis_chunks`):
+    the cache: ``P = call_bytes / bytes_per_pixel`` pixels a call (the caller gives each of
+    the ``tasks`` that run at once a quarter of its share of the last-level cache). Measured on
+    a 2-core EPYC (L3 32 MiB; ``bench/dense_tile_sweep.py --calls``: one untiled call per
+    size): the cost per pixel of one call is flat from ~256^2 pixels up to where the net's
+    largest activation passes ~16-32 MiB, then rises 1.2-3.5x (at 1 thread: VGG-style past
+    768^2, AlexNet-style past 1024-1536^2, a ResNet past 512^2), and below ~2 fields it
+    doubles. Tiles run as independent tasks, one torch thread each, which also beats torch's
+    threads inside one call (0.82 parallel efficiency at 2 threads). So at 1536^2 and 3072^2
+    tiles near ``P`` ran 1.3-2.9x faster than the untiled call (2 threads; ``bench/
+    dense_tile_sweep.py``), while on a 768^2 image four tiles of an AlexNet-style net ran
+    0.6-0.7x: its 15 ms call already runs in the cache, and each tile adds its halo and a
+    fixed cost. The rule, per axis ``a`` with ``k_a`` chunks of the plan (:func:`chunk_cells`,
+    :func:`axis_chunks`), in pixels (voxels) per call, the field and the stride:
 
-    - the whole image while it holds at most ``WHOLE_CALLS * P`` pixels (the memory tile when
-      that is smaller);
-    - else the chunk counts ``k`` whose largest tile holds at most ``P`` pixels and at most the
-      memory tile per axis (never more memory than the memory rule), with at least ``tasks``
-      chunks (the tasks that run at once: fewer leave cores idle), and whose tiles read at
-      most ``1 + max_halo`` times the image's pixels (``prod_a R_a / N_a``, ``R_a`` the pixels
-      the axis's chunks read: each of the ``k_a - 1`` seams re-reads ``~field - stride``);
-      among them the fewest pixels read, then the fewest chunks: the largest tiles that stay
-      in the cache;
-    - the memory tile when no ``k`` qualifies (the halo of the cache-sized tiles is too large
-      a share: big fields on small images).
+    - the whole image while it holds at most ``WHOLE_CALLS * P`` pixels (the largest
+      activation within one task's cache share; the memory tile when that is smaller);
+    - else, among the chunk grids ``k`` with at least ``tasks`` chunks (fewer leave cores
+      idle), no tile larger than the memory tile on any axis (never more memory than the
+      memory rule) nor smaller than two fields, and tiles that read at most ``1 + max_halo``
+      times the image's pixels (``prod_a R_a / N_a``, ``R_a`` the pixels the axis's chunks
+      read: each of the ``k_a - 1`` seams re-reads ``~field - stride``): the one whose largest
+      tile is nearest to ``P`` from above (any within ``P`` counts as there), then the fewest
+      pixels read, then the fewest chunks. That is the largest tiles that stay in the cache
+      when their halo is within the bound, else the smallest tiles the bound allows;
+    - the memory tile when no grid qualifies (fields too wide for the image).
 
     Pure arithmetic: the tile returned is what :func:`chunk_cells` turns into those chunks."""
     dims = len(image_size)
@@ -196,8 +202,7 @@ def default_tile(image_size: Sequence[int], field_size: Sequence[int], bytes_per
         return mem
     tasks = max(1, tasks)
     speed = _speed_tile(tuple(image_size), tuple(field_size), tuple(stride), tuple(start),
-                        tuple(map_size), call_bytes / bpp, call_bytes * tasks / bpp, mem,
-                        tasks, max_halo)
+                        tuple(map_size), call_bytes / bpp, mem, tasks, max_halo)
     return mem if speed is None else speed
 
 
@@ -253,10 +258,10 @@ def _splits(n: int, m: int, size: int, jump: int, start: int, cap: int, most: in
 
 def _speed_tile(image_size: tuple[int, ...], field_size: tuple[int, ...],
                 stride: tuple[int, ...], start: tuple[int, ...], map_size: tuple[int, ...],
-                pixels: float, whole_pixels: float, mem: tuple[int, ...], tasks: int,
-                max_halo: float) -> tuple[int, ...] | None:
+                pixels: float, mem: tuple[int, ...], tasks: int, max_halo: float
+                ) -> tuple[int, ...] | None:
     """The speed rule of :func:`default_tile` (``None``: keep the memory tile)."""
-    if math.prod(image_size) <= WHOLE_CALLS * whole_pixels:
+    if math.prod(image_size) <= WHOLE_CALLS * pixels:
         return None
     cap = int(SPLITS ** (1 / len(image_size)))
     axes = [_splits(n, m, size, jump, first, t, cap) for n, m, size, jump, first, t in zip(

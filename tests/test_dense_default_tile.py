@@ -179,3 +179,23 @@ def test_default_tile_of_a_convolutionalized_classifier_with_stages(small_cache,
 def test_last_cache_is_read_and_bounded():
     size = api._last_cache()
     assert 4 * 2**20 <= size <= 512 * 2**20
+
+
+def test_a_cpu_batch_stays_within_the_cache_share(small_cache):
+    """Batched tiles (fc2conv.dense.batch) hold no more pixels a call than the default tile's
+    cache share allows (else a batch of default tiles spills out of the cache again); the
+    batched map still equals the float64 run."""
+    from fc2conv.dense import model as dmodel
+
+    torch.manual_seed(6)
+    net = nn.Sequential(nn.Conv2d(3, 32, 3), nn.ReLU(), nn.Conv2d(32, 4, 3, stride=2)).eval()
+    image = np.random.default_rng(7).standard_normal((3, 300, 280)).astype(np.float32)
+    fcn, geo = dmodel.prepare(net, (3, 256, 256), image.shape, convert=False, device="cpu")
+    _, plan = api._plan((40, 40), geo.image_size, geo.map_size, geo.size, geo.stride,
+                        geo.start)
+    share = 4 * 2**20 / api.CACHE_SHARE / geo.bytes_per_pixel  # one task's call, in pixels
+    n = api._batch(geo, "cpu", plan, 1, None)
+    assert 2 <= n <= share // math.prod(plan.max_tile())
+    assert n * math.prod(plan.max_tile()) < 2**19  # tighter than CPU_PIXELS here
+    ref64, net32 = _ref64(net, image)
+    _check(dense_map(net, image, tile=40, threads=1), ref64, net32, image)

@@ -338,13 +338,17 @@ def _batch(geo: dmodel.Geometry, dev: str, plan: TilePlan, cores: int, batch: in
            ) -> int:
     """Tiles per model call (:func:`~fc2conv.dense.batch.batch_size`): as many as fit the
     memory of one of the tasks that run at once (on the CPU at most
-    :data:`~fc2conv.dense.batch.CPU_PIXELS` input pixels a call), at most ``batch`` when
+    :data:`~fc2conv.dense.batch.CPU_PIXELS` input pixels a call, and no more than keeps the
+    call's largest activation within its task's cache share, :func:`_call_bytes`, as the
+    default tile is sized: a batch of default tiles is one tile), at most ``batch`` when
     given."""
     if len(plan) == 1 or batch == 1:
         return 1
     at_once = max(1, min(cores, len(plan)))
+    cap = None if dev.startswith("cuda") else min(
+        CPU_PIXELS, _call_bytes(at_once) / max(geo.bytes_per_pixel, 1e-12))
     n = batch_size(geo.bytes_per_pixel, plan.max_tile(), _memory(dev) / at_once, len(plan),
-                   at_once, None if dev.startswith("cuda") else CPU_PIXELS)
+                   at_once, cap)
     return n if batch is None else min(n, batch)
 
 

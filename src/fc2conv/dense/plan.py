@@ -174,10 +174,11 @@ def default_tile(image_size: Sequence[int], field_size: Sequence[int], bytes_per
     768^2, AlexNet-style past 1024-1536^2, a ResNet past 512^2), and below ~2 fields it
     doubles. Tiles run as independent tasks, one torch thread each, which also beats torch's
     threads inside one call (0.82 parallel efficiency at 2 threads). So at 1536^2 and 3072^2
-    tiles near ``P`` ran 1.3-2.9x faster than the untiled call (2 threads; ``bench/
-    dense_tile_sweep.py``), while on a 768^2 image four tiles of an AlexNet-style net ran
-    0.6-0.7x: its 15 ms call already runs in the cache, and each tile adds its halo and a
-    fixed cost. The rule, per axis ``a`` with ``k_a`` chunks of the plan (:func:`chunk_cells`,
+    tiles near ``P`` ran 1.0-2.9x faster than the untiled call (2 threads, CPU time, a loaded
+    machine; ``bench/dense_tile_sweep.py``), and this rule's tiles 1.1-3.5x (one run at
+    0.76; ``bench/dense_throughput.py``), while on a 768^2 image four tiles of an
+    AlexNet-style net ran 0.6-0.7x: its 15 ms call already runs in the cache, and each tile
+    adds its halo and a fixed cost. The rule, per axis ``a`` with ``k_a`` chunks of the plan (:func:`chunk_cells`,
     :func:`axis_chunks`), in pixels (voxels) per call, the field and the stride:
 
     - the whole image while it holds at most ``WHOLE_CALLS * P`` pixels (the largest

@@ -178,8 +178,9 @@ def default_tile(image_size: Sequence[int], field_size: Sequence[int], bytes_per
     machine; ``bench/dense_tile_sweep.py``), and this rule's tiles 1.1-3.5x (one run at
     0.76; ``bench/dense_throughput.py``), while on a 768^2 image four tiles of an
     AlexNet-style net ran 0.6-0.7x: its 15 ms call already runs in the cache, and each tile
-    adds its halo and a fixed cost. The rule, per axis ``a`` with ``k_a`` chunks of the plan (:func:`chunk_cells`,
-    :func:`axis_chunks`), in pixels (voxels) per call, the field and the stride:
+    adds its halo and a fixed cost. The rule, per axis ``a`` with ``k_a`` chunks of the plan
+    (:func:`chunk_cells`, :func:`axis_chunks`), in pixels (voxels) per call, the field and
+    the stride:
 
     - the whole image while it holds at most ``WHOLE_CALLS * P`` pixels (the largest
       activation within one task's cache share; the memory tile when that is smaller);

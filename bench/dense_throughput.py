@@ -31,6 +31,11 @@ the CPU ratios compare the work itself; wall ratios on a shared machine carry it
     PYTHONPATH=src python bench/dense_throughput.py --size 768 --tiles auto 384 --repeats 15 \
         --threads 1 --no-sliding                                          # staged vs not
     PYTHONPATH=src python bench/dense_throughput.py --device cuda --size 2048
+    PYTHONPATH=src python bench/dense_throughput.py --size 768 1536 3072 --tiles auto 1024 384 \
+        --repeats 5 --no-sliding            # images that fit: the default tile vs untiled
+
+An explicit tile at least as large as the image is skipped (it is the untiled call); the
+'auto' row's tile column shows the default tile ('a:HxW', dense_map's choice with --threads).
 """
 
 # ruff: noqa: B023  (closures are timed inside the loop iteration that made them)
@@ -38,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import math
 import os
 import sys
@@ -142,17 +148,18 @@ def fake_flops(net: nn.Module, shape: tuple[int, ...]) -> int:
 
 
 def tile_loop(fcn: nn.Module, image: np.ndarray, tile: int | None, dev: str,
-              stages: int | None = None
-              ) -> tuple[Callable[[], np.ndarray], int, float, float, int]:
+              stages: int | None = None, threads: int | None = None
+              ) -> tuple[Callable[[], np.ndarray], int, float, float, int, tuple[int, ...]]:
     """(a plain loop over dense_map's own tiles -- the same windows and crops, no Dask, no
     progress, stitched with one copy --, the number of tiles, the halo FLOP factor: the tiles'
     FLOPs over the untiled call's, the pixel halo: the tiles' input pixels over the image's,
-    the number of stages dense_map runs with ``stages``; the loop is one stage)."""
+    the number of stages dense_map runs with ``stages``; the loop is one stage; the tile,
+    dense_map's default for ``tile=None`` with ``threads``)."""
     from fc2conv.dense.api import _stages
 
     trace = (image.shape[0], *(min(n, 256) for n in image.shape[1:]))
     net, geo = dmodel.prepare(fcn, trace, image.shape, convert=False, device=dev)
-    tiles = (tile,) * (image.ndim - 1) if tile else dmodel_tile(geo, dev)
+    tiles = (tile,) * (image.ndim - 1) if tile else dmodel_tile(geo, dev, threads)
     staged = _stages(net, geo, trace, image.shape, tuple(tiles), stages, dev, False)
     cells = chunk_cells(tiles, geo.image_size, geo.map_size, geo.size, geo.stride)
     plan = plan_tiles(geo.image_size, geo.map_size, geo.size, geo.stride, geo.start, cells)
@@ -178,19 +185,22 @@ def tile_loop(fcn: nn.Module, image: np.ndarray, tile: int | None, dev: str,
             torch.cuda.synchronize()
         return out
 
-    return run, len(jobs), halo, px_halo, 1 if staged is None else len(staged)
+    return run, len(jobs), halo, px_halo, 1 if staged is None else len(staged), tuple(tiles)
 
 
-def dmodel_tile(geo: dmodel.Geometry, dev: str) -> tuple[int, ...]:
+def dmodel_tile(geo: dmodel.Geometry, dev: str, threads: int | None = None
+                ) -> tuple[int, ...]:
+    """dense_map's default tile with ``threads`` (default: every core)."""
     from fc2conv.dense.api import _auto_tile
 
-    return _auto_tile(geo, dev, os.cpu_count() or 1)
+    return _auto_tile(geo, dev, 1 if dev.startswith("cuda") else threads or os.cpu_count() or 1)
 
 
 @torch.inference_mode()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=384)
+    parser.add_argument("--size", type=int, nargs="+", default=[384],
+                        help="image sides of part 1 (parts 2 and 3: the first)")
     parser.add_argument("--tiles", nargs="+", default=["auto", "256"],
                         help="tile sides to time ('auto': dense_map's default)")
     parser.add_argument("--tile", type=int, default=256, help="tile of the worker part")
@@ -221,9 +231,12 @@ def main() -> None:
     args.batch = args.batch or (4096 if dev.startswith("cuda") else 256)
     threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
-    image = np.random.default_rng(0).standard_normal((3, args.size, args.size)).astype(np.float32)
-    print(f"torch {torch.__version__}, device {dev}, {threads} torch threads (pinned), image "
-          f"{args.size}^2 in host memory, {args.repeats} interleaved repeats (fewer past "
+    first_image = np.random.default_rng(0).standard_normal(
+        (3, args.size[0], args.size[0])).astype(np.float32)
+    image = first_image
+    print(f"torch {torch.__version__}, device {dev}, {threads} torch threads (pinned), images "
+          f"{', '.join(f'{n}^2' for n in args.size)} in host memory, {args.repeats} "
+          f"interleaved repeats (fewer past "
           f"{args.row_seconds:.0f} s a row, 3 at least)")
     sync = torch.cuda.synchronize if dev.startswith("cuda") else (lambda: None)
 
@@ -238,7 +251,7 @@ def main() -> None:
           "FLOPs / untiled FLOPs; 1/px = image pixels / the tiles' input pixels (the full-"
           "resolution layers' floor);\n   loop = the same "
           "tiles in a plain loop (no Dask); batch=1 = dense_map without batched tiles")
-    print(f"{'net':15} {'tile':>5} {'tiles':>5} {'halo':>5} {'1/halo':>6} {'1/px':>5} "
+    print(f"{'net':15} {'image':>5} {'tile':>9} {'tiles':>5} {'halo':>5} {'1/halo':>6} {'1/px':>5} "
           f"{'n':>3} {'':4} "
           f"{'untiled s':>8} {'loop s':>8} {'dense s':>8} {'loop/untiled':>17} "
           f"{'dense_map/untiled':>17} {'st':>2} {'stages=1/untiled':>17} "
@@ -246,7 +259,9 @@ def main() -> None:
     models = nets()
     if args.nets:
         models = {k: v for k, v in models.items() if k in args.nets}
-    for name, (_, fcn, _) in models.items():
+    for size, (name, (_, fcn, _)) in itertools.product(args.size, models.items()):
+        image = np.random.default_rng(0).standard_normal((3, size, size)).astype(
+            np.float32)
         plain = fast_pools(fcn, owned=False)
         ref = reference64(plain, image)  # the unfolded net in float64
         fast = fold_batchnorm(plain, owned=plain is not fcn).to(dev)  # the net dense_map runs
@@ -254,14 +269,17 @@ def main() -> None:
         full = untiled(fast)
         for spec in args.tiles:
             tile = None if spec == "auto" else int(spec)
+            if tile is not None and tile >= size:
+                continue
             dmodel._CACHE.clear()  # a cold first call
             start = time.perf_counter()
             lazy = dense_map(fcn, image, tile=tile, device=dev, threads=threads,
                              stages=args.stages)
             got = np.asarray(lazy)
             first = time.perf_counter() - start
-            loop, chunks, halo, px_halo, n_stages = tile_loop(fcn, image, tile, dev,
-                                                              args.stages)
+            loop, chunks, halo, px_halo, n_stages, sides = tile_loop(fcn, image, tile, dev,
+                                                                     args.stages, threads)
+            shown = spec if tile else f"a:{'x'.join(map(str, sides))}"
             loop()  # warm
             unbatched = np.asarray(dense_map(fcn, image, tile=tile, device=dev,
                                              threads=threads, batch=1))
@@ -281,20 +299,21 @@ def main() -> None:
             for label, other in (("stages=1", single), ("batch=1", unbatched)):
                 if not check_stitched(other, full, ref, dev).equal:
                     verdict += f"; {label}: {check_stitched(other, full, ref, dev)}"
-            print(f"{name:15} {spec:>5} {chunks:>5} {halo:>5.2f} {1 / halo:>6.2f} "
+            print(f"{name:15} {size:>5} {shown:>9} {chunks:>5} {halo:>5.2f} {1 / halo:>6.2f} "
                   f"{1 / px_halo:>5.2f} "
                   f"{len(t_full):>3} wall {spread(t_full)[0]:>8.4f} {spread(t_loop)[0]:>8.4f} "
                   f"{spread(t_tiled)[0]:>8.4f} {ratios(t_full, t_loop):>17} "
                   f"{ratios(t_full, t_tiled):>17} {n_stages:>2} {ratios(t_full, t_single):>17} "
                   f"{ratios(t_full, t_one):>17} {first:>7.2f}  {verdict}", flush=True)
             if not dev.startswith("cuda"):  # CUDA work runs outside this process's CPU time
-                print(f"{'':15} {'':>5} {'':>5} {'':>5} {'':>6} {'':>5} {'':>3} CPU  "
+                print(f"{'':15} {'':>5} {'':>9} {'':>5} {'':>5} {'':>6} {'':>5} {'':>3} CPU  "
                       f"{spread(c_full)[0]:>8.4f} {spread(c_loop)[0]:>8.4f} "
                       f"{spread(c_tiled)[0]:>8.4f} {ratios(c_full, c_loop):>17} "
                       f"{ratios(c_full, c_tiled):>17} {'':>2} {ratios(c_full, c_single):>17} "
                       f"{ratios(c_full, c_one):>17}",
                       flush=True)
 
+    image = first_image  # parts 2 and 3: the first size
     if not args.no_sliding:
         print("\n2. dense_map (default tile) vs sliding_window (every crop classified) against "
               "the FLOP ratio (conv/matmul FLOPs); seconds are medians; 'of FLOP' = speedup / "

@@ -249,3 +249,28 @@ def test_cli_dense_stages(tmp_path, capsys):
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "7 stages need" in err and "Traceback" not in err
     assert Path(path).exists()
+
+
+@pytest.mark.parametrize("stages", [2, 3])
+def test_progress_counts_every_stages_chunks(stages, caplog):
+    """The progress of a staged run counts the chunks of every stage, not only the last's:
+    it rises one step per chunk from 0 to the sum of the stages' chunks (the log's)."""
+    import logging
+    import re
+
+    net = _net2d(11)
+    image = np.random.default_rng(12).standard_normal((3, 170, 150)).astype(np.float32)
+    caplog.set_level(logging.INFO, logger="fc2conv.dense")
+    calls = []
+    result = dense_map(net, image, tile=45, threads=1, stages=stages, batch=1,
+                       progress=lambda d, t: calls.append((d, t)))
+    _close(result, _ref64(net, image), len(net))
+    tiles = re.findall(r"dense map stages: (\d+) \(cuts .*?, tiles (.*?)\); predicted",
+                       caplog.text)
+    assert tiles and int(tiles[-1][0]) == stages
+    last = int(re.findall(r"in (\d+) chunks", caplog.text)[-1])
+    total = calls[0][1]
+    assert total > last  # the early stages' chunks are counted too
+    assert all(t == total for _, t in calls)
+    done = [d for d, _ in calls]
+    assert done == list(range(total + 1))  # one step per chunk, every stage's

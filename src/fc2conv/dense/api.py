@@ -94,10 +94,14 @@ def dense_map(model: Any, image: Any, *, input_shape: Sequence[int] | None = Non
     ``(x - mean) / std`` per channel when given.
     ``tile``: input pixels per tile side, at most; each axis gets as many chunks as tiles of
     that size need, evened out (:func:`~fc2conv.dense.plan.chunk_cells`). By default it comes
-    from memory and the receptive field (:func:`_auto_tile`): the whole image in one model
-    call when its activations fit (no halo, no per-task cost; torch's threads share the cores
-    inside the call), else the largest tiles that fit the memory shared by the chunks that
-    run at once.
+    from memory, speed and the receptive field (:func:`_auto_tile`,
+    :func:`~fc2conv.dense.plan.default_tile`): the whole image in one model call when it is
+    small (no halo, no per-task cost; torch's threads share the cores inside the call); on
+    the CPU, once the image holds more than two cache-sized calls, tiles whose largest
+    activation stays in each running task's share of the last-level cache, reading at most
+    1.3x the image's pixels, at least one chunk per core; else (and on a GPU) the whole image
+    when its activations fit in memory, or the largest tiles that fit the memory shared by the
+    chunks that run at once.
     ``out``: a zarr group written chunk by chunk (``scores``,
     ``labels`` when ``argmax``); re-running resumes. ``scheduler``: None (Dask's threads),
     a scheduler address, or a ``distributed.Client``; ``workers=N`` starts a LocalCluster.
@@ -166,13 +170,17 @@ def dense_map(model: Any, image: Any, *, input_shape: Sequence[int] | None = Non
     std_a = _per_channel(std, shape[0], "std")
     cores = n_threads  # ``threads`` caps the cores used, Dask's and torch's together
     run_net, run_geo, run_tile, run_mean, run_std = fcn, geo, tile_px, mean_a, std_a
+    early: list[tuple[Any, ...]] = []  # the stages before the last, to run with progress
     if staged is not None:  # every stage but the last: a lazy map the next stage reads
         for stage in staged[:-1]:
             _, stage_plan = _plan(stage.tile, stage.geo.image_size, stage.geo.map_size,
                                   stage.geo.size, stage.geo.stride, stage.geo.start)
             n_b, n_t, per = _threads(stage.geo, dev, stage_plan, source, cores, batch, False)
-            source = StageMap(lazy(stage_plan, source, stage.net, run_mean, run_std, dev,
-                                   stage.geo.classes, n_t, per, n_b))
+            stage_map = StageMap(lazy(stage_plan, source, stage.net, run_mean, run_std, dev,
+                                      stage.geo.classes, n_t, per, n_b))
+            early.append((stage_plan, source, stage.net, run_mean, run_std, stage.geo.classes,
+                          n_t, per, n_b, stage_map))
+            source = stage_map
             run_mean = run_std = None
         run_net, run_geo, run_tile = staged[-1].net, staged[-1].geo, staged[-1].tile
     cells, plan = _plan(run_tile, run_geo.image_size, run_geo.map_size, run_geo.size,
@@ -210,8 +218,10 @@ def dense_map(model: Any, image: Any, *, input_shape: Sequence[int] | None = Non
             log.warning("resuming %s: %d of %d chunks already done", out, skipped, len(plan))
     else:
         skipped = 0
+    # progress counts every stage's chunks; a resumed run recomputes the early stages
+    before = sum(len(stage[0]) for stage in early) if skipped < len(plan) else 0
     if progress is not None:
-        progress(skipped, len(plan))
+        progress(skipped, before + len(plan))
 
     if distributed:
         client, close = _client(scheduler, workers)
@@ -231,18 +241,44 @@ def dense_map(model: Any, image: Any, *, input_shape: Sequence[int] | None = Non
             elif close is not None:
                 close.close()
     else:
-        if isinstance(source, StageMap) and skipped < len(plan):
-            source.materialize()  # here, before the last stage's tasks read it
         try:
+            last = progress
+            if isinstance(source, StageMap) and skipped < len(plan):
+                if progress is not None:  # stage by stage, counted
+                    _run_early(early, dev, progress, skipped, before + len(plan))
+                    last = functools.partial(_shifted, progress, before, before + len(plan))
+                source.materialize()  # here, before the last stage's tasks read it
             result = eager(plan, source, run_net, run_mean, run_std, dev, store, skipped,
-                           progress, None, geo.classes, n_threads, per_task, n_batch)
+                           last, None, geo.classes, n_threads, per_task, n_batch)
         finally:
-            if isinstance(source, StageMap):
-                source.release()
+            for stage_map in [*(stage[-1] for stage in early), source]:
+                if isinstance(stage_map, StageMap):
+                    stage_map.release()
     if store is not None:
         store.finish()
         return store.scores()
     return result
+
+
+def _shifted(progress: Progress, offset: int, total: int, done: int, _: int) -> None:
+    progress(offset + done, total)
+
+
+def _run_early(early: list[tuple[Any, ...]], dev: str, progress: Progress, skipped: int,
+               total: int) -> None:
+    """Compute the maps of the stages before the last, in order, each held by its
+    :class:`~fc2conv.dense.readers.StageMap`, reporting their chunks as done after the
+    ``skipped`` chunks of the last stage (of ``total`` in all)."""
+    offset = skipped
+    for plan, source, net, mean, std, classes, threads, per, batch, stage_map in early:
+        if stage_map.held:
+            offset += len(plan)
+            continue
+        result = eager(plan, source, net, mean, std, dev, None, 0,
+                       functools.partial(_shifted, progress, offset, total), None, classes,
+                       threads, per, batch)
+        stage_map.hold(np.asarray(result))
+        offset += len(plan)
 
 
 def _threads(geo: dmodel.Geometry, dev: str, plan: TilePlan, source: Any, cores: int,
@@ -302,28 +338,77 @@ def _batch(geo: dmodel.Geometry, dev: str, plan: TilePlan, cores: int, batch: in
            ) -> int:
     """Tiles per model call (:func:`~fc2conv.dense.batch.batch_size`): as many as fit the
     memory of one of the tasks that run at once (on the CPU at most
-    :data:`~fc2conv.dense.batch.CPU_PIXELS` input pixels a call), at most ``batch`` when
+    :data:`~fc2conv.dense.batch.CPU_PIXELS` input pixels a call, and no more than keeps the
+    call's largest activation within its task's cache share, :func:`_call_bytes`, as the
+    default tile is sized: a batch of default tiles is one tile), at most ``batch`` when
     given."""
     if len(plan) == 1 or batch == 1:
         return 1
     at_once = max(1, min(cores, len(plan)))
+    cap = None if dev.startswith("cuda") else min(
+        CPU_PIXELS, _call_bytes(at_once) / max(geo.bytes_per_pixel, 1e-12))
     n = batch_size(geo.bytes_per_pixel, plan.max_tile(), _memory(dev) / at_once, len(plan),
-                   at_once, None if dev.startswith("cuda") else CPU_PIXELS)
+                   at_once, cap)
     return n if batch is None else min(n, batch)
 
 
 def _auto_tile(geo: dmodel.Geometry, dev: str, tasks_at_once: int) -> tuple[int, ...]:
-    """The default tile (:func:`fc2conv.dense.plan.default_tile`): the whole image when its
-    activations fit in :func:`_memory`, else tiles of that memory shared by the tasks that
-    run at once. A tile's memory is taken as 6x the net's largest tensor (the float input,
-    a layer's input and output, pool indices, workspace: measured 3.4-5.8x on VGG-style
-    nets on the CPU)."""
+    """The default tile (:func:`fc2conv.dense.plan.default_tile`). Memory: the whole image
+    when its activations fit in :func:`_memory`, else tiles of that memory shared by the tasks
+    that run at once; a tile's memory is taken as 6x the net's largest tensor (the float
+    input, a layer's input and output, pool indices, workspace: measured 3.4-5.8x on
+    VGG-style nets on the CPU). Speed, on the CPU: tiles whose largest activation stays
+    within :func:`_call_bytes` (the cache's share of each task that runs at once) once the
+    image holds more than two such calls; on a GPU the memory rule alone."""
     budget = _memory(dev)
+    cpu = not dev.startswith("cuda")
+    call = _call_bytes(tasks_at_once) if cpu else None
     tile = default_tile(geo.image_size, geo.size, 6 * geo.bytes_per_pixel, budget,
-                        budget / max(1, tasks_at_once))
+                        budget / max(1, tasks_at_once), stride=geo.stride, start=geo.start,
+                        map_size=geo.map_size, call_bytes=None if call is None else 6 * call,
+                        tasks=tasks_at_once)
     log.info("default tile %s px (largest activation ~%.0f bytes per input pixel, %.0f MiB "
-             "for activations)", tile, geo.bytes_per_pixel, budget / 2**20)
+             "for activations%s)", tile, geo.bytes_per_pixel, budget / 2**20,
+             "" if call is None else f", {call / 2**20:.1f} MiB a call in the cache")
     return tile
+
+
+CACHE_SHARE = 4
+"""A call's largest activation gets ``1 / CACHE_SHARE`` of the last-level cache (of the share
+of each task that runs at once): its input, its output and the layer's workspace beside it."""
+
+
+def _call_bytes(tasks_at_once: int) -> float:
+    """Bytes of a CPU call's largest activation that keep it in the cache: the last-level
+    cache shared by the tasks that run at once, a quarter each (:data:`CACHE_SHARE`); 32 MiB
+    assumed where the size cannot be read."""
+    return _last_cache() / CACHE_SHARE / max(1, tasks_at_once)
+
+
+@functools.lru_cache(maxsize=1)
+def _last_cache() -> float:
+    """The largest CPU cache in bytes (Linux: sysfs; else ``sysconf``; else 32 MiB), within
+    [4 MiB, 512 MiB]."""
+    size = 0.0
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        entries = os.listdir(base)
+    except OSError:
+        entries = []
+    for entry in entries:
+        try:
+            with open(os.path.join(base, entry, "size")) as f:
+                text = f.read().strip().upper()
+            scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+            size = max(size, float(text.rstrip("KMG") or 0) * scale)
+        except (OSError, ValueError):
+            continue
+    if not size:
+        try:
+            size = float(os.sysconf("SC_LEVEL3_CACHE_SIZE"))
+        except (ValueError, OSError, AttributeError):
+            size = 0.0
+    return min(max(size or 32 * 2**20, 4 * 2**20), 512 * 2**20)
 
 
 def _module_device(model: Any) -> Any:

@@ -140,20 +140,78 @@ def plan_tiles(image_size: Sequence[int], map_size: Sequence[int], field_size: S
                     tuple(start), axes)
 
 
-def default_tile(image_size: Sequence[int], field_size: Sequence[int], bytes_per_pixel: float,
-                 whole: float, per_task: float) -> tuple[int, ...]:
-    """Input pixels per tile side when the caller gives none, from memory and the field.
+MAX_HALO = 0.3
+"""The most a speed tile adds to the image's pixels: its tiles read at most ``1.3 x`` them."""
+WHOLE_CALLS = 4.0
+"""A map is tiled for speed only when the image holds more than this many calls' pixels (with
+calls of a quarter of a task's cache share: its largest activation is past that share)."""
+SPLITS = 2**16
+"""The most chunk grids a speed tile is chosen among: ``SPLITS ** (1 / dims)`` chunk counts
+per axis, at most (256 in 2-D, 40 in 3-D)."""
 
-    ``bytes_per_pixel``: the net's largest activation per input pixel. When the whole image's
-    largest activation fits in ``whole`` bytes the tile is the image (one model call: the
-    untiled run, no halo recomputed). Otherwise each tile gets ``per_task`` bytes, shared out
-    over the axes from the shortest up (an axis shorter than its share is taken whole and
-    leaves more to the others), and never less than two fields per axis, so that the halo
-    (``field - stride`` pixels a tile shares with its neighbour) stays a small part of it."""
+
+def default_tile(image_size: Sequence[int], field_size: Sequence[int], bytes_per_pixel: float,
+                 whole: float, per_task: float, *, stride: Sequence[int] | None = None,
+                 start: Sequence[int] | None = None, map_size: Sequence[int] | None = None,
+                 call_bytes: float | None = None, tasks: int = 1,
+                 max_halo: float = MAX_HALO) -> tuple[int, ...]:
+    """Input pixels per tile side when the caller gives none, from memory, speed and the field.
+
+    **Memory** (every device). ``bytes_per_pixel``: a tile's memory per input pixel (the
+    caller's multiple of the net's largest activation). When the whole image fits in
+    ``whole`` bytes the memory tile is the image; otherwise each tile gets ``per_task`` bytes,
+    shared out over the axes from the shortest up (an axis shorter than its share is taken
+    whole and leaves more to the others), and never less than two fields per axis, so that
+    the halo (``field - stride`` pixels a tile shares with its neighbour) stays a small part.
+
+    **Speed** (when ``call_bytes`` is given, with the plan's ``stride``, ``start`` and
+    ``map_size``: the CPU). A model call runs fastest per pixel while its working set stays in
+    the cache: ``P = call_bytes / bytes_per_pixel`` pixels a call (the caller gives each of
+    the ``tasks`` that run at once a quarter of its share of the last-level cache). Measured on
+    a 2-core EPYC (L3 32 MiB; ``bench/dense_tile_sweep.py --calls``: one untiled call per
+    size): the cost per pixel of one call is flat from ~256^2 pixels up to where the net's
+    largest activation passes ~16-32 MiB, then rises 1.2-3.5x (at 1 thread: VGG-style past
+    768^2, AlexNet-style past 1024-1536^2, a ResNet past 512^2), and below ~2 fields it
+    doubles. Tiles run as independent tasks, one torch thread each, which also beats torch's
+    threads inside one call (0.82 parallel efficiency at 2 threads). So at 1536^2 and 3072^2
+    tiles near ``P`` ran 1.0-2.9x faster than the untiled call (2 threads, CPU time, a loaded
+    machine; ``bench/dense_tile_sweep.py``), and this rule's tiles 1.1-3.5x (one run at
+    0.76; ``bench/dense_throughput.py``), while on a 768^2 image four tiles of an
+    AlexNet-style net ran 0.6-0.7x: its 15 ms call already runs in the cache, and each tile
+    adds its halo and a fixed cost. The rule, per axis ``a`` with ``k_a`` chunks of the plan
+    (:func:`chunk_cells`, :func:`axis_chunks`), in pixels (voxels) per call, the field and
+    the stride:
+
+    - the whole image while it holds at most ``WHOLE_CALLS * P`` pixels (the largest
+      activation within one task's cache share; the memory tile when that is smaller);
+    - else, among the chunk grids ``k`` with at least ``tasks`` chunks (fewer leave cores
+      idle), no tile larger than the memory tile on any axis (never more memory than the
+      memory rule) nor smaller than two fields, and tiles that read at most ``1 + max_halo``
+      times the image's pixels (``prod_a R_a / N_a``, ``R_a`` the pixels the axis's chunks
+      read: each of the ``k_a - 1`` seams re-reads ``~field - stride``): the one whose largest
+      tile is nearest to ``P`` from above (any within ``P`` counts as there), then the fewest
+      pixels read, then the fewest chunks. That is the largest tiles that stay in the cache
+      when their halo is within the bound, else the smallest tiles the bound allows;
+    - the memory tile when no grid qualifies (fields too wide for the image).
+
+    Pure arithmetic: the tile returned is what :func:`chunk_cells` turns into those chunks."""
     dims = len(image_size)
     if len(field_size) != dims or min(image_size) < 1:
         raise Fc2ConvError("image and field sizes must have one positive entry per axis")
     bpp = max(float(bytes_per_pixel), 1e-12)
+    mem = _memory_tile(image_size, field_size, bpp, whole, per_task)
+    if call_bytes is None or stride is None or start is None or map_size is None:
+        return mem
+    tasks = max(1, tasks)
+    speed = _speed_tile(tuple(image_size), tuple(field_size), tuple(stride), tuple(start),
+                        tuple(map_size), call_bytes / bpp, mem, tasks, max_halo)
+    return mem if speed is None else speed
+
+
+def _memory_tile(image_size: Sequence[int], field_size: Sequence[int], bpp: float,
+                 whole: float, per_task: float) -> tuple[int, ...]:
+    """The memory rule of :func:`default_tile`."""
+    dims = len(image_size)
     if math.prod(image_size) * bpp <= whole:
         return tuple(int(n) for n in image_size)
     pixels = max(1.0, per_task / bpp)
@@ -165,3 +223,66 @@ def default_tile(image_size: Sequence[int], field_size: Sequence[int], bytes_per
         tile[axis] = t
         pixels = max(1.0, pixels / t)
     return tuple(tile)
+
+
+@dataclass(frozen=True)
+class _Split:
+    """One axis cut in ``chunks`` chunks by an input tile of ``tile`` pixels: ``read`` pixels
+    read in all, ``largest`` the largest chunk's."""
+
+    chunks: int
+    tile: int
+    read: int
+    largest: int
+
+
+def _splits(n: int, m: int, size: int, jump: int, start: int, cap: int, most: int
+            ) -> list[_Split]:
+    """The distinct ways to cut one axis in at most ``most`` chunks, by chunk count, whose
+    largest tile is at most ``cap`` pixels (and at least two fields, unless the axis is
+    whole)."""
+    out: list[_Split] = []
+    seen = set()
+    for k in range(1, min(m, most) + 1):
+        t = n if k == 1 else min(n, (-(-m // k) - 1) * jump + size)
+        (cells,) = chunk_cells((t,), (n,), (m,), (size,), (jump,))
+        chunks = axis_chunks(n, m, size, jump, start, cells)
+        if len(chunks) in seen:
+            continue
+        seen.add(len(chunks))
+        largest = max(c.b - c.a for c in chunks)
+        if len(chunks) > 1 and largest < 2 * size:
+            break
+        if largest <= cap:
+            out.append(_Split(len(chunks), t, sum(c.b - c.a for c in chunks), largest))
+    return out
+
+
+def _speed_tile(image_size: tuple[int, ...], field_size: tuple[int, ...],
+                stride: tuple[int, ...], start: tuple[int, ...], map_size: tuple[int, ...],
+                pixels: float, mem: tuple[int, ...], tasks: int, max_halo: float
+                ) -> tuple[int, ...] | None:
+    """The speed rule of :func:`default_tile` (``None``: keep the memory tile)."""
+    if math.prod(image_size) <= WHOLE_CALLS * pixels:
+        return None
+    cap = int(SPLITS ** (1 / len(image_size)))
+    axes = [_splits(n, m, size, jump, first, t, cap) for n, m, size, jump, first, t in zip(
+        image_size, map_size, field_size, stride, start, mem, strict=True)]
+    if any(not a for a in axes):
+        return None
+    limit = (1 + max_halo) * math.prod(image_size)
+    best: tuple[tuple[float, int, int], tuple[_Split, ...]] | None = None
+    for head in itertools.product(*axes[:-1]):
+        largest = math.prod(s.largest for s in head)
+        read = math.prod(s.read for s in head)
+        count = math.prod(s.chunks for s in head)
+        for last in axes[-1]:  # by chunk count: more chunks read more
+            total = read * last.read
+            if total > limit:
+                break
+            if count * last.chunks < tasks:
+                continue
+            key = (max(1.0, largest * last.largest / pixels), total, count * last.chunks)
+            if best is None or key < best[0]:
+                best = key, (*head, last)
+    return None if best is None else tuple(s.tile for s in best[1])

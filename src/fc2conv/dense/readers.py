@@ -96,6 +96,16 @@ class StageMap(Reader):
             if self._data is None:
                 self._data = np.asarray(self.array)
 
+    @property
+    def held(self) -> bool:
+        """Whether the map is computed and held."""
+        return self._data is not None
+
+    def hold(self, data: np.ndarray) -> None:
+        """Take ``data``, the map computed elsewhere (by a run that reports progress)."""
+        with self._lock:
+            self._data = data
+
     def release(self) -> None:
         with self._lock:
             self._data = None

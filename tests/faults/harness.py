@@ -107,6 +107,26 @@ def signal_trial(args: list[str], out: Path, signum: int, delay: float,
     return Outcome(proc.returncode, stderr, output, litter, signalled)
 
 
+def write_seconds(args: list[str], out: Path, timeout: float = 120) -> float:
+    """Seconds from the appearance of the writer's temporary folder for ``out`` to the end of
+    a clean ``fc2conv *args`` run: the span a signal must land in to hit the write."""
+    from fc2conv.files import temporaries
+
+    proc = subprocess.Popen(command(*args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=env())
+    deadline = time.monotonic() + timeout
+    began = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        if began is None and any(pid == proc.pid for _f, pid in temporaries(out)):
+            began = time.monotonic()
+        time.sleep(0.002)
+    proc.wait(timeout=timeout)
+    ended = time.monotonic()
+    if proc.returncode != 0 or began is None:
+        raise RuntimeError(f"a clean run of {args} failed or wrote no temporary folder")
+    return ended - began
+
+
 def limited_run(args: list[str], limit_bytes: int, out: Path, inputs: set[str],
                 timeout: float = 120) -> Outcome:
     """Run ``fc2conv *args`` with ``RLIMIT_FSIZE = limit_bytes`` (what ``ulimit -f`` sets): a

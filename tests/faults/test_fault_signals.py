@@ -16,11 +16,21 @@ import subprocess
 
 import pytest
 from builders import big_onnx
-from harness import clean_outputs, command, env, fingerprint, limited_run, signal_trial
+from harness import (
+    clean_outputs,
+    command,
+    env,
+    fingerprint,
+    limited_run,
+    signal_trial,
+    write_seconds,
+)
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(600)]
 
-DELAYS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.45, 0.6, 0.9, 1.3)  # seconds after the write began
+# when each signal is sent, as fractions of a clean run's write (measured on this machine, so
+# that as many land mid-write on a fast disk as on a slow one); 7 fall in the first half
+FRACTIONS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.45, 0.6, 0.75, 0.9, 1.3)
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +44,9 @@ def big(tmp_path_factory):
     assert set(reference) == {"out.onnx", "out.onnx.data"}
     assert sum((folder / n).stat().st_size for n in reference) >= 200_000_000
     clean_outputs(out)
-    yield src, out, args, reference, {"big.onnx", "big.onnx.data"}
+    span = write_seconds(args, out)
+    clean_outputs(out)
+    yield src, out, args, reference, {"big.onnx", "big.onnx.data"}, span
     for p in folder.iterdir():
         if p.is_dir():
             import shutil
@@ -45,9 +57,9 @@ def big(tmp_path_factory):
 
 
 def test_sigterm_mid_write_leaves_the_output_absent_or_whole_and_no_litter(big):
-    src, out, args, reference, inputs = big
+    src, out, args, reference, inputs, span = big
     signalled = 0
-    for delay in DELAYS:
+    for delay in (f * span for f in FRACTIONS):
         clean_outputs(out)
         got = signal_trial(args, out, signal.SIGTERM, delay, reference, inputs)
         assert got.output in ("absent", "whole"), (delay, got)
@@ -63,9 +75,9 @@ def test_sigterm_mid_write_leaves_the_output_absent_or_whole_and_no_litter(big):
 
 
 def test_sigkill_mid_write_leftovers_are_reclaimed_by_the_next_run(big):
-    src, out, args, reference, inputs = big
+    src, out, args, reference, inputs, span = big
     killed_with_litter = 0
-    for delay in DELAYS:
+    for delay in (f * span for f in FRACTIONS):
         clean_outputs(out)
         got = signal_trial(args, out, signal.SIGKILL, delay, reference, inputs)
         assert got.output in ("absent", "whole"), (delay, got)
@@ -90,7 +102,7 @@ def test_sigkill_mid_write_leftovers_are_reclaimed_by_the_next_run(big):
 
 @pytest.mark.parametrize("limit", [1 << 16, 1 << 20, 20 << 20, 150 << 20])
 def test_short_write_is_one_line_exit_2_and_nothing_left(big, limit):
-    src, out, args, reference, inputs = big
+    src, out, args, reference, inputs, _span = big
     clean_outputs(out)
     got = limited_run(args, limit, out, inputs)
     assert got.returncode == 2, got
@@ -102,7 +114,7 @@ def test_short_write_is_one_line_exit_2_and_nothing_left(big, limit):
 
 
 def test_two_converts_racing_to_one_output_leave_one_whole_model(big):
-    src, out, args, reference, inputs = big
+    src, out, args, reference, inputs, _span = big
     clean_outputs(out)
     procs = [subprocess.Popen(command(*args), stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True, env=env()) for _ in range(2)]

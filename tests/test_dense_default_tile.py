@@ -169,7 +169,7 @@ def test_default_tile_of_a_convolutionalized_classifier_with_stages(small_cache,
     torch.manual_seed(4)
     net = archs.AlexNetStyle(padded=True).eval()
     fcn = convolutionalize(net, net.INPUT_SHAPE)
-    image = np.random.default_rng(5).standard_normal((3, 520, 463)).astype(np.float32)
+    image = np.random.default_rng(5).standard_normal((3, 740, 661)).astype(np.float32)
     out = dense_map(fcn, image, threads=2)
     _chunks(caplog, image)
     ref64, net32 = _ref64(fcn, image)

@@ -142,9 +142,14 @@ def plan_tiles(image_size: Sequence[int], map_size: Sequence[int], field_size: S
 
 MAX_HALO = 0.3
 """The most a speed tile adds to the image's pixels: its tiles read at most ``1.3 x`` them."""
-WHOLE_CALLS = 4.0
+WHOLE_CALLS = 8.0
 """A map is tiled for speed only when the image holds more than this many calls' pixels (with
-calls of a quarter of a task's cache share: its largest activation is past that share)."""
+calls of a quarter of a task's cache share: the whole image's largest activation is past twice
+that share; on 2 cores, past the whole last-level cache). Measured on an idle 2-core EPYC
+(32 MiB L3, 2 threads): at 27 MiB of largest activation (AlexNet-style, 1536^2) speed tiles ran
+0.78-0.92x the untiled call, at 72-288 MiB (VGG-, ResNet-, AlexNet-style, 1536^2-3072^2)
+1.2-3.4x; a ResNet at 18 MiB gained 2.2x from tiles, but the rule errs toward the untiled
+call (4 here, the earlier value, tiled that AlexNet at 0.78x)."""
 SPLITS = 2**16
 """The most chunk grids a speed tile is chosen among: ``SPLITS ** (1 / dims)`` chunk counts
 per axis, at most (256 in 2-D, 40 in 3-D)."""
@@ -175,15 +180,15 @@ def default_tile(image_size: Sequence[int], field_size: Sequence[int], bytes_per
     doubles. Tiles run as independent tasks, one torch thread each, which also beats torch's
     threads inside one call (0.82 parallel efficiency at 2 threads). So at 1536^2 and 3072^2
     tiles near ``P`` ran 1.0-2.9x faster than the untiled call (2 threads, CPU time, a loaded
-    machine; ``bench/dense_tile_sweep.py``), and this rule's tiles 1.1-3.5x (one run at
-    0.76; ``bench/dense_throughput.py``), while on a 768^2 image four tiles of an
-    AlexNet-style net ran 0.6-0.7x: its 15 ms call already runs in the cache, and each tile
-    adds its halo and a fixed cost. The rule, per axis ``a`` with ``k_a`` chunks of the plan
-    (:func:`chunk_cells`, :func:`axis_chunks`), in pixels (voxels) per call, the field and
-    the stride:
+    machine; ``bench/dense_tile_sweep.py``), and this rule's tiles 1.25-3.4x on an idle
+    machine (``bench/dense_throughput.py --size 768 1536 3072``), while on a 768^2 image
+    four tiles of an AlexNet-style net ran 0.6-0.7x: its 15 ms call already runs in the
+    cache, and each tile adds its halo and a fixed cost. The rule, per axis ``a`` with
+    ``k_a`` chunks of the plan (:func:`chunk_cells`, :func:`axis_chunks`), in pixels
+    (voxels) per call, the field and the stride:
 
     - the whole image while it holds at most ``WHOLE_CALLS * P`` pixels (the largest
-      activation within one task's cache share; the memory tile when that is smaller);
+      activation within twice one task's cache share; the memory tile when that is smaller);
     - else, among the chunk grids ``k`` with at least ``tasks`` chunks (fewer leave cores
       idle), no tile larger than the memory tile on any axis (never more memory than the
       memory rule) nor smaller than two fields, and tiles that read at most ``1 + max_halo``

@@ -160,6 +160,19 @@ def zeros_copied(reshape: ir.Node) -> bool:
     return bool(np.all(target.numpy() != 0))
 
 
+def transpose_perm(node: ir.Node | None) -> list[int] | None:
+    """The ``perm`` of a default-domain Transpose, or None (any other node, or no ``perm``)."""
+    if node is None or node.op_type != "Transpose" or node.domain != "":
+        return None
+    attr = node.attributes.get("perm")
+    return None if attr is None else [int(p) for p in attr.value]
+
+
+def swap_last_two(rank: int) -> list[int]:
+    """The perm that exchanges the last two of ``rank`` axes."""
+    return [*range(rank - 2), rank - 1, rank - 2]
+
+
 def dims(tensor: ir.TensorProtocol) -> tuple[int, ...]:
     """The (always concrete) dims of a constant tensor as ints."""
     return tuple(int(d) for d in tensor.shape.numpy())

@@ -48,6 +48,8 @@ from fc2conv.onnx.rules.base import (
     int64_constant,
     is_constant,
     rewrite_each,
+    swap_last_two,
+    transpose_perm,
     zeros_copied,
 )
 from fc2conv.onnx.rules.run_sizes import (
@@ -68,31 +70,20 @@ log = logging.getLogger(__name__)
 PRODUCT_KEY = "fc2conv.product"  # metadata on a product this module computed transposed
 
 
-def _swap(rank: int) -> list[int]:
-    return [*range(rank - 2), rank - 1, rank - 2]
-
-
-def _perm(node: ir.Node | None) -> list[int] | None:
-    if node is None or node.op_type != "Transpose" or node.domain != "":
-        return None
-    attr = node.attributes.get("perm")
-    return None if attr is None else [int(p) for p in attr.value]
-
-
 def _rank(value: ir.Value | None) -> int | None:
     """The rank of ``value``: inferred, or the length of the ``perm`` that computed it."""
     if value is None:
         return None
     if value.shape is not None:
         return len(value.shape)
-    perm = _perm(value.producer())
+    perm = transpose_perm(value.producer())
     return None if perm is None else len(perm)
 
 
 def _is_swap(node: ir.Node | None) -> bool:
     """Whether ``node`` is a standard Transpose exchanging its input's last two axes."""
-    perm = _perm(node)
-    return perm is not None and len(perm) >= 2 and perm == _swap(len(perm))
+    perm = transpose_perm(node)
+    return perm is not None and len(perm) >= 2 and perm == swap_last_two(len(perm))
 
 
 def _last_two(value: ir.Value, sizes: Sizes | None = None) -> tuple[Dim, Dim] | None:
@@ -214,7 +205,7 @@ def _reread(ctx: Context, rereads: Reread) -> None:
     """The Shape readers of each rebuilt chain's values read their swapped twins' sizes."""
     for old, value in rereads:
         if any(u.node.op_type == "Shape" for u in old.uses()):
-            reread_shapes(ctx, old, value, _swap(_rank(old) or 2))
+            reread_shapes(ctx, old, value, swap_last_two(_rank(old) or 2))
             ctx.graph.sort()
 
 
@@ -268,7 +259,7 @@ def _moved(ctx: Context, x: ir.Value, new: list[ir.Node], base: str, up: bool = 
                         else [])
     rank = _rank(x)
     assert rank is not None
-    node = ir.node("Transpose", [x], {"perm": _swap(rank)}, name=ctx.unique(base))
+    node = ir.node("Transpose", [x], {"perm": swap_last_two(rank)}, name=ctx.unique(base))
     node.outputs[0].name = ctx.unique(f"{base}_out")
     new.append(node)
     return node.outputs[0]
@@ -345,7 +336,7 @@ def _fold(ctx: Context, move: ir.Node, sizes: Sizes | None = None) -> bool:
     ir.convenience.replace_all_uses_with(result, new[-1].outputs[0])
     new[-1].outputs[0].type, new[-1].outputs[0].shape = result.type, result.shape
     old_target = reshape.inputs[1] if reshape is not None else None
-    swap = _swap(len(new[-1].outputs[0].shape or []) or _rank(value) or 2)
+    swap = swap_last_two(len(new[-1].outputs[0].shape or []) or _rank(value) or 2)
     reread_shapes(ctx, value, product.outputs[0], swap)  # a Shape of P @ V: of its transpose
     if reshape is not None:
         reread_shapes(ctx, reshape.outputs[0], new[-1].outputs[0], swap)
@@ -400,7 +391,7 @@ def _unfold(ctx: Context, node: ir.Node, sizes: Sizes | None = None) -> bool:
         out = reshape.outputs[0]
     rank = _rank(out)
     assert rank is not None
-    new.append(ir.node("Transpose", [new[-1].outputs[0]], {"perm": _swap(rank)},
+    new.append(ir.node("Transpose", [new[-1].outputs[0]], {"perm": swap_last_two(rank)},
                        name=ctx.unique(f"{base}_move")))
     new[-1].outputs[0].name = ctx.unique(f"{base}_move_out")
     ctx.graph.insert_before(node, new)

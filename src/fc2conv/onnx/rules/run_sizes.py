@@ -29,7 +29,14 @@ import onnx_ir as ir
 from onnx_ir._core import Usage
 
 from fc2conv.onnx.rules.ane_twin import _const_array
-from fc2conv.onnx.rules.base import Context, constant, int64_constant, is_constant
+from fc2conv.onnx.rules.base import (
+    Context,
+    constant,
+    int64_constant,
+    is_constant,
+    swap_last_two,
+    transpose_perm,
+)
 from fc2conv.onnx.rules.shape_probe import Probe
 
 Dim = int | str | None
@@ -62,16 +69,6 @@ def runtime_sizes(graph: ir.Graph) -> bool:
                and (node.inputs[1].producer() is None
                     or node.inputs[1].producer().op_type != "Constant")  # type: ignore[union-attr]
                for node in graph)
-
-
-def swap_last_two(rank: int) -> list[int]:
-    return [*range(rank - 2), rank - 1, rank - 2]
-
-
-def _perm_of(node: ir.Node) -> list[int] | None:
-    attr = node.attributes.get("perm")
-    return None if node.op_type != "Transpose" or node.domain != "" or attr is None \
-        else [int(p) for p in attr.value]
 
 
 def dims_of(value: ir.Value | None, sizes: Sizes | None = None) -> list[Dim] | None:
@@ -193,7 +190,7 @@ def drop_dead(ctx: Context, value: ir.Value | None) -> None:
 def size_only_move(ctx: Context, node: ir.Node) -> bool:
     """A Transpose only ``Shape`` nodes read (an exporter's size of the moved value) goes:
     they read ``Gather(Shape(x), perm)``. Whether it went."""
-    p = _perm_of(node)
+    p = transpose_perm(node)
     out = node.outputs[0]
     if p is None or node.inputs[0] is None or out.is_graph_output() or not out.uses() \
             or data_uses(out) or node.graph is not ctx.graph:

@@ -39,8 +39,15 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from fc2conv.onnx.rules.base import LAYOUT_KEY, Context, constant, int64_constant, is_constant
-from fc2conv.onnx.rules.matmul_transpose import _is_swap, _keeps_last_two, _swap
+from fc2conv.onnx.rules.base import (
+    LAYOUT_KEY,
+    Context,
+    constant,
+    int64_constant,
+    is_constant,
+    swap_last_two,
+)
+from fc2conv.onnx.rules.matmul_transpose import _is_swap, _keeps_last_two
 from fc2conv.onnx.rules.run_sizes import (
     Sizes,
     expand_target,
@@ -85,7 +92,7 @@ class _Swapper:
                    shape: ir.Shape | None) -> ir.Value:
         rank = rank_of(x)
         assert rank is not None
-        node = ir.node("Transpose", [x], {"perm": _swap(rank)}, name=self.ctx.unique(base))
+        node = ir.node("Transpose", [x], {"perm": swap_last_two(rank)}, name=self.ctx.unique(base))
         node.metadata_props[LAYOUT_KEY] = "swap"
         node.outputs[0].name = self.ctx.unique(f"{base}_out")
         node.outputs[0].shape, node.outputs[0].type = shape, x.type
@@ -203,7 +210,7 @@ class _Swapper:
                 elif x is not None and x in external:
                     node.replace_input_with(i, self.operand(x, node))
         for value in shape_reads:
-            reread_shapes(self.ctx, value, value, _swap(rank_of(value) or 2))
+            reread_shapes(self.ctx, value, value, swap_last_two(rank_of(value) or 2))
         for node in region.nodes:
             self._params(node)
             for o in node.outputs:

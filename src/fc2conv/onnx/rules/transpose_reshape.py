@@ -43,6 +43,7 @@ from fc2conv.onnx.rules.base import (
     Refused,
     constant,
     rewrite_each,
+    transpose_perm,
     zeros_copied,
 )
 from fc2conv.onnx.rules.layout import BINARY, UNARY
@@ -60,13 +61,6 @@ from fc2conv.onnx.rules.run_sizes import (
 )
 
 log = logging.getLogger(__name__)
-
-def _perm(node: ir.Node | None) -> list[int] | None:
-    if node is None or node.op_type != "Transpose" or node.domain != "":
-        return None
-    attr = node.attributes.get("perm")
-    return None if attr is None else [int(p) for p in attr.value]
-
 
 def _input_dims(first: ir.Node, p: list[int], sizes: Sizes | None) -> list[Dim] | None:
     """The shape of ``Transpose(x, p)``: inferred (or probed), or ``x``'s permuted."""
@@ -170,7 +164,7 @@ def _through_pointwise(value: ir.Value | None) -> tuple[ir.Node, list[ir.Node]] 
 
 
 def _fold(ctx: Context, second: ir.Node, sizes: Sizes | None = None) -> bool:
-    q = _perm(second)
+    q = transpose_perm(second)
     reshape = second.inputs[0].producer() if q is not None and second.inputs[0] else None
     if reshape is None or reshape.op_type != "Reshape" or reshape.domain != "" \
             or reshape.graph is not ctx.graph:
@@ -182,7 +176,7 @@ def _fold(ctx: Context, second: ir.Node, sizes: Sizes | None = None) -> bool:
     if found is None:
         return False
     first, chain = found
-    p = _perm(first)
+    p = transpose_perm(first)
     if p is None or first.graph is not ctx.graph or not (
             first.metadata_props.get(LAYOUT_KEY) or second.metadata_props.get(LAYOUT_KEY)):
         return False

@@ -44,6 +44,7 @@ from fc2conv.onnx.rules.ane import AnePass
 from fc2conv.onnx.rules.ane_twin import (
     AneResult,
     Twin,
+    _axes,
     _const_array,
     _inverse,
     _same_dim,
@@ -65,16 +66,6 @@ log = logging.getLogger(__name__)
 
 _ACT_AXIS = {0: 0, 1: 2, 3: 1}  # (B, C, 1, S) axis -> (B, S, C) axis
 _BY_HEADS = (0, 2, 3, 1)  # v'[b, h, d, s] = v[b, s, h, d]
-
-
-def _axes(node: ir.Node, position: int = 1) -> list[int] | None:
-    """The ``axes`` of a Squeeze / Unsqueeze / ReduceMean / Slice, attribute or input."""
-    if "axes" in node.attributes:
-        return [int(a) for a in node.attributes["axes"].value]
-    if len(node.inputs) > position and node.inputs[position] is not None:
-        arr = _const_array(node.inputs[position])
-        return None if arr is None else [int(a) for a in arr.reshape(-1)]
-    return None
 
 
 def _perm(node: ir.Node | None) -> list[int] | None:

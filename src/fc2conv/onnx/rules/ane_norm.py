@@ -37,19 +37,12 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from fc2conv.onnx.rules.ane_twin import _const_array
+from fc2conv.onnx.rules.ane_fold import _channel_vector
+from fc2conv.onnx.rules.ane_twin import _axes, _const_array
 from fc2conv.onnx.rules.base import FLOAT_TYPES, Context, drop_if_unused, int64_constant
 from fc2conv.onnx.rules.norm_back import _initializer, _only, _other
 
 log = logging.getLogger(__name__)
-
-
-def _axes(node: ir.Node) -> list[int] | None:
-    """The ``axes`` of a reduction, attribute or input."""
-    if "axes" in node.attributes:
-        return [int(a) for a in node.attributes["axes"].value]
-    arr = _const_array(node.inputs[1]) if len(node.inputs) > 1 else None
-    return None if arr is None else [int(a) for a in arr.reshape(-1)]
 
 
 def _squared(node: ir.Node | None) -> ir.Value | None:
@@ -99,14 +92,6 @@ def _weight_mul(value: ir.Value) -> tuple[ir.Node, int] | None:
         return node, 1 if node.inputs[1] is other else 0
 
 
-def _channel_const(c: np.ndarray, channels: int) -> bool:
-    """Whether ``c`` broadcasts against ``(B, C, 1, S)`` along axis 1 only (or is a scalar)."""
-    if c.ndim > 4:
-        return False
-    shape = (1,) * (4 - c.ndim) + tuple(c.shape)
-    return all(d == 1 for i, d in enumerate(shape) if i != 1) and shape[1] in (1, channels)
-
-
 def _match(mean: ir.Node) -> tuple | None:
     """``(d, square, add, eps index, weight Mul, weight index, C)`` of a norm whose variance
     is ``mean``, or None."""
@@ -154,7 +139,7 @@ def _match(mean: ir.Node) -> tuple | None:
     weight, w_idx = found
     w = _const_array(weight.inputs[w_idx])
     channels = int(shape[1])
-    if w is None or not np.issubdtype(w.dtype, np.floating) or not _channel_const(w, channels):
+    if w is None or _channel_vector(w, channels) is None:  # a float weight along axis 1
         return None
     return d, square, add, 1 if add.inputs[1] is eps_value else 0, weight, w_idx, channels
 

@@ -113,3 +113,12 @@ def _const_array(v: ir.Value | None, depth: int = 8) -> np.ndarray | None:
         return np.asarray(result)
     return np.asarray(result, dtype=np.result_type(*args[-2:]))  # Where: its two branches
 
+
+def _axes(node: ir.Node, position: int = 1) -> list[int] | None:
+    """The ``axes`` of a Squeeze / Unsqueeze / Reduce* / Slice, attribute or input."""
+    if "axes" in node.attributes:
+        return [int(a) for a in node.attributes["axes"].value]
+    if len(node.inputs) > position and node.inputs[position] is not None:
+        arr = _const_array(node.inputs[position])
+        return None if arr is None else [int(a) for a in arr.reshape(-1)]
+    return None

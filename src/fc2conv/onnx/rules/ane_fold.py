@@ -170,9 +170,6 @@ def _fold(ctx: Context, conv: ir.Node, kernel: np.ndarray, scale: np.ndarray,
     k_value = conv.inputs[1]
     assert k_value is not None
     dtype = kernel.dtype
-    out_c = int(kernel.shape[0])
-    bias_value = conv.inputs[2] if len(conv.inputs) > 2 else None
-    bias = constant(bias_value, "Conv bias").numpy() if bias_value is not None else None
     new_k = (kernel.astype(np.float64) * scale[None, :, None, None]).astype(dtype)
     name = k_value.name or "kernel"
     k_new = new_initializer(ctx, f"{name}_affine", lambda: new_k, ir.DataType.from_numpy(dtype),
@@ -180,15 +177,29 @@ def _fold(ctx: Context, conv: ir.Node, kernel: np.ndarray, scale: np.ndarray,
     conv.replace_input_with(0, x)
     conv.replace_input_with(1, k_new)
     if np.any(shift != 0):
-        base = bias.astype(np.float64).reshape(-1) if bias is not None else np.zeros(out_c)
-        new_b = (base + kernel.astype(np.float64)[:, :, 0, 0] @ shift).astype(dtype)
-        b_new = new_initializer(ctx, f"{(bias_value.name if bias_value else None) or name}"
-                                f"_affine", lambda: new_b, ir.DataType.from_numpy(dtype),
-                                new_b.shape)
-        if len(conv.inputs) < 3:
-            conv.resize_inputs(3)
-        conv.replace_input_with(2, b_new)
-    drop_if_unused(ctx, k_value, bias_value)
+        _add_to_bias(ctx, conv, kernel.astype(np.float64)[:, :, 0, 0] @ shift, dtype,
+                     f"{name}_affine", "_affine")
+    drop_if_unused(ctx, k_value)
+
+
+def _add_to_bias(ctx: Context, conv: ir.Node, delta: np.ndarray, dtype: np.dtype,
+                 unnamed: str, suffix: str) -> None:
+    """``conv``'s bias (zeros without one) plus ``delta``, summed in float64 and rounded once
+    to ``dtype``: a new initializer named for the old bias (``unnamed`` without one) and
+    ``suffix``; the old one goes when nothing else reads it."""
+    bias_value = conv.inputs[2] if len(conv.inputs) > 2 else None
+    base = constant(bias_value, "Conv bias").numpy().astype(np.float64).reshape(-1) \
+        if bias_value is not None else np.zeros(delta.shape[0])
+    assert base.shape == delta.shape
+    new_b = (base + delta).astype(dtype)
+    name = f"{bias_value.name}{suffix}" if bias_value is not None and bias_value.name \
+        else unnamed
+    b_new = new_initializer(ctx, name, lambda: new_b, ir.DataType.from_numpy(dtype),
+                            new_b.shape)
+    if len(conv.inputs) < 3:
+        conv.resize_inputs(3)
+    conv.replace_input_with(2, b_new)
+    drop_if_unused(ctx, bias_value)
 
 
 def fold_shifts_into_residuals(ctx: Context, convs: Collection[ir.Node]) -> int:
@@ -245,7 +256,7 @@ def fold_shifts_into_residuals(ctx: Context, convs: Collection[ir.Node]) -> int:
             continue
         for conv, kernel in zip(pointwise, kernels, strict=True):
             _fold(ctx, conv, kernel, scale, t, n)  # type: ignore[arg-type]
-        _shift_bias(ctx, source, t)
+        _add_to_bias(ctx, source, t, source_kernel.dtype, "bias_shift", "_shift")
         residual.replace_input_with(0 if residual.inputs[0] is z else 1, y)
         operands = [v for v in add.inputs if v is not y]
         ctx.graph.remove(add, safe=True)
@@ -256,31 +267,12 @@ def fold_shifts_into_residuals(ctx: Context, convs: Collection[ir.Node]) -> int:
     return folded
 
 
-def _shift_bias(ctx: Context, conv: ir.Node, t: np.ndarray) -> None:
-    """``conv``'s bias plus ``t`` (float64, rounded once to the kernel's dtype)."""
-    kernel = _pointwise_kernel(conv)
-    assert kernel is not None
-    dtype = kernel.dtype
-    bias_value = conv.inputs[2] if len(conv.inputs) > 2 else None
-    base = constant(bias_value, "Conv bias").numpy().astype(np.float64).reshape(-1) \
-        if bias_value is not None else np.zeros(kernel.shape[0])
-    assert base.shape == t.shape
-    new_b = (base + t).astype(dtype)
-    name = (bias_value.name if bias_value is not None else None) or "bias"
-    b_new = new_initializer(ctx, f"{name}_shift", lambda: new_b, ir.DataType.from_numpy(dtype),
-                            new_b.shape)
-    if len(conv.inputs) < 3:
-        conv.resize_inputs(3)
-    conv.replace_input_with(2, b_new)
-    drop_if_unused(ctx, bias_value)
-
-
-def _scalar_operand(node: ir.Node) -> ir.Value | None:
-    """The activation of ``Mul(a, c)`` with ``c`` a one-element float constant, or None."""
+def _scalar_operand(node: ir.Node) -> tuple[ir.Value, np.ndarray] | None:
+    """``(a, c)`` of ``Mul(a, c)`` with ``c`` a one-element float constant, or None."""
     found = _const_operand(node)
     if found is None or found[1].size != 1 or not np.issubdtype(found[1].dtype, np.floating):
         return None
-    return found[0]
+    return found
 
 
 def move_scales_onto_convs(ctx: Context) -> int:
@@ -294,8 +286,8 @@ def move_scales_onto_convs(ctx: Context) -> int:
         if node.graph is not ctx.graph or node.op_type != "Mul" or node.domain != "" \
                 or node.outputs[0].is_graph_output():
             continue
-        found = _const_operand(node)
-        if found is None or found[1].size != 1 or not np.issubdtype(found[1].dtype, np.floating):
+        found = _scalar_operand(node)
+        if found is None:
             continue
         view, c = found
         first, src, reader = None, view, node  # first: the Reshape nearest the Conv
@@ -311,7 +303,7 @@ def move_scales_onto_convs(ctx: Context) -> int:
             path.append(producer.op_type)
             reader = producer
             src = producer.inputs[0] if producer.op_type == "Reshape" \
-                else _scalar_operand(producer)  # type: ignore[assignment]
+                else _scalar_operand(producer)[0]  # type: ignore[index,assignment]
             producer = src.producer()
         if first is None or producer is None or producer.op_type != "Conv" \
                 or _only_reader(src) is not reader or src.dtype != view.dtype:

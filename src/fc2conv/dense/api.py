@@ -14,7 +14,7 @@ import json
 import logging
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -97,8 +97,9 @@ def dense_map(model: Any, image: Any, *, input_shape: Sequence[int] | None = Non
     from memory, speed and the receptive field (:func:`_auto_tile`,
     :func:`~fc2conv.dense.plan.default_tile`): the whole image in one model call when it is
     small (no halo, no per-task cost; torch's threads share the cores inside the call); on
-    the CPU, once the image holds more than two cache-sized calls, tiles whose largest
-    activation stays in each running task's share of the last-level cache, reading at most
+    the CPU, once the image holds more than :data:`~fc2conv.dense.plan.WHOLE_CALLS` calls of
+    a quarter of a running task's share of the last-level cache, tiles whose largest
+    activation stays within such a call, reading at most
     1.3x the image's pixels, at least one chunk per core; else (and on a GPU) the whole image
     when its activations fit in memory, or the largest tiles that fit the memory shared by the
     chunks that run at once.
@@ -170,7 +171,7 @@ def dense_map(model: Any, image: Any, *, input_shape: Sequence[int] | None = Non
     std_a = _per_channel(std, shape[0], "std")
     cores = n_threads  # ``threads`` caps the cores used, Dask's and torch's together
     run_net, run_geo, run_tile, run_mean, run_std = fcn, geo, tile_px, mean_a, std_a
-    early: list[tuple[Any, ...]] = []  # the stages before the last, to run with progress
+    early: list[_Early] = []  # the stages before the last, to run with progress
     if staged is not None:  # every stage but the last: a lazy map the next stage reads
         for stage in staged[:-1]:
             _, stage_plan = _plan(stage.tile, stage.geo.image_size, stage.geo.map_size,
@@ -178,8 +179,8 @@ def dense_map(model: Any, image: Any, *, input_shape: Sequence[int] | None = Non
             n_b, n_t, per = _threads(stage.geo, dev, stage_plan, source, cores, batch, False)
             stage_map = StageMap(lazy(stage_plan, source, stage.net, run_mean, run_std, dev,
                                       stage.geo.classes, n_t, per, n_b))
-            early.append((stage_plan, source, stage.net, run_mean, run_std, stage.geo.classes,
-                          n_t, per, n_b, stage_map))
+            early.append(_Early(stage_plan, source, stage.net, run_mean, run_std,
+                                stage.geo.classes, n_t, per, n_b, stage_map))
             source = stage_map
             run_mean = run_std = None
         run_net, run_geo, run_tile = staged[-1].net, staged[-1].geo, staged[-1].tile
@@ -219,7 +220,7 @@ def dense_map(model: Any, image: Any, *, input_shape: Sequence[int] | None = Non
     else:
         skipped = 0
     # progress counts every stage's chunks; a resumed run recomputes the early stages
-    before = sum(len(stage[0]) for stage in early) if skipped < len(plan) else 0
+    before = sum(len(stage.plan) for stage in early) if skipped < len(plan) else 0
     if progress is not None:
         progress(skipped, before + len(plan))
 
@@ -251,7 +252,7 @@ def dense_map(model: Any, image: Any, *, input_shape: Sequence[int] | None = Non
             result = eager(plan, source, run_net, run_mean, run_std, dev, store, skipped,
                            last, None, geo.classes, n_threads, per_task, n_batch)
         finally:
-            for stage_map in [*(stage[-1] for stage in early), source]:
+            for stage_map in [*(stage.map for stage in early), source]:
                 if isinstance(stage_map, StageMap):
                     stage_map.release()
     if store is not None:
@@ -264,21 +265,35 @@ def _shifted(progress: Progress, offset: int, total: int, done: int, _: int) -> 
     progress(offset + done, total)
 
 
-def _run_early(early: list[tuple[Any, ...]], dev: str, progress: Progress, skipped: int,
+class _Early(NamedTuple):
+    """A stage before the last: what :func:`~fc2conv.dense.graph.eager` runs it with, and the
+    map that holds its result."""
+
+    plan: TilePlan
+    source: Any
+    net: Any
+    mean: Any
+    std: Any
+    classes: int
+    threads: int
+    per_task: int
+    batch: int
+    map: StageMap
+
+
+def _run_early(early: list[_Early], dev: str, progress: Progress, skipped: int,
                total: int) -> None:
     """Compute the maps of the stages before the last, in order, each held by its
     :class:`~fc2conv.dense.readers.StageMap`, reporting their chunks as done after the
     ``skipped`` chunks of the last stage (of ``total`` in all)."""
     offset = skipped
-    for plan, source, net, mean, std, classes, threads, per, batch, stage_map in early:
-        if stage_map.held:
-            offset += len(plan)
-            continue
-        result = eager(plan, source, net, mean, std, dev, None, 0,
-                       functools.partial(_shifted, progress, offset, total), None, classes,
-                       threads, per, batch)
-        stage_map.hold(np.asarray(result))
-        offset += len(plan)
+    for e in early:
+        if not e.map.held:
+            result = eager(e.plan, e.source, e.net, e.mean, e.std, dev, None, 0,
+                           functools.partial(_shifted, progress, offset, total), None,
+                           e.classes, e.threads, e.per_task, e.batch)
+            e.map.hold(np.asarray(result))
+        offset += len(e.plan)
 
 
 def _threads(geo: dmodel.Geometry, dev: str, plan: TilePlan, source: Any, cores: int,
@@ -359,7 +374,8 @@ def _auto_tile(geo: dmodel.Geometry, dev: str, tasks_at_once: int) -> tuple[int,
     input, a layer's input and output, pool indices, workspace: measured 3.4-5.8x on
     VGG-style nets on the CPU). Speed, on the CPU: tiles whose largest activation stays
     within :func:`_call_bytes` (the cache's share of each task that runs at once) once the
-    image holds more than two such calls; on a GPU the memory rule alone."""
+    image holds more than :data:`~fc2conv.dense.plan.WHOLE_CALLS` such calls; on a GPU the
+    memory rule alone."""
     budget = _memory(dev)
     cpu = not dev.startswith("cuda")
     call = _call_bytes(tasks_at_once) if cpu else None

@@ -76,23 +76,27 @@ def clean_outputs(out: Path) -> None:
             p.unlink()
 
 
+def writing(proc: subprocess.Popen, out: Path, timeout: float) -> bool:
+    """Wait until ``proc``'s temporary folder for ``out`` exists (its write has begun);
+    whether it appeared before ``proc`` ended or ``timeout`` passed."""
+    from fc2conv.files import temporaries
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if any(pid == proc.pid for _f, pid in temporaries(out)):
+            return True
+        time.sleep(0.002)
+    return False
+
+
 def signal_trial(args: list[str], out: Path, signum: int, delay: float,
                  reference: dict[str, str], inputs: set[str], timeout: float = 120) -> Outcome:
     """Run ``fc2conv *args``; once its temporary folder for ``out`` exists, wait ``delay``
     seconds and send ``signum``. Returns what is left."""
-    from fc2conv.files import temporaries
-
     proc = subprocess.Popen(command(*args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True, env=env())
-    deadline = time.monotonic() + timeout
-    mine = False
-    while time.monotonic() < deadline and proc.poll() is None:
-        if any(pid == proc.pid for _f, pid in temporaries(out)):
-            mine = True
-            break
-        time.sleep(0.005)
     signalled = False
-    if mine:
+    if writing(proc, out, timeout):
         time.sleep(delay)
         if proc.poll() is None:
             proc.send_signal(signum)
@@ -110,19 +114,13 @@ def signal_trial(args: list[str], out: Path, signum: int, delay: float,
 def write_seconds(args: list[str], out: Path, timeout: float = 120) -> float:
     """Seconds from the appearance of the writer's temporary folder for ``out`` to the end of
     a clean ``fc2conv *args`` run: the span a signal must land in to hit the write."""
-    from fc2conv.files import temporaries
-
     proc = subprocess.Popen(command(*args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=env())
-    deadline = time.monotonic() + timeout
-    began = None
-    while time.monotonic() < deadline and proc.poll() is None:
-        if began is None and any(pid == proc.pid for _f, pid in temporaries(out)):
-            began = time.monotonic()
-        time.sleep(0.002)
+    found = writing(proc, out, timeout)
+    began = time.monotonic()
     proc.wait(timeout=timeout)
     ended = time.monotonic()
-    if proc.returncode != 0 or began is None:
+    if proc.returncode != 0 or not found:
         raise RuntimeError(f"a clean run of {args} failed or wrote no temporary folder")
     return ended - began
 

@@ -2,7 +2,8 @@
 
 Faults (each trial a real ``fc2conv`` run unless noted):
 
-* SIGTERM / SIGKILL at spread moments after the write of a ~200 MB ``convert`` has begun;
+* SIGTERM / SIGKILL at moments spread over 1.3x a clean run's write (measured first) after
+  the write of a ~200 MB ``convert`` has begun;
   after each SIGKILL trial the next run (the next trial) reclaims the dead run's temporaries;
 * short writes: ``RLIMIT_FSIZE`` (``ulimit -f``) at several limits;
 * fuzzed ONNX and ``.pt2`` files through convert / compare / convolutionalize / Python API
@@ -39,6 +40,7 @@ from harness import (  # noqa: E402
     fingerprint,
     limited_run,
     signal_trial,
+    write_seconds,
 )
 
 
@@ -49,7 +51,9 @@ def signal_rows(folder: Path, moments: int, megabytes: int) -> list[tuple[str, i
     subprocess.run(command(*args), check=True, capture_output=True, env=env())
     reference = fingerprint(out)
     inputs = {"big.onnx", "big.onnx.data"}
-    delays = [1.5 * i / max(1, moments - 1) for i in range(moments)]
+    clean_outputs(out)
+    span = write_seconds(args, out)  # moments spread over 1.3x this machine's write
+    delays = [1.3 * span * i / max(1, moments - 1) for i in range(moments)]
     rows = []
     for sig in (signal.SIGTERM, signal.SIGKILL):
         tally: collections.Counter[str] = collections.Counter()

@@ -46,7 +46,7 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
-from onnx_overhead import cases, export, spread  # noqa: E402
+from onnx_overhead import cases, export, quiet_options, spread  # noqa: E402
 
 sys.path.insert(0, str(ROOT.parent / "tests" / "zoo"))
 
@@ -119,9 +119,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="onnxruntime optimizers to switch off in every session")
     parser.add_argument("--variants", nargs="+", default=["stop19", "now"], choices=VARIANTS)
     args = parser.parse_args(argv)
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.intra_op_num_threads = args.threads
+    opts = quiet_options(args.threads)
     print(f"onnxruntime {ort.__version__}, {args.threads or 'default'} intra-op threads, "
           f"disabled: {', '.join(args.disable) or 'none'}, load {os.getloadavg()[0]:.1f}")
     print(f"{'model':22} {'nodes':>16} {'orig ms':>8} "

@@ -34,7 +34,13 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT.parent / "tests" / "zoo"))
 
 from converted_overhead import ZOO_NAMES  # noqa: E402
-from onnx_overhead import ort_graph, providers_for, sample_times, spread  # noqa: E402
+from onnx_overhead import (  # noqa: E402
+    ort_graph,
+    providers_for,
+    quiet_options,
+    sample_times,
+    spread,
+)
 
 from fc2conv.onnx import convert  # noqa: E402
 
@@ -63,9 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'model':16} {'exporter':8} {'Transpose':>9} {'ORT T':>7} {'ORT nodes':>9} "
           f"{'orig ms':>8} {'conv ms':>8} {'ratio [25-75%]':>18} {'cpu [25-75%]':>18} "
           f"{'max|diff|':>9}")
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.intra_op_num_threads = args.threads
+    opts = quiet_options(args.threads)
     for name in ZOO_NAMES:
         if args.only and name not in args.only:
             continue

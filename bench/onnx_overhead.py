@@ -145,14 +145,21 @@ def ort_graph(model: onnx.ModelProto, opts: ort.SessionOptions, providers: list[
         return collections.Counter(n.op_type for n in onnx.load(path).graph.node)
 
 
+def quiet_options(threads: int = 0) -> Any:
+    """onnxruntime session options: errors only, ``threads`` intra-op threads (0: its
+    default)."""
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.intra_op_num_threads = threads
+    return opts
+
+
 def op_times(model: onnx.ModelProto, feeds: dict, providers: list[Any], threads: int = 0,
              runs: int = 20) -> dict[str, float]:
     """Milliseconds per run spent in each op type, from onnxruntime's profiler: the sum over
     the op type's nodes of each node's median over ``runs`` runs (``runs`` more warm up)."""
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts = quiet_options(threads)
     opts.enable_profiling = True
-    opts.intra_op_num_threads = threads
     with tempfile.TemporaryDirectory() as tmp:
         opts.profile_file_prefix = os.path.join(tmp, "ort")
         sess = ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
@@ -219,9 +226,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'model':20} {'layout':14} {'tf32':>4} {'Transpose':>9} {'ORT T':>7} {'ORT nodes':>9} "
           f"{'orig ms':>8} {'conv ms':>8} {'ratio [25-75%]':>18} {'cpu [25-75%]':>18} "
           f"{'max|diff|':>9}")
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    opts.intra_op_num_threads = args.threads
+    opts = quiet_options(args.threads)
     for name, (model, inputs, names) in cases(args.quick).items():
         if args.only and name not in args.only:
             continue

@@ -58,6 +58,7 @@ from fc2conv.onnx.rules.base import (
     dims,
     new_initializer,
     provenance,
+    transpose_perm,
 )
 from fc2conv.onnx.rules.norm_back import fuse_layer_norms
 from fc2conv.onnx.weights import conv_kernel_to_linear
@@ -66,13 +67,6 @@ log = logging.getLogger(__name__)
 
 _ACT_AXIS = {0: 0, 1: 2, 3: 1}  # (B, C, 1, S) axis -> (B, S, C) axis
 _BY_HEADS = (0, 2, 3, 1)  # v'[b, h, d, s] = v[b, s, h, d]
-
-
-def _perm(node: ir.Node | None) -> list[int] | None:
-    if node is None or node.op_type != "Transpose" or node.domain != "" \
-            or "perm" not in node.attributes:
-        return None
-    return [int(p) for p in node.attributes["perm"].value]
 
 
 class LinearPass(AnePass):
@@ -122,7 +116,7 @@ class LinearPass(AnePass):
     def _entered_from(x: ir.Value) -> ir.Value | None:
         """``y`` when ``x = Transpose(Unsqueeze(y, 1), (0, 3, 1, 2))`` of a rank-3 ``y``."""
         producer = x.producer()
-        if _perm(producer) != [0, 3, 1, 2]:
+        if transpose_perm(producer) != [0, 3, 1, 2]:
             return None
         assert producer is not None
         inner = producer.inputs[0].producer() if producer.inputs[0] is not None else None
@@ -305,7 +299,7 @@ class LinearPass(AnePass):
     def _on_Transpose(self, node: ir.Node) -> None:  # noqa: N802
         x = node.inputs[0]
         t = self._twin(x)
-        q = _perm(node)
+        q = transpose_perm(node)
         if x is None or q is None:
             return
         if t is None:
